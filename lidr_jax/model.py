@@ -1,0 +1,283 @@
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2) as pure functions.
+
+Parameters are a plain nested dict of arrays. Layer weights are stacked on a leading layer axis and
+the forward pass `lax.scan`s over them, so compile time does not grow with depth.
+
+Shape key (used in names and einsum strings):
+    B batch        T query positions   S key/value positions (cache slots)
+    D model width  F mlp width         V vocabulary          L layers
+    N query heads  K key/value heads   G = N // K (GQA group) H head dim
+
+Every weight is declared once in `param_specs` with its shape, logical axis names and initializer;
+sharding (lidr_jax.sharding) maps the logical names to mesh axes.
+
+Attention always runs against a key/value buffer of S slots with a validity mask. Without a cache the
+buffer is the T tokens themselves; with a cache (`init_cache`) the T new tokens are written at slot
+`cache["index"]` and attend to every valid earlier slot. Prefill and one-token decode are therefore the
+same code, and a left-padded batch is just a batch whose padding slots are invalid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidr_jax.config import ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+# A finite "minus infinity": a row whose keys are all masked (a padding query) then gets a uniform
+# softmax instead of NaN, and NaN never reaches the gradients.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One weight: its shape, a logical axis name per dimension, and how to initialise it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"  # "normal" (std 0.02, as transformers initialises Llama), "ones", "zeros"
+
+
+def param_specs(config: ModelConfig) -> Params:
+    """The params pytree, with a `ParamSpec` at every leaf."""
+    c = config
+    L, D, F, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "wq": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
+        "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if c.attention_bias:
+        layers["bq"] = ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
+        layers["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        layers["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    params = {
+        "embed": ParamSpec((V, D), ("vocab", "embed")),
+        "layers": layers,
+        "final_norm": ParamSpec((D,), ("norm",), "ones"),
+    }
+    if not c.tie_word_embeddings:
+        params["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+    return params
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree of tuples matching the params."""
+    return jax.tree.map(lambda s: s.axes, param_specs(config), is_leaf=_is_spec)
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Random parameters (std 0.02 normal, norms one, biases zero) in `config.param_dtype`."""
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(config.param_dtype)
+
+    def make(spec: ParamSpec, k):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` for every parameter, with no allocation."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(params_or_abstract: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_or_abstract))
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache of `max_len` slots: k/v [L, B, S, K, H], slot validity [B, S], next slot."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid_BS": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm in float32 (as transformers does), scaled by the weight in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_tables(positions_BT, config: ModelConfig):
+    """cos/sin [B, T, H] in float32 for Hugging Face's split-halves rotary layout."""
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(config.inv_freq())
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTnH, cos_BTH, sin_BTH):
+    """Rotate q or k ([B, T, heads, H]); halves layout, so HF weights need no permutation."""
+    x = x_BTnH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+    return out.astype(x_BTnH.dtype)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, config: ModelConfig):
+    """Grouped-query attention; scores and softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K, G = config.num_key_value_heads, config.num_groups
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (H**-0.5)
+    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def _layer(x_BTD, lp, kv, cos_sin, allowed_BTS, index, config: ModelConfig):
+    """One decoder block. `kv` is this layer's (k, v) cache [B, S, K, H]; the new keys/values are
+    written at slot `index` and the updated (k, v) returned."""
+    dt = jnp.dtype(config.dtype)
+    w = jax.tree.map(lambda a: a.astype(dt), lp)
+    h = rms_norm(x_BTD, w["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    if config.attention_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    cos, sin = cos_sin
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache, v_cache = kv
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+    attn = attention(q, k_cache.astype(dt), v_cache.astype(dt), allowed_BTS, config)
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn, w["wo"])
+    h = rms_norm(x_BTD, w["mlp_norm"], config.rms_norm_eps)
+    gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["w_gate"]))
+    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
+    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", gate * up, w["w_down"])
+    return x_BTD, (k_cache, v_cache)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def hidden_states(
+    params: Params,
+    tokens_BT,
+    config: ModelConfig,
+    *,
+    positions_BT=None,
+    attention_mask_BT=None,
+    cache: Cache | None = None,
+    remat: str = "none",
+):
+    """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (None without one).
+
+    `attention_mask_BT` marks real tokens (1) and padding (0); positions default to the count of real
+    tokens before each one, so left padding does not shift positions. With a cache, positions must
+    continue from the tokens already cached (the sampler passes them).
+    """
+    B, T = tokens_BT.shape
+    mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
+    if positions_BT is None:
+        positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+    if cache is None:
+        cache = init_cache(config, B, T)
+        return_cache = False
+    else:
+        return_cache = True
+    index = cache["index"]
+    S = cache["k"].shape[2]
+    valid_BS = jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1)
+    # Query i sits in slot index + i; it may see valid slots at or before its own.
+    slot_T = index + jnp.arange(T)
+    allowed_BTS = valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_T[None, :, None])
+
+    dt = jnp.dtype(config.dtype)
+    x_BTD = params["embed"].astype(dt)[tokens_BT]
+    cos_sin = rope_tables(positions_BT, config)
+
+    def body(carry, lp):
+        x, k_all, v_all, layer = carry
+        kv = (k_all[layer], v_all[layer])
+        x, (k_new, v_new) = _layer(x, lp, kv, cos_sin, allowed_BTS, index, config)
+        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, layer, axis=0)
+        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, layer, axis=0)
+        return (x, k_all, v_all, layer + 1), None
+
+    policy = REMAT_POLICIES[remat]
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    carry = (x_BTD, cache["k"], cache["v"], jnp.zeros((), jnp.int32))
+    (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, carry, params["layers"])
+    h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
+    if not return_cache:
+        return h_BTD, None
+    return h_BTD, {"k": k_all, "v": v_all, "valid_BS": valid_BS, "index": index + T}
+
+
+def unembed(params: Params, h_BTD, config: ModelConfig):
+    """Logits [..., V] in float32 from hidden states (accumulated in float32 whatever the dtype)."""
+    dt = jnp.dtype(config.dtype)
+    if config.tie_word_embeddings:
+        return jnp.einsum("...D,VD->...V", h_BTD, params["embed"].astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", h_BTD, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: Params,
+    tokens_BT,
+    config: ModelConfig,
+    *,
+    positions_BT=None,
+    attention_mask_BT=None,
+    cache: Cache | None = None,
+    remat: str = "none",
+):
+    """Logits [B, T, V] in float32. With a `cache`, returns `(logits, updated_cache)`."""
+    h_BTD, new_cache = hidden_states(
+        params,
+        tokens_BT,
+        config,
+        positions_BT=positions_BT,
+        attention_mask_BT=attention_mask_BT,
+        cache=cache,
+        remat=remat,
+    )
+    logits = unembed(params, h_BTD, config)
+    return logits if cache is None else (logits, new_cache)
