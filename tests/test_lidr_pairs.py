@@ -1,0 +1,175 @@
+"""LIDR translation prompt/parse and pair construction on scripted generations (no model)."""
+
+import pytest
+
+from lidr_jax.lidr import (
+    LIDRPairSettings,
+    build_pairs,
+    chat_prompt,
+    parse_translation,
+    translation_jobs,
+    translation_request,
+)
+from lidr_jax.prompt_sets import PromptSet
+
+IDS = ("a", "b", "c", "t")  # "t" is a translation-task prompt
+
+
+def _prompts(languages=("en", "fr", "de")):
+    instructions = {lang: tuple(f"x_{lang}[{pid}]" for pid in IDS) for lang in languages}
+    return PromptSet(tuple(languages), IDS, instructions, translation_task=frozenset({"t"}))
+
+
+GEN = {lang: {pid: f"y_{lang}[{pid}]" for pid in IDS} for lang in ("en", "fr", "de")}
+
+
+def _fwd(lang, pid):
+    return f"y_en->{lang}[{pid}]"
+
+
+def _back(lang, pid):
+    return f"y_{lang}->en[{pid}]"
+
+
+# fr: en->fr fails for b, fr->en fails for c. de: everything succeeds; en->de of "t" is absent
+# (translation-task prompts need no en->X translation).
+TO_TARGET = {
+    "fr": {"a": _fwd("fr", "a"), "b": None, "c": _fwd("fr", "c"), "t": _fwd("fr", "t")},
+    "de": {"a": _fwd("de", "a"), "b": _fwd("de", "b"), "c": _fwd("de", "c")},
+}
+TO_DOMINANT = {
+    "fr": {"a": _back("fr", "a"), "b": _back("fr", "b"), "c": None, "t": _back("fr", "t")},
+    "de": {pid: _back("de", pid) for pid in IDS},
+}
+
+
+def _key(p):
+    return (p.kind, p.language, p.id, p.prompt[-1]["content"], p.chosen, p.rejected, p.chosen_from, p.rejected_from)
+
+
+def test_translation_request_and_parse_round_trip():
+    messages, prefill = translation_request("Bonjour\nle monde", "de")
+    assert prefill == "<translation>"
+    assert messages == [{"role": "user", "content": messages[0]["content"]}]
+    content = messages[0]["content"]
+    assert "into German" in content and "<text>\nBonjour\nle monde\n</text>" in content
+    assert content.endswith("</text>") and "</translation>" in content
+    messages, _ = translation_request("hi", "fr", system_prompt="You are a helpful assistant.")
+    assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert "into French" in messages[1]["content"]
+    # the model continues after the prefill
+    assert parse_translation(" Hallo Welt \n</translation> trailing chatter") == "Hallo Welt"
+    assert parse_translation("<translation>Hallo</translation>") == "Hallo"  # prefill echoed back
+    assert parse_translation("Zeile 1\nZeile 2</translation>") == "Zeile 1\nZeile 2"
+
+
+def test_parse_translation_failures():
+    assert parse_translation("Hallo Welt, und dann wurde der Text abgeschnitt") is None  # no closing tag
+    assert parse_translation("   </translation>") is None  # empty result
+    assert parse_translation("") is None
+    with pytest.raises(ValueError, match="unknown language code 'xx'"):
+        translation_request("hi", "xx")
+
+
+def test_target_and_dominant_pairs_all_directions_exact():
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="all"))
+    expected = [
+        # target pairs: prompt x_X, chosen y_en->X, rejected y_X
+        ("target", "fr", "a", "x_fr[a]", _fwd("fr", "a"), "y_fr[a]", "translation:en->fr", "generation:fr"),
+        # translation task: chosen is the untranslated English answer
+        ("target", "fr", "t", "x_fr[t]", "y_en[t]", "y_fr[t]", "generation:en", "generation:fr"),
+        ("target", "de", "a", "x_de[a]", _fwd("de", "a"), "y_de[a]", "translation:en->de", "generation:de"),
+        ("target", "de", "b", "x_de[b]", _fwd("de", "b"), "y_de[b]", "translation:en->de", "generation:de"),
+        ("target", "de", "c", "x_de[c]", _fwd("de", "c"), "y_de[c]", "translation:en->de", "generation:de"),
+        ("target", "de", "t", "x_de[t]", "y_en[t]", "y_de[t]", "generation:en", "generation:de"),
+        # dominant pairs: prompt x_en, chosen y_en, rejected y_X->en
+        ("dominant", "en", "a", "x_en[a]", "y_en[a]", _back("fr", "a"), "generation:en", "translation:fr->en"),
+        ("dominant", "en", "t", "x_en[t]", "y_en[t]", _back("fr", "t"), "generation:en", "translation:fr->en"),
+        ("dominant", "en", "a", "x_en[a]", "y_en[a]", _back("de", "a"), "generation:en", "translation:de->en"),
+        ("dominant", "en", "b", "x_en[b]", "y_en[b]", _back("de", "b"), "generation:en", "translation:de->en"),
+        ("dominant", "en", "c", "x_en[c]", "y_en[c]", _back("de", "c"), "generation:en", "translation:de->en"),
+        ("dominant", "en", "t", "x_en[t]", "y_en[t]", _back("de", "t"), "generation:en", "translation:de->en"),
+    ]
+    assert [_key(p) for p in pairs] == expected
+    assert all(p.prompt == [{"role": "user", "content": p.prompt[-1]["content"]}] for p in pairs)
+    assert stats.target_pairs == {"fr": 2, "de": 4}
+    assert stats.dominant_pairs == {"fr": 2, "de": 4}
+    assert stats.failed == {"en->fr": 1, "fr->en": 1, "en->de": 0, "de->en": 0}
+    assert stats.dropped == {"fr": ["b", "c"], "de": []}  # b: en->fr failed, c: fr->en failed
+    assert stats.translation_task_pairs == 2
+    assert stats.identical == {}
+    assert stats.total == 12 and stats.to_dict()["total"] == 12
+
+
+def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
+    settings = LIDRPairSettings(english_pairs="sample_one", seed=3)
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings)
+    english = [p for p in pairs if p.kind == "dominant"]
+    assert sorted(p.id for p in english) == ["a", "b", "c", "t"]  # exactly one per prompt
+    by_id = {p.id: p.rejected_from for p in english}
+    # b and c have a valid pair only through de (fr failed), so de must be drawn for them
+    assert by_id["b"] == "translation:de->en" and by_id["c"] == "translation:de->en"
+    assert sum(stats.dominant_pairs.values()) == 4
+    assert [p for p in pairs if p.kind == "target"] == [
+        p for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"))[0]
+        if p.kind == "target"
+    ]
+    again, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings)
+    assert [_key(p) for p in again] == [_key(p) for p in pairs]
+    # over many seeds both languages get drawn for the prompts where both are valid
+    drawn = set()
+    for seed in range(20):
+        ps, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed))
+        drawn |= {p.rejected_from for p in ps if p.kind == "dominant" and p.id == "a"}
+    assert drawn == {"translation:fr->en", "translation:de->en"}
+
+
+def test_identical_pairs_kept_by_default_counted_and_droppable():
+    to_target = {"fr": {pid: f"y_fr[{pid}]" for pid in IDS}}  # the "translation" equals y_fr
+    to_dominant = {"fr": {pid: _back("fr", pid) for pid in IDS}}
+    to_dominant["fr"]["b"] = "  y_en[b] "  # equal to y_en after stripping
+    prompts = _prompts(("en", "fr"))
+    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant)
+    assert stats.identical == {"target:fr": 3, "dominant:fr": 1}  # a, b, c (t's chosen is y_en)
+    assert stats.target_pairs == {"fr": 4} and stats.dominant_pairs == {"fr": 4}
+    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant, LIDRPairSettings(drop_identical=True))
+    assert [(p.kind, p.id) for p in pairs] == [("target", "t"), ("dominant", "a"), ("dominant", "c"), ("dominant", "t")]
+    assert stats.target_pairs == {"fr": 1} and stats.dominant_pairs == {"fr": 3}
+
+
+def test_system_prompt_and_trl_record():
+    pairs, _ = build_pairs(
+        _prompts(("en", "fr")), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(system_prompt="Be brief.")
+    )
+    rec = pairs[0].as_trl()
+    assert rec["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x_fr[a]"}]
+    assert rec["chosen"] == [{"role": "assistant", "content": _fwd("fr", "a")}]
+    assert rec["rejected"] == [{"role": "assistant", "content": "y_fr[a]"}]
+    assert (rec["id"], rec["language"], rec["kind"]) == ("a", "fr", "target")
+    assert chat_prompt("q") == [{"role": "user", "content": "q"}]
+
+
+def test_incomplete_stage_outputs_raise():
+    with pytest.raises(ValueError, match=r"no fr generation for 1 prompt id\(s\) \(c\)"):
+        gen = {**GEN, "fr": {k: v for k, v in GEN["fr"].items() if k != "c"}}
+        build_pairs(_prompts(), gen, TO_TARGET, TO_DOMINANT)
+    with pytest.raises(ValueError, match=r"no en->de translation result for 1 prompt id\(s\) \(b\)"):
+        to_target = {**TO_TARGET, "de": {"a": "x", "c": "y"}}
+        build_pairs(_prompts(), GEN, to_target, TO_DOMINANT)
+    with pytest.raises(ValueError, match=r"no de->en translation result .* \(t\)"):
+        to_dominant = {**TO_DOMINANT, "de": {pid: "x" for pid in "abc"}}
+        build_pairs(_prompts(), GEN, TO_TARGET, to_dominant)
+    with pytest.raises(ValueError, match="dominant language 'en' is not among"):
+        build_pairs(_prompts(("fr", "de")), GEN, TO_TARGET, TO_DOMINANT)
+    with pytest.raises(ValueError, match="english_pairs must be"):
+        LIDRPairSettings(english_pairs="last")
+
+
+def test_translation_jobs_skip_en_to_x_for_translation_tasks():
+    jobs = translation_jobs(_prompts(), GEN)
+    assert [(j.direction, j.id, j.text) for j in jobs] == [
+        ("en->fr", "a", "y_en[a]"), ("en->fr", "b", "y_en[b]"), ("en->fr", "c", "y_en[c]"),
+        ("fr->en", "a", "y_fr[a]"), ("fr->en", "b", "y_fr[b]"), ("fr->en", "c", "y_fr[c]"), ("fr->en", "t", "y_fr[t]"),
+        ("en->de", "a", "y_en[a]"), ("en->de", "b", "y_en[b]"), ("en->de", "c", "y_en[c]"),
+        ("de->en", "a", "y_de[a]"), ("de->en", "b", "y_de[b]"), ("de->en", "c", "y_de[c]"), ("de->en", "t", "y_de[t]"),
+    ]  # fmt: skip
