@@ -1,0 +1,301 @@
+"""The run directory: where every stage's artifacts live, and the manifest that says what is done.
+
+Layout (docs/run_directory.md has the full picture):
+
+    RUN_DIR/
+      manifest.json            config, seed, per-iteration start model, finished stages and outputs
+      iter_K/<stage>/...       everything stage <stage> of iteration K wrote
+
+Every file a stage writes goes through `atomic_write_text/json/jsonl/bytes` (temp file in the same
+directory, fsync, `os.replace`), so a process killed mid-write leaves either the old file or the new
+one, never half of one. A stage counts as done only once `RunDir.mark_done` has recorded it in the
+manifest (itself written atomically), so rerunning the same command resumes at the first stage that
+is not marked done.
+
+Multi-host: the manifest and stage files are written by process 0 only; callers guard with
+`jax.process_index() == 0` (this module does not import jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class RunConfigMismatchError(ValueError):
+    """The run directory was created with a different configuration than the one given now."""
+
+
+class StageNotDoneError(LookupError):
+    """A stage's outputs were asked for before the stage was marked done."""
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically: a temp file in the same directory, fsync, `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory: os.replace is atomic only within one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return atomic_write_text(path, text)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _plain(config: Any) -> dict:
+    """A config as a JSON-compatible dict (dataclass trees are converted; tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: Mapping, new: Mapping) -> list[str]:
+    """Dotted keys whose values differ, as readable lines (`key: old -> new`, missing shown as <absent>)."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            lines.append(f"{key}: {json.dumps(va) if va != '<absent>' else va} -> "
+                         f"{json.dumps(vb) if vb != '<absent>' else vb}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class RunDir:
+    """A run directory and its manifest.
+
+    `RunDir(path)` opens an existing run (read-only use, e.g. export). `RunDir(path, config, seed=...)`
+    creates the run if it has no manifest yet, or resumes it; resuming with a config or seed that
+    differs from the recorded one raises `RunConfigMismatchError` naming every differing key, unless
+    `allow_config_change=True`, which adopts the new config and records the change in the manifest.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Any = None, *, seed: int | None = None,
+                 allow_config_change: bool = False):
+        self.path = Path(path).absolute()  # stage paths stay valid if the caller changes directory
+        self.manifest_path = self.path / MANIFEST
+        if self.manifest_path.exists():
+            self._manifest = json.loads(self.manifest_path.read_text())
+            if config is not None or seed is not None:
+                self._check_resume(config, seed, allow_config_change)
+        elif config is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._manifest = {
+                "version": MANIFEST_VERSION,
+                "created": _now(),
+                "config": _plain(config),
+                "seed": seed,
+                "iterations": {},
+                "config_changes": [],
+            }
+            self._write()
+        else:
+            raise FileNotFoundError(
+                f"{self.manifest_path} does not exist: {self.path} is not a lidr_jax run directory "
+                "(one is created by `python -m lidr_jax.iterate`; pass a config to create one)"
+            )
+
+    # -- manifest ---------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest as last written."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def seed(self) -> int | None:
+        return self._manifest.get("seed")
+
+    def _write(self) -> None:
+        self._manifest["updated"] = _now()
+        atomic_write_json(self.manifest_path, self._manifest)
+
+    def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
+        diffs = []
+        if config is not None:
+            diffs += config_differences(self._manifest["config"], _plain(config))
+        if seed is not None and seed != self._manifest.get("seed"):
+            diffs.append(f"seed: {self._manifest.get('seed')} -> {seed}")
+        if not diffs:
+            return
+        if not allow_change:
+            raise RunConfigMismatchError(
+                f"{self.path} was created with a different configuration; differing keys:\n  "
+                + "\n  ".join(diffs)
+                + "\nResuming would mix artifacts of two configurations. Use a new run directory, or pass "
+                "allow_config_change=True (iterate: --allow-config-change) to resume with the new values."
+            )
+        self._manifest["config_changes"].append({"at": _now(), "changes": diffs})
+        if config is not None:
+            self._manifest["config"] = _plain(config)
+        if seed is not None:
+            self._manifest["seed"] = seed
+        self._write()
+
+    def _iteration(self, k: int, create: bool = False) -> dict:
+        iterations = self._manifest["iterations"]
+        key = str(_check_k(k))
+        if key not in iterations and create:
+            iterations[key] = {"start_model": None, "stages": {}}
+        return iterations.get(key, {"start_model": None, "stages": {}})
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def iter_dir(self, k: int) -> Path:
+        return self.path / f"iter_{_check_k(k)}"
+
+    def stage_dir(self, k: int, name: str, *, create: bool = True) -> Path:
+        """`RUN_DIR/iter_K/<name>/` (created unless `create=False`)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"stage name {name!r} must be a plain directory name")
+        d = self.iter_dir(k) / name
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- iterations and stages ----------------------------------------------------------------------
+
+    def set_iteration_start_model(self, k: int, model: str) -> None:
+        """Record the model iteration `k` starts from (a path, a .gguf, or an embedded name).
+
+        Paths inside the run directory are stored relative to it, so a moved run still resolves.
+        """
+        self._iteration(k, create=True)["start_model"] = self._rel(model)
+        self._write()
+
+    def iteration_start_model(self, k: int) -> str | None:
+        """The model iteration `k` started from (absolute path if inside the run), or None if unrecorded."""
+        model = self._iteration(k)["start_model"]
+        return None if model is None else self._abs(model)
+
+    def iterations(self) -> list[int]:
+        return sorted(int(k) for k in self._manifest["iterations"])
+
+    def is_done(self, k: int, stage: str) -> bool:
+        return stage in self._iteration(k)["stages"]
+
+    def mark_done(self, k: int, stage: str, outputs: Mapping[str, Any] | None = None) -> None:
+        """Record that `stage` of iteration `k` finished, with its outputs (paths inside the run are
+        stored relative to it; other JSON values as they are). Call it only after every output file
+        is in place: the manifest entry is what makes the stage count as done."""
+        entry = {"done_at": _now(), "outputs": {key: self._rel_value(v) for key, v in (outputs or {}).items()}}
+        self._iteration(k, create=True)["stages"][stage] = entry
+        self._write()
+
+    def outputs(self, k: int, stage: str) -> dict[str, Any]:
+        """The outputs a finished stage recorded (paths made absolute)."""
+        stages = self._iteration(k)["stages"]
+        if stage not in stages:
+            raise StageNotDoneError(
+                f"stage {stage!r} of iteration {k} is not done in {self.path} "
+                f"(done: {sorted(stages) or 'none'}); run the iteration to complete it first"
+            )
+        return {key: self._abs_value(v) for key, v in stages[stage]["outputs"].items()}
+
+    def done_stages(self, k: int) -> list[str]:
+        return list(self._iteration(k)["stages"])
+
+    def last_iteration_with(self, stage: str) -> int | None:
+        """The highest iteration whose `stage` is done (None if none)."""
+        done = [k for k in self.iterations() if self.is_done(k, stage)]
+        return max(done) if done else None
+
+    # -- path helpers -------------------------------------------------------------------------------
+
+    def _rel(self, value: str | os.PathLike) -> str:
+        # A Path is a path; a str is a path only if absolute (a relative str may be a hub name).
+        p = Path(value).absolute() if isinstance(value, os.PathLike) else Path(value)
+        if p.is_absolute():
+            try:
+                return "./" + p.resolve().relative_to(self.path.resolve()).as_posix()
+            except ValueError:
+                return str(p)
+        return str(value)
+
+    def _abs(self, value: str) -> str:
+        # Only values we stored as "./..." are run-relative; anything else (a hub name, an embedded
+        # model name, an absolute path) is returned unchanged.
+        return str(self.path / value[2:]) if value.startswith("./") else value
+
+    def _rel_value(self, v: Any) -> Any:
+        return self._rel(v) if isinstance(v, os.PathLike) or (isinstance(v, str) and os.path.isabs(v)) else v
+
+    def _abs_value(self, v: Any) -> Any:
+        return self._abs(v) if isinstance(v, str) else v
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"iteration number must be a non-negative int, got {k!r}")
+    return k
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
