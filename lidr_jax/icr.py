@@ -16,8 +16,9 @@ Here:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -166,7 +167,7 @@ class ICRSettings:
             raise ValueError(f"alpha_step ({self.alpha_step}) and alpha_max ({self.alpha_max}) must be > 0")
 
     def alpha_grid(self) -> np.ndarray:
-        n = int(round(self.alpha_max / self.alpha_step))
+        n = round(self.alpha_max / self.alpha_step)
         return np.round(np.arange(n) * self.alpha_step, 12)  # 9 * 0.001 is 0.009000000000000001
 
 
@@ -326,7 +327,7 @@ def score_answers(
     the same `ScoringInputs` and combine with `implicit_rewards`.
     """
     inputs = truncate_inputs(scoring_inputs(tokenizer, items), max_prompt_len, max_response_len)
-    kw = dict(batch_size=batch_size, chunk=chunk, bucket_multiple=bucket_multiple)
+    kw = {"batch_size": batch_size, "chunk": chunk, "bucket_multiple": bucket_multiple}
     logp_dpo = answer_logprobs(model_dpo_params, config, inputs, tokenizer.pad_token_id, **kw)
     logp_ref = answer_logprobs(model_ref_params, config, inputs, tokenizer.pad_token_id, **kw)
     return {

@@ -18,8 +18,9 @@ Nothing here touches a model; iterate.py runs the sampler and feeds the results 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -69,8 +70,7 @@ def parse_translation(generated: str) -> str | None:
     the start (the prefill echoed back) is skipped.
     """
     text = generated.lstrip()
-    if text.startswith(RESULT_OPEN):
-        text = text[len(RESULT_OPEN) :]
+    text = text.removeprefix(RESULT_OPEN)
     end = text.find(RESULT_CLOSE)
     if end < 0:
         return None
@@ -158,6 +158,13 @@ class Pair:
             "rejected_from": self.rejected_from,
             **({"meta": dict(self.meta)} if self.meta else {}),
         }
+
+    def as_preference_pair(self):
+        """The same record as a lidr_jax.data.PreferencePair (for write_trl_jsonl / encode_pairs)."""
+        from lidr_jax.data import PreferencePair
+
+        rec = self.as_trl()
+        return PreferencePair(rec.pop("prompt"), rec.pop("chosen"), rec.pop("rejected"), extra=rec)
 
 
 @dataclass(frozen=True)

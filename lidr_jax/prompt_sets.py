@@ -16,9 +16,10 @@ model work. The result is a `PromptSet`: plain tuples aligned with `ids`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class PromptSet:
     def instruction(self, lang: str, prompt_id: str) -> str:
         return self.instructions[lang][self.ids.index(prompt_id)]
 
-    def select(self, ids: Iterable[str]) -> "PromptSet":
+    def select(self, ids: Iterable[str]) -> PromptSet:
         """The prompts with these ids, in the given order."""
         pos = {pid: i for i, pid in enumerate(self.ids)}
         ids = tuple(ids)
@@ -83,7 +84,7 @@ class PromptSet:
             kinds={k: v for k, v in self.kinds.items() if k in idset},
         )
 
-    def with_languages(self, languages: Iterable[str]) -> "PromptSet":
+    def with_languages(self, languages: Iterable[str]) -> PromptSet:
         languages = check_languages(languages)
         missing = [lang for lang in languages if lang not in self.languages]
         if missing:
@@ -382,7 +383,7 @@ def _load_one(datasets, source: PromptSource, lang: str | None):
             if builder is None:
                 raise PromptSetError(f"{files[0]}: unsupported file type; use one of {sorted(_BUILDERS)}")
             return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train"), label
-        if "{lang}" in source.path or local.suffix in _BUILDERS or path.startswith((".", "/")):
+        if not local.exists() and ("{lang}" in source.path or local.suffix in _BUILDERS or path.startswith((".", "/"))):
             raise PromptSetError(f"no prompt file for language {lang!r}: {path} does not exist")
         return datasets.load_dataset(path, name, split=split, data_files=data_files), label
     except PromptSetError:
@@ -422,7 +423,7 @@ def _load_datasets_source(source: PromptSource, languages: tuple[str, ...]) -> P
             _row_from_record(
                 {c: data[c][i] for c in cols}, f"{label} row {i}", id_col, source.instruction_column,
                 source.translation_task_column, source.answer_column,
-            )  # fmt: skip
+            )
             for i in range(len(ds))
         ]
         where[lang] = label

@@ -108,7 +108,7 @@ def test_icr_pairs_from_answers():
     instructions = {"q0": "x0", "q1": "x1", "q2": "x2"}
     answers = {"q0": ["a" * 300, "b" * 100, "c" * 50], "q1": ["d" * 100, "e" * 40, "f" * 200], "q2": ["", "only"]}
     rewards = {"q0": R[0], "q1": R[1], "q2": [9.0, 1.0]}
-    pairs, sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(system_prompt="Sys"))
+    pairs, _sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(system_prompt="Sys"))
     assert stats == {"prompts": 3, "pairs": 2, "no_pair": 1, "alpha": 0.009, "length_gap": pytest.approx(45.0)}
     p0, p1 = pairs
     assert p0.prompt == [{"role": "system", "content": "Sys"}, {"role": "user", "content": "x0"}]

@@ -2,7 +2,14 @@
 
 import pytest
 
-from lidr_jax.languages import LANGUAGES, UnknownLanguageError, check_languages, get_language, language_name, native_name
+from lidr_jax.languages import (
+    LANGUAGES,
+    UnknownLanguageError,
+    check_languages,
+    get_language,
+    language_name,
+    native_name,
+)
 
 
 def test_table_covers_the_papers_languages():

@@ -147,6 +147,10 @@ def test_system_prompt_and_trl_record():
     assert rec["rejected"] == [{"role": "assistant", "content": "y_fr[a]"}]
     assert (rec["id"], rec["language"], rec["kind"]) == ("a", "fr", "target")
     assert chat_prompt("q") == [{"role": "user", "content": "q"}]
+    pp = pairs[0].as_preference_pair()
+    assert (pp.prompt, pp.chosen, pp.rejected) == (rec["prompt"], rec["chosen"], rec["rejected"])
+    assert pp.extra == {"id": "a", "language": "fr", "kind": "target", "chosen_from": "translation:en->fr",
+                        "rejected_from": "generation:fr"}  # fmt: skip
 
 
 def test_incomplete_stage_outputs_raise():
