@@ -238,8 +238,8 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
             w = _unpermute(w, config.num_key_value_heads)
         return w
 
+    tokenizer = gguf_tokenizer(reader, meta, tokens)  # before the weights: an unsupported tokenizer fails fast
     params = params_from_hf(get, set(by_hf), config, source=str(path))
-    tokenizer = gguf_tokenizer(reader, meta, tokens)
     generation_config = {
         k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", meta.get("tokenizer.ggml.eos_token_id")))
         if v is not None
