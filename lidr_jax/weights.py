@@ -128,7 +128,10 @@ def params_from_hf(
     dtype = jnp.dtype(config.param_dtype)  # a numpy dtype; bfloat16 comes from ml_dtypes
 
     def convert(a: np.ndarray, to_ours, spec_shape, name):
-        out = to_ours(np.asarray(a), config)
+        try:
+            out = to_ours(np.asarray(a), config)
+        except ValueError:  # a reshape that cannot work: the same error as a shape that maps wrongly
+            out = a
         if tuple(out.shape) != tuple(spec_shape):
             raise WeightsMismatchError(f"{source}: tensor {name} has shape {tuple(a.shape)}, expected one that "
                                        f"maps to {tuple(spec_shape)}")
