@@ -175,7 +175,7 @@ def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule):
 
     def step(state: TrainState, batch):
         grads, metrics = accumulated_grads(state.params, batch, model_config, cfg)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 from lidr_jax.config import ModelConfig
-from lidr_jax.model import init_params
+from lidr_jax.model import ParamSpec, param_specs
 from lidr_jax.tokenizer import ChatTokenizer
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -41,11 +41,28 @@ def tiny_config(vocab_size: int = 128) -> ModelConfig:
                        tie_word_embeddings=False, eos_token_ids=(3,))
 
 
+def numpy_init(config: ModelConfig, seed: int = 0):
+    """Same distribution as model.init_params, drawn with NumPy: eager JAX RNG compiles one kernel
+    per weight shape, which costs tens of seconds on a loaded 2-core machine."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def make(spec: ParamSpec):
+        if spec.init == "ones":
+            return np.ones(spec.shape, np.float32)
+        if spec.init == "zeros":
+            return np.zeros(spec.shape, np.float32)
+        return (0.02 * rng.standard_normal(spec.shape)).astype(np.float32)
+
+    return jax.tree.map(make, param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
 def tiny_model(seed: int = 0):
     tokenizer = tiny_tokenizer()
     config = tiny_config()
     assert tokenizer.vocab_size <= config.vocab_size
-    return config, init_params(config, jax.random.key(seed)), tokenizer
+    return config, numpy_init(config, seed), tokenizer
 
 
 def write_tiny_hf_dir(directory: Path, seed: int = 0) -> Path:

@@ -1,0 +1,135 @@
+"""The train step and loop: gradient accumulation is exact, a short run learns the preferences,
+NaN stops training with the last good state, the data order is a function of the step."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dpo_helpers import PAIRS, tiny_model
+
+from lidr_jax.data import PreferencePair, encode_pairs
+from lidr_jax.dpo import DPOConfig, dpo_loss
+from lidr_jax.train import (
+    NonFiniteLossError,
+    accumulated_grads,
+    lr_schedule,
+    make_optimizer,
+    reference_logprobs,
+    step_batch,
+    step_indices,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config, params, tok = tiny_model()
+    # 16 pairs: the 8 base pairs and the same with a second phrasing of the prompt
+    pairs = [PreferencePair(p, c, r) for p, c, r in PAIRS] + [PreferencePair("Please. " + p, c, r) for p, c, r in PAIRS]
+    enc = encode_pairs(pairs, tok, max_prompt_len=48, max_response_len=16)
+    return config, params, tok, enc
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_grad_accumulation_1x8_equals_4x2(setup):
+    config, params, _, enc = setup
+    rng = np.random.default_rng(0)
+    ref = {"chosen": -rng.uniform(5, 30, len(enc)).astype(np.float32),
+           "rejected": -rng.uniform(5, 30, len(enc)).astype(np.float32)}
+    idx = np.arange(8)
+    results = []
+    for b, a in ((8, 1), (2, 4)):
+        cfg = DPOConfig(batch_size=b, grad_accum=a, learning_rate=1e-3, warmup=0, logprob_chunk=16)
+        batch = step_batch(enc, ref, idx, cfg, pad_id=0, length=64)
+        assert batch["tokens"].shape == (a, 2 * b, 64)
+        opt = make_optimizer(cfg, 10)
+
+        def grads_and_update(p, x, cfg=cfg, opt=opt):  # what make_train_step does, grads exposed
+            grads, metrics = accumulated_grads(p, x, config, cfg)
+            updates, _ = opt.update(grads, opt.init(p), p)
+            return grads, metrics, updates
+
+        grads, metrics, updates = jax.jit(grads_and_update)(params, batch)
+        results.append((_flat(grads), metrics, _flat(updates)))
+    (g1, m1, u1), (g2, m2, u2) = results
+    assert np.abs(g1).max() > 1e-3  # the comparison is not between zeros
+    np.testing.assert_allclose(g2, g1, rtol=0, atol=1e-5 * np.abs(g1).max())
+    # Adam's first update is lr·g/(|g| + eps): for weights whose gradient is ~1e-7 (near eps) it
+    # amplifies float32 summation-order noise of the gradient, so the update is compared at 1e-4·lr.
+    assert np.abs(u1).max() > 0.5e-3
+    np.testing.assert_allclose(u2, u1, rtol=0, atol=1e-4 * 1e-3)
+    for name in m1:
+        assert float(m2[name]) == pytest.approx(float(m1[name]), rel=1e-5, abs=1e-6), name
+
+
+def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
+    config, params, _, enc = setup
+    cfg = DPOConfig(learning_rate=3e-3, warmup=0, schedule="constant", epochs=6, batch_size=4, grad_accum=2,
+                    beta=0.1, nll_weight=1.0, logprob_chunk=16, reference_batch_size=16)
+    ref = reference_logprobs(params, config, enc, cfg, progress=False)
+
+    def evaluate(p):
+        pol = reference_logprobs(p, config, enc, cfg, progress=False)
+        count = jnp.asarray([len(c) for c in enc.chosen_ids], jnp.float32)
+        loss, m = dpo_loss(jnp.asarray(pol["chosen"]), jnp.asarray(pol["rejected"]), count,
+                           jnp.asarray(ref["chosen"]), jnp.asarray(ref["rejected"]), cfg)
+        return float(loss), float(m["rewards/accuracies"])
+
+    loss0, acc0 = evaluate(params)
+    metrics_file = tmp_path / "metrics.jsonl"
+    seen = []
+    state = train(params, config, enc, ref, cfg, metrics_path=metrics_file, progress=False,
+                  callback=lambda s, m: seen.append(int(s.step)))
+    loss1, acc1 = evaluate(state.params)
+    assert loss1 < loss0 - 0.1
+    assert acc0 == 0.0 and acc1 >= 0.75
+    assert seen == list(range(1, 13)) and int(state.step) == 12
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for name in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):
+        assert np.isfinite(rows[-1][name]), name
+    # step 1: policy = reference, so the DPO part is log 2 and every reward 0
+    assert rows[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[0]["learning_rate"] == pytest.approx(3e-3)
+
+
+def test_nan_loss_stops_with_last_good_state(setup):
+    config, params, _, enc = setup
+    cfg = DPOConfig(learning_rate=1e-3, warmup=0, batch_size=4, epochs=1, logprob_chunk=16, remat="full",
+                    compute_dtype="bfloat16")
+    ref = {"chosen": np.full(len(enc), -20.0, np.float32), "rejected": np.full(len(enc), -20.0, np.float32)}
+    bad_pair = int(step_indices(2, len(enc), cfg)[0])  # first pair of the third step
+    ref["chosen"][bad_pair] = np.nan
+    saved = []
+    with pytest.raises(NonFiniteLossError, match="step 3: loss=nan .* not finite") as err:
+        train(params, config, enc, ref, cfg, progress=False,
+              callback=lambda s, m: saved.append(jax.tree.map(np.array, s.params)))
+    state = err.value.state
+    assert int(state.step) == 2 and len(saved) == 2
+    # the bad update was not applied: the state is the one saved after step 2 (bf16 compute, float32 master)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved[1])):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_data_order_depends_only_on_step():
+    cfg = DPOConfig(batch_size=2, grad_accum=2, seed=3)
+    epoch0 = np.concatenate([step_indices(k, 10, cfg) for k in range(3)])
+    assert sorted(epoch0.tolist()) == list(range(10))  # every pair once per epoch, last step short
+    assert len(step_indices(2, 10, cfg)) == 2
+    np.testing.assert_array_equal(step_indices(4, 10, cfg), step_indices(4, 10, cfg))
+    assert not np.array_equal(np.concatenate([step_indices(k, 10, cfg) for k in range(3, 6)]), epoch0)
+
+
+def test_lr_schedule_warmup_then_decay():
+    cos = lr_schedule(DPOConfig(learning_rate=1.0, warmup=0.2, schedule="cosine"), 10)
+    lin = lr_schedule(DPOConfig(learning_rate=1.0, warmup=2, schedule="linear"), 10)
+    assert [float(cos(s)) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0], abs=1e-6)
+    assert [float(lin(s)) for s in (1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 0.5, 0.0], abs=1e-6)
