@@ -1,0 +1,231 @@
+"""The sampler on the tiny random Llama of conftest (char-level tokenizer, so text round-trips exactly).
+
+Covers: cached decoding equals the uncached forward, greedy parity with transformers, batch
+invariance and seed determinism, EOS and stop strings ending only their row, n distinct samples,
+assistant prefill, truncation, and that a new temperature does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lidr_jax.model import forward
+from lidr_jax.sampler import (
+    GenerationStats,
+    SamplingConfig,
+    bucket,
+    eos_ids,
+    generate,
+    prefill_logits,
+    step_logits,
+)
+
+CHATS = [
+    [{"role": "user", "content": "Say hello."}],
+    [{"role": "user", "content": "Dis bonjour à tout le monde, s'il te plaît."}],
+    [{"role": "user", "content": "Привет"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hola, ¿qué tal?"}],
+    [{"role": "user", "content": "你好世界"}],
+]
+GREEDY = SamplingConfig(max_new_tokens=24, progress=False, batch_size=8)
+SAMPLED = dataclasses.replace(GREEDY, temperature=1.0, top_k=40, top_p=0.95, seed=7)
+
+
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_hf_model):
+    """Untied embeddings and a larger init than conftest's default: the default tiny model's greedy
+    output repeats one token, which would make batch-invariance and stop tests pass vacuously."""
+    return make_hf_model("llama", initializer_range=0.2, generation_eos=[2])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(model_dir):
+    from lidr_jax.hf import load_pretrained
+
+    return load_pretrained(model_dir)
+
+
+def test_cached_decode_equals_full_forward(tiny_model):
+    """Every decode step's logits [V] equal the uncached forward of the same prefix (left-padded batch)."""
+    m, tol = tiny_model, 1e-4
+    prompts = [m.tokenizer.prompt_ids(c) for c in CHATS[:3]]
+    T, steps = bucket(max(map(len, prompts))), 6
+    tokens_BT = np.zeros((len(prompts), T), np.int32)
+    mask_BT = np.zeros((len(prompts), T), bool)
+    for r, p in enumerate(prompts):
+        tokens_BT[r, T - len(p) :], mask_BT[r, T - len(p) :] = p, True
+    logits_BV, cache = prefill_logits(m.params, tokens_BT, mask_BT, m.config, max_new=16)
+    seqs = [list(p) for p in prompts]
+    step = jax.jit(step_logits, static_argnames="config")
+    for t in range(steps):
+        for r, seq in enumerate(seqs):
+            full_V = np.asarray(forward(m.params, np.asarray([seq]), m.config))[0, -1]
+            np.testing.assert_allclose(np.asarray(logits_BV[r]), full_V, atol=tol, rtol=0)
+        # Teacher-force a token that is not simply the argmax, so a wrong slot cannot hide.
+        fed_B = np.asarray([(7 * t + 11 * r + 5) % m.config.vocab_size for r in range(len(seqs))], np.int32)
+        positions_B = np.asarray([len(s) for s in seqs], np.int32)
+        logits_BV, cache = step(m.params, fed_B, positions_B, cache, config=m.config)
+        for seq, tok in zip(seqs, fed_B):
+            seq.append(int(tok))
+
+
+def test_generate_logprobs_match_full_forward(tiny_model):
+    """End to end: each generated token is the argmax of the uncached logits, and its logprob matches."""
+    m = tiny_model
+    (res,) = generate(m, CHATS[1:2], dataclasses.replace(GREEDY, max_new_tokens=10))
+    seq = m.tokenizer.prompt_ids(CHATS[1])
+    for tok, lp in zip(res.token_ids, res.logprobs):
+        logp_V = np.asarray(jax.nn.log_softmax(forward(m.params, np.asarray([seq]), m.config)[0, -1]))
+        assert tok == int(np.argmax(logp_V))
+        assert abs(lp - logp_V[tok]) <= 1e-4
+        seq.append(tok)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_matches_transformers(tiny_model, model_dir, torch_model, penalty):
+    """Each prompt alone in transformers (no padding) vs all five batched with left padding here."""
+    import torch
+
+    hf = torch_model(model_dir)
+    sampling = dataclasses.replace(GREEDY, repetition_penalty=penalty)
+    ours = generate(tiny_model, CHATS, sampling)
+    eos = list(eos_ids(tiny_model))
+    for chat, res in zip(CHATS, ours):
+        ids = torch.tensor([tiny_model.tokenizer.prompt_ids(chat)])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                          repetition_penalty=penalty, eos_token_id=eos, pad_token_id=0)
+        assert res.token_ids == out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, dataclasses.replace(SAMPLED, n=2)], ids=["greedy", "sampled"])
+def test_batch_invariance_and_seed_determinism(tiny_model, sampling):
+    together = generate(tiny_model, CHATS, sampling)
+    alone = [generate(tiny_model, [c], dataclasses.replace(sampling, batch_size=1))[0] for c in CHATS[:3]]
+    reordered = generate(tiny_model, CHATS[::-1] + CHATS[:1], sampling)[::-1][1:]
+    flat = (lambda rs: [x.token_ids for r in rs for x in (r if isinstance(r, list) else [r])])
+    assert flat(alone) == flat(together[:3])
+    assert flat(reordered) == flat(together)
+    assert flat(generate(tiny_model, CHATS, sampling)) == flat(together)
+    if sampling.temperature > 0:
+        other_seed = generate(tiny_model, CHATS, dataclasses.replace(sampling, seed=8))
+        assert flat(other_seed) != flat(together)
+
+
+def test_n_samples_differ(tiny_model):
+    (samples,) = generate(tiny_model, CHATS[:1], dataclasses.replace(SAMPLED, n=4))
+    assert len(samples) == 4
+    assert len({tuple(s.token_ids) for s in samples}) == 4
+
+
+def test_eos_ends_only_its_row(tiny_model):
+    base = generate(tiny_model, CHATS[:2], GREEDY)
+    a, b = base[0].token_ids, base[1].token_ids
+    assert base[0].finish_reason == base[1].finish_reason == "length"
+    k, eos = next((k, t) for k, t in enumerate(a) if t not in b and t not in a[:k] and k >= 2)
+    model = dataclasses.replace(tiny_model, generation_config={"eos_token_id": [eos]})
+    ended, other = generate(model, CHATS[:2], GREEDY)
+    assert ended.token_ids == a[: k + 1] and ended.finish_reason == "stop"
+    assert ended.text == tiny_model.tokenizer.decode(a[:k])
+    assert other.token_ids == b and other.finish_reason == "length"
+
+
+def test_stop_string_ends_only_its_row(tiny_model):
+    base = generate(tiny_model, CHATS[:2], GREEDY)
+    text_a = base[0].text
+    stop = next(text_a[i : i + 2] for i in range(3, len(text_a) - 2) if text_a[i : i + 2] not in base[1].text)
+    cut = text_a.find(stop)
+    ended, other = generate(tiny_model, CHATS[:2], dataclasses.replace(GREEDY, stop=("never seen", stop),
+                                                                       decode_chunk=4))
+    assert ended.text == text_a[:cut] and ended.finish_reason == "stop"
+    n = len(ended.token_ids)
+    assert ended.token_ids == base[0].token_ids[:n] and ended.logprobs == base[0].logprobs[:n]
+    assert stop in tiny_model.tokenizer.decode(ended.token_ids)
+    assert stop not in tiny_model.tokenizer.decode(ended.token_ids[:-1])
+    assert other.token_ids == base[1].token_ids and other.text == base[1].text
+
+
+def test_prefill_continues_the_assistant_turn(tiny_model):
+    """Greedy decoding is deterministic, so pre-filling the first characters of the model's own answer
+    must yield exactly the rest of that answer."""
+    (full,) = generate(tiny_model, CHATS[1:2], GREEDY)
+    prefix = full.text[:5]
+    assert tiny_model.tokenizer.encode(prefix) == full.token_ids[:5]  # plain characters: text round-trips
+    (cont,) = generate(tiny_model, CHATS[1:2], dataclasses.replace(GREEDY, max_new_tokens=19), prefill=[prefix])
+    assert prefix + cont.text == full.text[: len(prefix) + len(cont.text)]
+    assert cont.token_ids == full.token_ids[5:24]
+    assert cont.prompt_tokens == len(tiny_model.tokenizer.prompt_ids(CHATS[1])) + 5
+    # One string pre-fills every prompt; a plain-string prompt takes the prefill too.
+    both = generate(tiny_model, [CHATS[1], "abc"], GREEDY, prefill=prefix)
+    assert both[0].token_ids[:19] == cont.token_ids
+    assert both[1].prompt_tokens == 3 + 5
+
+
+def test_truncation_is_counted_and_keeps_the_end(tiny_model):
+    long_prompt = "x" * 40 + "the end of a long prompt"
+    sampling = dataclasses.replace(GREEDY, max_prompt_tokens=16)
+    stats = GenerationStats()
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts were longer than 16 tokens"):
+        cut, short = generate(tiny_model, [long_prompt, "short"], sampling, stats=stats)
+    assert (cut.prompt_tokens, stats.truncated_prompts) == (16, 1)
+    (expected,) = generate(tiny_model, [long_prompt[-16:]], GREEDY)
+    assert cut.token_ids == expected.token_ids
+    # The new-token budget is clipped to the context (256): 250 prompt tokens leave 6.
+    with pytest.warns(UserWarning, match=r"1 new-token budgets were clipped .* context of 256"):
+        (clipped,) = generate(tiny_model, ["y" * 250], GREEDY)
+    assert len(clipped.token_ids) <= 6 and clipped.prompt_tokens == 250
+
+
+def test_new_sampling_values_do_not_recompile(tiny_model):
+    from jax import monitoring
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    generate(tiny_model, CHATS, SAMPLED)  # warm: shapes already compiled by earlier tests or now
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for temperature, top_k, top_p, penalty in [(0.5, 0, 1.0, 1.0), (1.3, 5, 0.5, 1.2), (0.0, 0, 1.0, 1.1)]:
+            stats = GenerationStats()
+            changed = dataclasses.replace(SAMPLED, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          repetition_penalty=penalty, seed=int(temperature * 10))
+            generate(tiny_model, CHATS, changed, stats=stats)
+            assert stats.compilations == 0
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_bucketing_keeps_compilations_few(tiny_model):
+    prompts = ["a" * n for n in (1, 3, 9, 15, 17, 30, 33, 60, 61, 62, 63, 64, 65, 100)]
+    stats = GenerationStats()
+    out = generate(tiny_model, prompts, dataclasses.replace(GREEDY, max_new_tokens=3, batch_size=4), stats=stats)
+    assert [r.prompt_tokens for r in out] == [len(p) for p in prompts]  # input order kept
+    # Longest first: [100,65,64,63]->128, [62,61,60,33]->64, [30,17,15,9]->32, [3,1]->16 (batch 2).
+    assert stats.shapes == [(4, 128, 16), (4, 64, 16), (4, 32, 16), (2, 16, 16)]
+    assert stats.compilations <= 2 * len(set(stats.shapes))
+
+
+def test_bad_settings_and_prompts_fail_clearly(tiny_model):
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="stop must be a list of strings"):
+        SamplingConfig(stop="</s>")
+    with pytest.raises(TypeError, match="wrap a single string"):
+        generate(tiny_model, "hello", GREEDY)
+    with pytest.raises(ValueError, match="prefill has 1 entries for 2 prompts"):
+        generate(tiny_model, ["a", "b"], GREEDY, prefill=["x"])
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(tiny_model, [""], GREEDY)
+
+
+def test_bucket_rule():
+    assert [bucket(n) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 512, 768]
