@@ -122,7 +122,7 @@ def _records(path: Path) -> Iterable[tuple[int, Any]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PairFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise PairFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) at line {e.lineno}") from None
         yield from ((i + 1, item) for i, item in enumerate(items))
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -145,8 +145,8 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
         try:
             pairs.append(pair_from_record(rec))
         except ValueError as e:
-            where = "item" if path.suffix == ".json" else "line"
-            raise PairFormatError(f"{path}:{lineno} ({where} {lineno}): {e}") from None
+            where = f" (item {lineno} of the JSON list)" if path.suffix == ".json" else ""
+            raise PairFormatError(f"{path}:{lineno}{where}: {e}") from None
     if not pairs:
         raise PairFormatError(f"{path}: no pairs in the file")
     return pairs

@@ -183,6 +183,8 @@ def batch_logprobs(params, batch, config, cfg: DPOConfig):
 
 
 if __name__ == "__main__":
+    import sys
+
     from lidr_jax.dpo_cli import main
 
-    main()
+    sys.exit(main())
