@@ -48,8 +48,19 @@ def parse_args(argv: list[str] | None):
 
 
 def settings_from_overrides(overrides: list[str]) -> DPOConfig:
-    """DPOConfig from `key=value` items; an unknown key or a bad value raises SettingsError naming it."""
-    return from_dict(DPOConfig, apply_overrides({}, overrides))
+    """DPOConfig from `key=value` items; an unknown key or a bad value raises SettingsError naming it.
+
+    YAML 1.1 reads `5e-7` (no dot) as a string; for float settings such a string is read as a number.
+    """
+    data = apply_overrides({}, overrides)
+    float_fields = {f.name for f in dataclasses.fields(DPOConfig) if f.type in (float, "float")}
+    for key, value in data.items():
+        if key in float_fields and isinstance(value, str):
+            try:
+                data[key] = float(value)
+            except ValueError:
+                pass  # from_dict names the key and the bad value
+    return from_dict(DPOConfig, data)
 
 
 def _write_model(model, params, out_dir: Path, dtype: str) -> Path:
