@@ -1,0 +1,258 @@
+"""DPO train-step benchmark: lidr_jax vs TRL's DPOTrainer (PyTorch), side by side on this CPU.
+
+    python scripts/bench_dpo.py                 # CPU: embedded SmolLM2-135M (float32), 4 pairs x 256 tokens
+    python scripts/bench_dpo.py --gpu           # GPU: random Llama-3.2-1B and Llama-3-8B configs, bf16 compute
+    python scripts/bench_dpo.py --gpu --dry-run # the GPU path on a tiny config (runs anywhere)
+
+Bench-only dependency: TRL (`pip install trl`, tested with trl 1.16, transformers 5, torch 2.13 CPU).
+
+Both sides train on the same batch: 4 pairs whose prompt and responses are fixed random token ids (128
+prompt + 128 response tokens: every row exactly 256 tokens), reference log-probs precomputed (by lidr_jax,
+not timed) and handed to both, sigmoid DPO with beta 0.1 and no NLL term (TRL's default objective), AdamW,
+clipping at 1.0, one micro-batch per step. TRL runs its own DPOTrainer.training_step (its loss and its
+forward over the concatenated [chosen; rejected] batch) plus clipping, optimizer and scheduler steps, which
+is the body of the Trainer loop; building the batch with TRL's DataCollatorForPreference avoids TRL
+re-tokenizing text (random ids do not round-trip through text). Each side runs in its own subprocess so
+peak memory (ru_maxrss) is its own. Model FLOPs are 6 x params x tokens plus attention (12 L T D per token,
+fwd + bwd), compared with the best jitted float32 matmul rate this machine reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT, RESPONSE, PAIRS = 128, 128, 4
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_pairs(vocab: int, pairs: int = PAIRS, seed: int = 0):
+    from lidr_jax.data import EncodedPairs
+
+    rng = np.random.default_rng(seed)
+    ids = lambda n: rng.integers(10, vocab, n).astype(np.int32)
+    return EncodedPairs([ids(PROMPT) for _ in range(pairs)], [ids(RESPONSE) for _ in range(pairs)],
+                        [ids(RESPONSE) for _ in range(pairs)])
+
+
+def model_flops(config, tokens: int, seq: int) -> float:
+    from lidr_jax.model import abstract_params, count_params
+
+    n = count_params(abstract_params(config))
+    if config.tie_word_embeddings:  # the embedding is also the output matmul; the lookup is not a matmul
+        pass
+    else:
+        n -= config.vocab_size * config.hidden_size  # input embedding lookup
+    attn = 12 * config.num_hidden_layers * seq * config.num_attention_heads * config.head_dim
+    return (6 * n + attn) * tokens
+
+
+def matmul_rate(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------------------- sides
+
+
+def side_export(out: Path):
+    from lidr_jax.export import export_hf
+    from lidr_jax.hf import load_pretrained
+
+    export_hf(load_pretrained("smollm2-135m-instruct"), out / "hf", dtype="float32")
+
+
+def jax_train_steps(config, params, enc, cfg, steps: int, warmup: int, ref=None):
+    """(seconds per step list, ref) for `steps` timed train steps after `warmup` untimed ones."""
+    from lidr_jax.train import init_state, lr_schedule, make_optimizer, make_train_step, reference_logprobs, step_batch
+
+    if ref is None:
+        ref = reference_logprobs(params, config, enc, cfg, progress=False)
+    opt = make_optimizer(cfg, steps + warmup)
+    step = make_train_step(config, cfg, opt, lr_schedule(cfg, steps + warmup))
+    state = init_state(params, opt)
+    batch = step_batch(enc, ref, np.arange(len(enc)), cfg, pad_id=0)
+    times = []
+    for k in range(warmup + steps):
+        t = time.perf_counter()
+        state, m = step(state, batch)
+        float(m["loss"])  # wait for the step
+        if k >= warmup:
+            times.append(time.perf_counter() - t)
+    return times, ref
+
+
+def side_jax(out: Path, steps: int, warmup: int):
+    from lidr_jax.dpo import DPOConfig
+    from lidr_jax.hf import load_pretrained
+
+    model = load_pretrained(out / "hf")
+    enc = synthetic_pairs(model.config.vocab_size)
+    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0, logprob_chunk=128,
+                    reference_batch_size=PAIRS)
+    times, ref = jax_train_steps(model.config, model.params, enc, cfg, steps, warmup)
+    np.savez(out / "ref.npz", **ref)
+    return {"step_s": float(np.median(times)), "times": times, "peak_mb": _peak_mb(),
+            "flops": model_flops(model.config, 2 * PAIRS * (PROMPT + RESPONSE), PROMPT + RESPONSE)}
+
+
+def side_trl(out: Path, steps: int, warmup: int):
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    enc = synthetic_pairs(model.config.vocab_size)
+    ref = np.load(out / "ref.npz")
+    args = trl.DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=PAIRS, learning_rate=1e-6,
+                         beta=0.1, precompute_ref_log_probs=True, max_length=None, report_to=[], use_cpu=True,
+                         max_grad_norm=1.0, lr_scheduler_type="constant", logging_steps=10**6)
+    dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * PAIRS)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps + warmup)
+    examples = [{"prompt_ids": enc.prompt_ids[i].tolist(), "chosen_ids": enc.chosen_ids[i].tolist(),
+                 "rejected_ids": enc.rejected_ids[i].tolist(), "ref_chosen_logps": float(ref["chosen"][i]),
+                 "ref_rejected_logps": float(ref["rejected"][i])} for i in range(PAIRS)]
+    batch = trainer.data_collator(examples)
+    assert batch["input_ids"].shape == (2 * PAIRS, PROMPT + RESPONSE), batch["input_ids"].shape
+    model.train()
+    times = []
+    for k in range(warmup + steps):
+        t = time.perf_counter()
+        trainer.training_step(model, batch)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        if k >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times)), "times": times, "peak_mb": _peak_mb(), "trl": trl.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _subprocess(side: str, out: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(out), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def cpu_main(args):
+    import jax
+
+    rate = matmul_rate()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _subprocess("export", out, args)
+        j = _subprocess("jax", out, args)
+        t = _subprocess("trl", out, args)
+    pairs_j, pairs_t = PAIRS / j["step_s"], PAIRS / t["step_s"]
+    print(f"DPO train step, SmolLM2-135M-Instruct float32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens "
+          f"({2 * PAIRS} rows), {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} cores")
+    print(f"matmul rate (jitted {2048}^3 float32): {rate / 1e9:.1f} GFLOP/s; model FLOPs/step {j['flops'] / 1e12:.2f} T")
+    print(f"{'':10s}{'step s':>10s}{'pairs/s':>10s}{'peak MB':>10s}{'GFLOP/s':>10s}{'of matmul':>10s}")
+    for name, r, p in (("lidr_jax", j, pairs_j), (f"TRL {t['trl']}", t, pairs_t)):
+        fl = j["flops"] / r["step_s"]
+        print(f"{name:10s}{r['step_s']:10.3f}{p:10.2f}{r['peak_mb']:10.0f}{fl / 1e9:10.1f}{fl / rate:10.1%}")
+    print(f"speed-up (pairs/s lidr_jax / TRL): {pairs_j / pairs_t:.2f}x; step times jax {j['times']} trl {t['times']}")
+
+
+GPU_CONFIGS = {  # architecture of the named models (HF config.json values); weights are random
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+}
+
+
+def gpu_main(args):
+    """MFU of the train step (bf16 compute, float32 master weights and Adam) on random weights."""
+    import jax
+
+    from lidr_jax.config import ModelConfig
+    from lidr_jax.dpo import DPOConfig
+    from lidr_jax.model import init_params
+
+    names = ["tiny"] if args.dry_run else args.models.split(",")
+    seq = 64 if args.dry_run else args.seq
+    global PROMPT, RESPONSE
+    PROMPT = RESPONSE = seq // 2
+    for name in names:
+        config = ModelConfig(max_position_embeddings=8192, rope_theta=500000.0, **GPU_CONFIGS[name])
+        params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+        enc = synthetic_pairs(config.vocab_size, pairs=args.batch)
+        cfg = DPOConfig(batch_size=args.batch, compute_dtype="bfloat16", remat=args.remat, logprob_chunk=512,
+                        reference_batch_size=args.batch, warmup=0)
+        ref = {"chosen": np.full(args.batch, -300.0, np.float32), "rejected": np.full(args.batch, -300.0, np.float32)}
+        times, _ = jax_train_steps(config, params, enc, cfg, 1 if args.dry_run else args.steps,
+                                   1 if args.dry_run else args.warmup, ref=ref)
+        step = float(np.median(times))
+        flops = model_flops(config, 2 * args.batch * seq, seq)
+        print(f"{name}: {args.batch} pairs x {seq} tokens, remat={args.remat}: {step:.3f} s/step, "
+              f"{args.batch / step:.1f} pairs/s, {flops / step / 1e12:.1f} TFLOP/s, "
+              f"MFU {flops / step / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops} TFLOP/s "
+              f"({jax.devices()[0].device_kind})")
+        del params
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--gpu", action="store_true", help="GPU MFU mode (random Llama-3.2-1B and Llama-3-8B configs)")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny config, one step, any device")
+    p.add_argument("--models", default="llama-3.2-1b,llama-3-8b")
+    p.add_argument("--batch", type=int, default=8, help="--gpu: pairs per step")
+    p.add_argument("--seq", type=int, default=1024, help="--gpu: tokens per row")
+    p.add_argument("--remat", default="dots", help="--gpu: remat policy")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--side", choices=("export", "jax", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        out = Path(args.work)
+        result = {"export": lambda: side_export(out), "jax": lambda: side_jax(out, args.steps, args.warmup),
+                  "trl": lambda: side_trl(out, args.steps, args.warmup)}[args.side]()
+        print("RESULT " + json.dumps(result or {}))
+    elif args.gpu:
+        gpu_main(args)
+    else:
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()
