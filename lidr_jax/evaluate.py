@@ -172,7 +172,8 @@ def run_alpaca_outputs(model, cfg: EvalConfig, out_dir: str | Path) -> dict[str,
             mean_chars=sum(map(len, texts)) / n if n else 0.0,
             path=str(path),
         )
-    write_json(Path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
+    write_json(Path(out_dir) / "summary.json",
+               dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
 
 
@@ -340,7 +341,8 @@ def run_command(args) -> int:
             judge = LocalJudge(_load(args.judge_model))
         results = head_to_head_dirs(dirs[0], dirs[1], args.langs, judge, args.limit)
         write_json(out / "head_to_head.json", dict(outputs_1=str(dirs[0]), outputs_2=str(dirs[1]), languages=results))
-        print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in ("win", "tie", "lose", "win_rate")}))
+        columns = ("win", "tie", "lose", "win_rate")
+        print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in columns}))
     print(f"results written under {out}")
     return 0
 

@@ -52,7 +52,8 @@ _LABEL_RE = re.compile(r"output\s*[\(\[]?\s*([ab])\s*[\)\]]?(?![a-z])", re.IGNOR
 _BARE_RE = re.compile(r"^\W*\(?\s*([ab])\s*\)?\W*$", re.IGNORECASE)
 _PREFERENCE_RE = re.compile(
     r"(?:output\s*\(?\s*([ab])\s*\)?\s*(?:is|was)\s*(?:the\s*)?(?:better|preferred|superior|winner))"
-    r"|(?:(?:better|preferred|prefer|winner|verdict|choose|choice)\W+(?:is\s*)?(?:output\s*)?\(?\s*([ab])\s*\)?(?![a-z]))",
+    r"|(?:(?:better|preferred|prefer|winner|verdict|choose|choice)\W+(?:is\s*)?(?:output\s*)?"
+    r"\(?\s*([ab])\s*\)?(?![a-z]))",
     re.IGNORECASE,
 )
 
@@ -60,7 +61,10 @@ _PREFERENCE_RE = re.compile(
 def judge_messages(instruction: str, output_a: str, output_b: str) -> list[Message]:
     return [
         {"role": "system", "content": JUDGE_SYSTEM},
-        {"role": "user", "content": JUDGE_TEMPLATE.format(instruction=instruction, output_a=output_a, output_b=output_b)},
+        {
+            "role": "user",
+            "content": JUDGE_TEMPLATE.format(instruction=instruction, output_a=output_a, output_b=output_b),
+        },
     ]
 
 
@@ -173,7 +177,9 @@ class EndpointJudge:
                 if e.code >= 500 or e.code == 429:
                     last_error = f"HTTP {e.code}: {detail}"
                     continue
-                raise JudgeRequestError(f"judge endpoint {self.url} refused the request: HTTP {e.code}: {detail}") from e
+                raise JudgeRequestError(
+                    f"judge endpoint {self.url} refused the request: HTTP {e.code}: {detail}"
+                ) from e
             except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (KeyError, IndexError, TypeError, ValueError) as e:

@@ -77,7 +77,8 @@ def test_read_x_alpacaeval(data_dir, tmp_path):
 def test_alpaca_records_fields():
     rows = alpaca_records(ITEMS["es"][:2], ["uno", "dos"], "gen-1")
     assert rows == [
-        {"instruction": "¿Cuál es la capital de Francia?", "output": "uno", "generator": "gen-1", "dataset": "helpful_base"},
+        {"instruction": "¿Cuál es la capital de Francia?", "output": "uno", "generator": "gen-1",
+         "dataset": "helpful_base"},
         {"instruction": "Escribe un haiku sobre la lluvia.", "output": "dos", "generator": "gen-1", "dataset": "koala"},
     ]
     with pytest.raises(ValueError, match="2 instructions but 1 outputs"):

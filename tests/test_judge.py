@@ -121,7 +121,9 @@ def test_endpoint_judge_head_to_head(monkeypatch):
     contents = sorted(r["body"]["messages"][-1]["content"] for r in srv.requests)
     expected = sorted(
         judge_messages(x, o1, o2)[-1]["content"]
-        for x, a, b in [("instr 1", "GOOD one", "meh"), ("instr 2", "meh", "GOOD two"), ("instr 3", "GOOD too", "GOOD also")]
+        for x, a, b in [
+            ("instr 1", "GOOD one", "meh"), ("instr 2", "meh", "GOOD two"), ("instr 3", "GOOD too", "GOOD also")
+        ]
         for o1, o2 in [(a, b), (b, a)]
     )
     assert contents == expected
