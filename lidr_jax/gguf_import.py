@@ -272,36 +272,85 @@ def _pre_tokenizer(pre: str | None):
     )
 
 
-def gguf_tokenizer(reader, meta: dict[str, Any], tokens: list[str] | None) -> ChatTokenizer:
-    """The file's tokenizer rebuilt with `tokenizers`, with its special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
+def _byte_level_bpe(tokens: list[str], merges: list[str], meta: dict[str, Any]):
+    """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`): tokens are spelled in GPT-2's byte alphabet."""
+    from tokenizers import Tokenizer, decoders, models
 
-    kind = meta.get("tokenizer.ggml.model")
-    if tokens is None:
-        raise GGUFImportError("the GGUF has no tokenizer.ggml.tokens; lidr_jax needs the model's own tokenizer")
-    if kind != "gpt2":
-        raise GGUFImportError(
-            f"GGUF tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2'); load the original "
-            "Hugging Face directory of this model instead (its tokenizer files are read directly)"
-        )
-    merges = [tuple(m.split(" ", 1)) for m in (_array(reader, "tokenizer.ggml.merges") or [])]
-    types = _array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False,
+                               byte_fallback=False))
     normalizer, pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
+    return tok, False
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces, best
+    score first (transformers' SentencePieceExtractor; llama.cpp files carry scores, not merges)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(score, lr) for lr in local]
+    merges.sort(key=lambda m: -m[0])  # stable: ties keep vocabulary order
+    return [lr for _, lr in merges]
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: list[str] | None, meta):
+    """Sentencepiece BPE (`tokenizer.ggml.model == "llama"`: Llama 2, TinyLlama, Mistral v0.1), as the
+    tokenizer.json transformers writes for them: "▁" for spaces, a leading "▁", byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    elif scores is not None:
+        pairs = _sentencepiece_merges(tokens, scores)
+    else:
+        raise GGUFImportError("sentencepiece GGUF without tokenizer.ggml.scores or merges; cannot rebuild its BPE")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=True,
+                               byte_fallback=True, unk_token=None if unk_id is None else tokens[int(unk_id)]))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    steps = [normalizers.Prepend("▁")] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, True  # llama.cpp adds BOS to sentencepiece models unless the file says otherwise
+
+
+def gguf_tokenizer(reader, meta: dict[str, Any], tokens: list[str] | None) -> ChatTokenizer:
+    """The file's tokenizer rebuilt with `tokenizers`, with its special tokens and chat template."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = meta.get("tokenizer.ggml.model")
+    if tokens is None:
+        raise GGUFImportError("the GGUF has no tokenizer.ggml.tokens; lidr_jax needs the model's own tokenizer")
+    merges = _array(reader, "tokenizer.ggml.merges")
+    types = _array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        tok, add_bos_default = _byte_level_bpe(tokens, merges or [], meta)
+    elif kind == "llama":
+        tok, add_bos_default = _sentencepiece_bpe(tokens, _array(reader, "tokenizer.ggml.scores"), merges, meta)
+    else:
+        raise GGUFImportError(
+            f"GGUF tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' "
+            "sentencepiece BPE); load the original Hugging Face directory of this model instead (its tokenizer "
+            "files are read directly)"
+        )
+    vocab = {t: i for i, t in enumerate(tokens)}
 
     def token(key):
         i = meta.get(f"tokenizer.ggml.{key}")
         return None if i is None else tokens[int(i)]
 
     bos = token("bos_token_id")
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    post = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
+    if meta.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None:
         post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                   special_tokens=[(bos, vocab[bos])]))
     tok.post_processor = processors.Sequence(post)

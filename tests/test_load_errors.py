@@ -136,8 +136,8 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 
 def test_gguf_unsupported_tokenizer(tmp_path):
-    with pytest.raises(GGUFImportError, match=r"tokenizer\.ggml\.model='llama' is not supported.*original Hugging"):
-        load_pretrained(_write_gguf(tmp_path / "m.gguf", tokenizer_model="llama"))
+    with pytest.raises(GGUFImportError, match=r"tokenizer\.ggml\.model='t5' is not supported.*original Hugging"):
+        load_pretrained(_write_gguf(tmp_path / "m.gguf", tokenizer_model="t5"))
 
 
 def test_non_gguf_file(tmp_path):

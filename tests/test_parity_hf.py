@@ -231,3 +231,50 @@ def test_gguf_from_hf_matches_transformers(case, make_hf_model, torch_model, tmp
     assert tok.decode(tok.encode("x 1234\n", add_special_tokens=False)) == "x 1234\n"
     assert tok.encode("a", add_special_tokens=True)[0] == (1 if arch == "llama" else tok.convert_tokens_to_ids("a"))
     assert model.tokenizer.render_chat([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user\nhi")
+
+
+def test_gguf_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
+    """A `tokenizer.ggml.model == "llama"` vocabulary (pieces + scores, no merges, as llama.cpp writes
+    Llama 2 / TinyLlama) rebuilt as BPE encodes exactly as sentencepiece itself."""
+    import io
+
+    import gguf
+    import sentencepiece as spm
+
+    from lidr_jax import gguf_import
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Le renard brun saute par-dessus le chien.",
+              "Быстрая коричневая лиса прыгает через собаку.", "In 2024 there were 12345 foxes and 678 dogs."]
+    buf = io.BytesIO()
+    # Llama 2's trainer settings that matter: BPE, byte fallback, split digits, no normalization.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 20), model_writer=buf, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1
+                            for i in range(n)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf_import._reader(tmp_path / "spm.gguf")
+    meta = gguf_import._fields(reader)
+    tok = gguf_import.gguf_tokenizer(reader, meta, gguf_import._array(reader, "tokenizer.ggml.tokens"))
+    samples = corpus + ["  double  spaces and a newline\nhere", "unseen: 你好 ñ", "x=1000000", "dog.</s>"]
+    for text in samples[:-1]:
+        ids = tok.encode(text)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids) == text
+    assert tok.encode(samples[-1])[-1] == 2  # a control token in the text is matched whole
+    assert tok.encode("dog", add_special_tokens=True) == [1] + sp.encode("dog")  # BOS by default, as llama.cpp
+    assert tok.eos_token_ids == (2,)
