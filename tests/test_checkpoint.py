@@ -1,6 +1,6 @@
 """Orbax checkpoints: exact round trips, step keeping, crash safety, and restores across meshes.
 
-The cross-mesh tests run this file as a script in subprocesses with
+The cross-mesh and kill-and-resume tests run this file as a script in subprocesses with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the flag must be set before JAX starts, and this
 pytest process has already started it): one process saves on N devices, another restores on M.
 """
@@ -27,6 +27,7 @@ from lidr_jax.checkpoint import (
     save_params,
 )
 from lidr_jax.config import ModelConfig
+from lidr_jax.run_dir import RunDir, atomic_write_jsonl
 from lidr_jax.model import abstract_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,5 +244,127 @@ def test_restore_across_meshes(tmp_path, save_on, restore_on):
     assert f"restored on {restore_on} devices" in _run_worker("restore", tmp_path, restore_on)
 
 
+# ---------------------------------------------------------------------------------- kill and resume
+
+CHECKPOINT_EVERY = 2
+KILL_AFTER_CHECKPOINTS = 2
+
+
+def _train_config(run_path: str, model_dir: str):
+    from lidr_jax.dpo import DPOConfig
+    from lidr_jax.run_config import RunConfig
+
+    dpo = DPOConfig(learning_rate=1e-3, warmup=2, epochs=2, batch_size=2, grad_accum=1, seed=0,
+                    reference_batch_size=4, max_prompt_len=64, max_response_len=32)  # fmt: skip
+    return RunConfig(model=model_dir, run_dir=run_path, dpo=dpo, checkpoint_every=CHECKPOINT_EVERY,
+                     checkpoint_keep=2)  # fmt: skip
+
+
+def _train_worker(run_path: str, model_dir: str) -> None:
+    """Subprocess entry: the real train stage (lidr_jax.train_stages) of iteration 1 on a tiny model.
+
+    Each checkpoint save is followed by a short sleep (`SLOW_SAVE_S`) so the parent can kill the
+    process mid-run; the sleep changes timing only, never what is computed."""
+    import time
+
+    from lidr_jax import train_stages
+    from lidr_jax.hf import load_pretrained
+    from lidr_jax.settings import to_dict
+
+    class SlowCheckpointer(TrainCheckpointer):
+        def save(self, *args, **kwargs):
+            saved = super().save(*args, **kwargs)
+            if saved:
+                time.sleep(float(os.environ.get("SLOW_SAVE_S", "0")))
+            return saved
+
+    train_stages.TrainCheckpointer = SlowCheckpointer
+    cfg = _train_config(run_path, model_dir)
+    run = RunDir(run_path, config=to_dict(cfg), seed=cfg.seed)
+    model = load_pretrained(model_dir)
+    if not run.is_done(1, "reference"):
+        run.mark_done(1, "reference", train_stages.reference_stage(cfg, run, 1, model))
+    run.mark_done(1, "train", train_stages.train_stage(cfg, run, 1, model))
+    print("TRAINED", flush=True)
+
+
+def _write_pairs(run: "RunDir") -> None:
+    words = ["cat", "dog", "sun", "tree", "river", "house", "bread", "snow", "wind", "stone", "lamp", "bird"]
+    rows = [{"prompt": f"Say {w}.", "chosen": f"{w} {w}!", "rejected": f"no {i}"} for i, w in enumerate(words)]
+    path = atomic_write_jsonl(run.stage_dir(1, "pairs") / "pairs.jsonl", rows)
+    run.mark_done(1, "pairs", {"pairs": path})
+
+
+def _start_training(run_path: Path, model_dir: Path, slow_save_s: float) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SLOW_SAVE_S=str(slow_save_s))
+    # The three runs compile the same functions: share a persistent compilation cache (test time only).
+    env.update(JAX_COMPILATION_CACHE_DIR=str(run_path.parent / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, __file__, "train", str(run_path), str(model_dir)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_parameters(make_hf_model, tmp_path):
+    pytest.importorskip("lidr_jax.train_stages", reason="needs the train stage (lidr_jax/train_stages.py)")
+    import signal
+    import time
+
+    from lidr_jax.settings import to_dict
+
+    model_dir = make_hf_model("llama", seed=7)
+    runs = {}
+    for name in ("killed", "uninterrupted"):
+        cfg = _train_config(str(tmp_path / name), str(model_dir))
+        runs[name] = RunDir(tmp_path / name, config=to_dict(cfg), seed=cfg.seed)
+        _write_pairs(runs[name])
+
+    # 1. Start, SIGKILL once the KILL_AFTER_CHECKPOINTS-th checkpoint is finalised.
+    ckpt_dir = tmp_path / "killed" / "iter_1" / "train" / "checkpoints"
+    proc = _start_training(tmp_path / "killed", model_dir, slow_save_s=1.0)
+    deadline = time.monotonic() + 240
+    while True:
+        steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()) if ckpt_dir.exists() else []
+        if len(steps) >= KILL_AFTER_CHECKPOINTS or proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not RunDir(tmp_path / "killed").is_done(1, "train")
+    killed_at = TrainCheckpointer(ckpt_dir, every=CHECKPOINT_EVERY).latest_step()
+    assert killed_at is not None and killed_at >= KILL_AFTER_CHECKPOINTS * CHECKPOINT_EVERY
+
+    # 2. Rerun the same command: it resumes from the last checkpoint and finishes.
+    proc = _start_training(tmp_path / "killed", model_dir, slow_save_s=0)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    assert f"resuming from the checkpoint at step {killed_at}" in log
+
+    # 3. An uninterrupted run with the same seed and data ends with the same parameters, bit for bit.
+    proc = _start_training(tmp_path / "uninterrupted", model_dir, slow_save_s=0)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    assert "resuming" not in log
+    resumed, _ = restore_params(RunDir(tmp_path / "killed").outputs(1, "train")["policy"])
+    straight, _ = restore_params(RunDir(tmp_path / "uninterrupted").outputs(1, "train")["policy"])
+    start = load_pretrained_params(model_dir)
+    assert_trees_equal(resumed, straight)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(start)))  # fmt: skip
+    assert moved > 1e-4, "training did not change the parameters; the comparison would mean nothing"
+
+
+def load_pretrained_params(model_dir):
+    from lidr_jax.hf import load_pretrained
+
+    return load_pretrained(model_dir).params
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "train":
+        _train_worker(sys.argv[2], sys.argv[3])
+    else:
+        _worker(sys.argv[1], sys.argv[2])
