@@ -54,9 +54,7 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
     default = _replicated()
 
     def one(x, sharding=None):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            shape, dtype, own = x.shape, x.dtype, x.sharding
-        elif isinstance(x, jax.Array):
+        if isinstance(x, (jax.ShapeDtypeStruct, jax.Array)):
             shape, dtype, own = x.shape, x.dtype, x.sharding
         else:
             a = np.asarray(x)
@@ -171,7 +169,7 @@ class TrainCheckpointer:
         self._mgr.wait_until_finished()
         self._mgr.close()
 
-    def __enter__(self) -> "TrainCheckpointer":
+    def __enter__(self) -> TrainCheckpointer:
         return self
 
     def __exit__(self, *exc) -> None:

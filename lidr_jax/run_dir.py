@@ -23,8 +23,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

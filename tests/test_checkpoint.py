@@ -27,8 +27,8 @@ from lidr_jax.checkpoint import (
     save_params,
 )
 from lidr_jax.config import ModelConfig
-from lidr_jax.run_dir import RunDir, atomic_write_jsonl
 from lidr_jax.model import abstract_params
+from lidr_jax.run_dir import RunDir, atomic_write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,8 @@ def test_params_checkpoint_errors(tmp_path):
 
 def _fsdp_shardings(tree, mesh):
     """Shard every array on its first axis divisible by the device count (fsdp); else replicate."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     n = mesh.devices.size
 
@@ -288,7 +289,7 @@ def _train_worker(run_path: str, model_dir: str) -> None:
     print("TRAINED", flush=True)
 
 
-def _write_pairs(run: "RunDir") -> None:
+def _write_pairs(run: RunDir) -> None:
     words = ["cat", "dog", "sun", "tree", "river", "house", "bread", "snow", "wind", "stone", "lamp", "bird"]
     rows = [{"prompt": f"Say {w}.", "chosen": f"{w} {w}!", "rejected": f"no {i}"} for i, w in enumerate(words)]
     path = atomic_write_jsonl(run.stage_dir(1, "pairs") / "pairs.jsonl", rows)
@@ -334,7 +335,8 @@ def test_killed_training_resumes_to_the_same_parameters(make_hf_model, tmp_path)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not RunDir(tmp_path / "killed").is_done(1, "train")
-    killed_at = TrainCheckpointer(ckpt_dir, every=CHECKPOINT_EVERY).latest_step()
+    with TrainCheckpointer(ckpt_dir, every=CHECKPOINT_EVERY) as ckpt:
+        killed_at = ckpt.latest_step()
     assert killed_at is not None and killed_at >= KILL_AFTER_CHECKPOINTS * CHECKPOINT_EVERY
 
     # 2. Rerun the same command: it resumes from the last checkpoint and finishes.
