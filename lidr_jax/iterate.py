@@ -21,6 +21,7 @@ from pathlib import Path
 from lidr_jax.prompt_sets import PromptSet, iteration_slice, load_prompts, split_heldout
 from lidr_jax.run_config import DEFAULT_CONFIG, RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, describe, to_dict
+from lidr_jax.sharding import maybe_initialize_distributed
 
 LIDR_STAGES = ("generate", "translate", "pairs", "reference", "train", "export")
 ICR_STAGES = ("sample", "score", "pairs", "reference", "train", "export")
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    maybe_initialize_distributed()  # multi-host runs: before anything touches a device
     try:
         cfg = load_run_config(args.config, args.overrides, args.run_dir)
         if args.print_config:

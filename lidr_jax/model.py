@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidr_jax.config import ModelConfig
+from lidr_jax.sharding import constrain
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -117,10 +118,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None 
     """An empty KV cache of `max_len` slots: k/v [L, B, S, K, H], slot validity [B, S], next slot."""
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
+    kv_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")  # sharded only under an active mesh
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "valid_BS": jnp.zeros((batch, max_len), bool),
+        "k": constrain(jnp.zeros(shape, dtype), kv_axes),
+        "v": constrain(jnp.zeros(shape, dtype), kv_axes),
+        "valid_BS": constrain(jnp.zeros((batch, max_len), bool), ("batch", "seq")),
         "index": jnp.zeros((), jnp.int32),
     }
 
@@ -229,13 +231,14 @@ def hidden_states(
     allowed_BTS = valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_T[None, :, None])
 
     dt = jnp.dtype(config.dtype)
-    x_BTD = params["embed"].astype(dt)[tokens_BT]
+    x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
     cos_sin = rope_tables(positions_BT, config)
 
     def body(carry, lp):
         x, k_all, v_all, layer = carry
         kv = (k_all[layer], v_all[layer])
         x, (k_new, v_new) = _layer(x, lp, kv, cos_sin, allowed_BTS, index, config)
+        x = constrain(x, ("batch", "seq", "act_embed"))
         k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, layer, axis=0)
         v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, layer, axis=0)
         return (x, k_all, v_all, layer + 1), None

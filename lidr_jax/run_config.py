@@ -18,6 +18,7 @@ from lidr_jax.lidr import LIDRPairSettings
 from lidr_jax.prompt_sets import PromptSource
 from lidr_jax.sampler import SamplingConfig
 from lidr_jax.settings import SettingsError, apply_overrides, from_dict, load_yaml
+from lidr_jax.sharding import MeshConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PACKAGE_DIR.parent / "configs" / "default.yaml"  # the repo's configs/ (editable install)
@@ -83,6 +84,7 @@ class RunConfig:
     icr: ICRGroup = ICRGroup()
     dpo: DPOConfig = DPOConfig()
     check: HeldOutCheck = HeldOutCheck()
+    mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.sharding, docs/scaling.md)
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
     checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)
     checkpoint_keep: int = 2

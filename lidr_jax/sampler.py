@@ -30,7 +30,6 @@ How a call runs (the rules, stated once):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import time
 import warnings
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from lidr_jax.config import ModelConfig
 from lidr_jax.model import hidden_states, init_cache, unembed
 from lidr_jax.sampling import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
+from lidr_jax.sharding import put_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,13 +205,14 @@ _EXECUTABLES: dict[tuple, tuple[Any, Any]] = {}
 
 
 def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, stats: GenerationStats):
-    avals = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
-    key = (config, avals, arrays[0].shape, max_new, eos_E.shape, jax.default_backend())
+    # Shardings are part of the key: an executable compiled for one mesh rejects arrays of another.
+    avals = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
+    key = (config, avals, arrays[0].shape, getattr(arrays[0], "sharding", None), max_new, eos_E.shape,
+           jax.default_backend())
     if key not in _EXECUTABLES:
         start = time.perf_counter()
         prefill = _prefill_jit.lower(params, *arrays, sp, eos_E, config=config, max_new=max_new).compile()
-        state, cache = jax.eval_shape(functools.partial(_prefill, config=config, max_new=max_new),
-                                      params, *arrays, sp, eos_E)
+        state, cache = prefill.out_info  # shapes and shardings of the prefill's outputs
         chunk = jax.ShapeDtypeStruct((), jnp.int32)
         decode = _decode_jit.lower(params, state, cache, sp, eos_E, chunk, config=config).compile()
         _EXECUTABLES[key] = (prefill, decode)
@@ -341,7 +342,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
             mask_BT[r, T - len(ids[i]) :] = True
             cols["plen_B"][r], cols["budget_B"][r], cols["pid_B"][r], cols["sid_B"][r] = len(ids[i]), budgets[i], hashes[i], j
         cols["pid_B"] = cols["pid_B"].astype(np.uint32)
-        arrays = (tokens_BT, mask_BT, cols)
+        arrays = put_batch((tokens_BT, mask_BT, cols))  # rows over the active mesh's batch axes, if any
         prefill_exe, decode_exe = _executables(model.params, arrays, sp, eos_E, config, N, stats)
         bar.set_postfix(compiles=stats.compilations, shape=f"{B}x{T}+{N}", refresh=False)
         stats.shapes.append((B, T, N))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.data import EncodedPairs, bucket_length, epoch_order, pair_batch
 from lidr_jax.dpo import DPOConfig, batch_logprobs, dpo_terms
+from lidr_jax.sharding import place, put_batch, train_state_shardings
 
 
 class TrainState(NamedTuple):
@@ -67,7 +68,7 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
     for start in range(0, N, B):
         idx = order[start:start + B]
         batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-        logp = np.asarray(fn(params, {k: v for k, v in batch.items() if k != "weight"}))
+        logp = np.asarray(fn(params, put_batch({k: v for k, v in batch.items() if k != "weight"})))
         chosen[idx], rejected[idx] = logp[:len(idx)], logp[B:B + len(idx)]
         bar.update(len(idx))
     bar.close()
@@ -169,9 +170,10 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
     return grads, {k: v / total for k, v in sums.items()}
 
 
-def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule):
+def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule, state_shardings=None):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated. A non-finite loss or
-    gradient norm leaves the state unchanged (metrics report it; the loop raises)."""
+    gradient norm leaves the state unchanged (metrics report it; the loop raises). `state_shardings`
+    (lidr_jax.sharding.train_state_shardings) pins the state's in/out shardings on a mesh."""
 
     def step(state: TrainState, batch):
         grads, metrics = accumulated_grads(state.params, batch, model_config, cfg)
@@ -185,7 +187,9 @@ def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule):
         metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -243,9 +247,11 @@ def train(
     num_steps = total_steps(len(enc), cfg)
     optimizer = make_optimizer(cfg, num_steps)
     schedule = lr_schedule(cfg, num_steps)
-    step_fn = make_train_step(model_config, cfg, optimizer, schedule)
     if state is None:
         state = init_state(params, optimizer)
+    shardings = train_state_shardings(state, model_config)  # None unless a mesh is active (sharding.use_mesh)
+    state = state if shardings is None else place(state, shardings)
+    step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
     start = int(state.step)
     spe = steps_per_epoch(len(enc), cfg)
     out = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -257,7 +263,7 @@ def train(
             row_w = np.concatenate([batch["weight"], batch["weight"]], axis=1)  # [A, 2b]
             tokens = int((batch["attention_mask"].sum(-1) * row_w).sum())
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, put_batch(batch, axis=1))
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             metrics.update(step=k + 1, epoch=k // spe, pairs=len(idx), tokens=tokens, step_time_s=dt,
