@@ -9,8 +9,9 @@ permuted (llama.cpp runs qwen2 with the halves layout).
 
 Architecture: from the `{arch}.*` metadata (llama and qwen2). Tokenizer: rebuilt from the
 `tokenizer.ggml.*` metadata with the `tokenizers` library, so the chat template and special tokens are
-the file's own. Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported; the pre-tokenizer is
-chosen by `tokenizer.ggml.pre`, which names the original tokenizer's splitting rule.
+the file's own. Byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Llama 3, Qwen2), with the
+pre-tokenizer chosen by `tokenizer.ggml.pre` (the name of the original tokenizer's splitting rule), and
+sentencepiece BPE (`"llama"`: Llama 2, TinyLlama, Mistral v0.1) rebuilt from pieces and scores.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ _LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3
 _QWEN2_PRES = ("qwen2", "deepseek-r1-qwen")
 _GPT2_PRES = ("gpt2", "default", None)
 _SMOLLM_PRES = ("smollm",)
+_EXTRA_EOS_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 class GGUFImportError(ValueError):
@@ -100,8 +102,12 @@ def _fields(reader) -> dict[str, Any]:
     """Scalar metadata as Python values; arrays are read on demand by `_array`."""
     out = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
+        if key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ):
             continue
         out[key] = field.contents()
     return out
@@ -137,7 +143,9 @@ def _llama3_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int) -> dict
     )
 
 
-def gguf_config(meta: dict[str, Any], tensor_names: set[str], rope_freqs=None, **dtype_policy) -> ModelConfig:
+def gguf_config(
+    meta: dict[str, Any], tensor_names: set[str], vocab_size: int, rope_freqs=None, **dtype_policy
+) -> ModelConfig:
     """`ModelConfig` from GGUF metadata (`{arch}.*` keys) and the tensor names (tied embeddings, biases)."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -157,16 +165,19 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str], rope_freqs=None, *
         raise UnsupportedConfigError("GGUF attention.value_length differs from key_length; not supported")
     rot = int(meta.get(f"{arch}.rope.dimension_count") or H)
     if rot != H:
-        raise UnsupportedConfigError(f"GGUF {arch}.rope.dimension_count={rot} < head dim {H}: partial rotary "
-                                     "embeddings are not supported")
+        raise UnsupportedConfigError(
+            f"GGUF {arch}.rope.dimension_count={rot} < head dim {H}: partial rotary embeddings are not supported"
+        )
     theta = _f32(get("rope.freq_base", 10000.0))
     rope_type, scaling = "default", {}
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
         rope_type, scaling = "linear", {"factor": float(get("rope.scaling.factor"))}
     elif scaling_type not in ("none", None):
-        raise UnsupportedConfigError(f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported "
-                                     "(supported: none, linear, and llama3 via rope_freqs)")
+        raise UnsupportedConfigError(
+            f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported "
+            "(supported: none, linear, and llama3 via rope_freqs)"
+        )
     if rope_freqs is not None:
         rope_type, scaling = "llama3", _llama3_scaling(rope_freqs, theta, H)
     n_layers = int(get("block_count"))
@@ -174,7 +185,7 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str], rope_freqs=None, *
     eos = meta.get("tokenizer.ggml.eos_token_id")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     return ModelConfig(
-        vocab_size=int(meta["_vocab_size"]),
+        vocab_size=int(meta.get(f"{arch}.vocab_size") or vocab_size),
         hidden_size=D,
         intermediate_size=int(get("feed_forward_length")),
         num_hidden_layers=n_layers,
@@ -221,11 +232,10 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise GGUFImportError(f"{path} has no token_embd.weight; is it a language model GGUF?")
-    meta["_vocab_size"] = meta.get(f"{meta.get('general.architecture')}.vocab_size") or int(embed.shape[-1])
     # Llama-3.x scaling factors are not a weight of the model; they become part of the config.
     rf = tensors.pop("rope_freqs.weight", None)
     rope_freqs = None if rf is None else dequantize(rf.data, rf.tensor_type).reshape(-1)
-    config = gguf_config(meta, set(tensors), rope_freqs, **dtype_policy)
+    config = gguf_config(meta, set(tensors), int(embed.shape[-1]), rope_freqs, **dtype_policy)
     by_hf = {hf_name(name): t for name, t in tensors.items()}
     permuted = meta["general.architecture"] == "llama"
 
@@ -240,10 +250,11 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
 
     tokenizer = gguf_tokenizer(reader, meta, tokens)  # before the weights: an unsupported tokenizer fails fast
     params = params_from_hf(get, set(by_hf), config, source=str(path))
-    generation_config = {
-        k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", meta.get("tokenizer.ggml.eos_token_id")))
-        if v is not None
-    }
+    # What a generation_config.json would say: the file's eos plus its end-of-turn ids (Llama 3's eot).
+    eos = list(config.eos_token_ids) + [int(meta[k]) for k in _EXTRA_EOS_KEYS if k in meta]
+    generation_config: dict[str, Any] = {} if config.bos_token_id is None else {"bos_token_id": config.bos_token_id}
+    if eos:
+        generation_config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return config, params, tokenizer, generation_config
 
 
@@ -277,8 +288,9 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], meta: dict[str, Any]):
     from tokenizers import Tokenizer, decoders, models
 
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False,
-                               byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False, byte_fallback=False)
+    )
     normalizer, pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -312,8 +324,15 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: li
     else:
         raise GGUFImportError("sentencepiece GGUF without tokenizer.ggml.scores or merges; cannot rebuild its BPE")
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=True,
-                               byte_fallback=True, unk_token=None if unk_id is None else tokens[int(unk_id)]))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=pairs,
+            fuse_unk=True,
+            byte_fallback=True,
+            unk_token=None if unk_id is None else tokens[int(unk_id)],
+        )
+    )
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
     steps = [normalizers.Prepend("▁")] if prefix else []
     tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
@@ -351,8 +370,11 @@ def gguf_tokenizer(reader, meta: dict[str, Any], tokens: list[str] | None) -> Ch
     bos = token("bos_token_id")
     post = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
     if meta.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None:
-        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                  special_tokens=[(bos, vocab[bos])]))
+        post.append(
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+            )
+        )
     tok.post_processor = processors.Sequence(post)
     # Control tokens (type 3) are special: matched whole and skipped when decoding; user-defined
     # tokens (type 4) are matched whole but kept.
@@ -367,5 +389,5 @@ def gguf_tokenizer(reader, meta: dict[str, Any], tokens: list[str] | None) -> Ch
         chat_template=meta.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False,
     )
-    extra_eos = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+    extra_eos = [int(meta[k]) for k in _EXTRA_EOS_KEYS if k in meta]
     return ChatTokenizer(hf, extra_eos_ids=extra_eos)

@@ -72,21 +72,21 @@ def tiny_tokenizer():
 
 
 _CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
-_BASE = dict(
-    vocab_size=TINY_VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    bos_token_id=None,
-    eos_token_id=2,
-    pad_token_id=0,
-    tie_word_embeddings=False,
-    initializer_range=0.08,  # larger than HF's 0.02 so logits are O(1) and layout bugs show plainly
-)
+_BASE = {
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": None,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.08,  # larger than HF's 0.02 so logits are O(1) and layout bugs show plainly
+}
 
 
 def build_tiny_hf_model(model_type: str = "llama", *, seed: int = 0, **config_overrides):
@@ -125,8 +125,11 @@ def make_hf_model(tmp_path_factory):
     ) -> Path:
         import torch
 
-        key = json.dumps([model_type, seed, torch_dtype, max_shard_size, generation_eos, config_overrides],
-                         sort_keys=True, default=str)
+        key = json.dumps(
+            [model_type, seed, torch_dtype, max_shard_size, generation_eos, config_overrides],
+            sort_keys=True,
+            default=str,
+        )
         if key in cache:
             return cache[key]
         out = tmp_path_factory.mktemp(f"tiny_{model_type}")

@@ -9,15 +9,15 @@ import pytest
 
 from lidr_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf, load_hf_config
 
-BASE = dict(
-    model_type="llama",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+BASE = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def cfg(**changes) -> ModelConfig:
@@ -38,8 +38,9 @@ def test_tie_flags():
     assert cfg(model_type="qwen2", tie_word_embeddings=True).tie_word_embeddings is True
 
 
-@pytest.mark.parametrize("eos, expected", [(2, (2,)), ([128001, 128008, 128009], (128001, 128008, 128009)),
-                                           (None, ()), ([7], (7,))])
+@pytest.mark.parametrize(
+    "eos, expected", [(2, (2,)), ([128001, 128008, 128009], (128001, 128008, 128009)), (None, ()), ([7], (7,))]
+)
 def test_eos_int_or_list(eos, expected):
     assert cfg(eos_token_id=eos).eos_token_ids == expected
 
@@ -82,9 +83,18 @@ def test_unsupported_fields_name_themselves():
 
 
 def test_config_is_static_and_round_trips(tmp_path):
-    c = cfg(model_type="qwen2", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-            eos_token_id=[3, 4], bos_token_id=1)
+    c = cfg(
+        model_type="qwen2",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        eos_token_id=[3, 4],
+        bos_token_id=1,
+    )
     assert hash(c) == hash(config_from_hf(c.to_hf_dict()))
     assert config_from_hf(c.to_hf_dict()) == c
     with pytest.raises(AttributeError):

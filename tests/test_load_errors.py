@@ -15,10 +15,16 @@ from lidr_jax.gguf_import import GGUFImportError
 from lidr_jax.hf import ModelNotFoundError, load_pretrained
 from lidr_jax.weights import WeightsMismatchError
 
-LLAMA = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-)
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 160,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def _config_dir(tmp_path, **changes):
@@ -35,8 +41,11 @@ def _tampered_copy(src, dst, edit):
 
 
 def test_missing_path_lists_what_is_accepted(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"not found\. Accepted: a local Hugging Face model directory.*\.gguf"
-                       r".*smollm2-135m-instruct") as info:
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"not found\. Accepted: a local Hugging Face model directory.*\.gguf"
+        r".*smollm2-135m-instruct",
+    ) as info:
         load_pretrained(tmp_path / "no_such_model")
     assert isinstance(info.value, FileNotFoundError)
     with pytest.raises(ModelNotFoundError, match="never downloads.*huggingface-cli download meta-llama/Llama-3.1-8B"):
@@ -95,8 +104,11 @@ def test_pickle_only_checkpoint_is_refused_unread(tmp_path):
     path = _config_dir(tmp_path)
     # Not a valid pickle: if anything tried to unpickle it, the error would be a different one.
     (path / "pytorch_model.bin").write_bytes(b"not a pickle")
-    with pytest.raises(WeightsMismatchError, match=r"only pickled weights \(pytorch_model\.bin\).*never unpickles"
-                       r".*save_pretrained\(DIR, safe_serialization=True\)"):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"only pickled weights \(pytorch_model\.bin\).*never unpickles"
+        r".*save_pretrained\(DIR, safe_serialization=True\)",
+    ):
         load_pretrained(path)
 
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
-
-import jax
+from conftest import CHAT_TEMPLATE
 
 from lidr_jax.config import config_from_hf
 from lidr_jax.hf import load_pretrained
 from lidr_jax.model import forward
-
-from conftest import CHAT_TEMPLATE
 
 TOL = 1e-4
 # One compile per architecture: the unpadded batch passes an all-ones mask so both variants share it.
@@ -34,15 +32,16 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 16,  # the test sequences run to position 39
 }
 CASES = {
-    "gqa_tied": ("llama", dict(tie_word_embeddings=True, generation_eos=[2, 0])),
-    "mha_untied_sharded": ("llama", dict(num_key_value_heads=4, max_shard_size="60KB", seed=1)),
-    "llama3_rope": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500.0, seed=2)),
+    "gqa_tied": ("llama", {"tie_word_embeddings": True, "generation_eos": [2, 0]}),
+    "mha_untied_sharded": ("llama", {"num_key_value_heads": 4, "max_shard_size": "60KB", "seed": 1}),
+    "llama3_rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500.0, "seed": 2}),
     "linear_rope_bf16_checkpoint": (
-        "llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, torch_dtype="bfloat16", seed=3)
+        "llama",
+        {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "torch_dtype": "bfloat16", "seed": 3},
     ),
-    "head_dim_24": ("llama", dict(head_dim=24, seed=4)),
-    "qwen2_bias": ("qwen2", dict(seed=5)),
-    "mistral": ("mistral", dict(seed=6)),
+    "head_dim_24": ("llama", {"head_dim": 24, "seed": 4}),
+    "qwen2_bias": ("qwen2", {"seed": 5}),
+    "mistral": ("mistral", {"seed": 6}),
 }
 
 
@@ -67,13 +66,13 @@ def test_logits_match_transformers(case, padded, make_hf_model, torch_model):
     tokens_BT = np.zeros((len(seqs), T), np.int32)
     mask_BT = np.zeros((len(seqs), T), np.int32)
     for b, seq in enumerate(seqs):
-        tokens_BT[b, T - len(seq):] = seq
-        mask_BT[b, T - len(seq):] = 1
+        tokens_BT[b, T - len(seq) :] = seq
+        mask_BT[b, T - len(seq) :] = 1
     logits = np.asarray(_forward(model.params, tokens_BT, model.config, attention_mask_BT=mask_BT))
     assert logits.shape == (len(seqs), T, V) and logits.dtype == np.float32
     for b, seq in enumerate(seqs):
         ref = _reference_logits(hf_model, seq)
-        ours = logits[b, T - len(seq):]
+        ours = logits[b, T - len(seq) :]
         assert float(np.abs(ref).max()) > 0.3, "logits too small for the comparison to mean anything"
         diff = float(np.abs(ours - ref).max())
         assert diff <= TOL, f"{case} seq {b}: max abs logit diff {diff:.2e} > {TOL}"
@@ -101,10 +100,17 @@ def test_param_and_compute_dtype(make_hf_model):
 
 def test_rope_parameters_spelling_gives_same_config():
     """transformers 5 writes `rope_parameters` (theta inside); hub checkpoints have rope_theta + rope_scaling."""
-    base = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072)
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    base = {
+        "model_type": "llama",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 131072,
+    }
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     old = config_from_hf(dict(base, rope_theta=500000.0, rope_scaling=dict(scaling, rope_type="llama3")))
     new = config_from_hf(dict(base, rope_parameters=dict(scaling, rope_type="llama3", rope_theta=500000.0)))
     assert old == new
@@ -133,8 +139,11 @@ _GGUF_LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+_GGUF_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _llama_cpp_permute(w, n_head):
@@ -198,12 +207,17 @@ def _write_gguf_from_hf(hf_dir, out, arch, pre, rope_freqs=None, add_bos=False):
     return out
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 GGUF_CASES = {
-    "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True, seed=10), "llama-bpe"),
-    "llama31_rope_freqs": ("llama", dict(rope_scaling=LLAMA31_ROPE, rope_theta=10000.0, seed=11), "llama-bpe"),
-    "qwen2_bias": ("qwen2", dict(seed=12), "qwen2"),
+    "llama_gqa_tied": ("llama", {"tie_word_embeddings": True, "seed": 10}, "llama-bpe"),
+    "llama31_rope_freqs": ("llama", {"rope_scaling": LLAMA31_ROPE, "rope_theta": 10000.0, "seed": 11}, "llama-bpe"),
+    "qwen2_bias": ("qwen2", {"seed": 12}, "qwen2"),
 }
 
 
@@ -219,8 +233,9 @@ def test_gguf_from_hf_matches_transformers(case, make_hf_model, torch_model, tmp
     model = load_pretrained(file)
     assert model.config == reference.replace(eos_token_ids=(2,), bos_token_id=1)
     seq = np.random.default_rng(1).integers(3, reference.vocab_size, size=40).tolist()
-    logits = np.asarray(_forward(model.params, np.asarray([seq], np.int32), model.config,
-                                 attention_mask_BT=np.ones((1, 40), np.int32)))[0]
+    logits = np.asarray(
+        _forward(model.params, np.asarray([seq], np.int32), model.config, attention_mask_BT=np.ones((1, 40), np.int32))
+    )[0]
     diff = float(np.abs(logits - _reference_logits(torch_model(hf_dir), seq)).max())
     assert diff <= TOL, f"{case}: max abs logit diff {diff:.2e}"
     # The tokenizer from metadata: pre-tokenizer by `tokenizer.ggml.pre`, control tokens whole, BOS flag.
@@ -243,14 +258,28 @@ def test_gguf_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
 
     from lidr_jax import gguf_import
 
-    corpus = ["The quick brown fox jumps over the lazy dog.", "Le renard brun saute par-dessus le chien.",
-              "Быстрая коричневая лиса прыгает через собаку.", "In 2024 there were 12345 foxes and 678 dogs."]
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Le renard brun saute par-dessus le chien.",
+        "Быстрая коричневая лиса прыгает через собаку.",
+        "In 2024 there were 12345 foxes and 678 dogs.",
+    ]
     buf = io.BytesIO()
     # Llama 2's trainer settings that matter: BPE, byte fallback, split digits, no normalization.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus * 20), model_writer=buf, vocab_size=400, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2,
+        sentence_iterator=iter(corpus * 20),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     n = sp.get_piece_size()
@@ -258,8 +287,9 @@ def test_gguf_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
     writer.add_tokenizer_model("llama")
     writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
     writer.add_token_scores([sp.get_score(i) for i in range(n)])
-    writer.add_token_types([3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1
-                            for i in range(n)])
+    writer.add_token_types(
+        [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    )
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)

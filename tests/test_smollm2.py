@@ -65,8 +65,9 @@ def hf_model(gguf_file):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
 
 
 def test_config_from_gguf_metadata(ours):
@@ -108,10 +109,20 @@ def test_digits_are_split_individually(ours):
     """
     tok = ours.tokenizer.hf
     assert tok.convert_ids_to_tokens(tok.encode("x 12345", add_special_tokens=False)) == [
-        "x", "Ġ", "1", "2", "3", "4", "5"
+        "x",
+        "Ġ",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
     ]
     assert tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("a1234")[:5] == [
-        ("a", (0, 1)), ("1", (1, 2)), ("2", (2, 3)), ("3", (3, 4)), ("4", (4, 5))
+        ("a", (0, 1)),
+        ("1", (1, 2)),
+        ("2", (2, 3)),
+        ("3", (3, 4)),
+        ("4", (4, 5)),
     ]
 
 
@@ -128,14 +139,14 @@ def test_logits_match_transformers_gguf(ours, hf_model):
     tokens_BT = np.zeros((len(seqs), T), np.int32)
     mask_BT = np.zeros((len(seqs), T), np.int32)
     for b, s in enumerate(seqs):  # left padded: one compile for all prompts, padding exercised
-        tokens_BT[b, T - len(s):], mask_BT[b, T - len(s):] = s, 1
+        tokens_BT[b, T - len(s) :], mask_BT[b, T - len(s) :] = s, 1
     fwd = jax.jit(forward, static_argnames=("config",))
     logits = np.asarray(fwd(ours.params, tokens_BT, ours.config, attention_mask_BT=mask_BT))
     worst = 0.0
     for b, s in enumerate(seqs):
         with torch.no_grad():
             ref = hf_model(torch.tensor([s])).logits[0].numpy()
-        mine = logits[b, T - len(s):]
+        mine = logits[b, T - len(s) :]
         assert (mine.argmax(-1) == ref.argmax(-1)).all(), f"sequence {b}: argmax differs"
         worst = max(worst, float(np.abs(mine - ref).max()))
     assert worst <= TOL, f"max abs logit diff {worst:.2e} > {TOL}"
