@@ -11,8 +11,8 @@ the generation prompt). `prefill` is text that opens the assistant turn; generat
 How a call runs (the rules, stated once):
 - Rows (prompt, sample index) are sorted by prompt length, longest first, and cut into batches of
   `batch_size`; results come back in input order. Batch sizes are bucketed to powers of two (capped by
-  `batch_size`), prompt lengths and new-token buffers to powers of two from 16 up to 256 and multiples
-  of 256 above, so a call compiles a handful of shapes. Each shape compiles two executables (prefill,
+  `batch_size`), prompt lengths to powers of two from 64 up to 256 and multiples of 256 above, and the
+  new-token buffer likewise from 32, so a call compiles a handful of shapes. Each shape compiles two executables (prefill,
   decode), counted in `GenerationStats.compilations` and shown in the progress bar.
 - Prompts are left-padded; padding slots are invalid in the cache, and positions count real tokens only.
 - Truncation: a prompt longer than `max_prompt_tokens` (default and at most: the model's context - 1)
@@ -163,12 +163,13 @@ def step_logits(params, tokens_B, positions_B, cache, config: ModelConfig):
     return unembed(params, h_B1D[:, 0], config), cache
 
 
-def _prefill(params, tokens_BT, mask_BT, rows, sp, eos_E, *, config: ModelConfig, max_new: int):
-    """Run the prompts through the model into a fresh cache and sample the first token."""
+def _prefill(params, tokens_BT, mask_BT, rows, *, config: ModelConfig, max_new: int):
+    """Run the prompts through the model into a fresh cache; the decode loop samples from the logits."""
     logits_BV, cache = prefill_logits(params, tokens_BT, mask_BT, config, max_new)
     B, V = logits_BV.shape
     seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(mask_BT, tokens_BT, V)].set(True, mode="drop")
     state = dict(
+        logits_BV=logits_BV,
         tokens_BN=jnp.zeros((B, max_new), jnp.int32),
         logprobs_BN=jnp.zeros((B, max_new), jnp.float32),
         count_B=jnp.zeros((B,), jnp.int32),
@@ -178,11 +179,12 @@ def _prefill(params, tokens_BT, mask_BT, rows, sp, eos_E, *, config: ModelConfig
         step=jnp.zeros((), jnp.int32),
         **rows,
     )
-    return _sample_step(state, logits_BV, sp, eos_E), cache
+    return state, cache
 
 
 def _decode(params, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
-    """Decode until every row is done or `chunk_end` steps are reached (traced: no recompile)."""
+    """Sample and decode until every row is done or `chunk_end` steps are reached (traced: a new chunk
+    end does not recompile). The sampling rules live only here, so they compile once per shape."""
 
     def cond(carry):
         state, _ = carry
@@ -190,10 +192,12 @@ def _decode(params, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
 
     def body(carry):
         state, cache = carry
-        # The token sampled at step t-1 goes in at position prompt_len + t - 1 (cache slot T + t - 1).
+        state = _sample_step(state, state["logits_BV"], sp, eos_E)
+        # The token sampled at step t goes in at position prompt_len + t (cache slot T + t). After the
+        # last step this forward is wasted (one step per batch), which keeps the loop a single body.
         positions_B = state["plen_B"] + state["step"] - 1
         logits_BV, cache = step_logits(params, state["last_B"], positions_B, cache, config)
-        return _sample_step(state, logits_BV, sp, eos_E), cache
+        return dict(state, logits_BV=logits_BV), cache
 
     return jax.lax.while_loop(cond, body, (state, cache))
 
@@ -211,7 +215,7 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
            jax.default_backend())
     if key not in _EXECUTABLES:
         start = time.perf_counter()
-        prefill = _prefill_jit.lower(params, *arrays, sp, eos_E, config=config, max_new=max_new).compile()
+        prefill = _prefill_jit.lower(params, *arrays, config=config, max_new=max_new).compile()
         state, cache = prefill.out_info  # shapes and shardings of the prefill's outputs
         chunk = jax.ShapeDtypeStruct((), jnp.int32)
         decode = _decode_jit.lower(params, state, cache, sp, eos_E, chunk, config=config).compile()
@@ -224,7 +228,7 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
 # -------------------------------------------------------------------------------------------- host side
 
 
-def bucket(n: int, minimum: int = 16, step: int = 256) -> int:
+def bucket(n: int, minimum: int = 64, step: int = 256) -> int:
     """Powers of two from `minimum` up to `step`, then multiples of `step`."""
     if n > step:
         return -(-n // step) * step
@@ -332,7 +336,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         batch = rows[start : start + s.batch_size]
         B = batch_bucket(len(batch), s.batch_size)
         T = bucket(max(len(ids[i]) for i, _ in batch))
-        N = bucket(max(budgets[i] for i, _ in batch))
+        N = bucket(max(budgets[i] for i, _ in batch), minimum=32)
         tokens_BT = np.full((B, T), tok.pad_token_id, np.int32)
         mask_BT = np.zeros((B, T), bool)
         cols = {k: np.zeros((B,), np.int32) for k in ("plen_B", "budget_B", "pid_B", "sid_B")}
@@ -348,7 +352,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         stats.shapes.append((B, T, N))
         stats.batches += 1
         t0 = time.perf_counter()
-        state, cache = prefill_exe(model.params, *arrays, sp, eos_E)
+        state, cache = prefill_exe(model.params, *arrays)
         done_B, counted = np.asarray(state["done_B"]), 0
         while not done_B.all():
             chunk_end = np.int32(min(int(state["step"]) + s.decode_chunk, N))

