@@ -71,6 +71,11 @@ def _coerce(value: Any, tp, key: str):
             raise SettingsError(f"{key}: expected a mapping of {tp.__name__} settings, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; 1.0e-3 as a float
+            try:
+                value = float(value)
+            except ValueError:
+                raise SettingsError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingsError(f"{key}: expected a number, got {value!r}")
         return float(value)

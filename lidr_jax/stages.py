@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +37,13 @@ class Job:
     prompt: list[dict[str, str]]
     prefill: str | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill-and-resume tests: `LIDR_JAX_CRASH_AT=<name>` makes the process
+    SIGKILL itself here, exactly as a preempted VM would stop (no cleanup, no flush)."""
+    if os.environ.get("LIDR_JAX_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -84,6 +92,7 @@ def generate_resumable(model: Model, jobs: Sequence[Job], sampling: SamplingConf
             f.flush()
             os.fsync(f.fileno())
             print(f"  {desc}: chunk {n + 1}/{len(todo)} done")
+            crash_point(f"{desc}:{i + 1}")
     rows = [row for i in range(len(chunks)) for row in done[i]]
     atomic_write_jsonl(out, rows)
     partial.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from lidr_jax.data import encode_pairs, read_pairs
 from lidr_jax.hf import Model
 from lidr_jax.run_config import RunConfig
 from lidr_jax.run_dir import RunDir, atomic_write_json
+from lidr_jax.stages import crash_point
 from lidr_jax.train import (
     NonFiniteLossError,
     init_state,
@@ -70,7 +71,9 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
             metrics_path.unlink()  # a run killed before its first checkpoint starts over
 
         def save(st, metrics):
-            ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])})
+            if ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])}):
+                ckpt.wait()
+                crash_point(f"train:{int(metrics['step'])}")
 
         try:
             state = train(model.params, model.config, enc, ref, dpo, state=state, callback=save,
