@@ -1,11 +1,11 @@
 """HF export: random HF model -> lidr_jax -> export -> transformers, logits equal; sharding, dtypes,
 generation config, tokenizer and chat template; the CLI on a run directory; the embedded SmolLM2.
 
-Tolerances (float32): a model exported from weights that came from an HF checkpoint reloads with
-bit-identical tensors, so transformers' logits before and after must agree to <= 1e-5 (measured: 0).
-Logits of lidr_jax's forward against transformers on the exported model are held to the parity
-suite's 1e-4 (tests/test_parity_hf.py). The embedded SmolLM2 (30 layers, logits up to ~38) is held
-to 1e-5 of its largest logit (measured: 1.2e-4 absolute, 3e-6 relative).
+Tolerances (float32, max abs logit difference): a model exported from weights that came from an HF
+checkpoint reloads with bit-identical tensors, so transformers' logits before and after agree to
+<= 1e-5 (measured: 0). lidr_jax's forward against transformers on the exported tiny models: <= 1e-5
+(measured 1.3e-6 to 1.5e-6, logits up to ~3). The embedded SmolLM2 (30 layers, logits up to ~38) is
+held to 1e-5 of its largest logit (measured: 1.2e-4 absolute, 3e-6 relative).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from lidr_jax.model import forward
 from lidr_jax.run_dir import RunDir, StageNotDoneError
 
 ROUND_TRIP_TOL = 1e-5
-PARITY_TOL = 1e-4
 SMOLLM2_REL_TOL = 1e-5  # max abs logit diff relative to max |logit|, for the 30-layer embedded model
 _forward = jax.jit(forward, static_argnames=("config",))
 
@@ -78,7 +77,7 @@ def test_round_trip_logits(case, make_hf_model, torch_model, tmp_path):
     assert float(np.abs(before).max()) > 0.3
     assert float(np.abs(after - before).max()) <= ROUND_TRIP_TOL
     ours = np.asarray(_forward(model.params, tokens, model.config))
-    assert float(np.abs(ours - after).max()) <= PARITY_TOL
+    assert float(np.abs(ours - after).max()) <= ROUND_TRIP_TOL
     assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
     if case == "llama3_rope":
         hf_cfg = json.loads((out / "config.json").read_text())
@@ -105,7 +104,7 @@ def test_new_params_export_and_sharding(make_hf_model, torch_model, tmp_path):
     tokens = _tokens(model.config.vocab_size, seed=1)
     ours = np.asarray(_forward(params, tokens, model.config))
     theirs = _torch_logits(torch_model(out), tokens)
-    assert float(np.abs(ours - theirs).max()) <= PARITY_TOL
+    assert float(np.abs(ours - theirs).max()) <= ROUND_TRIP_TOL
 
 
 def _safetensors_file(f) -> dict[str, np.ndarray]:
