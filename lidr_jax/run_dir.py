@@ -12,8 +12,9 @@ one, never half of one. A stage counts as done only once `RunDir.mark_done` has 
 manifest (itself written atomically), so rerunning the same command resumes at the first stage that
 is not marked done.
 
-Multi-host: the manifest and stage files are written by process 0 only; callers guard with
-`jax.process_index() == 0` (this module does not import jax).
+One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
+run for writing (other instances may read). Multi-host: the manifest and stage files are written by
+process 0 only; callers guard with `jax.process_index() == 0` (this module does not import jax).
 """
 
 from __future__ import annotations
