@@ -109,7 +109,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SettingsError(
-            f"unknown setting {prefix}{unknown[0]!r}; known settings here: {', '.join(prefix + f for f in fields)}"
+            f"unknown setting '{prefix}{unknown[0]}'; known settings here: {', '.join(prefix + f for f in fields)}"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
