@@ -92,6 +92,8 @@ class ModelConfig:
         rope_scaling = None
         if self.rope_type != "default":
             rope_scaling = {"rope_type": self.rope_type, **dict(self.rope_scaling)}
+            if "original_max_position_embeddings" in rope_scaling:  # stored as float for hashing; HF wants int
+                rope_scaling["original_max_position_embeddings"] = int(rope_scaling["original_max_position_embeddings"])
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         out = {
             "architectures": [arch[self.model_type]],

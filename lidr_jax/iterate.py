@@ -143,14 +143,18 @@ class Runner:
         from lidr_jax.stages import language_check
 
         out = {}
+        d = run.stage_dir(k, "check")
         if cfg.check.enabled and self.held_out is not None:
-            d = run.stage_dir(k, "check")
             out["held_out"] = language_check(cfg, model, self.held_out, d / "held_out.jsonl", "check")
+        if cfg.evaluation.benchmarks:
+            from lidr_jax.evaluate import evaluate_model
+
+            out["evaluation"] = evaluate_model(model, cfg.evaluation, d / "evaluation")
         return out
 
     def baseline(self) -> None:
         """Iteration 0: the starting model on the held-out prompts (the 'before' of before/after)."""
-        if self.cfg.check.enabled and self.held_out is not None:
+        if (self.cfg.check.enabled and self.held_out is not None) or self.cfg.evaluation.benchmarks:
             self.stage(0, "check", self._check, self.base)
 
     def run_all(self) -> None:

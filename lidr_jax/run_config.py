@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from lidr_jax.dpo import DPOConfig
+from lidr_jax.evaluate import EvalConfig
 from lidr_jax.icr import ICRSettings
 from lidr_jax.languages import language_name
 from lidr_jax.lidr import LIDRPairSettings
@@ -84,6 +85,7 @@ class RunConfig:
     icr: ICRGroup = ICRGroup()
     dpo: DPOConfig = DPOConfig()
     check: HeldOutCheck = HeldOutCheck()
+    evaluation: EvalConfig = EvalConfig(benchmarks=())  # benchmarks run on the starting model and after each iteration
     mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.sharding, docs/scaling.md)
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
     checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)

@@ -22,10 +22,12 @@ def _held_out_history(cfg: RunConfig, run: RunDir) -> list[dict]:
     """[{metric: {lang: value}}] for iteration 0 (before) .. last finished check."""
     history = []
     for k in range(0, cfg.iterations + 1):
-        held = _out(run, k, "check").get("held_out")
-        if held is None:
+        check = _out(run, k, "check")
+        if not check:
             break
-        history.append({f"held_out/{m}": v for m, v in held.items()})
+        entry = {f"held_out/{m}": v for m, v in check.get("held_out", {}).items()}
+        entry.update(check.get("evaluation", {}))
+        history.append(entry)
     return history
 
 
@@ -137,8 +139,8 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
     history = _held_out_history(cfg, run)
     if history:
         try:
-            plot_metrics(history, run.path / "held_out.png")
-            plots.append("held_out.png")
+            plot_metrics(history, run.path / "evaluation.png")
+            plots.append("evaluation.png")
         except ImportError:
             pass
     lines = [
@@ -163,6 +165,15 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
         if stats:
             lines.append(f"- iteration {k}: first step {json.dumps(stats.get('first'))}, last step "
                          f"{json.dumps(stats.get('last'))}")  # fmt: skip
+    evaluated = sorted({m for h in history for m in h if not m.startswith("held_out/")})
+    if evaluated:
+        lines += ["", "## Evaluation (k = 0: the starting model)", ""]
+        rows = [["metric", "lang"] + [f"k={k}" for k in range(len(history))]]
+        for metric in evaluated:
+            for lang in sorted({lang for h in history for lang in h.get(metric, {})}):
+                vals = [h.get(metric, {}).get(lang) for h in history]
+                rows.append([metric, lang] + ["-" if v is None else f"{v:.3f}" for v in vals])
+        lines.append(_table_md(rows))
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return atomic_write_text(run.path / "report.md", "\n".join(lines) + "\n")
 

@@ -112,17 +112,32 @@ def policy_params(run_dir: Path, k: int = 1):
     return params
 
 
+def evaluation_args(tmp_path: Path) -> list[str]:
+    """A two-question MGSM in en and es, evaluated on the starting model and after each iteration."""
+    mgsm = tmp_path / "mgsm"
+    mgsm.mkdir()
+    (mgsm / "mgsm_en.tsv").write_text("Tom has 2 apples and buys 3. How many?\t5\nHalf of 10?\t5\n")
+    (mgsm / "mgsm_es.tsv").write_text("Tom tiene 2 manzanas y compra 3. ¿Cuántas?\t5\n¿La mitad de 10?\t5\n")
+    sets = ["evaluation.benchmarks=[mgsm]", f"evaluation.mgsm_dir={mgsm}", "evaluation.mgsm_languages=[en,es]",
+            "evaluation.limit=2", "evaluation.mgsm_max_new_tokens=4", "evaluation.progress=false"]  # fmt: skip
+    return [a for s in sets for a in ("--set", s)]
+
+
 def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir))
+    evaluation = evaluation_args(tmp_path)
+    res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir) + evaluation)
     assert res.returncode == 0, res.stderr[-3000:]
     it = run_dir / "iter_1"
     for rel in ("generate/generations.jsonl", "translate/translations.jsonl", "pairs/pairs.jsonl",
                 "pairs/stats.json", "reference/reference_logprobs.npz", "train/metrics.jsonl", "train/policy",
-                "export/hf/config.json", "check/held_out.jsonl"):  # fmt: skip
+                "export/hf/config.json", "check/held_out.jsonl", "check/evaluation/metrics.json"):  # fmt: skip
         assert (it / rel).exists(), rel
     assert (run_dir / "iter_0" / "check" / "held_out.jsonl").exists()
     assert (run_dir / "report.md").exists() and (run_dir / "training.png").exists()
+    assert (run_dir / "evaluation.png").exists() and "mgsm_accuracy" in (run_dir / "report.md").read_text()
+    metrics = json.loads((it / "check" / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["mgsm_accuracy"]) == {"en", "es"} and metrics["mgsm_accuracy"]["en"] == 0.0  # "◊◊◊◊"
     assert list((run_dir / "tensorboard" / "iter_1").glob("events.out.tfevents.*"))
 
     translations = read_jsonl(it / "translate" / "translations.jsonl")
@@ -164,8 +179,8 @@ def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, 
     assert np.abs(ours - ref).max() <= 1e-4
 
     # A second iteration starts from the first one's trained policy.
-    res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir) + ["--set", "iterations=2",
-                                                                       "--allow-config-change"])  # fmt: skip
+    res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir) + evaluation
+                  + ["--set", "iterations=2", "--allow-config-change"])  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     start = manifest["iterations"]["2"]["start_model"]
