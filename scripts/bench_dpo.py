@@ -144,6 +144,7 @@ def side_trl(out: Path, steps: int, warmup: int):
                  "ref_rejected_logps": float(ref["rejected"][i])} for i in range(PAIRS)]
     batch = trainer.data_collator(examples)
     assert batch["input_ids"].shape == (2 * PAIRS, PROMPT + RESPONSE), batch["input_ids"].shape
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we replace
     model.train()
     times = []
     for k in range(warmup + steps):
