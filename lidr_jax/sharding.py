@@ -316,6 +316,16 @@ def put_batch(tree, axis: int = 0):
     return jax.tree.map(lambda x: place(x, batch_sharding(np.shape(x), axis)), tree)
 
 
+def to_host(x) -> np.ndarray:
+    """The numpy value of an array, also of one split across processes (then gathered: a collective,
+    so every process must call it at the same point)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def train_state_shardings(state, config):
     """Shardings of a TrainState under the active mesh, or None without one."""
     ctx = _ACTIVE.get()

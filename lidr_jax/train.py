@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.data import EncodedPairs, bucket_length, epoch_order, pair_batch
 from lidr_jax.dpo import DPOConfig, batch_logprobs, dpo_terms
-from lidr_jax.sharding import place, put_batch, train_state_shardings
+from lidr_jax.sharding import place, put_batch, to_host, train_state_shardings
 
 
 class TrainState(NamedTuple):
@@ -68,7 +68,7 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
     for start in range(0, N, B):
         idx = order[start:start + B]
         batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-        logp = np.asarray(fn(params, put_batch({k: v for k, v in batch.items() if k != "weight"})))
+        logp = to_host(fn(params, put_batch({k: v for k, v in batch.items() if k != "weight"})))
         chosen[idx], rejected[idx] = logp[:len(idx)], logp[B:B + len(idx)]
         bar.update(len(idx))
     bar.close()
