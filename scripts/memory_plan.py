@@ -1,0 +1,121 @@
+"""Per-device memory plan for DPO training, computed from shapes (nothing is allocated or guessed).
+
+    python scripts/memory_plan.py                      # Llama-3-8B on TPU v5e-8, v5e-16, 8 x H100
+    python scripts/memory_plan.py --seq 4096 --rows-per-device 2
+
+- Parameters, AdamW state and gradients: `jax.eval_shape` of lidr_jax.train.init_state on the
+  abstract params, placed with lidr_jax.sharding's rules on a (data, fsdp, tensor) mesh of virtual
+  CPU devices; each leaf counts its shard shape (NamedSharding.shard_shape). float32 master weights
+  and Adam moments, as lidr_jax.train keeps them. Gradients count twice: the accumulator carried
+  by the micro-batch scan and one micro-batch's gradients.
+- Activations: the residuals that `jax.vjp` saves for the backward pass of the DPO log-prob
+  forward (jax's own `saved_residuals`, traced on abstract inputs) for `rows-per-device` rows of
+  `seq` tokens in bfloat16 compute, per remat policy. Inputs (the weights) are not counted again.
+  The trace is the unsharded program at the per-device batch, so a residual that is a whole
+  bfloat16 weight copy (remat none) is counted whole: an upper bound under FSDP.
+- Transient peaks, analytic from the einsum shapes and stated as such: one layer's weights
+  all-gathered in bfloat16, and one log-softmax chunk's float32 logits [rows, chunk, V] times 3
+  (logits, log-softmax, their gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lidr_jax.config import ModelConfig  # noqa: E402
+from lidr_jax.dpo import DPOConfig, sequence_logprobs  # noqa: E402
+from lidr_jax.model import abstract_params, count_params  # noqa: E402
+from lidr_jax.sharding import MeshConfig, make_mesh, state_shardings  # noqa: E402
+from lidr_jax.train import init_state, make_optimizer  # noqa: E402
+
+GiB = 2**30
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                        rope_theta=500000.0, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
+TARGETS = [  # name, HBM per device (GiB), mesh sizes (data, fsdp, tensor)
+    ("TPU v5e-8", 16.0, (1, 8, 1)),
+    ("TPU v5e-16", 16.0, (1, 16, 1)),
+    ("8 x H100 80GB", 80e9 / GiB, (1, 8, 1)),
+]
+
+
+def _from_jax_import_saved_residuals():
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+
+    return saved_residuals
+
+
+def state_bytes_per_device(config: ModelConfig, mesh) -> dict[str, float]:
+    """Bytes on the busiest device of params, AdamW moments and gradients (float32)."""
+    optimizer = make_optimizer(DPOConfig(), 100)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params(config))
+    shardings = state_shardings(state, config, mesh)
+
+    def per_device(tree, sh):
+        return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(sh)))  # fmt: skip
+
+    params = per_device(state.params, shardings.params)
+    opt = per_device(state.opt_state, shardings.opt_state)
+    return {"params": params, "adamw": opt, "grads": 2 * params}
+
+
+def activation_bytes(config: ModelConfig, rows: int, seq: int, remat: str, chunk: int) -> int:
+    """Residuals saved for the backward pass (jax's saved_residuals), weights excluded."""
+    saved_residuals = _from_jax_import_saved_residuals()
+    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
+             for k in ("tokens", "targets", "target_mask", "attention_mask")}  # fmt: skip
+    f = lambda p, b: sequence_logprobs(p, b, config, chunk=chunk, remat=remat)[0].sum()  # noqa: E731
+    res = saved_residuals(f, abstract_params(config), batch)
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, src in res if "argument" not in src)
+
+
+def transient_bytes(config: ModelConfig, rows: int, chunk: int) -> tuple[int, int]:
+    """Analytic: one layer's weights gathered in bfloat16; one logits chunk in float32, three times."""
+    layer = count_params(abstract_params(config)["layers"]) // config.num_hidden_layers * 2
+    logits = 3 * rows * chunk * config.vocab_size * 4
+    return layer, logits
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per row (max_prompt_len 512 + max_response_len 1024, bucketed)")
+    ap.add_argument("--rows-per-device", type=int, default=1, help="rows (a pair is 2 rows) per device per micro-batch")
+    ap.add_argument("--chunk", type=int, default=256, help="dpo.logprob_chunk")
+    args = ap.parse_args(argv)
+    config = LLAMA3_8B
+    n = count_params(abstract_params(config))
+    acts = {r: activation_bytes(config, args.rows_per_device, args.seq, r, args.chunk) for r in ("none", "dots", "full")}
+    layer, logits = transient_bytes(config, args.rows_per_device, args.chunk)
+    print(f"Llama-3-8B ({n:,} parameters), DPO, float32 master weights and AdamW state, bfloat16 compute,")
+    print(f"{args.rows_per_device} row(s) of {args.seq} tokens per device per micro-batch, log-prob chunk {args.chunk}.")
+    print("GiB per device:\n")
+    print("| target | mesh (data, fsdp, tensor) | params f32 | AdamW mu+nu | grads (acc + micro) | transient (layer gather + logits chunk) "
+          "| activations none / dots / full | total none / dots / full | HBM |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, hbm, shape in TARGETS:
+        mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[: int(np.prod(shape))])
+        st = state_bytes_per_device(config, mesh)
+        fixed = st["params"] + st["adamw"] + st["grads"] + layer + logits
+        totals = [(fixed + acts[r]) / GiB for r in ("none", "dots", "full")]
+        fits = " / ".join(("%.1f" % t) + ("" if t <= hbm else " (no)") for t in totals)
+        print(f"| {name} | {shape} | {st['params'] / GiB:.2f} | {st['adamw'] / GiB:.2f} | {st['grads'] / GiB:.2f} | "
+              f"{(layer + logits) / GiB:.2f} | {' / '.join('%.2f' % (acts[r] / GiB) for r in ('none', 'dots', 'full'))} | "
+              f"{fits} | {hbm:.1f} |")  # fmt: skip
+    print("\n(no): exceeds the device's memory. XLA's buffer reuse can lower real peaks; fragmentation raises them.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
