@@ -170,7 +170,7 @@ class Runner:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    settings_help = describe(RunConfig)
+    settings_help = describe(RunConfig())
     p = argparse.ArgumentParser(
         prog="python -m lidr_jax.iterate",
         description="Multilingual self-improvement (LIDR or ICR iterative DPO), end to end and resumable.",

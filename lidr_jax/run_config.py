@@ -49,8 +49,9 @@ class ICRGroup:
     samples: int = 10  # K answers per prompt
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=2400, temperature=0.9, top_p=1.0)
     selection: ICRSettings = ICRSettings()
-    scorer: Literal["given", "policy"] = "given"  # given: dpo_model/reference_model score iteration 1, the
-    #   current policy scores later ones; policy: pi_DPO = current policy, pi_ref = previous iteration's policy
+    # Who scores. given: dpo_model and reference_model score iteration 1, the current policy later ones;
+    # policy: pi_DPO = the current policy, pi_ref = the previous iteration's policy.
+    scorer: Literal["given", "policy"] = "given"  # given: dpo_model vs reference_model | policy: pi_t vs pi_{t-1}
     dpo_model: str | None = None  # pi_DPO for iteration 1; None = the run's model
     reference_model: str | None = None  # pi_ref (the DPO model's SFT reference); required for iteration 1
     reference: Literal["original", "previous"] = "original"  # iteration >= 2: keep pi_ref (paper) or use pi_{t-1}

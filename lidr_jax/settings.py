@@ -182,23 +182,32 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def describe(cls, prefix: str = "", indent: int = 2) -> str:
-    """Every setting of a dataclass tree with its default and its comment (for `--help`)."""
+def describe(obj, prefix: str = "", indent: int = 2) -> str:
+    """Every setting of a dataclass tree (class or instance) with its default and comment, for `--help`.
+
+    Given an instance, the values shown are that instance's (so a group nested with non-default
+    values, like the run's paper decoding, shows what the run really uses)."""
+    cls = obj if isinstance(obj, type) else type(obj)
     lines = []
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        _, inner = _is_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            lines.append(f"{' ' * indent}{prefix}{f.name}:  {(inner.__doc__ or '').strip().splitlines()[0]}")
-            lines.append(describe(inner, prefix + f.name + ".", indent + 2))
+        if not isinstance(obj, type):
+            value = getattr(obj, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = "(required)"
+        _, inner = _is_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value):
+            summary = (inner.__doc__ or "").strip().splitlines()[0]
+            lines.append(f"{' ' * indent}{prefix}{f.name}:  {summary}")
+            lines.append(describe(value, prefix + f.name + ".", indent + 2))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
-        )
         doc = docs.get(f.name, "")
-        lines.append(f"{' ' * indent}{prefix}{f.name} = {default!r}{'   # ' + doc if doc else ''}")
+        lines.append(f"{' ' * indent}{prefix}{f.name} = {value!r}{'   # ' + doc if doc else ''}")
     return "\n".join(lines)
 
 
