@@ -1,0 +1,111 @@
+"""The run configuration: YAML + --set into typed settings, errors naming the key, the paper configs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from lidr_jax.run_config import RunConfig, load_run_config
+from lidr_jax.settings import SettingsError, apply_overrides, describe, parse_override
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+def test_default_config_is_the_embedded_lidr_run():
+    cfg = load_run_config()
+    assert cfg.model == "smollm2-135m-instruct" and cfg.reward == "lidr" and cfg.iterations == 2
+    assert cfg.languages[0] == cfg.dominant == "en" and len(cfg.targets) >= 4
+    assert cfg.prompts.languages == cfg.languages  # the prompt source follows the run's languages
+    assert cfg.generation.temperature == 0.0 and cfg.generation.repetition_penalty == 1.1  # paper decoding
+    assert cfg.lidr.translation.repetition_penalty == 1.0
+
+
+def test_overrides_are_typed():
+    cfg = load_run_config(overrides=["dpo.beta=0.25", "languages=[en,fr]", "dpo.learning_rate=1e-6",
+                                     "generation.stop=['</s>']", "plan.per_iteration=3"])  # fmt: skip
+    assert cfg.dpo.beta == 0.25 and cfg.languages == ("en", "fr") and cfg.dpo.learning_rate == 1e-6
+    assert cfg.generation.stop == ("</s>",) and cfg.plan.per_iteration == 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dpo.betta=0.1", "unknown setting 'dpo.betta'"),
+        ("nonsense=1", "unknown setting 'nonsense'"),
+        ("dpo.beta=high", "dpo.beta: expected a number"),
+        ("iterations=two", "iterations: expected an integer"),
+        ("reward=ppo", "reward: 'ppo' is not one of"),
+        ("languages=[en,klingon]", "klingon"),
+        ("dominant=zh", "dominant language 'zh'"),
+        ("check.enabled=maybe", "check.enabled: expected true or false"),
+        ("dpo=3", "dpo: expected a mapping"),
+        ("generation.temperature=-1", "temperature"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_run_config(overrides=[override])
+
+
+def test_override_syntax():
+    assert parse_override("a.b=1") == (["a", "b"], 1)
+    assert parse_override("a=[x, y]") == (["a"], ["x", "y"])
+    with pytest.raises(SettingsError, match="expected key=value"):
+        parse_override("dpo.beta")
+    with pytest.raises(SettingsError, match="is not a group"):
+        apply_overrides({"dpo": 1}, ["dpo.beta=0.1"])
+
+
+def test_help_lists_every_group_with_the_runs_defaults():
+    text = describe(RunConfig())
+    for group in ("prompts:", "plan:", "generation:", "lidr:", "icr:", "dpo:", "check:", "evaluation:", "mesh:"):
+        assert group in text
+    assert "generation.max_new_tokens = 2400" in text  # the run's (paper) default, not SamplingConfig's
+
+
+def test_paper_configs_have_the_paper_settings():
+    lidr = load_run_config(CONFIGS / "lidr_llama3_8b.yaml")
+    assert lidr.reward == "lidr" and lidr.iterations == 2 and set(lidr.targets) == {"es", "ru", "de", "fr"}
+    assert (lidr.generation.temperature, lidr.generation.repetition_penalty, lidr.generation.max_new_tokens) == (
+        0.0, 1.1, 2400)  # fmt: skip
+    assert lidr.lidr.translation.repetition_penalty == 1.0 and lidr.plan.per_iteration == 1000
+    assert lidr.lidr.pairs.system_prompt == "You are a helpful assistant."
+    icr = load_run_config(CONFIGS / "icr_llama3_8b.yaml")
+    assert icr.reward == "icr" and icr.icr.samples == 10 and icr.plan.per_iteration == 3000
+    assert (icr.icr.sampling.temperature, icr.icr.sampling.top_p) == (0.9, 1.0)
+    assert icr.icr.selection.condition == "english" and icr.icr.reference == "original"
+    for cfg in (lidr, icr):
+        d = cfg.dpo
+        assert (d.beta, d.nll_weight, d.batch_size * d.grad_accum, d.loss_type) == (0.1, 1.0, 32, "sigmoid")
+        assert 1e-7 <= d.learning_rate <= 5e-7
+
+
+LLAMA3_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def test_paper_config_memory_plan_from_eval_shape():
+    """DPO state of Llama-3-8B under the paper configs' settings, from abstract shapes only:
+    float32 master weights + AdamW moments + gradients = 16 bytes/param, FSDP-sharded over 8 devices
+    fits an 80 GB H100 with room for activations (the per-device budget docs/scaling.md details)."""
+    from lidr_jax.config import config_from_hf
+    from lidr_jax.model import abstract_params
+    from lidr_jax.train import make_optimizer
+
+    cfg = load_run_config(CONFIGS / "lidr_llama3_8b.yaml")
+    model_cfg = config_from_hf(LLAMA3_8B)
+    params = abstract_params(model_cfg)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert n == 8_030_261_248
+    opt_state = jax.eval_shape(make_optimizer(cfg.dpo, 100).init, params)
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert param_bytes == 4 * n and 8 * n <= opt_bytes <= 8 * n + 1024  # mu and nu in float32
+    per_device = (2 * param_bytes + opt_bytes) / 8  # params + grads + AdamW, FSDP over 8 devices
+    assert per_device / 2**30 == pytest.approx(14.96, abs=0.01)
+    assert per_device < 0.25 * 80e9  # H100: three quarters left for activations (remat=full) and buffers
