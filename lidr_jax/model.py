@@ -234,19 +234,26 @@ def hidden_states(
     x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
     cos_sin = rope_tables(positions_BT, config)
 
+    kv_shape, kv_dtype = cache["k"].shape[1:], cache["k"].dtype
+
     def body(carry, lp):
         x, k_all, v_all, layer = carry
-        kv = (k_all[layer], v_all[layer])
+        if return_cache:
+            kv = (k_all[layer], v_all[layer])
+        else:  # nothing to return: a per-layer buffer, not an [L, B, S, K, H] carry saved per layer for backward
+            kv = (jnp.zeros(kv_shape, kv_dtype), jnp.zeros(kv_shape, kv_dtype))
         x, (k_new, v_new) = _layer(x, lp, kv, cos_sin, allowed_BTS, index, config)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, layer, axis=0)
-        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, layer, axis=0)
+        if return_cache:
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, layer, axis=0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, layer, axis=0)
         return (x, k_all, v_all, layer + 1), None
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    carry = (x_BTD, cache["k"], cache["v"], jnp.zeros((), jnp.int32))
+    kv_carry = (cache["k"], cache["v"]) if return_cache else (None, None)
+    carry = (x_BTD, *kv_carry, jnp.zeros((), jnp.int32))
     (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, carry, params["layers"])
     h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
     if not return_cache:
