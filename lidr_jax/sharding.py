@@ -35,7 +35,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import numpy as np

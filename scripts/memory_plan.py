@@ -29,15 +29,15 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from lidr_jax.config import ModelConfig  # noqa: E402
-from lidr_jax.dpo import DPOConfig, sequence_logprobs  # noqa: E402
-from lidr_jax.model import abstract_params, count_params  # noqa: E402
-from lidr_jax.sharding import MeshConfig, make_mesh, state_shardings  # noqa: E402
-from lidr_jax.train import init_state, make_optimizer  # noqa: E402
+from lidr_jax.config import ModelConfig
+from lidr_jax.dpo import DPOConfig, sequence_logprobs
+from lidr_jax.model import abstract_params, count_params
+from lidr_jax.sharding import MeshConfig, make_mesh, state_shardings
+from lidr_jax.train import init_state, make_optimizer
 
 GiB = 2**30
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -76,7 +76,7 @@ def activation_bytes(config: ModelConfig, rows: int, seq: int, remat: str, chunk
     saved_residuals = _from_jax_import_saved_residuals()
     batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
              for k in ("tokens", "targets", "target_mask", "attention_mask")}  # fmt: skip
-    f = lambda p, b: sequence_logprobs(p, b, config, chunk=chunk, remat=remat)[0].sum()  # noqa: E731
+    f = lambda p, b: sequence_logprobs(p, b, config, chunk=chunk, remat=remat)[0].sum()
     res = saved_residuals(f, abstract_params(config), batch)
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, src in res if "argument" not in src)
 
@@ -109,9 +109,9 @@ def main(argv=None) -> int:
         st = state_bytes_per_device(config, mesh)
         fixed = st["params"] + st["adamw"] + st["grads"] + layer + logits
         totals = [(fixed + acts[r]) / GiB for r in ("none", "dots", "full")]
-        fits = " / ".join(("%.1f" % t) + ("" if t <= hbm else " (no)") for t in totals)
+        fits = " / ".join(f"{t:.1f}" + ("" if t <= hbm else " (no)") for t in totals)
         print(f"| {name} | {shape} | {st['params'] / GiB:.2f} | {st['adamw'] / GiB:.2f} | {st['grads'] / GiB:.2f} | "
-              f"{(layer + logits) / GiB:.2f} | {' / '.join('%.2f' % (acts[r] / GiB) for r in ('none', 'dots', 'full'))} | "
+              f"{(layer + logits) / GiB:.2f} | {' / '.join(f'{acts[r] / GiB:.2f}' for r in ('none', 'dots', 'full'))} | "
               f"{fits} | {hbm:.1f} |")  # fmt: skip
     print("\n(no): exceeds the device's memory. XLA's buffer reuse can lower real peaks; fragmentation raises them.")
     return 0

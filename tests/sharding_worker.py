@@ -64,7 +64,7 @@ def pairs(n: int | None = None):
     return out[:n] if n else out
 
 
-DPO = dict(batch_size=4, learning_rate=1e-3, warmup=0, schedule="constant", logprob_chunk=0)
+DPO = {"batch_size": 4, "learning_rate": 1e-3, "warmup": 0, "schedule": "constant", "logprob_chunk": 0}
 
 
 def dpo_run(model, enc):
@@ -154,8 +154,15 @@ def multiprocess() -> dict | None:
 
     from lidr_jax.data import encode_pairs, pair_batch
     from lidr_jax.dpo import sequence_logprobs
-    from lidr_jax.sharding import (MeshConfig, generate_across_processes, global_batch, make_mesh, place_params,
-                                   process_shard, use_mesh)  # fmt: skip
+    from lidr_jax.sharding import (
+        MeshConfig,
+        generate_across_processes,
+        global_batch,
+        make_mesh,
+        place_params,
+        process_shard,  # fmt: skip
+        use_mesh,
+    )
 
     assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
     model = tiny()
