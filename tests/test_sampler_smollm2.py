@@ -1,7 +1,8 @@
 """Greedy generation on the embedded SmolLM2-135M-Instruct is token-identical to transformers.
 
-Four chat prompts in four languages are generated together here (one left-padded batch); transformers
-generates each alone (no padding, the unambiguous reference), from the same GGUF file in float32.
+Four chat prompts in four languages are generated together, left-padded into one batch, on both sides;
+transformers loads the same GGUF file in float32. transformers' repetition penalty also penalises the
+pad id in padded rows, so its pad id is the last vocabulary id, which no answer here comes near.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ CHATS = [
     [{"role": "user", "content": "¿Cuál es la capital de España?"}],
     [{"role": "user", "content": "Écris une phrase sur la mer."}],
     [{"role": "user", "content": "Was ist ein Regenbogen? Erkläre es kurz einem Kind, bitte."}],
-    [{"role": "user", "content": "List three colours."}],
 ]
 
 
@@ -58,16 +58,22 @@ def test_greedy_identical_to_transformers(smollm2, hf_smollm2, penalty):
     sampling = SamplingConfig(max_new_tokens=48, repetition_penalty=penalty, batch_size=8, progress=False)
     stats = GenerationStats()
     ours = generate(smollm2, CHATS, sampling, stats=stats)
-    assert stats.shapes == [(8, 64, 64)]  # all five rows in one left-padded batch
+    assert stats.shapes == [(4, 64, 64)]  # all four rows in one left-padded batch
     eos = list(eos_ids(smollm2))
-    for chat, res in zip(CHATS, ours):
-        ids = torch.tensor([smollm2.tokenizer.prompt_ids(chat)])
-        with torch.no_grad():
-            out = hf_smollm2.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48,
-                                      repetition_penalty=penalty, eos_token_id=eos, pad_token_id=eos[0],
-                                      temperature=None, top_p=None, top_k=None)
-        expected = out[0, ids.shape[1] :].tolist()
-        assert res.token_ids == expected, (chat, res.text, smollm2.tokenizer.decode(expected))
+    tok = smollm2.tokenizer
+    pad = smollm2.config.vocab_size - 1
+    rows = [tok.prompt_ids(chat) for chat in CHATS]
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        out = hf_smollm2.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=48,
+                                  repetition_penalty=penalty, eos_token_id=eos, pad_token_id=pad,
+                                  temperature=None, top_p=None, top_k=None)
+    for chat, res, row in zip(CHATS, ours, out[:, T:].tolist()):
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # transformers pads after EOS
+        expected = row[:end]
+        assert res.token_ids == expected, (chat, res.text, tok.decode(expected))
         assert res.finish_reason == ("stop" if expected[-1] in eos else "length")
     assert any(r.finish_reason == "length" for r in ours)  # at least one row used all 48 tokens
 

@@ -64,11 +64,13 @@ def test_frequencies_match_renormalised_distribution(temperature, top_k, top_p):
 def test_top_k_and_top_p_never_emit_excluded_tokens_on_random_logits():
     logits_BV = jax.random.normal(jax.random.key(3), (64, 40)) * 3
     keys_B = jax.random.split(jax.random.key(4), 64)
+    sample, keep = jax.jit(sample_logits), jax.jit(filter_top_k_top_p)
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
     for top_k, top_p in [(1, 1.0), (4, 1.0), (0, 0.3), (10, 0.6)]:
+        kept_BV = np.isfinite(np.asarray(keep(logits_BV, jnp.int32(top_k), jnp.float32(top_p))))
         for step in range(8):
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
-            tok_B = np.asarray(sample_logits(keys, logits_BV, jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p)))
-            kept_BV = np.isfinite(np.asarray(filter_top_k_top_p(logits_BV, top_k, top_p)))
+            keys = fold(keys_B, step)
+            tok_B = np.asarray(sample(keys, logits_BV, jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p)))
             assert kept_BV[np.arange(64), tok_B].all()
             if top_k:
                 assert (kept_BV.sum(-1) <= top_k).all()
