@@ -52,6 +52,10 @@ class Runner:
         self.cfg = cfg
         self.slices, self.held_out = plan_prompts(cfg)  # before any model work
         self.run = RunDir(cfg.run_dir, config=to_dict(cfg), seed=cfg.seed, allow_config_change=allow_config_change)
+        from lidr_jax import sharding
+
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.parse_rules(cfg.mesh.rules)
         self._base = None
         self.timings: dict[str, float] = {}
 
@@ -63,8 +67,16 @@ class Runner:
 
             print(f"loading {self.cfg.model}")
             m = load_pretrained(self.cfg.model)
-            self._base = dataclasses.replace(m, config=m.config.replace(dtype=self.cfg.dtype))
+            self._base = self._placed(m, m.params, m.config)
         return self._base
+
+    def _placed(self, model, params, config):
+        """`model` with `params` placed per the mesh (each device gets only its shards) and the run's
+        compute dtype."""
+        from lidr_jax import sharding
+
+        params = sharding.place_params(params, config, self.mesh, self.rules)
+        return dataclasses.replace(model, params=params, config=config.replace(dtype=self.cfg.dtype))
 
     def policy(self, k: int):
         """The model iteration k starts from: the base model, or iteration k-1's trained policy."""
@@ -76,10 +88,14 @@ class Runner:
         return self._load_params_into_base(prev)
 
     def _load_params_into_base(self, path: str):
-        from lidr_jax.checkpoint import restore_params
+        from lidr_jax.checkpoint import load_params_config, restore_params
 
-        params, config = restore_params(path)
-        return dataclasses.replace(self.base, params=params, config=config.replace(dtype=self.cfg.dtype))
+        from lidr_jax import sharding
+
+        config = load_params_config(path)
+        shardings = sharding.param_shardings(config, self.mesh, self.rules)
+        params, config = restore_params(path, shardings=shardings)
+        return self._placed(self.base, params, config)
 
     def _load_any(self, spec: str):
         """A scorer model: a params checkpoint of this run, an HF dir, a .gguf or an embedded name."""
@@ -88,7 +104,7 @@ class Runner:
         if (Path(spec) / "model_config").exists():
             return self._load_params_into_base(spec)
         m = load_pretrained(spec)
-        return dataclasses.replace(m, config=m.config.replace(dtype=self.cfg.dtype))
+        return self._placed(m, m.params, m.config)
 
     def icr_scorers(self, k: int, policy):
         """(pi_DPO, pi_ref) for iteration k (METHOD.md 2.5)."""
@@ -158,10 +174,14 @@ class Runner:
             self.stage(0, "check", self._check, self.base)
 
     def run_all(self) -> None:
+        from lidr_jax import sharding
+
         t0 = time.perf_counter()
-        self.baseline()
-        for k in range(1, self.cfg.iterations + 1):
-            self.iteration(k)
+        print(f"devices: {sharding.describe_mesh(self.mesh)}")
+        with sharding.use_mesh(self.mesh, self.rules):
+            self.baseline()
+            for k in range(1, self.cfg.iterations + 1):
+                self.iteration(k)
         from lidr_jax.run_report import print_summary, write_report
 
         report = write_report(self.cfg, self.run)

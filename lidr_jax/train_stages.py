@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 
+from lidr_jax import sharding
 from lidr_jax.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.data import encode_pairs, read_pairs
 from lidr_jax.hf import Model
@@ -62,7 +63,9 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
     metrics_path = d / "metrics.jsonl"
     state = None
     with TrainCheckpointer(d / "checkpoints", every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
-        restored = ckpt.restore_latest(abstract)
+        ctx = sharding.active()  # restore straight onto the mesh: nothing whole on one device
+        shardings = sharding.state_shardings(abstract, model.config, ctx.mesh, ctx.rules) if ctx else None
+        restored = ckpt.restore_latest(abstract, shardings)
         if restored is not None:
             state = restored[0]
             _truncate_metrics(metrics_path, int(state.step))
