@@ -133,7 +133,9 @@ def make_optimizer(cfg: DPOConfig, num_steps: int):
 
 
 def init_state(params, optimizer) -> TrainState:
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # float32 master weights
+    """A fresh state with float32 master weights. The weights are copied (a jitted cast keeps their
+    sharding): the train step donates its state, and the caller's arrays must survive it."""
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(params)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
