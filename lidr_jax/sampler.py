@@ -362,7 +362,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
                 tokens_BN = np.asarray(state["tokens_BN"])
                 for r in np.flatnonzero(~done_B[: len(batch)]):
                     done_B[r] = _first_stop(tok.decode(tokens_BN[r, : count_B[r]]), s.stop) >= 0
-                state = dict(state, done_B=jnp.asarray(done_B))
+                state = dict(state, done_B=jax.device_put(done_B, state["done_B"].sharding))
             new = int(count_B.sum()) - counted
             counted += new
             stats.generated_tokens += new
