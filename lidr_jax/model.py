@@ -115,10 +115,14 @@ def count_params(params_or_abstract: Params) -> int:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-    """An empty KV cache of `max_len` slots: k/v [L, B, S, K, H], slot validity [B, S], next slot."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    """An empty KV cache of `max_len` slots: k/v [L, B, K, S, H], slot validity [B, S], next slot.
+
+    Heads before slots: attention contracts over H with (B, K) as batch dimensions, so this layout
+    feeds the matmuls without a transpose of the cache (measured 1.6x faster decode attention on CPU
+    than [L, B, S, K, H])."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
-    kv_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")  # sharded only under an active mesh
+    kv_axes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # sharded only under an active mesh
     return {
         "k": constrain(jnp.zeros(shape, dtype), kv_axes),
         "v": constrain(jnp.zeros(shape, dtype), kv_axes),
@@ -153,22 +157,33 @@ def apply_rope(x_BTnH, cos_BTH, sin_BTH):
     return out.astype(x_BTnH.dtype)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, config: ModelConfig):
-    """Grouped-query attention; scores and softmax in float32."""
+def attention(q_BTNH, k_new_BTKH, v_new_BTKH, new_allowed_BTT, config: ModelConfig, old=None):
+    """Grouped-query attention of T new queries over cached keys (`old`) and the T new keys.
+
+    `old` = (k_BKSH, v_BKSH, allowed_BTS): the cache slots before this call and which of them each
+    query may see. The new keys are attended separately and the two score blocks share one softmax,
+    so the cache is read but never copied to append the new tokens (it is updated once, in place,
+    after the layer scan). Scores and softmax in float32."""
     B, T, N, H = q_BTNH.shape
     K, G = config.num_key_value_heads, config.num_groups
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = scores * (H**-0.5)
-    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
-    return out_BTKGH.reshape(B, T, N, H)
+    q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4) * jnp.asarray(H**-0.5, q_BTNH.dtype)
+    k_new_BKTH, v_new_BKTH = k_new_BTKH.transpose(0, 2, 1, 3), v_new_BTKH.transpose(0, 2, 1, 3)
+    new = jnp.einsum("BKGTH,BKUH->BKGTU", q_BKGTH, k_new_BKTH, preferred_element_type=jnp.float32)
+    blocks = [jnp.where(new_allowed_BTT[:, None, None], new, _MASKED)]
+    if old is not None:
+        k_BKSH, v_BKSH, allowed_BTS = old
+        cached = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+        blocks.insert(0, jnp.where(allowed_BTS[:, None, None], cached, _MASKED))
+    probs = jax.nn.softmax(jnp.concatenate(blocks, axis=-1), axis=-1).astype(v_new_BKTH.dtype)
+    out_BKGTH = jnp.einsum("BKGTU,BKUH->BKGTH", probs[..., -T:], v_new_BKTH)
+    if old is not None:
+        out_BKGTH = out_BKGTH + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-T], v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _layer(x_BTD, lp, kv, cos_sin, allowed_BTS, index, config: ModelConfig):
-    """One decoder block. `kv` is this layer's (k, v) cache [B, S, K, H]; the new keys/values are
-    written at slot `index` and the updated (k, v) returned."""
+def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
+    """One decoder block. `old` is this layer's cache (k, v [B, K, S, H], allowed [B, T, S]) or None;
+    returns the new hidden states and this call's keys and values [B, T, K, H] (for the cache)."""
     dt = jnp.dtype(config.dtype)
     w = jax.tree.map(lambda a: a.astype(dt), lp)
     h = rms_norm(x_BTD, w["attn_norm"], config.rms_norm_eps)
@@ -179,16 +194,16 @@ def _layer(x_BTD, lp, kv, cos_sin, allowed_BTS, index, config: ModelConfig):
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     cos, sin = cos_sin
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache, v_cache = kv
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    attn = attention(q, k_cache.astype(dt), v_cache.astype(dt), allowed_BTS, config)
+    if old is not None:
+        k_cache, v_cache, allowed_BTS = old
+        old = (k_cache.astype(dt), v_cache.astype(dt), allowed_BTS)
+    attn = attention(q, k, v, new_allowed_BTT, config, old)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn, w["wo"])
     h = rms_norm(x_BTD, w["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["w_gate"]))
     up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
     x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", gate * up, w["w_down"])
-    return x_BTD, (k_cache, v_cache)
+    return x_BTD, (k, v)
 
 
 REMAT_POLICIES = {
@@ -218,47 +233,44 @@ def hidden_states(
     mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
     if positions_BT is None:
         positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    if cache is None:
-        cache = init_cache(config, B, T)
-        return_cache = False
-    else:
-        return_cache = True
-    index = cache["index"]
-    S = cache["k"].shape[2]
-    valid_BS = jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1)
-    # Query i sits in slot index + i; it may see valid slots at or before its own.
-    slot_T = index + jnp.arange(T)
-    allowed_BTS = valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_T[None, :, None])
+    # New token i may see new token j <= i if j is real; cached slot s if it holds a token and
+    # s < index (slots from `index` on are this call's own, attended through the new block).
+    new_allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
+    if cache is not None:
+        index = cache["index"]
+        S = cache["k"].shape[3]
+        allowed_BTS = jnp.broadcast_to((cache["valid_BS"] & (jnp.arange(S) < index))[:, None, :], (B, T, S))
 
     dt = jnp.dtype(config.dtype)
     x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
     cos_sin = rope_tables(positions_BT, config)
 
-    kv_shape, kv_dtype = cache["k"].shape[1:], cache["k"].dtype
-
-    def body(carry, lp):
-        x, k_all, v_all, layer = carry
-        if return_cache:
-            kv = (k_all[layer], v_all[layer])
-        else:  # nothing to return: a per-layer buffer, not an [L, B, S, K, H] carry saved per layer for backward
-            kv = (jnp.zeros(kv_shape, kv_dtype), jnp.zeros(kv_shape, kv_dtype))
-        x, (k_new, v_new) = _layer(x, lp, kv, cos_sin, allowed_BTS, index, config)
+    # The cache enters the layer scan as per-layer slices (xs, read only); each layer returns only
+    # this call's keys/values (ys, [L, B, T, K, H]), written into the cache once after the scan, in
+    # place when the cache is donated. Carrying the whole [L, B, K, S, H] buffer through the scan and
+    # updating a layer of it made XLA copy it every layer (1.5 s per SmolLM2 decode step at B=32,
+    # S=384) and made backward save it once per layer.
+    def body(x, xs):
+        lp, old = (xs[0], (xs[1], xs[2], allowed_BTS)) if cache is not None else (xs, None)
+        x, kv_new = _layer(x, lp, old, cos_sin, new_allowed_BTT, config)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        if return_cache:
-            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, layer, axis=0)
-            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, layer, axis=0)
-        return (x, k_all, v_all, layer + 1), None
+        return x, (kv_new if cache is not None else None)
 
-    policy = REMAT_POLICIES[remat]
     if remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    kv_carry = (cache["k"], cache["v"]) if return_cache else (None, None)
-    carry = (x_BTD, *kv_carry, jnp.zeros((), jnp.int32))
-    (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, carry, params["layers"])
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    xs = (params["layers"], cache["k"], cache["v"]) if cache is not None else params["layers"]
+    x_BTD, kv_new = jax.lax.scan(body, x_BTD, xs)
     h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
-    if not return_cache:
+    if cache is None:
         return h_BTD, None
-    return h_BTD, {"k": k_all, "v": v_all, "valid_BS": valid_BS, "index": index + T}
+    k_LBKTH, v_LBKTH = (a.transpose(0, 1, 3, 2, 4).astype(cache["k"].dtype) for a in kv_new)
+    new_cache = {
+        "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_LBKTH, index, axis=3),
+        "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_LBKTH, index, axis=3),
+        "valid_BS": jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1),
+        "index": index + T,
+    }
+    return h_BTD, new_cache
 
 
 def unembed(params: Params, h_BTD, config: ModelConfig):

@@ -54,7 +54,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "norm": (),
-    # activations and the KV cache [layers, batch, seq, kv_heads, head_dim]
+    # activations and the KV cache [layers, batch, kv_heads, seq, head_dim]
     "batch": ("data", "fsdp"),
     "seq": (),
     "act_embed": (),  # the model width of activations: fsdp already splits the batch
