@@ -127,7 +127,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None 
         "k": constrain(jnp.zeros(shape, dtype), kv_axes),
         "v": constrain(jnp.zeros(shape, dtype), kv_axes),
         "valid_BS": constrain(jnp.zeros((batch, max_len), bool), ("batch", "seq")),
-        "index": jnp.zeros((), jnp.int32),
+        # A Python 0, not an array: inside a jitted prefill the cache is then statically empty and
+        # attention skips it (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
+        # time for a SmolLM2 prefill at B=32). Returned caches carry an int32 array.
+        "index": 0,
     }
 
 
@@ -238,6 +241,7 @@ def hidden_states(
     new_allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
     if cache is not None:
         index = cache["index"]
+        empty = isinstance(index, int) and index == 0  # a fresh cache: nothing cached to attend to
         S = cache["k"].shape[3]
         allowed_BTS = jnp.broadcast_to((cache["valid_BS"] & (jnp.arange(S) < index))[:, None, :], (B, T, S))
 
@@ -251,7 +255,10 @@ def hidden_states(
     # updating a layer of it made XLA copy it every layer (1.5 s per SmolLM2 decode step at B=32,
     # S=384) and made backward save it once per layer.
     def body(x, xs):
-        lp, old = (xs[0], (xs[1], xs[2], allowed_BTS)) if cache is not None else (xs, None)
+        if cache is None:
+            lp, old = xs, None
+        else:
+            lp, old = xs[0], (None if empty else (xs[1], xs[2], allowed_BTS))
         x, kv_new = _layer(x, lp, old, cos_sin, new_allowed_BTT, config)
         x = constrain(x, ("batch", "seq", "act_embed"))
         return x, (kv_new if cache is not None else None)
@@ -268,7 +275,7 @@ def hidden_states(
         "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_LBKTH, index, axis=3),
         "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_LBKTH, index, axis=3),
         "valid_BS": jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1),
-        "index": index + T,
+        "index": jnp.asarray(index + T, jnp.int32),
     }
     return h_BTD, new_cache
 
