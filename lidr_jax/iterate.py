@@ -57,7 +57,6 @@ class Runner:
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.parse_rules(cfg.mesh.rules)
         self._base = None
-        self.timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------- models
     @property
@@ -128,9 +127,7 @@ class Runner:
         if self.run.is_done(k, name):
             return self.run.outputs(k, name)
         print(f"[iteration {k}] {name}")
-        t0 = time.perf_counter()
         outputs = fn(self.cfg, self.run, k, *args)
-        self.timings[f"{k}/{name}"] = time.perf_counter() - t0
         self.run.mark_done(k, name, outputs)
         return outputs
 

@@ -115,10 +115,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = (), r
         data["run_dir"] = run_dir
     # The prompt source's languages follow the run's languages unless set explicitly.
     prompts = data.setdefault("prompts", {})
-    if isinstance(prompts, dict) and "languages" not in prompts and "languages" in data:
-        prompts["languages"] = data["languages"]
-    elif isinstance(prompts, dict) and "languages" not in prompts:
-        prompts["languages"] = list(RunConfig.languages)
+    if isinstance(prompts, dict):
+        prompts.setdefault("languages", data.get("languages", list(RunConfig.languages)))
     try:
         return from_dict(RunConfig, data)
     except SettingsError:

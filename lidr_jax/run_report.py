@@ -18,6 +18,14 @@ def _out(run: RunDir, k: int, stage: str) -> dict:
     return run.outputs(k, stage) if run.is_done(k, stage) else {}
 
 
+def _translation_failures(cfg: RunConfig, run: RunDir, k: int, lang: str) -> tuple[int, int]:
+    """(failed, total) self-translations of iteration k between the dominant language and `lang`."""
+    stats = _out(run, k, "translate").get("stats", {})
+    directions = (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}")
+    failed = sum(stats.get("failed", {}).get(d, 0) for d in directions)
+    return failed, sum(stats.get("total", {}).get(d, 0) for d in directions)
+
+
 def _held_out_history(cfg: RunConfig, run: RunDir) -> list[dict]:
     """[{metric: {lang: value}}] for iteration 0 (before) .. last finished check."""
     history = []
@@ -75,11 +83,9 @@ def _plot_pairs(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
     for n, (k, stats) in enumerate(per_iter.items()):
         counts = [stats.get("pairs_per_language", {}).get(lang, 0) for lang in langs]
         axes[0].bar([i + n * width for i in range(len(langs))], counts, width, label=f"iter {k}")
-        tr = _out(run, k, "translate").get("stats", {})
         rates = []
         for lang in langs:
-            f = sum(tr.get("failed", {}).get(d, 0) for d in (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}"))
-            t = sum(tr.get("total", {}).get(d, 0) for d in (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}"))
+            f, t = _translation_failures(cfg, run, k, lang)
             rates.append(f / t if t else 0.0)
         axes[1].bar([i + n * width for i in range(len(langs))], rates, width, label=f"iter {k}")
     for ax, title in zip(axes, ("pairs per language", "translation failure rate (both directions)")):
@@ -105,11 +111,7 @@ def summary_rows(cfg: RunConfig, run: RunDir) -> list[list[str]]:
         row = [lang]
         for k in range(1, cfg.iterations + 1):
             pairs = _out(run, k, "pairs").get("stats", {}).get("pairs_per_language", {}).get(lang, 0)
-            tr = _out(run, k, "translate").get("stats", {})
-            fails = [tr.get("failed", {}).get(d) for d in (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}")]
-            totals = [tr.get("total", {}).get(d) for d in (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}")]
-            f = sum(x or 0 for x in fails)
-            t = sum(x or 0 for x in totals)
+            f, t = _translation_failures(cfg, run, k, lang)
             row += [str(pairs), f"{f}/{t}" if t else "-"]
         for h in history:
             v = h.get("held_out/in_language", {}).get(lang)

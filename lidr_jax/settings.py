@@ -8,6 +8,7 @@ work starts, so a typo fails in a second with the key's dotted name instead of a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -152,7 +153,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--set` items to a nested dict (creating intermediate mappings)."""
-    out = _deepcopy(data)
+    out = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -163,10 +164,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         node[path[-1]] = value
     return out
-
-
-def _deepcopy(d):
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

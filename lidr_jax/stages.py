@@ -72,12 +72,7 @@ def generate_resumable(model: Model, jobs: Sequence[Job], sampling: SamplingConf
     with open(partial, "a", encoding="utf-8") as f:
         for n, i in enumerate(todo):
             batch = chunks[i]
-            results = generate(
-                model,
-                [j.prompt for j in batch],
-                dataclasses.replace(sampling, progress=sampling.progress),
-                prefill=[j.prefill for j in batch],
-            )
+            results = generate(model, [j.prompt for j in batch], sampling, prefill=[j.prefill for j in batch])
             rows = []
             for job, res in zip(batch, results):
                 samples = res if isinstance(res, list) else [res]
