@@ -94,12 +94,12 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
-def run_mgsm(model, cfg: EvalConfig) -> dict[str, dict]:
-    """Generate (greedy) and score MGSM for every language of `cfg`: {lang: score_mgsm(...)}."""
+def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
+    """Generate (greedy) and score MGSM for every language of `cfg`: {lang: score_mgsm(...)}.
+    `generate_fn` (default `sampler.generate`) generates, e.g. `multihost.generate_across_processes`."""
     if not cfg.mgsm_dir:
         raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
-    from lidr_jax.sampler import generate
-
+    generate = generate_fn or _sampler_generate()
     items = {lang: read_mgsm(mgsm_file(cfg.mgsm_dir, lang), cfg.limit) for lang in cfg.mgsm_languages}
     chats, owners = [], []
     for lang, lang_items in items.items():
@@ -113,6 +113,12 @@ def run_mgsm(model, cfg: EvalConfig) -> dict[str, dict]:
     for lang, r in zip(owners, results):
         outputs[lang].append(r.text)
     return {lang: score_mgsm(items[lang], outputs[lang], lang) for lang in items}
+
+
+def _sampler_generate():
+    from lidr_jax import sampler
+
+    return sampler.generate  # looked up at call time, so tests can replace it
 
 
 def read_x_alpacaeval(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -141,14 +147,15 @@ def default_generator(model, decoding: str) -> str:
     return f"lidr_jax-{Path(source).name or 'model'}-{decoding}"
 
 
-def run_alpaca_outputs(model, cfg: EvalConfig, out_dir: str | Path) -> dict[str, dict]:
-    """Generate X-AlpacaEval outputs for every language of `cfg` and write OUT/{lang}/model_outputs.json.
+def run_alpaca_outputs(model, cfg: EvalConfig, out_dir: str | Path, generate_fn=None,
+                       write=write_json) -> dict[str, dict]:  # fmt: skip
+    """Generate X-AlpacaEval outputs for every language of `cfg` and write OUT/{lang}/model_outputs.json
+    (through `write(path, obj)`; `generate_fn` as in `run_mgsm`).
 
     Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}."""
     if not cfg.alpaca_dir:
         raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
-    from lidr_jax.sampler import generate
-
+    generate = generate_fn or _sampler_generate()
     generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
     items = {lang: read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
     chats = [
@@ -163,7 +170,7 @@ def run_alpaca_outputs(model, cfg: EvalConfig, out_dir: str | Path) -> dict[str,
     for lang, lang_items in items.items():
         res = [next(results) for _ in lang_items]
         texts = [r.text for r in res]
-        path = write_json(Path(out_dir) / lang / "model_outputs.json", alpaca_records(lang_items, texts, generator))
+        path = write(Path(out_dir) / lang / "model_outputs.json", alpaca_records(lang_items, texts, generator))
         n = len(texts)
         summary[lang] = dict(
             n=n,
@@ -172,30 +179,32 @@ def run_alpaca_outputs(model, cfg: EvalConfig, out_dir: str | Path) -> dict[str,
             mean_chars=sum(map(len, texts)) / n if n else 0.0,
             path=str(path),
         )
-    write_json(Path(out_dir) / "summary.json",
-               dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
+    write(Path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
 
 
-def evaluate_model(model, eval_config: EvalConfig, out_dir: str | Path) -> dict[str, dict[str, float]]:
+def evaluate_model(model, eval_config: EvalConfig, out_dir: str | Path, *, generate_fn=None,
+                   write=write_json) -> dict[str, dict[str, float]]:  # fmt: skip
     """Run the benchmarks of `eval_config` on `model`; write everything under `out_dir`.
 
     Returns {metric: {lang: value}} with metrics mgsm_accuracy, mgsm_off_target (MGSM) and
     alpaca_off_target, alpaca_truncated (X-AlpacaEval outputs); also written to OUT/metrics.json.
+    `generate_fn` replaces `sampler.generate` and `write(path, obj)` writes each JSON file (the
+    pipeline passes data-parallel generation and its run directory's writer).
     """
     out_dir = Path(out_dir)
     metrics: dict[str, dict[str, float]] = {}
     if "mgsm" in eval_config.benchmarks:
-        scores = run_mgsm(model, eval_config)
+        scores = run_mgsm(model, eval_config, generate_fn)
         for lang, s in scores.items():
-            write_json(out_dir / "mgsm" / f"{lang}.json", s)
+            write(out_dir / "mgsm" / f"{lang}.json", s)
         metrics["mgsm_accuracy"] = {lang: s["accuracy"] for lang, s in scores.items()}
         metrics["mgsm_off_target"] = {lang: s["off_target_rate"] for lang, s in scores.items()}
     if "alpaca" in eval_config.benchmarks:
-        summary = run_alpaca_outputs(model, eval_config, out_dir / "alpaca")
+        summary = run_alpaca_outputs(model, eval_config, out_dir / "alpaca", generate_fn, write)
         metrics["alpaca_off_target"] = {lang: s["off_target_rate"] for lang, s in summary.items()}
         metrics["alpaca_truncated"] = {lang: s["truncated_rate"] for lang, s in summary.items()}
-    write_json(out_dir / "metrics.json", metrics)
+    write(out_dir / "metrics.json", metrics)
     return metrics
 
 

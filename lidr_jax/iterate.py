@@ -8,6 +8,9 @@ Each iteration is a chain of stages (lidr_jax.stages, lidr_jax.train_stages) who
 `RUN_DIR/iter_K/<stage>/` and whose completion is recorded in `RUN_DIR/manifest.json`. Rerunning the
 same command skips finished stages and resumes an unfinished one from its last chunk or checkpoint.
 All inputs (config, languages, prompt files) are checked before any model is loaded.
+
+Several processes (one per host) run the same command with the same config and seed; process 0
+writes the run directory and the others follow stage by stage (lidr_jax.multihost, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from lidr_jax.multihost import maybe_initialize_distributed
 from lidr_jax.prompt_sets import PromptSet, iteration_slice, load_prompts, split_heldout
 from lidr_jax.run_config import DEFAULT_CONFIG, RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, describe, to_dict
-from lidr_jax.sharding import maybe_initialize_distributed
 
 LIDR_STAGES = ("generate", "translate", "pairs", "reference", "train", "export")
 ICR_STAGES = ("sample", "score", "pairs", "reference", "train", "export")
@@ -47,11 +50,13 @@ class Runner:
     """Holds the run directory and the base model; runs stages in order, skipping finished ones."""
 
     def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
+        from lidr_jax.multihost import run_processes
         from lidr_jax.run_dir import RunDir
 
         self.cfg = cfg
         self.slices, self.held_out = plan_prompts(cfg)  # before any model work
-        self.run = RunDir(cfg.run_dir, config=to_dict(cfg), seed=cfg.seed, allow_config_change=allow_config_change)
+        self.run = RunDir(cfg.run_dir, config=to_dict(cfg), seed=cfg.seed, allow_config_change=allow_config_change,
+                          processes=run_processes())  # fmt: skip
         from lidr_jax import sharding
 
         self.mesh = sharding.make_mesh(cfg.mesh)
@@ -158,11 +163,13 @@ class Runner:
         out = {}
         d = run.stage_dir(k, "check")
         if cfg.check.enabled and self.held_out is not None:
-            out["held_out"] = language_check(cfg, model, self.held_out, d / "held_out.jsonl", "check")
+            out["held_out"] = language_check(cfg, run, model, self.held_out, d / "held_out.jsonl", "check")
         if cfg.evaluation.benchmarks:
             from lidr_jax.evaluate import evaluate_model
+            from lidr_jax.multihost import generate_across_processes
 
-            out["evaluation"] = evaluate_model(model, cfg.evaluation, d / "evaluation")
+            out["evaluation"] = evaluate_model(model, cfg.evaluation, d / "evaluation",
+                                               generate_fn=generate_across_processes, write=run.write_json)  # fmt: skip
         return out
 
     def baseline(self) -> None:
@@ -181,8 +188,8 @@ class Runner:
                 self.iteration(k)
         from lidr_jax.run_report import print_summary, write_report
 
-        report = write_report(self.cfg, self.run)
-        print_summary(self.cfg, self.run)
+        report = self.run.on_writer(write_report, self.cfg, self.run)
+        self.run.on_writer(print_summary, self.cfg, self.run)
         print(f"\ndone in {time.perf_counter() - t0:.0f} s; report: {report}")
 
 

@@ -13,8 +13,12 @@ manifest (itself written atomically), so rerunning the same command resumes at t
 is not marked done.
 
 One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
-run for writing (other instances may read). Multi-host: the manifest and stage files are written by
-process 0 only; callers guard with `jax.process_index() == 0` (this module does not import jax).
+run for writing (other instances may read). Several processes share one run through `Processes`
+(lidr_jax.multihost.run_processes): only the writer (process 0) writes, stages write through
+`RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back what the
+writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
+records the writer's outputs everywhere) and `mark_done` is a barrier, so a stage's files exist
+before any process goes on to the next stage. This module does not import jax.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,14 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
     return atomic_write_text(path, text)
 
 
+def _append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -88,6 +100,28 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------- processes
+
+
+def _no_barrier(name: str) -> None:
+    return None
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """How the processes of one run share its directory. The default is a lone process: it writes,
+    and there is nobody to wait for. `barrier(name)` returns once every process has called it;
+    `broadcast(obj)` returns the writer's JSON value on every process."""
+
+    writer: bool = True
+    barrier: Callable[[str], None] = _no_barrier
+    broadcast: Callable[[Any], Any] = _same
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -133,18 +167,21 @@ class RunDir:
     creates the run if it has no manifest yet, or resumes it; resuming with a config or seed that
     differs from the recorded one raises `RunConfigMismatchError` naming every differing key, unless
     `allow_config_change=True`, which adopts the new config and records the change in the manifest.
+    `processes` (default: one process) says whether this process is the writer (module docstring).
     """
 
     def __init__(self, path: str | os.PathLike, config: Any = None, *, seed: int | None = None,
-                 allow_config_change: bool = False):
+                 allow_config_change: bool = False, processes: Processes = Processes()):
         self.path = Path(path).absolute()  # stage paths stay valid if the caller changes directory
         self.manifest_path = self.path / MANIFEST
-        if self.manifest_path.exists():
-            self._manifest = json.loads(self.manifest_path.read_text())
+        self.processes = processes
+        existing = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        processes.barrier("run directory read")  # every process has read it before the writer changes it
+        if existing is not None:
+            self._manifest = existing
             if config is not None or seed is not None:
                 self._check_resume(config, seed, allow_config_change)
         elif config is not None:
-            self.path.mkdir(parents=True, exist_ok=True)
             self._manifest = {
                 "version": MANIFEST_VERSION,
                 "created": _now(),
@@ -177,7 +214,39 @@ class RunDir:
 
     def _write(self) -> None:
         self._manifest["updated"] = _now()
-        atomic_write_json(self.manifest_path, self._manifest)
+        self.write_json(self.manifest_path, self._manifest)
+
+    # -- writing (the writer process only) --------------------------------------------------------
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (module docstring)."""
+        return self.processes.writer
+
+    def on_writer(self, fn: Callable, *args, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` on the writer (its result); None on the other processes."""
+        return fn(*args, **kwargs) if self.writer else None
+
+    def from_writer(self, fn: Callable, *args, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` on the writer, its JSON result handed to every process: for reading
+        what only the writer is sure to see complete (a file it is still appending to)."""
+        return self.processes.broadcast(self.on_writer(fn, *args, **kwargs))
+
+    def write_json(self, path: str | os.PathLike, obj: Any) -> Path:
+        self.on_writer(atomic_write_json, path, obj)
+        return Path(path)
+
+    def write_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+        self.on_writer(atomic_write_jsonl, path, rows)
+        return Path(path)
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        self.on_writer(atomic_write_text, path, text)
+        return Path(path)
+
+    def append_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append rows to `path` and fsync (not atomic: a reader must drop a last line cut by a kill)."""
+        self.on_writer(_append_jsonl, Path(path), rows)
 
     def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
         diffs = []
@@ -214,12 +283,12 @@ class RunDir:
         return self.path / f"iter_{_check_k(k)}"
 
     def stage_dir(self, k: int, name: str, *, create: bool = True) -> Path:
-        """`RUN_DIR/iter_K/<name>/` (created unless `create=False`)."""
+        """`RUN_DIR/iter_K/<name>/` (created by the writer unless `create=False`)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"stage name {name!r} must be a plain directory name")
         d = self.iter_dir(k) / name
         if create:
-            d.mkdir(parents=True, exist_ok=True)
+            self.on_writer(d.mkdir, parents=True, exist_ok=True)
         return d
 
     # -- iterations and stages ----------------------------------------------------------------------
@@ -245,11 +314,14 @@ class RunDir:
 
     def mark_done(self, k: int, stage: str, outputs: Mapping[str, Any] | None = None) -> None:
         """Record that `stage` of iteration `k` finished, with its outputs (paths inside the run are
-        stored relative to it; other JSON values as they are). Call it only after every output file
-        is in place: the manifest entry is what makes the stage count as done."""
-        entry = {"done_at": _now(), "outputs": {key: self._rel_value(v) for key, v in (outputs or {}).items()}}
-        self._iteration(k, create=True)["stages"][stage] = entry
+        stored relative to it; other JSON values as they are, kept as JSON gives them back). Call it
+        only after every output file is in place: the manifest entry is what makes the stage count as
+        done. Every process calls it; each records the writer's outputs, then waits for the others."""
+        outputs = {key: self._rel_value(v) for key, v in (outputs or {}).items()}
+        outputs = self.processes.broadcast(json.loads(json.dumps(outputs, ensure_ascii=False)))
+        self._iteration(k, create=True)["stages"][stage] = {"done_at": _now(), "outputs": outputs}
         self._write()
+        self.processes.barrier(f"iteration {k} {stage} done")
 
     def outputs(self, k: int, stage: str) -> dict[str, Any]:
         """The outputs a finished stage recorded (paths made absolute)."""

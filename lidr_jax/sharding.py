@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis sharding rules, and multi-host helpers.
+"""Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.multihost).
 
 Sharding is data (DESIGN.md principle 2). Every parameter, optimizer-state leaf, activation and KV
 cache dimension carries a *logical* axis name (`model.param_specs` declares the parameters'); one
@@ -19,12 +19,8 @@ Rules (stated once, enforced by `spec_for`):
 Activations and the KV cache are constrained inside the model through `constrain`, a no-op unless
 a mesh is active (`use_mesh`), so single-device code pays nothing and tests need no mesh.
 
-Multi-host: `maybe_initialize_distributed()` first (TPU pods auto-detect; GPUs/CPUs read
-LIDR_COORDINATOR / LIDR_NUM_PROCESSES / LIDR_PROCESS_ID), then every process runs the same program
-with the same config and seed. Training uses one global mesh; each process contributes only its own
-rows of a batch (`global_batch`, or `put_batch` which transfers only addressable shards).
-Generation runs data parallel: each process generates its `process_shard` of the prompts on its own
-devices and `gather_objects` brings all results to every process (process 0 writes them).
+Multi-host runs (initialisation, per-process data, data-parallel generation, one writer) build on
+these in lidr_jax.multihost.
 """
 
 from __future__ import annotations
@@ -32,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -141,11 +135,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence | None = None) -
     return Mesh(grid, MESH_AXES)
 
 
-def local_mesh(cfg: MeshConfig = MeshConfig()) -> Mesh:
-    """The same preset over this process's devices only (data-parallel generation across hosts)."""
-    return make_mesh(cfg, jax.local_devices()[:1] if cfg.preset == "single" else jax.local_devices())
-
-
 # -------------------------------------------------------------------------------------------- rules
 
 
@@ -225,12 +214,14 @@ def init_sharded_params(config, key, mesh: Mesh, rules: Rules | None = None):
 def place(tree, shardings):
     """Put host (numpy) or device arrays on their shardings. Each device receives only its slice
     (`make_array_from_callback`), so nothing is materialised whole on one device, and it works with
-    shardings that span processes (every process passes the same host values)."""
+    shardings that span processes (every process passes the same host values, or the same global
+    array: one already on the target's devices is resharded there)."""
 
     def one(x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
+        local = isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable
+        if local or (isinstance(x, jax.Array) and x.sharding.device_set == sharding.device_set):
             return jax.device_put(x, sharding)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -331,107 +322,6 @@ def train_state_shardings(state, config):
     """Shardings of a TrainState under the active mesh, or None without one."""
     ctx = _ACTIVE.get()
     return None if ctx is None else state_shardings(state, config, ctx.mesh, ctx.rules)
-
-
-# ---------------------------------------------------------------------------------------- multi-host
-
-
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when the environment asks for it; True if running multi-process.
-
-    - LIDR_COORDINATOR=host:port, LIDR_NUM_PROCESSES, LIDR_PROCESS_ID: explicit (GPU/CPU clusters).
-    - LIDR_DISTRIBUTED=1, or a TPU pod slice (TPU_WORKER_HOSTNAMES lists several hosts): JAX
-      auto-detects the coordinator (TPU metadata, SLURM, Open MPI).
-    Call it first, before anything touches a device. Calling it twice is harmless.
-    """
-    if jax.distributed.is_initialized():
-        return jax.process_count() > 1
-    env = os.environ
-    if env.get("LIDR_COORDINATOR"):
-        missing = [k for k in ("LIDR_NUM_PROCESSES", "LIDR_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise ValueError(f"LIDR_COORDINATOR is set but {missing} are not: set all three on every process")
-        jax.distributed.initialize(coordinator_address=env["LIDR_COORDINATOR"],
-                                   num_processes=int(env["LIDR_NUM_PROCESSES"]),
-                                   process_id=int(env["LIDR_PROCESS_ID"]))  # fmt: skip
-        return True
-    pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if env.get("LIDR_DISTRIBUTED", "") in ("1", "true", "auto") or pod:
-        jax.distributed.initialize()
-        return True
-    return False
-
-
-def process_bounds(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
-    """[start, end) of process `index`'s contiguous share of n items (the first n % count get one more)."""
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-    base, extra = divmod(n, count)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
-
-
-def process_shard(items: Sequence, index: int | None = None, count: int | None = None) -> list:
-    """This process's contiguous share of `items`; concatenated in process order they are `items`."""
-    start, end = process_bounds(len(items), index, count)
-    return list(items[start:end])
-
-
-def gather_objects(items: Sequence) -> list:
-    """Every process's JSON-serialisable `items`, concatenated in process order, on every process."""
-    if jax.process_count() == 1:
-        return list(items)
-    from jax.experimental import multihost_utils
-
-    blob = np.frombuffer(json.dumps(list(items)).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: blob.size] = blob
-    every = multihost_utils.process_allgather(padded)
-    out = []
-    for row, size in zip(every.reshape(len(sizes), -1), sizes.reshape(-1)):
-        out.extend(json.loads(row[: int(size)].tobytes().decode()))
-    return out
-
-
-def global_batch(local_tree, axis: int = 0, mesh: Mesh | None = None, rules: Rules | None = None):
-    """A global batch from each process's own rows (`process_shard` of the pairs): dimension `axis`
-    of every leaf is concatenated across processes in process order. Needs the batch rule to split
-    rows over the processes (the outer mesh axes cross hosts)."""
-    ctx = _ACTIVE.get()
-    mesh, rules = mesh or ctx.mesh, rules or ctx.rules
-
-    def one(x):
-        x = np.asarray(x)
-        shape = list(x.shape)
-        shape[axis] *= jax.process_count()
-        return jax.make_array_from_process_local_data(batch_sharding(shape, axis, mesh, rules), x, tuple(shape))
-
-    return jax.tree.map(one, local_tree)
-
-
-def generate_across_processes(model, prompts, sampling, cfg: MeshConfig = MeshConfig(), **kwargs) -> list:
-    """`sampler.generate` data parallel over processes: each generates its `process_shard` of the
-    prompts on its own devices (params placed on a local mesh), results gathered on every process in
-    prompt order. With one process this is `generate` under the local mesh."""
-    from lidr_jax.sampler import GenerationResult, generate
-
-    mesh = local_mesh(cfg)
-    rules = parse_rules(cfg.rules)
-    start, end = process_bounds(len(prompts))
-    if "prefill" in kwargs and isinstance(kwargs["prefill"], (list, tuple)):
-        kwargs["prefill"] = list(kwargs["prefill"])[start:end]
-    local = dataclasses.replace(model, params=place_params(model.params, model.config, mesh, rules))
-    with use_mesh(mesh, rules):
-        results = generate(local, list(prompts)[start:end], sampling, **kwargs) if end > start else []
-
-    def as_json(r):
-        return [dataclasses.asdict(x) for x in r] if isinstance(r, list) else dataclasses.asdict(r)
-
-    def from_json(r):
-        return [GenerationResult(**x) for x in r] if isinstance(r, list) else GenerationResult(**r)
-
-    return [from_json(r) for r in gather_objects([as_json(r) for r in results])]
 
 
 def describe_mesh(mesh: Mesh) -> str:

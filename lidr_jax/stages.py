@@ -8,6 +8,10 @@ the manifest only when complete (lidr_jax.run_dir). Long stages resume mid-stage
 finished chunks to `<name>.partial.jsonl` (chunk boundaries are fixed by the job order, so a resumed
 run batches exactly as an uninterrupted one and produces the same tokens); training resumes from its
 last Orbax checkpoint (lidr_jax.checkpoint).
+
+Several processes (lidr_jax.multihost): every process runs every stage; generation and scoring are
+split over them and gathered, so each ends with every row; only the run directory's writer writes
+(`run.write_*`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import signal
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
-from lidr_jax import icr, lidr
+from lidr_jax import icr, lidr, multihost
 from lidr_jax.hf import Model
 from lidr_jax.prompt_sets import PromptSet
 from lidr_jax.run_config import RunConfig
-from lidr_jax.run_dir import RunDir, atomic_write_json, atomic_write_jsonl
+from lidr_jax.run_dir import RunDir
 from lidr_jax.sampler import SamplingConfig, generate
 
 
@@ -51,46 +56,65 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def generate_resumable(model: Model, jobs: Sequence[Job], sampling: SamplingConfig, out: Path, desc: str) -> list[dict]:
+def generate_resumable(run: RunDir, model: Model, jobs: Sequence[Job], sampling: SamplingConfig, out: Path,
+                       desc: str) -> list[dict]:  # fmt: skip
     """Run `jobs` in fixed chunks, appending each finished chunk to `out`.partial.jsonl, then write
-    `out` (JSONL, one row per job, in job order). Chunks already in the partial file are skipped."""
+    `out` (JSONL, one row per job, in job order). Chunks already in the partial file are skipped.
+
+    Several processes: the writer reads the partial file and every process receives its chunks, so
+    all agree on what remains; each round hands every process one pending chunk, the finished
+    chunks are gathered to every process and the writer appends them. A chunk's rows depend only on
+    its jobs, so any process count (and any resume) gives the rows of an uninterrupted single run."""
     partial = out.with_name(out.stem + ".partial.jsonl")
-    chunk = max(sampling.batch_size * 4, 1) // max(sampling.n, 1) or 1
-    done: dict[int, list[dict]] = {}
-    if partial.exists():
-        with open(partial, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: its chunk is redone
-                    break
-                done[row["chunk"]] = row["rows"]
-    chunks = [list(jobs[i : i + chunk]) for i in range(0, len(jobs), chunk)]
+    size = max(sampling.batch_size * 4, 1) // max(sampling.n, 1) or 1
+    chunks = [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+    done = {c["chunk"]: c["rows"] for c in run.from_writer(_read_partial, partial)}
     todo = [i for i in range(len(chunks)) if i not in done]
     if done:
         print(f"  {desc}: resuming, {len(done)} of {len(chunks)} chunks already done")
-    with open(partial, "a", encoding="utf-8") as f:
-        for n, i in enumerate(todo):
-            batch = chunks[i]
-            results = generate(model, [j.prompt for j in batch], sampling, prefill=[j.prefill for j in batch])
-            rows = []
-            for job, res in zip(batch, results):
-                samples = res if isinstance(res, list) else [res]
-                rows.append({
-                    "key": job.key, **job.meta,
-                    "outputs": [s.text for s in samples],
-                    "finish_reasons": [s.finish_reason for s in samples],
-                    "tokens": [len(s.token_ids) for s in samples],
-                })  # fmt: skip
-            done[i] = rows
-            f.write(json.dumps({"chunk": i, "rows": rows}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            print(f"  {desc}: chunk {n + 1}/{len(todo)} done")
-            crash_point(f"{desc}:{i + 1}")
+    rounds = [todo[i : i + jax.process_count()] for i in range(0, len(todo), jax.process_count())]
+    with multihost.on_this_process(model) as local:
+        for pending in rounds:
+            mine = multihost.process_shard(pending)  # at most one chunk per process
+            finished = multihost.gather_objects([{"chunk": i, "rows": _chunk_rows(local, chunks[i], sampling)}
+                                                 for i in mine])  # fmt: skip
+            run.append_jsonl(partial, finished)
+            for c in finished:
+                done[c["chunk"]] = c["rows"]
+                print(f"  {desc}: chunk {len(done)}/{len(chunks)} done")
+                crash_point(f"{desc}:{c['chunk'] + 1}")
     rows = [row for i in range(len(chunks)) for row in done[i]]
-    atomic_write_jsonl(out, rows)
-    partial.unlink(missing_ok=True)
+    run.write_jsonl(out, rows)
+    run.on_writer(partial.unlink, missing_ok=True)
+    return rows
+
+
+def _read_partial(partial: Path) -> list[dict]:
+    """The finished chunks in a partial file, [{"chunk": i, "rows": [...]}]; a last line cut by a kill
+    is dropped (its chunk is redone)."""
+    if not partial.exists():
+        return []
+    chunks = []
+    with open(partial, encoding="utf-8") as f:
+        for line in f:
+            try:
+                chunks.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return chunks
+
+
+def _chunk_rows(model: Model, batch: list[Job], sampling: SamplingConfig) -> list[dict]:
+    results = generate(model, [j.prompt for j in batch], sampling, prefill=[j.prefill for j in batch])
+    rows = []
+    for job, res in zip(batch, results):
+        samples = res if isinstance(res, list) else [res]
+        rows.append({
+            "key": job.key, **job.meta,
+            "outputs": [s.text for s in samples],
+            "finish_reasons": [s.finish_reason for s in samples],
+            "tokens": [len(s.token_ids) for s in samples],
+        })  # fmt: skip
     return rows
 
 
@@ -106,10 +130,10 @@ def lidr_generate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: Pr
         for lang in prompts.languages
         for pid, text in zip(prompts.ids, prompts.instructions[lang])
     ]
-    rows = generate_resumable(model, jobs, dataclasses.replace(cfg.generation, seed=cfg.seed), d / "generations.jsonl",
-                              "generate")  # fmt: skip
+    rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.generation, seed=cfg.seed),
+                              d / "generations.jsonl", "generate")  # fmt: skip
     stats = _finish_stats(rows, "lang")
-    atomic_write_json(d / "stats.json", stats)
+    run.write_json(d / "stats.json", stats)
     return {"generations": str(d / "generations.jsonl"), "stats": stats}
 
 
@@ -132,7 +156,7 @@ def lidr_translate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: P
         messages, prefill = lidr.translation_request(t.text, t.target_lang, system)
         jobs.append(Job(f"{t.direction}/{t.id}", messages, prefill,
                         {"id": t.id, "source": t.source_lang, "target": t.target_lang}))  # fmt: skip
-    rows = generate_resumable(model, jobs, dataclasses.replace(cfg.lidr.translation, seed=cfg.seed),
+    rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.lidr.translation, seed=cfg.seed),
                               d / "raw_translations.jsonl", "translate")  # fmt: skip
     out, failed = [], {}
     for row in rows:
@@ -143,9 +167,9 @@ def lidr_translate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: P
         failed[direction][1] += 1
         out.append({"id": row["id"], "source": row["source"], "target": row["target"], "translation": parsed,
                     "finish_reason": row["finish_reasons"][0]})  # fmt: skip
-    atomic_write_jsonl(d / "translations.jsonl", out)
+    run.write_jsonl(d / "translations.jsonl", out)
     stats = {"failed": {k_: v[0] for k_, v in failed.items()}, "total": {k_: v[1] for k_, v in failed.items()}}
-    atomic_write_json(d / "stats.json", stats)
+    run.write_json(d / "stats.json", stats)
     return {"translations": str(d / "translations.jsonl"), "stats": stats}
 
 
@@ -161,21 +185,21 @@ def lidr_pairs(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> dict:
             to_dominant.setdefault(row["source"], {})[row["id"]] = row["translation"]
     settings = dataclasses.replace(cfg.lidr.pairs, dominant=cfg.dominant, seed=cfg.seed + k)
     pairs, stats = lidr.build_pairs(prompts, gens, to_target, to_dominant, settings)
-    return _write_pairs(d, pairs, stats.to_dict())
+    return _write_pairs(run, d, pairs, stats.to_dict())
 
 
-def _write_pairs(d: Path, pairs: Sequence[lidr.Pair], stats: dict) -> dict:
+def _write_pairs(run: RunDir, d: Path, pairs: Sequence[lidr.Pair], stats: dict) -> dict:
     if not pairs:
         raise RuntimeError(
             f"no preference pairs were built ({json.dumps(stats)}); every translation may have failed: raise "
             "lidr.translation.max_new_tokens or generation.max_new_tokens, or use more prompts"
         )
-    atomic_write_jsonl(d / "pairs.jsonl", [p.as_trl() for p in pairs])
+    run.write_jsonl(d / "pairs.jsonl", [p.as_trl() for p in pairs])
     per_lang: dict[str, int] = {}
     for p in pairs:
         per_lang[p.language] = per_lang.get(p.language, 0) + 1
     stats = {**stats, "pairs_per_language": per_lang, "pairs": len(pairs)}
-    atomic_write_json(d / "stats.json", stats)
+    run.write_json(d / "stats.json", stats)
     return {"pairs": str(d / "pairs.jsonl"), "stats": stats}
 
 
@@ -191,9 +215,9 @@ def icr_sample(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: Promp
         for lang in prompts.languages
         for pid, text in zip(prompts.ids, prompts.instructions[lang])
     ]
-    rows = generate_resumable(model, jobs, sampling, d / "samples.jsonl", "sample")
+    rows = generate_resumable(run, model, jobs, sampling, d / "samples.jsonl", "sample")
     stats = _finish_stats(rows, "lang")
-    atomic_write_json(d / "stats.json", stats)
+    run.write_json(d / "stats.json", stats)
     return {"samples": str(d / "samples.jsonl"), "stats": stats}
 
 
@@ -214,7 +238,7 @@ def icr_score(cfg: RunConfig, run: RunDir, k: int, scorers: tuple[Model, Model],
                 continue
             messages, prefill = lidr.translation_request(text, cfg.dominant)
             jobs.append(Job(f"{row['lang']}/{row['id']}/{j}", messages, prefill, {"index": n}))
-        out = generate_resumable(policy, jobs, dataclasses.replace(cfg.icr.translation, seed=cfg.seed),
+        out = generate_resumable(run, policy, jobs, dataclasses.replace(cfg.icr.translation, seed=cfg.seed),
                                  d / "answer_translations.jsonl", "translate answers")  # fmt: skip
         for r in out:
             scored_texts[r["index"]] = lidr.parse_translation(r["outputs"][0]) or ""
@@ -225,13 +249,7 @@ def icr_score(cfg: RunConfig, run: RunDir, k: int, scorers: tuple[Model, Model],
                                           translated_instruction=x_lang, system_prompt=sel.scoring_system_prompt,
                                           dominant=cfg.dominant)  # fmt: skip
         items.append((messages, text))
-    dpo_model, ref_model = scorers
-    logps = []
-    for m in (dpo_model, ref_model):
-        inputs = icr.truncate_inputs(icr.scoring_inputs(m.tokenizer, items), cfg.dpo.max_prompt_len,
-                                     cfg.dpo.max_response_len)  # fmt: skip
-        logps.append(icr.answer_logprobs(m.params, m.config, inputs, m.tokenizer.pad_token_id,
-                                         batch_size=cfg.icr.score_batch_size, chunk=cfg.dpo.logprob_chunk))  # fmt: skip
+    logps = [_answer_logprobs(cfg, m, items) for m in scorers]  # pi_DPO, then pi_ref
     rewards = icr.implicit_rewards(logps[0], logps[1])
     scored, start = [], 0
     for row in rows:
@@ -240,8 +258,23 @@ def icr_score(cfg: RunConfig, run: RunDir, k: int, scorers: tuple[Model, Model],
         scored.append({"id": row["id"], "lang": row["lang"], "answers": row["outputs"],
                        "rewards": [float(rewards[n]) for n in idx], "logp_dpo": [float(logps[0][n]) for n in idx],
                        "logp_ref": [float(logps[1][n]) for n in idx]})  # fmt: skip
-    atomic_write_jsonl(d / "scores.jsonl", scored)
+    run.write_jsonl(d / "scores.jsonl", scored)
     return {"scores": str(d / "scores.jsonl")}
+
+
+def _answer_logprobs(cfg: RunConfig, model: Model, items: list) -> np.ndarray:
+    """Summed log-prob of every (scoring messages, answer) item under `model`; each process scores its
+    share on its own devices (lidr_jax.multihost)."""
+    inputs = icr.truncate_inputs(icr.scoring_inputs(model.tokenizer, items), cfg.dpo.max_prompt_len,
+                                 cfg.dpo.max_response_len)  # fmt: skip
+    with multihost.on_this_process(model) as local:
+
+        def score(share):
+            part = icr.ScoringInputs([p for p, _ in share], [r for _, r in share], 0, 0)
+            return icr.answer_logprobs(local.params, local.config, part, local.tokenizer.pad_token_id,
+                                       batch_size=cfg.icr.score_batch_size, chunk=cfg.dpo.logprob_chunk).tolist()  # fmt: skip
+
+        return np.asarray(multihost.map_across_processes(score, list(zip(inputs.prompt_ids, inputs.response_ids))))
 
 
 def icr_pairs_stage(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> dict:
@@ -255,7 +288,7 @@ def icr_pairs_stage(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> 
         lang_pairs, _, lang_stats = icr.icr_pairs(prompts.by_id(lang), lang, answers, rewards, cfg.icr.selection)
         pairs += lang_pairs
         stats[lang] = lang_stats
-    return _write_pairs(d, pairs, {"per_language": stats})
+    return _write_pairs(run, d, pairs, {"per_language": stats})
 
 
 # ------------------------------------------------------------------------------------------ shared
@@ -273,7 +306,7 @@ def _finish_stats(rows: list[dict], group: str) -> dict:
     return out
 
 
-def language_check(cfg: RunConfig, model: Model, held_out: PromptSet, out: Path, desc: str) -> dict:
+def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSet, out: Path, desc: str) -> dict:
     """Answer the held-out prompts in every language; the fraction answered in the asked language."""
     from lidr_jax.langid import detect_language
 
@@ -282,7 +315,7 @@ def language_check(cfg: RunConfig, model: Model, held_out: PromptSet, out: Path,
         for lang in held_out.languages
         for pid, text in zip(held_out.ids, held_out.instructions[lang])
     ]
-    rows = generate_resumable(model, jobs, dataclasses.replace(cfg.check.sampling, seed=cfg.seed), out, desc)
+    rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.check.sampling, seed=cfg.seed), out, desc)
     result: dict[str, dict[str, float]] = {"in_language": {}, "mean_tokens": {}}
     for lang in held_out.languages:
         mine = [r for r in rows if r["lang"] == lang]

@@ -7,6 +7,9 @@ Phases of a run (each a plain function, no trainer class):
 3. `make_train_step`: one jitted step over `grad_accum` micro-batches (a `lax.scan`), state donated.
 4. `train`: plain Python loop with a tqdm bar; metrics every step to JSONL.
 
+Several processes (lidr_jax.multihost): every process builds the same host batch (same pairs, same
+(seed, step) order) and hands the global mesh only the rows its own devices hold (`put_process_rows`).
+
 Resuming: `TrainState` (params, opt_state, step) is the whole training state. The data position is a
 function of `step` alone (`step_indices`: epoch order is seeded by (seed, epoch)), so a checkpoint of
 `TrainState` resumes exactly; `train(..., state=restored, callback=save_fn)` is all a checkpointer needs.
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 
 from lidr_jax.data import EncodedPairs, bucket_length, epoch_order, pair_batch
 from lidr_jax.dpo import DPOConfig, batch_logprobs, dpo_terms
-from lidr_jax.sharding import place, put_batch, to_host, train_state_shardings
+from lidr_jax.multihost import put_process_rows
+from lidr_jax.sharding import place, to_host, train_state_shardings
 
 
 class TrainState(NamedTuple):
@@ -68,7 +72,7 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
     for start in range(0, N, B):
         idx = order[start:start + B]
         batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-        logp = to_host(fn(params, put_batch({k: v for k, v in batch.items() if k != "weight"})))
+        logp = to_host(fn(params, put_process_rows({k: v for k, v in batch.items() if k != "weight"})))
         chosen[idx], rejected[idx] = logp[:len(idx)], logp[B:B + len(idx)]
         bar.update(len(idx))
     bar.close()
@@ -265,7 +269,7 @@ def train(
             row_w = np.concatenate([batch["weight"], batch["weight"]], axis=1)  # [A, 2b]
             tokens = int((batch["attention_mask"].sum(-1) * row_w).sum())
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, put_batch(batch, axis=1))
+            state, metrics = step_fn(state, put_process_rows(batch, axis=1))
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             metrics.update(step=k + 1, epoch=k // spe, pairs=len(idx), tokens=tokens, step_time_s=dt,

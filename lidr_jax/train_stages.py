@@ -4,7 +4,8 @@ The reference pass runs once with the iteration's starting weights and its resul
 the pairs (`iter_K/reference/`), so training holds only the policy and its optimizer state (DESIGN.md
 principle 6). Training checkpoints every `checkpoint_every` steps with Orbax; a restarted run resumes
 from the last checkpoint and, because the data order is a function of (seed, step), reaches the same
-parameters as an uninterrupted run.
+parameters as an uninterrupted run. Several processes: all compute, the run directory's writer
+writes (metrics, reference log-probs, stats); Orbax checkpoints are written by all together.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lidr_jax.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.data import encode_pairs, read_pairs
 from lidr_jax.hf import Model
 from lidr_jax.run_config import RunConfig
-from lidr_jax.run_dir import RunDir, atomic_write_json
+from lidr_jax.run_dir import RunDir
 from lidr_jax.stages import crash_point
 from lidr_jax.train import (
     NonFiniteLossError,
@@ -44,10 +45,10 @@ def reference_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
     d = run.stage_dir(k, "reference")
     enc = _encoded(cfg, run, k, model)
     ref = reference_logprobs(model.params, model.config, enc, cfg.dpo)
-    save_reference(d / "reference_logprobs.npz", ref, enc)
+    run.on_writer(save_reference, d / "reference_logprobs.npz", ref, enc)
     stats = {"pairs": len(enc), "truncated_prompts": enc.truncated_prompts,
              "truncated_responses": enc.truncated_responses}  # fmt: skip
-    atomic_write_json(d / "stats.json", stats)
+    run.write_json(d / "stats.json", stats)
     return {"reference": str(d / "reference_logprobs.npz"), "stats": stats}
 
 
@@ -68,10 +69,10 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
         restored = ckpt.restore_latest(abstract, shardings)
         if restored is not None:
             state = restored[0]
-            _truncate_metrics(metrics_path, int(state.step))
+            run.on_writer(_truncate_metrics, metrics_path, int(state.step))
             print(f"  train: resuming from the checkpoint at step {int(state.step)} of {num_steps}")
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a run killed before its first checkpoint starts over
+        else:
+            run.on_writer(metrics_path.unlink, missing_ok=True)  # a run killed before its first checkpoint starts over
 
         def save(st, metrics):
             if ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])}):
@@ -80,7 +81,8 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
 
         try:
             state = train(model.params, model.config, enc, ref, dpo, state=state, callback=save,
-                          metrics_path=metrics_path, pad_id=model.tokenizer.pad_token_id)  # fmt: skip
+                          metrics_path=metrics_path if run.writer else None,
+                          pad_id=model.tokenizer.pad_token_id)  # fmt: skip
         except NonFiniteLossError as e:
             raise SystemExit(
                 f"iteration {k}: {e}\nThe last good checkpoint is kept in {d / 'checkpoints'}; "
@@ -88,9 +90,9 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
             ) from None
         ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
     policy_dir = save_params(d / "policy", state.params, model.config)
-    summary = _metrics_summary(metrics_path)
-    atomic_write_json(d / "stats.json", {"steps": num_steps, **summary})
-    _write_tensorboard(metrics_path, run.path / "tensorboard" / f"iter_{k}")
+    summary = run.from_writer(_metrics_summary, metrics_path)
+    run.write_json(d / "stats.json", {"steps": num_steps, **summary})
+    run.on_writer(_write_tensorboard, metrics_path, run.path / "tensorboard" / f"iter_{k}")
     return {"policy": str(policy_dir), "metrics": str(metrics_path), "stats": summary}
 
 

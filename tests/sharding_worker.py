@@ -147,22 +147,15 @@ def meshes() -> dict:
 def multiprocess() -> dict | None:
     """One of two processes (2 local devices each): DPO on the global (data=2, fsdp=2) mesh, process-
     local pair rows through `global_batch`, and data-parallel greedy generation."""
-    from lidr_jax.sharding import maybe_initialize_distributed
+    from lidr_jax.multihost import maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
     from jax.experimental import multihost_utils
 
     from lidr_jax.data import encode_pairs, pair_batch
     from lidr_jax.dpo import sequence_logprobs
-    from lidr_jax.sharding import (
-        MeshConfig,
-        generate_across_processes,
-        global_batch,
-        make_mesh,
-        place_params,
-        process_shard,  # fmt: skip
-        use_mesh,
-    )
+    from lidr_jax.multihost import generate_across_processes, global_batch, process_shard
+    from lidr_jax.sharding import MeshConfig, make_mesh, place_params, use_mesh
 
     assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
     model = tiny()

@@ -20,16 +20,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lidr_jax.config import ModelConfig
+from lidr_jax.multihost import maybe_initialize_distributed, process_bounds, process_shard
 from lidr_jax.sharding import (
     DEFAULT_RULES,
     MeshConfig,
     ShardingRulesError,
     fallbacks,
-    maybe_initialize_distributed,
     mesh_shape,
     parse_rules,
-    process_bounds,
-    process_shard,
     spec_for,
 )
 

@@ -1,0 +1,156 @@
+"""Multi-host pipeline: two processes on localhost leave the run directory one process leaves, and a
+run directory that is not the writer writes nothing.
+
+The two-process run is `python -m lidr_jax.iterate` twice (LIDR_COORDINATOR / LIDR_NUM_PROCESSES /
+LIDR_PROCESS_ID on localhost, one CPU device each, gloo collectives); the one-process run is the same
+command alone. Child processes inherit this process's CPU affinity (run pytest under `taskset` to pin
+them). Tolerances (float32): training metrics 1e-5 (one device against a 2-device fsdp mesh); summed
+reference log-probs 1e-4, as in tests/test_sharding.py; generated texts identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import REPO_ROOT
+from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401 (fixtures)
+
+from lidr_jax.run_dir import Processes, RunDir
+
+# Fewer, smaller stages than test_iterate's run; batch size 1 makes 2 generation chunks (of 4 jobs) so
+# both processes generate.
+FAST = ["generation.batch_size=1", "lidr.translation.batch_size=1", "dpo.epochs=1", "checkpoint_every=2"]
+TEXTS = ("generate/generations.jsonl", "translate/raw_translations.jsonl", "translate/translations.jsonl",
+         "pairs/pairs.jsonl", "pairs/stats.json", "check/held_out.jsonl")  # fmt: skip
+TIMINGS = ("step_time_s", "tokens_per_s", "pairs_per_s")
+ORBAX = ("train/checkpoints/", "train/policy/")  # Orbax's own layout (per-process parts while writing)
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIDR_", "XLA_FLAGS"))}
+    # Unoptimised XLA CPU code compiles ~3x faster; both runs use the same flags.
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return {**env, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _iterate(args: list[str], processes: int) -> list[tuple[int, str, str]]:
+    """Run the CLI as `processes` cooperating processes; (returncode, stdout, stderr) of each."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    envs = [_env() if processes == 1 else
+            _env(LIDR_COORDINATOR=coordinator, LIDR_NUM_PROCESSES=str(processes), LIDR_PROCESS_ID=str(i))
+            for i in range(processes)]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-m", "lidr_jax.iterate", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for env in envs]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+        return [(p.returncode, *out) for p, out in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _files(run: Path) -> set[str]:
+    """Every file of a run, relative; Orbax's directories and TensorBoard's host-named files by folder."""
+    out = set()
+    for f in run.rglob("*"):
+        rel = f.relative_to(run).as_posix()
+        if f.is_file() and not any(part in rel for part in ORBAX):
+            out.add(str(Path(rel).parent / "<events>") if ".tfevents." in rel else rel)
+    return out
+
+
+def _assert_close(a, b, tol: float, where: str = "") -> None:
+    """JSON values equal, numbers within `tol` (absolute and relative)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], tol, f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, tol, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=tol, abs_tol=tol) or (math.isnan(a) and math.isnan(b)), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = (run / "iter_1" / "train" / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(r).items() if k not in TIMINGS} for r in rows]
+
+
+def _stages(run: Path) -> dict:
+    iterations = json.loads((run / "manifest.json").read_text())["iterations"]
+    return {k: {s: e["outputs"] for s, e in it["stages"].items()} | {"start": it["start_model"]}
+            for k, it in iterations.items()}  # fmt: skip
+
+
+def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
+    one, two = tmp_path / "one", tmp_path / "two"
+    sets = [a for s in FAST for a in ("--set", s)]
+    ((rc, _, err),) = _iterate(base_args(scripted_model_dir, prompt_dir, one) + sets, 1)
+    assert rc == 0, err[-3000:]
+    runs = _iterate(base_args(scripted_model_dir, prompt_dir, two) + sets, 2)
+    for rc, _, err in runs:
+        assert rc == 0, err[-3000:]
+    assert "pairs@1" in runs[0][1] and "pairs@1" not in runs[1][1]  # the summary table: the writer's
+
+    assert _files(two) == _files(one)  # one copy of every file; no temporary or partial files left
+    assert not [f for f in _files(two) if ".tmp" in f or ".partial." in f]
+    for k, rel in [(1, r) for r in TEXTS] + [(0, "check/held_out.jsonl")]:
+        a, b = one / f"iter_{k}" / rel, two / f"iter_{k}" / rel
+        assert a.read_text() == b.read_text(), rel
+    _assert_close(_metrics(two), _metrics(one), 1e-5, "metrics")
+    assert len(_metrics(one)) >= 2
+    with np.load(one / "iter_1" / "reference" / "reference_logprobs.npz") as x, \
+            np.load(two / "iter_1" / "reference" / "reference_logprobs.npz") as y:  # fmt: skip
+        np.testing.assert_allclose(x["chosen"], y["chosen"], atol=1e-4)
+        np.testing.assert_allclose(x["rejected"], y["rejected"], atol=1e-4)
+        assert str(x["fingerprint"]) == str(y["fingerprint"])
+    _assert_close(_stages(two), _stages(one), 1e-5, "manifest")
+
+
+def test_non_writer_run_dir_writes_nothing(tmp_path):
+    """A process that is not the writer keeps the manifest in memory, records the writer's outputs
+    (`broadcast`) and waits at every stage boundary, but never touches the disk."""
+    barriers = []
+    writer_outputs = {"rows": 3, "path": "./iter_1/generate/out.jsonl"}
+    processes = Processes(writer=False, barrier=barriers.append, broadcast=lambda obj: writer_outputs)
+    run = RunDir(tmp_path / "run", {"model": "m"}, seed=1, processes=processes)
+    d = run.stage_dir(1, "generate")
+    run.set_iteration_start_model(1, "m")
+    assert run.write_json(d / "a.json", {"x": 1}) == d / "a.json"
+    run.write_jsonl(d / "b.jsonl", [{"x": 1}])
+    run.write_text(d / "c.txt", "c")
+    run.append_jsonl(d / "d.partial.jsonl", [{"chunk": 0}])
+    assert run.on_writer(lambda: 1 / 0) is None  # not even called
+    assert run.from_writer(lambda: 1 / 0) == writer_outputs  # the writer's value
+    run.mark_done(1, "generate", {"rows": 2, "path": d / "out.jsonl"})
+    assert list(tmp_path.iterdir()) == []
+    assert run.is_done(1, "generate") and run.outputs(1, "generate")["rows"] == 3
+    assert run.outputs(1, "generate")["path"] == str(run.path / "iter_1/generate/out.jsonl")
+    assert barriers == ["run directory read", "iteration 1 generate done"]
+    assert run.iteration_start_model(1) == "m"
+
+
+def test_writer_run_dir_records_what_json_gives_back(tmp_path):
+    """Outputs are kept as the manifest holds them, so a fresh and a resumed run see the same values."""
+    run = RunDir(tmp_path / "run", {"model": "m"}, seed=1)
+    run.mark_done(1, "pairs", {"counts": (1, 2), "per_lang": {"es": 1}})
+    assert run.outputs(1, "pairs") == RunDir(tmp_path / "run").outputs(1, "pairs") == {"counts": [1, 2],
+                                                                                        "per_lang": {"es": 1}}
