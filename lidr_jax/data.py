@@ -17,10 +17,10 @@ text plus the template's end-of-turn), checked by prefix. Truncation rule: a pro
 `max_prompt_len` keeps its END (the instruction's last words sit next to the answer); a response
 longer than `max_response_len` keeps its START (the part the model writes first). Both are counted.
 
-Batches (`pair_batch`): chosen rows then rejected rows, `[2B, T]`, right padded; T is the batch's
-longest prompt+response rounded up to a bucket (next power of two, or a multiple) so jit compiles
-once per bucket. Targets are the next tokens; `target_mask` is 1 exactly where the target is a
-response token, so the prompt and the padding contribute nothing to a sequence's log-prob.
+Batches (`pair_batch`): one packed row per pair, `prompt | chosen | rejected`, right padded, so the
+prompt is run once for both answers; T is the batch's longest row rounded up to a bucket (next power
+of two, or a multiple) so jit compiles once per bucket. Only the logits that predict an answer token
+are computed (`logit_index`), so the prompt and the padding contribute nothing to a log-prob.
 """
 
 from __future__ import annotations
@@ -220,9 +220,13 @@ class EncodedPairs:
         return len(self.prompt_ids)
 
     def lengths(self) -> np.ndarray:
-        """Longest row (prompt + the longer response) of each pair."""
-        return np.array([len(p) + max(len(c), len(r)) for p, c, r in
+        """Packed row length of each pair: prompt + chosen + rejected (`pair_batch`)."""
+        return np.array([len(p) + len(c) + len(r) for p, c, r in
                          zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], np.int64)
+
+    def answer_lengths(self) -> np.ndarray:
+        """Scored tokens of each pair: chosen + rejected (`pair_batch`'s entries)."""
+        return np.array([len(c) + len(r) for c, r in zip(self.chosen_ids, self.rejected_ids)], np.int64)
 
     def fingerprint(self) -> str:
         """A hash of every token id: stored reference log-probs are checked against it."""
@@ -277,20 +281,33 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, max_prompt_len: int
 
 
 def bucket_length(n: int, multiple: int = 0, minimum: int = 16) -> int:
-    """Padded length for a row of `n` tokens: the next power of two (>= minimum) when `multiple` is
-    0, else the next multiple of `multiple`. Few distinct lengths means few compilations."""
+    """Padded length for a row of `n` tokens. `multiple` 0: the next power of two (>= minimum) up
+    to 256, then the next multiple of 128 (so a 384-token row is not padded to 512); else the next
+    multiple of `multiple`. Few distinct lengths means few compilations."""
     if multiple > 0:
         return max(multiple, -(-n // multiple) * multiple)
+    if n > 256:
+        return -(-n // 128) * 128
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
 def pair_batch(enc: EncodedPairs, indices: Sequence[int], pad_id: int, *, batch_size: int | None = None,
-               length: int | None = None, bucket_multiple: int = 0) -> dict[str, np.ndarray]:
-    """A batch of pairs as `[2B, T]` arrays, chosen rows first then rejected rows.
+               length: int | None = None, entries: int | None = None,
+               bucket_multiple: int = 0) -> dict[str, np.ndarray]:
+    """A batch of pairs, one packed row per pair: `prompt | chosen | rejected | padding`.
 
-    Keys: tokens, targets (next token), target_mask (1 where the target is a response token),
-    attention_mask; and weight [B] (1 for real pairs, 0 for the filler pairs that pad a short last
-    batch up to `batch_size`, so shapes stay static). `length` forces T (must fit every row).
+    The prompt is run once for both answers (a quarter of the FLOPs of two rows when prompt and
+    answers are equally long): the rejected answer attends to the prompt and to itself, never to the
+    chosen answer, and its positions continue from the prompt's end, as in its own row
+    (lidr_jax.model.hidden_states, `segments_BT`).
+
+    Keys, [B, T]: tokens, positions, segments (0 prompt, 1 chosen, 2 rejected), attention_mask (real
+    tokens). Keys, [B, E]: one entry per response token to score: logit_index (the position whose
+    logits predict it: the last prompt token for the first token of either answer, else the answer's
+    previous token), targets (the token), chosen_mask / rejected_mask (which answer it belongs to;
+    padding entries are in neither). E is the longest chosen + rejected, bucketed like T. And weight
+    [B]: 1 for real pairs, 0 for filler pairs that pad a short last batch up to `batch_size`, so
+    shapes stay static. `length` forces T and `entries` forces E (each must fit every row).
     """
     indices = list(indices)
     B = batch_size or len(indices)
@@ -299,24 +316,33 @@ def pair_batch(enc: EncodedPairs, indices: Sequence[int], pad_id: int, *, batch_
     weight = np.zeros(B, np.float32)
     weight[: len(indices)] = 1.0
     fill = indices + [indices[0]] * (B - len(indices))  # filler rows are real rows with weight 0
-    rows = [(enc.prompt_ids[i], enc.chosen_ids[i]) for i in fill] + [(enc.prompt_ids[i], enc.rejected_ids[i]) for i in fill]
-    longest = max(len(p) + len(r) for p, r in rows)
+    rows = [(enc.prompt_ids[i], enc.chosen_ids[i], enc.rejected_ids[i]) for i in fill]
+    longest = max(len(p) + len(c) + len(r) for p, c, r in rows)
     T = length or bucket_length(longest, bucket_multiple)
     if longest > T:
         raise ValueError(f"a row of {longest} tokens does not fit the batch length {T}")
-    tokens = np.full((2 * B, T), pad_id, np.int32)
-    response = np.zeros((2 * B, T), bool)
-    attention = np.zeros((2 * B, T), bool)
-    for row, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        tokens[row, :n] = np.concatenate([p, r])
-        response[row, len(p):n] = True
-        attention[row, :n] = True
-    # Position t predicts token t + 1; the last position predicts nothing.
-    targets = np.concatenate([tokens[:, 1:], np.full((2 * B, 1), pad_id, np.int32)], axis=1)
-    target_mask = np.concatenate([response[:, 1:], np.zeros((2 * B, 1), bool)], axis=1)
-    return {"tokens": tokens, "targets": targets, "target_mask": target_mask, "attention_mask": attention,
-            "weight": weight}
+    scored = max(len(c) + len(r) for _, c, r in rows)
+    E = entries or bucket_length(scored, bucket_multiple)
+    if scored > E:
+        raise ValueError(f"{scored} answer tokens do not fit the batch's {E} entries")
+    out = {
+        "tokens": np.full((B, T), pad_id, np.int32), "positions": np.zeros((B, T), np.int32),
+        "segments": np.zeros((B, T), np.int32), "attention_mask": np.zeros((B, T), bool),
+        "logit_index": np.zeros((B, E), np.int32), "targets": np.full((B, E), pad_id, np.int32),
+        "chosen_mask": np.zeros((B, E), bool), "rejected_mask": np.zeros((B, E), bool), "weight": weight,
+    }
+    for b, (p, c, r) in enumerate(rows):
+        P, C, R = len(p), len(c), len(r)
+        n = P + C + R
+        out["tokens"][b, :n] = np.concatenate([p, c, r])
+        out["positions"][b, :n] = np.concatenate([np.arange(P + C), P + np.arange(R)])
+        out["segments"][b, P:P + C], out["segments"][b, P + C:n] = 1, 2
+        out["attention_mask"][b, :n] = True
+        # Answer token k is predicted at its previous token's position; k = 0 at the prompt's last.
+        out["logit_index"][b, :C + R] = np.concatenate([P - 1 + np.arange(C), [P - 1], P + C + np.arange(R - 1)])
+        out["targets"][b, :C + R] = np.concatenate([c, r])
+        out["chosen_mask"][b, :C], out["rejected_mask"][b, C:C + R] = True, True
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

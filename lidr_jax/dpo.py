@@ -45,7 +45,7 @@ class DPOConfig:
     bucket_multiple: int = 0  # 0: pad lengths to the next power of two; n: to the next multiple of n
     remat: str = "none"  # none | full | dots: activation recomputation in the layer scan
     compute_dtype: str = "float32"  # float32 | bfloat16 matmuls; weights and Adam state stay float32
-    logprob_chunk: int = 256  # sequence positions per log-softmax chunk (0: the whole sequence at once)
+    logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
     seed: int = 0  # shuffling
     reference_batch_size: int = 8  # pairs per forward in the reference log-prob pass
 
@@ -79,38 +79,59 @@ class DPOConfig:
 # --------------------------------------------------------------------------------- sequence log-probs
 
 
+def target_logprobs(params, h_BTD, targets_BE, config, *, index_BE=None, chunk: int = 256):
+    """log p(target) [B, E] in float32: entry e is predicted by the hidden state at position
+    `index_BE[b, e]` (default: position e itself, so E = T).
+
+    Logits exist only for the E entries asked for (the vocabulary head is the largest matmul of a
+    small model). The log-softmax runs in float32 over chunks of `chunk` entries inside `lax.map`;
+    with more than one chunk each is `jax.checkpoint`ed, so the backward pass recomputes a chunk's
+    [B, chunk, V] logits instead of saving them and [B, E, V] float32 logits never exist at once (at
+    V = 128k and E = 4k they would be 2 GB per row). chunk = 0 or >= E is one chunk, whose logits
+    are kept for the backward pass (no recomputation).
+    """
+    h_BED = h_BTD if index_BE is None else jnp.take_along_axis(h_BTD, index_BE[..., None], axis=1)
+    B, E, D = h_BED.shape
+
+    def chunk_logp(args):
+        h_BCD, tgt_BC = args
+        logp = jax.nn.log_softmax(unembed(params, h_BCD, config), axis=-1)  # float32
+        return jnp.take_along_axis(logp, tgt_BC[..., None], axis=-1)[..., 0]
+
+    if chunk <= 0 or chunk >= E:
+        return chunk_logp((h_BED, targets_BE))
+    n = -(-E // chunk)
+    pad = n * chunk - E  # padded entries are dropped below
+
+    def split(x):  # [B, E, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    per_chunk = jax.lax.map(jax.checkpoint(chunk_logp), (split(h_BED), split(targets_BE)))
+    return jnp.moveaxis(per_chunk, 0, 1).reshape(B, n * chunk)[:, :E]
+
+
 def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
     """Summed log-prob of the target tokens where `target_mask` is set, and their count.
 
-    batch: tokens/targets/target_mask/attention_mask [B, T] (lidr_jax.data.pair_batch).
-    Returns (logp_B float32, count_B float32).
-
-    The log-softmax runs in float32 over chunks of `chunk` positions inside `lax.map`, and each
-    chunk is `jax.checkpoint`ed: the backward pass recomputes a chunk's [B, chunk, V] logits instead
-    of saving them, so [B, T, V] float32 logits never exist at once (at V = 128k and T = 4k they
-    would be 2 GB per row). chunk = 0 or >= T is one chunk.
+    batch: tokens/targets/target_mask/attention_mask [B, T], targets being the next tokens
+    (lidr_jax.icr.scoring_batch). Returns (logp_B float32, count_B float32).
     """
     h_BTD, _ = hidden_states(params, batch["tokens"], config, attention_mask_BT=batch["attention_mask"], remat=remat)
-    B, T, D = h_BTD.shape
-    C = T if chunk <= 0 or chunk >= T else chunk
-    n = -(-T // C)
-    pad = n * C - T  # padded positions carry mask 0, so they add nothing
-
-    def split(x):  # [B, T, ...] -> [n, B, C, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, n, C, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def chunk_logp(args):
-        h_BCD, tgt_BC, mask_BC = args
-        logits = unembed(params, h_BCD, config)  # float32
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        tok = jnp.take_along_axis(logp, tgt_BC[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(mask_BC, tok, 0.0), axis=-1)
-
     mask = batch["target_mask"].astype(bool)
-    per_chunk = jax.lax.map(chunk_logp, (split(h_BTD), split(batch["targets"]), split(mask)))
-    return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=-1).astype(jnp.float32)
+    tok = target_logprobs(params, h_BTD, batch["targets"], config, chunk=chunk)
+    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+
+
+def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
+    """Summed response log-probs of packed pairs (lidr_jax.data.pair_batch: one row per pair, the
+    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32."""
+    h_BTD, _ = hidden_states(params, batch["tokens"], config, positions_BT=batch["positions"],
+                             attention_mask_BT=batch["attention_mask"], segments_BT=batch["segments"], remat=remat)
+    tok = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
+    chosen, rejected = batch["chosen_mask"].astype(bool), batch["rejected_mask"].astype(bool)
+    total = lambda m: jnp.sum(jnp.where(m, tok, 0.0), axis=-1)
+    return total(chosen), total(rejected), jnp.sum(chosen, axis=-1).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -178,8 +199,8 @@ def dpo_loss(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig, weight=None)
 
 
 def batch_logprobs(params, batch, config, cfg: DPOConfig):
-    """(logp [2B], count [2B]) of a `[2B, T]` pair batch with the settings' chunk and remat."""
-    return sequence_logprobs(params, batch, config, chunk=cfg.logprob_chunk, remat=cfg.remat)
+    """`pair_logprobs` of a packed pair batch with the settings' chunk and remat."""
+    return pair_logprobs(params, batch, config, chunk=cfg.logprob_chunk, remat=cfg.remat)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def hidden_states(
     *,
     positions_BT=None,
     attention_mask_BT=None,
+    segments_BT=None,
     cache: Cache | None = None,
     remat: str = "none",
 ):
@@ -231,14 +232,26 @@ def hidden_states(
     `attention_mask_BT` marks real tokens (1) and padding (0); positions default to the count of real
     tokens before each one, so left padding does not shift positions. With a cache, positions must
     continue from the tokens already cached (the sampler passes them).
+
+    `segments_BT` packs several sequences that share a prefix into one row (lidr_jax.data.pair_batch:
+    a prompt, then its chosen and its rejected answer): segment 0 is the shared prefix, seen by every
+    later token; a token of segment s > 0 sees only the prefix and its own segment. Positions must
+    then be given (each segment continues from the prefix's end).
     """
     B, T = tokens_BT.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
     if positions_BT is None:
+        if segments_BT is not None:
+            raise ValueError("packed segments need explicit positions (each segment continues the prefix)")
         positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     # New token i may see new token j <= i if j is real; cached slot s if it holds a token and
     # s < index (slots from `index` on are this call's own, attended through the new block).
     new_allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
+    if segments_BT is not None:
+        if cache is not None:
+            raise ValueError("packed segments are for training and scoring passes, not for a KV cache")
+        seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
+        new_allowed_BTT &= (seg_j == 0) | (seg_j == seg_i)
     if cache is not None:
         index = cache["index"]
         empty = isinstance(index, int) and index == 0  # a fresh cache: nothing cached to attend to
@@ -295,6 +308,7 @@ def forward(
     *,
     positions_BT=None,
     attention_mask_BT=None,
+    segments_BT=None,
     cache: Cache | None = None,
     remat: str = "none",
 ):
@@ -305,6 +319,7 @@ def forward(
         config,
         positions_BT=positions_BT,
         attention_mask_BT=attention_mask_BT,
+        segments_BT=segments_BT,
         cache=cache,
         remat=remat,
     )

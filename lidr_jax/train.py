@@ -64,7 +64,7 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
     per bucket).
     """
     config = model_config.replace(dtype=cfg.compute_dtype)
-    fn = jax.jit(lambda p, b: batch_logprobs(p, b, config, cfg)[0])
+    fn = jax.jit(lambda p, b: batch_logprobs(p, b, config, cfg)[:2])
     N, B = len(enc), cfg.reference_batch_size
     order = np.argsort(enc.lengths(), kind="stable")
     chosen, rejected = np.zeros(N, np.float32), np.zeros(N, np.float32)
@@ -72,8 +72,8 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
     for start in range(0, N, B):
         idx = order[start:start + B]
         batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-        logp = to_host(fn(params, put_process_rows({k: v for k, v in batch.items() if k != "weight"})))
-        chosen[idx], rejected[idx] = logp[:len(idx)], logp[B:B + len(idx)]
+        logp_c, logp_r = map(to_host, fn(params, put_process_rows({k: v for k, v in batch.items() if k != "weight"})))
+        chosen[idx], rejected[idx] = logp_c[:len(idx)], logp_r[:len(idx)]
         bar.update(len(idx))
     bar.close()
     return {"chosen": chosen, "rejected": rejected}
@@ -148,14 +148,13 @@ def init_state(params, optimizer) -> TrainState:
 
 def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
     """Gradients and metrics of the weighted mean loss over `batch` leaves [A, ...] (A micro-batches
-    of `[2b, T]` rows, chosen then rejected). Sums are accumulated and divided once by the total
-    pair weight, so any split of the same pairs into micro-batches gives the same gradients."""
+    of b packed pair rows, lidr_jax.data.pair_batch). Sums are accumulated and divided once by the
+    total pair weight, so any split of the same pairs into micro-batches gives the same gradients."""
     config = model_config.replace(dtype=cfg.compute_dtype)
 
     def micro_loss(p, mb):
-        logp, count = batch_logprobs(p, mb, config, cfg)
-        b = logp.shape[0] // 2
-        loss_B, per_pair = dpo_terms(logp[:b], logp[b:], count[:b], mb["ref_chosen"], mb["ref_rejected"], cfg)
+        logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
+        loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg)
         w = mb["weight"]
         sums = {k: jnp.sum(w * v) for k, v in per_pair.items()}
         sums["weight"] = jnp.sum(w)
@@ -211,15 +210,16 @@ def step_indices(step: int, num_pairs: int, cfg: DPOConfig) -> np.ndarray:
 
 
 def step_batch(enc: EncodedPairs, ref, idx: np.ndarray, cfg: DPOConfig, pad_id: int, length: int | None = None):
-    """Stacked micro-batches [A, 2b, T] for one optimizer step; all share one bucketed T. Micro-batches
+    """Stacked micro-batches [A, b, ...] for one optimizer step; all share one bucketed T. Micro-batches
     past the end of a short last step are filler with weight 0."""
     b = cfg.batch_size
     if length is None:
         length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
+    entries = bucket_length(int(enc.answer_lengths()[idx].max()), cfg.bucket_multiple)
     micro = []
     for j in range(cfg.grad_accum):
         part = idx[j * b:(j + 1) * b]
-        mb = pair_batch(enc, part if len(part) else idx[:1], pad_id, batch_size=b, length=length)
+        mb = pair_batch(enc, part if len(part) else idx[:1], pad_id, batch_size=b, length=length, entries=entries)
         if not len(part):
             mb["weight"][:] = 0.0
         fill = np.concatenate([part, np.full(b - len(part), idx[0])]).astype(np.int64)
@@ -266,8 +266,7 @@ def train(
         for k in range(start, num_steps):
             idx = step_indices(k, len(enc), cfg)
             batch = step_batch(enc, ref, idx, cfg, pad_id)
-            row_w = np.concatenate([batch["weight"], batch["weight"]], axis=1)  # [A, 2b]
-            tokens = int((batch["attention_mask"].sum(-1) * row_w).sum())
+            tokens = int((batch["attention_mask"].sum(-1) * batch["weight"]).sum())  # prompt counted once
             t0 = time.perf_counter()
             state, metrics = step_fn(state, put_process_rows(batch, axis=1))
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}

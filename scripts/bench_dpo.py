@@ -115,7 +115,7 @@ def side_jax(out: Path, steps: int, warmup: int):
 
     model = load_pretrained(out / "hf")
     enc = synthetic_pairs(model.config.vocab_size)
-    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0, logprob_chunk=128,
+    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0,
                     reference_batch_size=PAIRS)
     times, ref = jax_train_steps(model.config, model.params, enc, cfg, steps, warmup)
     np.savez(out / "ref.npz", **ref)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -153,7 +154,7 @@ def multiprocess() -> dict | None:
     from jax.experimental import multihost_utils
 
     from lidr_jax.data import encode_pairs, pair_batch
-    from lidr_jax.dpo import sequence_logprobs
+    from lidr_jax.dpo import pair_logprobs
     from lidr_jax.multihost import generate_across_processes, global_batch, process_shard
     from lidr_jax.sharding import MeshConfig, make_mesh, place_params, use_mesh
 
@@ -163,10 +164,10 @@ def multiprocess() -> dict | None:
     enc = encode_pairs(all_pairs, model.tokenizer, 64, 32)
     base_losses, _ = dpo_run(model, enc)  # this process alone, one device, all pairs
     base_tokens = greedy(model, prompts=PROMPTS[:4])
-    logp_fn = jax.jit(lambda p, b: sequence_logprobs(p, b, model.config, chunk=0)[0])
+    logp_fn = jax.jit(lambda p, b: jnp.stack(pair_logprobs(p, b, model.config, chunk=0)[:2], axis=1))  # [pairs, 2]
 
     def rows(encoded):
-        b = pair_batch(encoded, range(len(encoded)), 0, length=64)
+        b = pair_batch(encoded, range(len(encoded)), 0, length=128, entries=64)
         return {k: v for k, v in b.items() if k != "weight"}
 
     # Reference: every process's rows, computed here on one device, in process order.

@@ -109,21 +109,27 @@ def test_template_whose_prompt_is_not_a_prefix_fails_clearly():
 
 
 def test_buckets():
-    assert [bucket_length(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 128, 129, 256)] == [16, 16, 32, 128, 128, 256, 256]
+    assert [bucket_length(n) for n in (257, 384, 385, 1000)] == [384, 384, 512, 1024]
     assert [bucket_length(n, multiple=48) for n in (1, 48, 49)] == [48, 48, 96]
 
 
-def test_pair_batch_layout_chosen_then_rejected_with_filler(tok):
+def test_pair_batch_packs_each_pair_into_one_row_with_filler(tok):
     pairs = [PreferencePair("p", "c" * 3, "r"), PreferencePair("q", "d", "s" * 5)]
     enc = encode_pairs(pairs, tok, 100, 100)
     b = pair_batch(enc, [1], pad_id=0, batch_size=2)
-    assert b["tokens"].shape == (4, 32) and b["weight"].tolist() == [1.0, 0.0]
     p, c, r = enc.prompt_ids[1], enc.chosen_ids[1], enc.rejected_ids[1]
-    assert b["tokens"][0, :len(p) + len(c)].tolist() == np.concatenate([p, c]).tolist()
-    assert b["tokens"][2, :len(p) + len(r)].tolist() == np.concatenate([p, r]).tolist()
-    assert b["target_mask"][0].sum() == len(c) and b["target_mask"][2].sum() == len(r)
-    assert not b["target_mask"][0, :len(p) - 1].any() and b["target_mask"][0, len(p) - 1]
-    assert (b["tokens"][0, len(p) + len(c):] == 0).all()
+    n = len(p) + len(c) + len(r)
+    assert b["tokens"].shape == (2, bucket_length(n)) and b["weight"].tolist() == [1.0, 0.0]
+    assert b["targets"].shape == (2, bucket_length(len(c) + len(r)))
+    assert b["tokens"][0, :n].tolist() == np.concatenate([p, c, r]).tolist()
+    assert (b["tokens"][0, n:] == 0).all()
+    assert b["chosen_mask"][0].sum() == len(c) and b["rejected_mask"][0].sum() == len(r)
+    assert b["tokens"][1, :n].tolist() == b["tokens"][0, :n].tolist()  # filler: a copy with weight 0
+    with pytest.raises(ValueError, match="does not fit the batch length"):
+        pair_batch(enc, [1], pad_id=0, length=n - 1)
+    with pytest.raises(ValueError, match="answer tokens do not fit"):
+        pair_batch(enc, [1], pad_id=0, entries=len(c) + len(r) - 1)
 
 
 def test_real_prompts_roundtrip_with_provenance(tmp_path, tok):

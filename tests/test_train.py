@@ -45,8 +45,8 @@ def test_grad_accumulation_1x8_equals_4x2(setup):
     results = []
     for b, a in ((8, 1), (2, 4)):
         cfg = DPOConfig(batch_size=b, grad_accum=a, learning_rate=1e-3, warmup=0, logprob_chunk=16)
-        batch = step_batch(enc, ref, idx, cfg, pad_id=0, length=64)
-        assert batch["tokens"].shape == (a, 2 * b, 64)
+        batch = step_batch(enc, ref, idx, cfg, pad_id=0, length=96)
+        assert batch["tokens"].shape == (a, b, 96)
         opt = make_optimizer(cfg, 10)
 
         def grads_and_update(p, x, cfg=cfg, opt=opt):  # what make_train_step does, grads exposed
