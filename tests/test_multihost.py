@@ -3,8 +3,8 @@ run directory that is not the writer writes nothing.
 
 The two-process run is `python -m lidr_jax.iterate` twice (LIDR_COORDINATOR / LIDR_NUM_PROCESSES /
 LIDR_PROCESS_ID on localhost, one CPU device each, gloo collectives); the one-process run is the same
-command alone. Child processes inherit this process's CPU affinity (run pytest under `taskset` to pin
-them). Tolerances (float32): training metrics 1e-5 (one device against a 2-device fsdp mesh); summed
+command alone. Every process runs under tests/audit_writes.py, which lists the run-directory paths it
+wrote. Child processes inherit this process's CPU affinity (run pytest under `taskset` to pin them). Tolerances (float32): training metrics 1e-5 (one device against a 2-device fsdp mesh); summed
 reference log-probs 1e-4, as in tests/test_sharding.py; generated texts identical.
 """
 
@@ -24,13 +24,15 @@ from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401
 
 from lidr_jax.run_dir import Processes, RunDir
 
-# Fewer, smaller stages than test_iterate's run; batch size 1 makes 2 generation chunks (of 4 jobs) so
-# both processes generate.
-FAST = ["generation.batch_size=1", "lidr.translation.batch_size=1", "dpo.epochs=1", "checkpoint_every=2"]
+# Smaller than test_iterate's run. Batch size 1 makes chunks of 4 jobs, so generation and translation
+# have 2 chunks each and both processes generate; the check then reuses the generation executables.
+FAST = ["generation.batch_size=1", "lidr.translation.batch_size=1", "check.sampling.batch_size=1", "dpo.epochs=1",
+        "checkpoint_every=2"]  # fmt: skip
 TEXTS = ("generate/generations.jsonl", "translate/raw_translations.jsonl", "translate/translations.jsonl",
          "pairs/pairs.jsonl", "pairs/stats.json", "check/held_out.jsonl")  # fmt: skip
 TIMINGS = ("step_time_s", "tokens_per_s", "pairs_per_s")
-ORBAX = ("train/checkpoints/", "train/policy/")  # Orbax's own layout (per-process parts while writing)
+ORBAX = ("train/checkpoints", "train/policy")  # written by every process together (Orbax coordinates)
+AUDIT = Path(__file__).resolve().parent / "audit_writes.py"
 
 
 def _env(**extra) -> dict:
@@ -46,21 +48,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _iterate(args: list[str], processes: int) -> list[tuple[int, str, str]]:
+def _iterate(args: list[str], processes: int, run: Path) -> list[tuple[int, str, str]]:
     """Run the CLI as `processes` cooperating processes; (returncode, stdout, stderr) of each."""
     coordinator = f"127.0.0.1:{_free_port()}"
     envs = [_env() if processes == 1 else
             _env(LIDR_COORDINATOR=coordinator, LIDR_NUM_PROCESSES=str(processes), LIDR_PROCESS_ID=str(i))
             for i in range(processes)]  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-m", "lidr_jax.iterate", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for env in envs]  # fmt: skip
+    command = [sys.executable, str(AUDIT), str(run), "lidr_jax.iterate", "--run-dir", str(run), *args]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for env in envs]  # fmt: skip
     try:
-        outs = [p.communicate(timeout=600) for p in procs]
+        outs = [p.communicate(timeout=300) for p in procs]
         return [(p.returncode, *out) for p, out in zip(procs, outs)]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def _writes(stdout: str) -> list[str]:
+    """What tests/audit_writes.py saw the process write under the run directory, Orbax's parts aside."""
+    line = next(line for line in stdout.splitlines() if line.startswith("WRITES "))
+    return [p for p in json.loads(line[len("WRITES "):]) if not any(part in p for part in ORBAX)]
 
 
 def _files(run: Path) -> set[str]:
@@ -102,13 +111,15 @@ def _stages(run: Path) -> dict:
 
 def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "two"
-    sets = [a for s in FAST for a in ("--set", s)]
-    ((rc, _, err),) = _iterate(base_args(scripted_model_dir, prompt_dir, one) + sets, 1)
+    args = base_args(scripted_model_dir, prompt_dir, tmp_path)[2:]  # without its --run-dir
+    args += [a for s in FAST for a in ("--set", s)]
+    ((rc, _, err),) = _iterate(args, 1, one)
     assert rc == 0, err[-3000:]
-    runs = _iterate(base_args(scripted_model_dir, prompt_dir, two) + sets, 2)
+    runs = _iterate(args, 2, two)
     for rc, _, err in runs:
         assert rc == 0, err[-3000:]
     assert "pairs@1" in runs[0][1] and "pairs@1" not in runs[1][1]  # the summary table: the writer's
+    assert "manifest.json" in _writes(runs[0][1]) and _writes(runs[1][1]) == []  # one writer
 
     assert _files(two) == _files(one)  # one copy of every file; no temporary or partial files left
     assert not [f for f in _files(two) if ".tmp" in f or ".partial." in f]
