@@ -190,7 +190,7 @@ class Runner:
 
         report = self.run.on_writer(write_report, self.cfg, self.run)
         self.run.on_writer(print_summary, self.cfg, self.run)
-        print(f"\ndone in {time.perf_counter() - t0:.0f} s; report: {report}")
+        print(f"\ndone in {time.perf_counter() - t0:.0f} s" + (f"; report: {report}" if report else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

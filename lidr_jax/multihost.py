@@ -197,6 +197,9 @@ def generation_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, dict]:
         return ctx.mesh, ctx.rules
     mine = [d for d in ctx.mesh.devices.flat if d.process_index == jax.process_index()]
     tensor = ctx.mesh.shape["tensor"]
+    if len(mine) % tensor:
+        raise ValueError(f"mesh.tensor={tensor} does not divide this host's {len(mine)} devices; generation runs "
+                         "on each host's own devices, so keep tensor within a host (mesh.preset=fsdp_tensor)")
     return Mesh(np.asarray(mine).reshape(1, len(mine) // tensor, tensor), MESH_AXES), ctx.rules
 
 

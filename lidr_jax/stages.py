@@ -16,6 +16,7 @@ split over them and gathered, so each ends with every row; only the run director
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -73,7 +74,7 @@ def generate_resumable(run: RunDir, model: Model, jobs: Sequence[Job], sampling:
     if done:
         print(f"  {desc}: resuming, {len(done)} of {len(chunks)} chunks already done")
     rounds = [todo[i : i + jax.process_count()] for i in range(0, len(todo), jax.process_count())]
-    with multihost.on_this_process(model) as local:
+    with multihost.on_this_process(model) if rounds else contextlib.nullcontext(model) as local:
         for pending in rounds:
             mine = multihost.process_shard(pending)  # at most one chunk per process
             finished = multihost.gather_objects([{"chunk": i, "rows": _chunk_rows(local, chunks[i], sampling)}
@@ -271,8 +272,9 @@ def _answer_logprobs(cfg: RunConfig, model: Model, items: list) -> np.ndarray:
 
         def score(share):
             part = icr.ScoringInputs([p for p, _ in share], [r for _, r in share], 0, 0)
-            return icr.answer_logprobs(local.params, local.config, part, local.tokenizer.pad_token_id,
-                                       batch_size=cfg.icr.score_batch_size, chunk=cfg.dpo.logprob_chunk).tolist()  # fmt: skip
+            logp = icr.answer_logprobs(local.params, local.config, part, local.tokenizer.pad_token_id,
+                                       batch_size=cfg.icr.score_batch_size, chunk=cfg.dpo.logprob_chunk)  # fmt: skip
+            return logp.tolist()
 
         return np.asarray(multihost.map_across_processes(score, list(zip(inputs.prompt_ids, inputs.response_ids))))
 

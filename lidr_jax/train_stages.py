@@ -71,8 +71,8 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
             state = restored[0]
             run.on_writer(_truncate_metrics, metrics_path, int(state.step))
             print(f"  train: resuming from the checkpoint at step {int(state.step)} of {num_steps}")
-        else:
-            run.on_writer(metrics_path.unlink, missing_ok=True)  # a run killed before its first checkpoint starts over
+        else:  # a run killed before its first checkpoint starts over
+            run.on_writer(metrics_path.unlink, missing_ok=True)
 
         def save(st, metrics):
             if ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])}):

@@ -1,7 +1,8 @@
-"""`python tests/audit_writes.py DIR MODULE ARGS...`: run MODULE as `python -m MODULE ARGS...` would, and at
-exit print one line `WRITES [paths]`: every path under DIR that this process opened for writing,
-created, renamed, truncated or removed (Python's audit hooks, so writes made by C++ code such as
-TensorStore's are not seen; a mkdir of a directory that exists changes nothing and is not listed). tests/test_multihost.py uses it to show that only the writer writes.
+"""`python tests/audit_writes.py DIR MODULE ARGS...`: run MODULE as `python -m MODULE ARGS...` would,
+and at exit print one line `WRITES [paths]`: every path under DIR that this process opened for
+writing, created, renamed, truncated or removed. Python's audit hooks see these, so writes made by
+C++ code (TensorStore's) are not listed; nor is a mkdir of a directory that exists (it changes
+nothing). tests/test_multihost.py uses it to show that only the writer writes.
 """
 
 from __future__ import annotations

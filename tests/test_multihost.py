@@ -4,7 +4,8 @@ run directory that is not the writer writes nothing.
 The two-process run is `python -m lidr_jax.iterate` twice (LIDR_COORDINATOR / LIDR_NUM_PROCESSES /
 LIDR_PROCESS_ID on localhost, one CPU device each, gloo collectives); the one-process run is the same
 command alone. Every process runs under tests/audit_writes.py, which lists the run-directory paths it
-wrote. Child processes inherit this process's CPU affinity (run pytest under `taskset` to pin them). Tolerances (float32): training metrics 1e-5 (one device against a 2-device fsdp mesh); summed
+wrote. Child processes inherit this process's CPU affinity (run pytest under `taskset` to pin them).
+Tolerances (float32): training metrics 1e-5 (one device against a 2-device fsdp mesh); summed
 reference log-probs 1e-4, as in tests/test_sharding.py; generated texts identical.
 """
 
