@@ -62,6 +62,18 @@ def model_flops(config, tokens: int, seq: int) -> float:
     return (6 * n + attn) * tokens
 
 
+def packed_flops(config, pairs: int, prompt: int, response: int) -> float:
+    """FLOPs lidr_jax executes for the same step: one packed row per pair (the prompt run once) and
+    the vocabulary head only at the 2 x response scored positions (lidr_jax.data.pair_batch)."""
+    from lidr_jax.model import abstract_params, count_params
+
+    head = config.vocab_size * config.hidden_size
+    body = count_params(abstract_params(config)) - (head if config.tie_word_embeddings else 2 * head)
+    row = prompt + 2 * response
+    attn = 12 * config.num_hidden_layers * row * config.num_attention_heads * config.head_dim
+    return pairs * (row * (6 * body + attn) + 2 * response * 6 * head)
+
+
 def matmul_rate(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
     import jax
     import jax.numpy as jnp
@@ -120,7 +132,8 @@ def side_jax(out: Path, steps: int, warmup: int):
     times, ref = jax_train_steps(model.config, model.params, enc, cfg, steps, warmup)
     np.savez(out / "ref.npz", **ref)
     return {"step_s": float(np.median(times)), "times": times, "peak_mb": _peak_mb(),
-            "flops": model_flops(model.config, 2 * PAIRS * (PROMPT + RESPONSE), PROMPT + RESPONSE)}
+            "flops": model_flops(model.config, 2 * PAIRS * (PROMPT + RESPONSE), PROMPT + RESPONSE),
+            "executed_flops": packed_flops(model.config, PAIRS, PROMPT, RESPONSE)}
 
 
 def side_trl(out: Path, steps: int, warmup: int):
@@ -188,6 +201,10 @@ def cpu_main(args):
         fl = j["flops"] / r["step_s"]
         print(f"{name:10s}{r['step_s']:10.3f}{p:10.2f}{r['peak_mb']:10.0f}{fl / 1e9:10.1f}{fl / rate:10.1%}")
     print(f"speed-up (pairs/s lidr_jax / TRL): {pairs_j / pairs_t:.2f}x; step times jax {j['times']} trl {t['times']}")
+    ex = j["executed_flops"]
+    print(f"model FLOPs count the work of two rows per pair (what TRL runs); lidr_jax packs each pair into one "
+          f"row and executes {ex / 1e12:.2f} T ({ex / j['flops']:.0%}): {ex / j['step_s'] / 1e9:.1f} GFLOP/s executed, "
+          f"{ex / j['step_s'] / rate:.1%} of the matmul rate")
 
 
 GPU_CONFIGS = {  # architecture of the named models (HF config.json values); weights are random
