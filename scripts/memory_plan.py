@@ -1,7 +1,7 @@
 """Per-device memory plan for DPO training, computed from shapes (nothing is allocated or guessed).
 
     python scripts/memory_plan.py                      # Llama-3-8B on TPU v5e-8, v5e-16, 8 x H100
-    python scripts/memory_plan.py --seq 4096 --rows-per-device 2
+    python scripts/memory_plan.py --prompt 1024 --response 2048 --pairs-per-device 2
 
 - Parameters, AdamW state and gradients: `jax.eval_shape` of lidr_jax.train.init_state on the
   abstract params, placed with lidr_jax.sharding's rules on a (data, fsdp, tensor) mesh of virtual
@@ -9,12 +9,13 @@
   and Adam moments, as lidr_jax.train keeps them. Gradients count twice: the accumulator carried
   by the micro-batch scan and one micro-batch's gradients.
 - Activations: the residuals that `jax.vjp` saves for the backward pass of the DPO log-prob
-  forward (jax's own `saved_residuals`, traced on abstract inputs) for `rows-per-device` rows of
-  `seq` tokens in bfloat16 compute, per remat policy. Inputs (the weights) are not counted again.
+  forward (jax's own `saved_residuals`, traced on abstract inputs) for `pairs-per-device` packed
+  pair rows (prompt + chosen + rejected tokens, lidr_jax.data.pair_batch) in bfloat16 compute, per
+  remat policy. Inputs (the weights) are not counted again.
   The trace is the unsharded program at the per-device batch, so a residual that is a whole
   bfloat16 weight copy (remat none) is counted whole: an upper bound under FSDP.
 - Transient peaks, analytic from the einsum shapes and stated as such: one layer's weights
-  all-gathered in bfloat16, and one log-softmax chunk's float32 logits [rows, chunk, V] times 3
+  all-gathered in bfloat16, and one log-softmax chunk's float32 logits [pairs, chunk, V] times 3
   (logits, log-softmax, their gradient).
 """
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidr_jax.config import ModelConfig
-from lidr_jax.dpo import DPOConfig, sequence_logprobs
+from lidr_jax.dpo import DPOConfig, pair_logprobs
 from lidr_jax.model import abstract_params, count_params
 from lidr_jax.sharding import MeshConfig, make_mesh, state_shardings
 from lidr_jax.train import init_state, make_optimizer
@@ -71,35 +72,42 @@ def state_bytes_per_device(config: ModelConfig, mesh) -> dict[str, float]:
     return {"params": params, "adamw": opt, "grads": 2 * params}
 
 
-def activation_bytes(config: ModelConfig, rows: int, seq: int, remat: str, chunk: int) -> int:
-    """Residuals saved for the backward pass (jax's saved_residuals), weights excluded."""
+def activation_bytes(config: ModelConfig, pairs: int, seq: int, entries: int, remat: str, chunk: int) -> int:
+    """Residuals saved for the backward pass (jax's saved_residuals), weights excluded, for `pairs`
+    packed rows of `seq` tokens with `entries` scored answer tokens each."""
     saved_residuals = _from_jax_import_saved_residuals()
-    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
-             for k in ("tokens", "targets", "target_mask", "attention_mask")}  # fmt: skip
-    f = lambda p, b: sequence_logprobs(p, b, config, chunk=chunk, remat=remat)[0].sum()
+    rows = {k: jax.ShapeDtypeStruct((pairs, seq), jnp.bool_ if k == "attention_mask" else jnp.int32)
+            for k in ("tokens", "positions", "segments", "attention_mask")}  # fmt: skip
+    scored = {k: jax.ShapeDtypeStruct((pairs, entries), jnp.int32 if k in ("logit_index", "targets") else jnp.bool_)
+              for k in ("logit_index", "targets", "chosen_mask", "rejected_mask")}  # fmt: skip
+    batch = {**rows, **scored}
+    f = lambda p, b: pair_logprobs(p, b, config, chunk=chunk, remat=remat)[0].sum()
     res = saved_residuals(f, abstract_params(config), batch)
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, src in res if "argument" not in src)
 
 
-def transient_bytes(config: ModelConfig, rows: int, chunk: int) -> tuple[int, int]:
+def transient_bytes(config: ModelConfig, pairs: int, chunk: int) -> tuple[int, int]:
     """Analytic: one layer's weights gathered in bfloat16; one logits chunk in float32, three times."""
     layer = count_params(abstract_params(config)["layers"]) // config.num_hidden_layers * 2
-    logits = 3 * rows * chunk * config.vocab_size * 4
+    logits = 3 * pairs * chunk * config.vocab_size * 4
     return layer, logits
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=2048, help="tokens per row (max_prompt_len 512 + max_response_len 1024, bucketed)")
-    ap.add_argument("--rows-per-device", type=int, default=1, help="rows (a pair is 2 rows) per device per micro-batch")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens per pair (dpo.max_prompt_len)")
+    ap.add_argument("--response", type=int, default=1024, help="tokens per answer (dpo.max_response_len)")
+    ap.add_argument("--pairs-per-device", type=int, default=1, help="packed pair rows per device per micro-batch")
     ap.add_argument("--chunk", type=int, default=256, help="dpo.logprob_chunk")
     args = ap.parse_args(argv)
     config = LLAMA3_8B
     n = count_params(abstract_params(config))
-    acts = {r: activation_bytes(config, args.rows_per_device, args.seq, r, args.chunk) for r in ("none", "dots", "full")}
-    layer, logits = transient_bytes(config, args.rows_per_device, args.chunk)
+    seq, entries = args.prompt + 2 * args.response, 2 * args.response  # one packed row per pair
+    acts = {r: activation_bytes(config, args.pairs_per_device, seq, entries, r, args.chunk) for r in ("none", "dots", "full")}
+    layer, logits = transient_bytes(config, args.pairs_per_device, args.chunk)
     print(f"Llama-3-8B ({n:,} parameters), DPO, float32 master weights and AdamW state, bfloat16 compute,")
-    print(f"{args.rows_per_device} row(s) of {args.seq} tokens per device per micro-batch, log-prob chunk {args.chunk}.")
+    print(f"{args.pairs_per_device} packed pair row(s) of {seq} tokens ({args.prompt} prompt + 2 x {args.response} answer) "
+          f"per device per micro-batch, log-prob chunk {args.chunk}.")
     print("GiB per device:\n")
     print("| target | mesh (data, fsdp, tensor) | params f32 | AdamW mu+nu | grads (acc + micro) | transient (layer gather + logits chunk) "
           "| activations none / dots / full | total none / dots / full | HBM |")  # fmt: skip
