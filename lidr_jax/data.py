@@ -18,8 +18,8 @@ text plus the template's end-of-turn), checked by prefix. Truncation rule: a pro
 longer than `max_response_len` keeps its START (the part the model writes first). Both are counted.
 
 Batches (`pair_batch`): one packed row per pair, `prompt | chosen | rejected`, right padded, so the
-prompt is run once for both answers; T is the batch's longest row rounded up to a bucket (next power
-of two, or a multiple) so jit compiles once per bucket. Only the logits that predict an answer token
+prompt is run once for both answers; T is the batch's longest row rounded up to a bucket
+(`bucket_length`) so jit compiles once per bucket. Only the logits that predict an answer token
 are computed (`logit_index`), so the prompt and the padding contribute nothing to a log-prob.
 """
 

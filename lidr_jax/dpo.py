@@ -33,7 +33,7 @@ class DPOConfig:
     warmup: float = 0.1  # < 1: fraction of the optimizer steps; >= 1: a number of steps
     schedule: str = "cosine"  # decay after warmup: cosine | linear (both to 0) | constant
     epochs: int = 1
-    batch_size: int = 4  # pairs per micro-batch (one forward of 2*batch_size rows)
+    batch_size: int = 4  # pairs per micro-batch (one packed row per pair)
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
     weight_decay: float = 0.0
@@ -42,7 +42,7 @@ class DPOConfig:
     adam_eps: float = 1e-8
     max_prompt_len: int = 512  # longer prompts keep their last tokens (counted)
     max_response_len: int = 1024  # longer responses keep their first tokens (counted)
-    bucket_multiple: int = 0  # 0: pad lengths to the next power of two; n: to the next multiple of n
+    bucket_multiple: int = 0  # 0: powers of two to 256, then multiples of 128; n: multiples of n
     remat: str = "none"  # none | full | dots: activation recomputation in the layer scan
     compute_dtype: str = "float32"  # float32 | bfloat16 matmuls; weights and Adam state stay float32
     logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)

@@ -50,28 +50,23 @@ def synthetic_pairs(vocab: int, pairs: int = PAIRS, seed: int = 0):
                         [ids(RESPONSE) for _ in range(pairs)])
 
 
-def model_flops(config, tokens: int, seq: int) -> float:
+def model_flops(config, tokens: int, seq: int, head_tokens: int | None = None) -> float:
+    """Training FLOPs (6 per weight per token, plus attention over `seq`) of `tokens` tokens, with
+    the vocabulary head at `head_tokens` of them (default: all). The input embedding lookup is not a
+    matmul; a tied embedding counts once, as the head."""
     from lidr_jax.model import abstract_params, count_params
 
-    n = count_params(abstract_params(config))
-    if config.tie_word_embeddings:  # the embedding is also the output matmul; the lookup is not a matmul
-        pass
-    else:
-        n -= config.vocab_size * config.hidden_size  # input embedding lookup
+    head = config.vocab_size * config.hidden_size
+    body = count_params(abstract_params(config)) - (head if config.tie_word_embeddings else 2 * head)
     attn = 12 * config.num_hidden_layers * seq * config.num_attention_heads * config.head_dim
-    return (6 * n + attn) * tokens
+    return (6 * body + attn) * tokens + 6 * head * (tokens if head_tokens is None else head_tokens)
 
 
 def packed_flops(config, pairs: int, prompt: int, response: int) -> float:
     """FLOPs lidr_jax executes for the same step: one packed row per pair (the prompt run once) and
     the vocabulary head only at the 2 x response scored positions (lidr_jax.data.pair_batch)."""
-    from lidr_jax.model import abstract_params, count_params
-
-    head = config.vocab_size * config.hidden_size
-    body = count_params(abstract_params(config)) - (head if config.tie_word_embeddings else 2 * head)
     row = prompt + 2 * response
-    attn = 12 * config.num_hidden_layers * row * config.num_attention_heads * config.head_dim
-    return pairs * (row * (6 * body + attn) + 2 * response * 6 * head)
+    return model_flops(config, pairs * row, row, head_tokens=pairs * 2 * response)
 
 
 def matmul_rate(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:

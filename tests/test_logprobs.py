@@ -106,9 +106,8 @@ def test_padding_contributes_nothing(setup):
     got = [np.stack(_pair(params, x, config=config, chunk=8)[:2]) for x in (short, long, other_pad)]
     for g in got[1:]:
         np.testing.assert_allclose(g, got[0], rtol=0, atol=TOL * np.abs(got[0]).max())
-    rows = unpacked_rows(enc, [0, 1, 2, 3])
-    a, b = (np.asarray(_logp(params, unpacked_rows(enc, [0, 1, 2, 3], length=n, pad_id=pad), config=config, chunk=8)[0])
-            for n, pad in ((rows["tokens"].shape[1], 0), (2 * rows["tokens"].shape[1], 7)))
+    a = np.asarray(_logp(params, unpacked_rows(enc, [0, 1, 2, 3], length=64), config=config, chunk=8)[0])
+    b = np.asarray(_logp(params, unpacked_rows(enc, [0, 1, 2, 3], length=128, pad_id=7), config=config, chunk=8)[0])
     np.testing.assert_allclose(b, a, rtol=0, atol=TOL * np.abs(a).max())
 
 
