@@ -1,7 +1,11 @@
 """The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2) as pure functions.
 
 Parameters are a plain nested dict of arrays. Layer weights are stacked on a leading layer axis and
-the forward pass `lax.scan`s over them, so compile time does not grow with depth.
+the forward pass `lax.scan`s over them, so compile time does not grow with depth. `unstack_layers`
+gives the other layout, a list of per-layer weight dicts, which the forward pass runs as an unrolled
+Python loop: on XLA:CPU the scan copies every layer's weights out of the stacked arrays at every
+step (a dynamic-slice is not fused into a library GEMM), which is a quarter of a decode step there, so
+the sampler decodes with unstacked layers on a single CPU device (lidr_jax.sampler.decode_params).
 
 Shape key (used in names and einsum strings):
     B batch        T query positions   S key/value positions (cache slots)
@@ -114,8 +118,10 @@ def count_params(params_or_abstract: Params) -> int:
 # --------------------------------------------------------------------------------------------- cache
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None, *,
+               per_layer: bool = False) -> Cache:  # fmt: skip
     """An empty KV cache of `max_len` slots: k/v [L, B, K, S, H], slot validity [B, S], next slot.
+    With `per_layer` (for unstacked params, see `unstack_layers`), k/v are lists of L [B, K, S, H].
 
     Heads before slots: attention contracts over H with (B, K) as batch dimensions, so this layout
     feeds the matmuls without a transpose of the cache (measured 1.6x faster decode attention on CPU
@@ -123,9 +129,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None 
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     kv_axes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # sharded only under an active mesh
+    if per_layer:
+        empty = lambda: [constrain(jnp.zeros(shape[1:], dtype), kv_axes[1:]) for _ in range(shape[0])]
+    else:
+        empty = lambda: constrain(jnp.zeros(shape, dtype), kv_axes)
     return {
-        "k": constrain(jnp.zeros(shape, dtype), kv_axes),
-        "v": constrain(jnp.zeros(shape, dtype), kv_axes),
+        "k": empty(),
+        "v": empty(),
         "valid_BS": constrain(jnp.zeros((batch, max_len), bool), ("batch", "seq")),
         # A Python 0, not an array: inside a jitted prefill the cache is then statically empty and
         # attention skips it (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
@@ -160,35 +170,31 @@ def apply_rope(x_BTnH, cos_BTH, sin_BTH):
     return out.astype(x_BTnH.dtype)
 
 
-def attention(q_BTNH, k_new_BTKH, v_new_BTKH, new_allowed_BTT, config: ModelConfig, old=None):
-    """Grouped-query attention of T new queries over cached keys (`old`) and the T new keys.
+def attention(q_BTNH, blocks, config: ModelConfig):
+    """Grouped-query attention of T queries over one or more key/value blocks sharing one softmax.
 
-    `old` = (k_BKSH, v_BKSH, allowed_BTS): the cache slots before this call and which of them each
-    query may see. The new keys are attended separately and the two score blocks share one softmax,
-    so the cache is read but never copied to append the new tokens (it is updated once, in place,
-    after the layer scan). Scores and softmax in float32."""
+    blocks: (k_BKSH, v_BKSH, allowed_BTS) triples, e.g. the cache slots before this call and this
+    call's own keys: attending to them as two blocks reads the cache without copying it to append the
+    new tokens. Scores and softmax in float32."""
     B, T, N, H = q_BTNH.shape
     K, G = config.num_key_value_heads, config.num_groups
     q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4) * jnp.asarray(H**-0.5, q_BTNH.dtype)
-    k_new_BKTH, v_new_BKTH = k_new_BTKH.transpose(0, 2, 1, 3), v_new_BTKH.transpose(0, 2, 1, 3)
-    new = jnp.einsum("BKGTH,BKUH->BKGTU", q_BKGTH, k_new_BKTH, preferred_element_type=jnp.float32)
-    blocks = [jnp.where(new_allowed_BTT[:, None, None], new, _MASKED)]
-    if old is not None:
-        k_BKSH, v_BKSH, allowed_BTS = old
-        cached = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
-        blocks.insert(0, jnp.where(allowed_BTS[:, None, None], cached, _MASKED))
-    probs = jax.nn.softmax(jnp.concatenate(blocks, axis=-1), axis=-1).astype(v_new_BKTH.dtype)
-    out_BKGTH = jnp.einsum("BKGTU,BKUH->BKGTH", probs[..., -T:], v_new_BKTH)
-    if old is not None:
-        out_BKGTH = out_BKGTH + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-T], v_BKSH)
+    scores = [
+        jnp.where(allowed_BTS[:, None, None],
+                  jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32), _MASKED)
+        for k_BKSH, _, allowed_BTS in blocks
+    ]  # fmt: skip
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q_BTNH.dtype)
+    out_BKGTH, start = 0, 0
+    for _, v_BKSH, _ in blocks:
+        S = v_BKSH.shape[2]
+        out_BKGTH = out_BKGTH + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., start : start + S], v_BKSH)
+        start += S
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
-    """One decoder block. `old` is this layer's cache (k, v [B, K, S, H], allowed [B, T, S]) or None;
-    returns the new hidden states and this call's keys and values [B, T, K, H] (for the cache)."""
-    dt = jnp.dtype(config.dtype)
-    w = jax.tree.map(lambda a: a.astype(dt), lp)
+def _qkv(x_BTD, w, cos_sin, config: ModelConfig):
+    """A block's normed input projected to rotated q [B, T, N, H] and k, v [B, T, K, H]."""
     h = rms_norm(x_BTD, w["attn_norm"], config.rms_norm_eps)
     q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
@@ -196,17 +202,68 @@ def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
     if config.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     cos, sin = cos_sin
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if old is not None:
-        k_cache, v_cache, allowed_BTS = old
-        old = (k_cache.astype(dt), v_cache.astype(dt), allowed_BTS)
-    attn = attention(q, k, v, new_allowed_BTT, config, old)
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn, w["wo"])
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _block_rest(x_BTD, attn_BTNH, w, config: ModelConfig):
+    """The rest of a block after attention: output projection, residual, MLP, residual."""
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, w["wo"])
     h = rms_norm(x_BTD, w["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["w_gate"]))
     up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
-    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", gate * up, w["w_down"])
-    return x_BTD, (k, v)
+    return x_BTD + jnp.einsum("BTF,FD->BTD", gate * up, w["w_down"])
+
+
+def _cast(tree, config: ModelConfig):
+    return jax.tree.map(lambda a: a.astype(config.dtype), tree)
+
+
+def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
+    """One decoder block. `old` is this layer's cache (k, v [B, K, S, H], allowed [B, T, S]) or None;
+    returns the new hidden states and this call's keys and values [B, T, K, H] (for the cache)."""
+    w = _cast(lp, config)
+    q, k, v = _qkv(x_BTD, w, cos_sin, config)
+    blocks = [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), new_allowed_BTT)]
+    if old is not None:
+        k_cache, v_cache, allowed_BTS = old
+        blocks.insert(0, (*_cast((k_cache, v_cache), config), allowed_BTS))
+    return _block_rest(x_BTD, attention(q, blocks, config), w, config), (k, v)
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same params with `layers` as a list of per-layer weight dicts (a copy of the layer
+    weights), which `hidden_states` runs as an unrolled loop instead of a scan."""
+    layers = params["layers"]
+    L = jax.tree.leaves(layers)[0].shape[0]
+    return dict(params, layers=[jax.tree.map(lambda a: a[i], layers) for i in range(L)])
+
+
+def _unrolled_layers(layers, x_BTD, cos_sin, new_allowed_BTT, cache, config: ModelConfig):
+    """The layer loop over unstacked weights. With a non-empty cache (per-layer lists), each layer
+    first writes this call's keys/values into its cache slots (in place when the cache is donated),
+    then attends over the whole cache: reading a buffer after updating it needs no copy, whereas
+    attending to the old cache and then updating it made XLA copy every layer's cache."""
+    ks, vs = [], []
+    if cache is not None:
+        index, (B, T) = cache["index"], new_allowed_BTT.shape[:2]
+        empty = isinstance(index, int) and index == 0
+        S = cache["k"][0].shape[2]
+        old_BS = cache["valid_BS"] & (jnp.arange(S) < index)
+        new_BTS = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, T, S), bool), new_allowed_BTT, index, axis=2)
+        allowed_BTS = old_BS[:, None, :] | new_BTS
+    for i, lp in enumerate(layers):
+        w = _cast(lp, config)
+        q, k, v = _qkv(x_BTD, w, cos_sin, config)
+        k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        blocks = [(k_BKTH, v_BKTH, new_allowed_BTT)]
+        if cache is not None:
+            ks.append(jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k_BKTH.astype(cache["k"][i].dtype), index, 2))
+            vs.append(jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v_BKTH.astype(cache["v"][i].dtype), index, 2))
+            if not empty:  # a fresh cache holds nothing but this call's tokens: attend to them directly
+                blocks = [(*_cast((ks[-1], vs[-1]), config), allowed_BTS)]
+        x_BTD = _block_rest(x_BTD, attention(q, blocks, config), w, config)
+        x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
+    return x_BTD, (ks, vs)
 
 
 REMAT_POLICIES = {
@@ -244,29 +301,55 @@ def hidden_states(
         if segments_BT is not None:
             raise ValueError("packed segments need explicit positions (each segment continues the prefix)")
         positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    # New token i may see new token j <= i if j is real; cached slot s if it holds a token and
-    # s < index (slots from `index` on are this call's own, attended through the new block).
+    # New token i may see new token j <= i if j is real (cached slots: see the layer loops).
     new_allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
     if segments_BT is not None:
         if cache is not None:
             raise ValueError("packed segments are for training and scoring passes, not for a KV cache")
         seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
         new_allowed_BTT &= (seg_j == 0) | (seg_j == seg_i)
-    if cache is not None:
-        index = cache["index"]
-        empty = isinstance(index, int) and index == 0  # a fresh cache: nothing cached to attend to
-        S = cache["k"].shape[3]
-        allowed_BTS = jnp.broadcast_to((cache["valid_BS"] & (jnp.arange(S) < index))[:, None, :], (B, T, S))
-
     dt = jnp.dtype(config.dtype)
     x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
     cos_sin = rope_tables(positions_BT, config)
+    unstacked = isinstance(params["layers"], (list, tuple))
+    if cache is not None and unstacked != isinstance(cache["k"], (list, tuple)):
+        raise ValueError("the cache layout must match the params: init_cache(..., per_layer=True) for unstacked layers")
+    if unstacked:
+        if remat != "none":
+            raise ValueError("remat applies to stacked layers (training); unstacked layers are for generation")
+        x_BTD, (k_new, v_new) = _unrolled_layers(params["layers"], x_BTD, cos_sin, new_allowed_BTT, cache, config)
+    else:
+        x_BTD, (k_new, v_new) = _scanned_layers(params["layers"], x_BTD, cos_sin, new_allowed_BTT, cache, config, remat)
+    h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
+    if cache is None:
+        return h_BTD, None
+    index = cache["index"]
+    new_cache = {
+        "k": k_new,
+        "v": v_new,
+        "valid_BS": jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1),
+        "index": jnp.asarray(index + T, jnp.int32),
+    }
+    return h_BTD, new_cache
 
-    # The cache enters the layer scan as per-layer slices (xs, read only); each layer returns only
-    # this call's keys/values (ys, [L, B, T, K, H]), written into the cache once after the scan, in
-    # place when the cache is donated. Carrying the whole [L, B, K, S, H] buffer through the scan and
-    # updating a layer of it made XLA copy it every layer (1.5 s per SmolLM2 decode step at B=32,
-    # S=384) and made backward save it once per layer.
+
+def _scanned_layers(layers, x_BTD, cos_sin, new_allowed_BTT, cache, config: ModelConfig, remat: str):
+    """The layer loop as a `lax.scan` over stacked weights; returns the hidden states and the updated
+    cache's k, v (None, None without a cache).
+
+    The cache enters the scan as per-layer slices (xs, read only); each layer returns only this call's
+    keys/values (ys, [L, B, T, K, H]), written into the cache once after the scan, in place when the
+    cache is donated. Carrying the whole [L, B, K, S, H] buffer through the scan and updating a layer
+    of it made XLA copy it every layer (1.5 s per SmolLM2 decode step at B=32, S=384) and made
+    backward save it once per layer."""
+    if cache is not None:
+        index, (B, T) = cache["index"], new_allowed_BTT.shape[:2]
+        empty = isinstance(index, int) and index == 0  # a fresh cache: nothing cached to attend to
+        S = cache["k"].shape[3]
+        # Cached slot s is visible if it holds a token and s < index (slots from `index` on are this
+        # call's own, attended through the new block).
+        allowed_BTS = jnp.broadcast_to((cache["valid_BS"] & (jnp.arange(S) < index))[:, None, :], (B, T, S))
+
     def body(x, xs):
         if cache is None:
             lp, old = xs, None
@@ -278,19 +361,14 @@ def hidden_states(
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    xs = (params["layers"], cache["k"], cache["v"]) if cache is not None else params["layers"]
+    xs = (layers, cache["k"], cache["v"]) if cache is not None else layers
     x_BTD, kv_new = jax.lax.scan(body, x_BTD, xs)
-    h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
     if cache is None:
-        return h_BTD, None
+        return x_BTD, (None, None)
     k_LBKTH, v_LBKTH = (a.transpose(0, 1, 3, 2, 4).astype(cache["k"].dtype) for a in kv_new)
-    new_cache = {
-        "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k_LBKTH, index, axis=3),
-        "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v_LBKTH, index, axis=3),
-        "valid_BS": jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1),
-        "index": jnp.asarray(index + T, jnp.int32),
-    }
-    return h_BTD, new_cache
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_LBKTH, index, axis=3)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_LBKTH, index, axis=3)
+    return x_BTD, (k, v)
 
 
 def unembed(params: Params, h_BTD, config: ModelConfig):

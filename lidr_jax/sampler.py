@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import time
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -41,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lidr_jax.config import ModelConfig
-from lidr_jax.model import hidden_states, init_cache, unembed
+from lidr_jax.model import hidden_states, init_cache, unembed, unstack_layers
 from lidr_jax.sampling import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.sharding import put_batch
 
@@ -148,7 +149,7 @@ def prefill_logits(params, tokens_BT, mask_BT, config: ModelConfig, max_new: int
     """Left-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
     prompt's last token, and the cache."""
     B, T = tokens_BT.shape
-    cache = init_cache(config, B, T + max_new)
+    cache = init_cache(config, B, T + max_new, per_layer=isinstance(params["layers"], (list, tuple)))
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     h_BTD, cache = hidden_states(
         params, tokens_BT, config, positions_BT=positions_BT, attention_mask_BT=mask_BT, cache=cache
@@ -226,6 +227,29 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
 
 
 # -------------------------------------------------------------------------------------------- host side
+
+
+_UNSTACKED: dict[str, Any] = {}  # the last params unstacked for generation: {"source": weakref, "params": ...}
+
+
+def decode_params(params):
+    """The params generation runs on. On a single CPU device: the layers unstacked (a copy of the layer
+    weights, kept for the next call with the same params), so the forward pass is an unrolled loop
+    that reads each layer's weights where they are; a scan copies them out of the stacked arrays at
+    every decode step, which measured 15-20% of a SmolLM2 decode step (BENCHMARKS.md). Elsewhere (a
+    GPU, a TPU, a mesh) the stacked params as they are."""
+    if not isinstance(params["layers"], dict):
+        return params  # already unstacked
+    leaf = params["layers"]["wq"]
+    devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return params
+    cached = _UNSTACKED.get("source")
+    if cached is None or cached() is not leaf:
+        _UNSTACKED.clear()  # drop the previous copy before making the next
+        _UNSTACKED.update(source=weakref.ref(leaf), params=unstack_layers(params))
+    return _UNSTACKED["params"]
+
 
 
 def bucket(n: int, minimum: int = 64, step: int = 256) -> int:
@@ -329,6 +353,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         penalty=np.float32(s.repetition_penalty), seed=np.uint32(s.seed & 0xFFFFFFFF),
     )
     eos_E = np.asarray(eos, np.int32)
+    params = decode_params(model.params)
     hashes = [_prompt_hash(p) for p in ids]
     outputs: dict[tuple[int, int], GenerationResult] = {}
     bar = tqdm(total=len(rows), unit="seq", desc="generate", disable=not s.progress)
@@ -347,16 +372,16 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
             cols["plen_B"][r], cols["budget_B"][r], cols["pid_B"][r], cols["sid_B"][r] = len(ids[i]), budgets[i], hashes[i], j
         cols["pid_B"] = cols["pid_B"].astype(np.uint32)
         arrays = put_batch((tokens_BT, mask_BT, cols))  # rows over the active mesh's batch axes, if any
-        prefill_exe, decode_exe = _executables(model.params, arrays, sp, eos_E, config, N, stats)
+        prefill_exe, decode_exe = _executables(params, arrays, sp, eos_E, config, N, stats)
         bar.set_postfix(compiles=stats.compilations, shape=f"{B}x{T}+{N}", refresh=False)
         stats.shapes.append((B, T, N))
         stats.batches += 1
         t0 = time.perf_counter()
-        state, cache = prefill_exe(model.params, *arrays)
+        state, cache = prefill_exe(params, *arrays)
         done_B, counted = np.asarray(state["done_B"]), 0
         while not done_B.all():
             chunk_end = np.int32(min(int(state["step"]) + s.decode_chunk, N))
-            state, cache = decode_exe(model.params, state, cache, sp, eos_E, chunk_end)
+            state, cache = decode_exe(params, state, cache, sp, eos_E, chunk_end)
             done_B, count_B = np.array(state["done_B"]), np.asarray(state["count_B"])
             if s.stop:  # a row whose text holds a stop string is done: take it out of the loop
                 tokens_BN = np.asarray(state["tokens_BN"])

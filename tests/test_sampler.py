@@ -1,6 +1,6 @@
 """The sampler on the tiny random Llama of conftest (char-level tokenizer, so text round-trips exactly).
 
-Covers: cached decoding equals the uncached forward, greedy parity with transformers, batch
+Covers: cached decoding equals the uncached forward (stacked and unstacked layers), greedy parity with transformers, batch
 invariance and seed determinism, EOS and stop strings ending only their row, n distinct samples,
 assistant prefill, truncation, and that a new temperature does not recompile.
 """
@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.model import forward
+from lidr_jax.model import forward, init_cache, unstack_layers
 from lidr_jax.sampler import (
     GenerationStats,
     SamplingConfig,
     bucket,
+    decode_params,
     eos_ids,
     generate,
     prefill_logits,
@@ -51,9 +52,13 @@ def tiny_model(model_dir):
     return load_pretrained(model_dir)
 
 
-def test_cached_decode_equals_full_forward(tiny_model):
-    """Every decode step's logits [V] equal the uncached forward of the same prefix (left-padded batch)."""
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_cached_decode_equals_full_forward(tiny_model, layout):
+    """Every decode step's logits [V] equal the uncached forward of the same prefix (left-padded batch),
+    then a 3-token chunk fed into the filled cache; with the layers stacked (a scan, as on GPU/TPU and
+    meshes) and unstacked (an unrolled loop, as the sampler runs on one CPU device)."""
     m, tol, steps = tiny_model, 1e-4, 6
+    params = m.params if layout == "stacked" else unstack_layers(m.params)
     prompts = [m.tokenizer.prompt_ids(c) for c in CHATS[:3]]
     T = bucket(max(map(len, prompts)))
     tokens_BT = np.zeros((len(prompts), T), np.int32)
@@ -63,22 +68,43 @@ def test_cached_decode_equals_full_forward(tiny_model):
     # Teacher-force tokens that are not simply the argmax, so a wrong slot or position cannot hide.
     fed_BS = np.asarray([[(7 * t + 11 * r + 5) % 150 for t in range(steps)] for r in range(len(prompts))], np.int32)
     prefill = jax.jit(prefill_logits, static_argnames=("config", "max_new"))
-    logits_BV, cache = prefill(m.params, tokens_BT, mask_BT, config=m.config, max_new=32)
+    logits_BV, cache = prefill(params, tokens_BT, mask_BT, config=m.config, max_new=32)
+    assert isinstance(cache["k"], list) == (layout == "unstacked")
     cached = [np.asarray(logits_BV)]
     step = jax.jit(step_logits, static_argnames="config")
     for t in range(steps):
         positions_B = np.asarray([len(p) + t for p in prompts], np.int32)
-        logits_BV, cache = step(m.params, fed_BS[:, t], positions_B, cache, config=m.config)
+        logits_BV, cache = step(params, fed_BS[:, t], positions_B, cache, config=m.config)
         cached.append(np.asarray(logits_BV))
+    chunk_BC = fed_BS[:, :3][:, ::-1].copy()  # three more tokens at once, attending to cache and each other
+    positions_BC = np.asarray([[len(p) + steps + c for c in range(3)] for p in prompts], np.int32)
+    chunk_BCV, _ = jax.jit(forward, static_argnames="config")(params, chunk_BC, config=m.config,
+                                                               positions_BT=positions_BC, cache=cache)
     # The uncached reference: each full sequence right-padded into one batch (causal attention makes
     # trailing padding invisible to earlier positions), one forward, no cache.
-    full_BT = np.zeros((len(prompts), max(map(len, prompts)) + steps), np.int32)
+    full_BT = np.zeros((len(prompts), max(map(len, prompts)) + steps + 3), np.int32)
     for r, p in enumerate(prompts):
-        full_BT[r, : len(p) + steps] = list(p) + fed_BS[r].tolist()
+        full_BT[r, : len(p) + steps + 3] = list(p) + fed_BS[r].tolist() + chunk_BC[r].tolist()
     full_BTV = np.asarray(jax.jit(forward, static_argnames="config")(m.params, full_BT, config=m.config))
     for t in range(steps + 1):
         for r, p in enumerate(prompts):
             np.testing.assert_allclose(cached[t][r], full_BTV[r, len(p) - 1 + t], atol=tol, rtol=0)
+    for c in range(3):
+        for r, p in enumerate(prompts):
+            np.testing.assert_allclose(chunk_BCV[r, c], full_BTV[r, len(p) + steps + c], atol=tol, rtol=0)
+
+
+def test_decode_params_unstack_once_on_one_cpu_device(tiny_model):
+    m = tiny_model
+    first = decode_params(m.params)
+    assert isinstance(first["layers"], list) and len(first["layers"]) == m.config.num_hidden_layers
+    np.testing.assert_array_equal(first["layers"][1]["wq"], m.params["layers"]["wq"][1])
+    assert decode_params(m.params) is first  # kept for the next call with the same params
+    assert decode_params(first) is first
+    with pytest.raises(ValueError, match="per_layer=True"):
+        step_logits(first, np.zeros(2, np.int32), np.zeros(2, np.int32), init_cache(m.config, 2, 8), m.config)
+    with pytest.raises(ValueError, match="remat applies to stacked layers"):
+        forward(first, np.zeros((1, 4), np.int32), m.config, remat="full")
 
 
 def test_generate_logprobs_match_full_forward(tiny_model):
