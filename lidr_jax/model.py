@@ -207,7 +207,9 @@ def _qkv(x_BTD, w, cos_sin, config: ModelConfig):
 
 def _block_rest(x_BTD, attn_BTNH, w, config: ModelConfig):
     """The rest of a block after attention: output projection, residual, MLP, residual."""
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, w["wo"])
+    B, T, N, H = attn_BTNH.shape
+    # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
+    x_BTD = x_BTD + jnp.einsum("BTE,ED->BTD", attn_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1))
     h = rms_norm(x_BTD, w["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["w_gate"]))
     up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
