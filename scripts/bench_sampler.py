@@ -6,7 +6,7 @@ prints tokens/s of both and the ratio, lidr_jax's compile count/time apart from 
 the bound of this machine: per decode step max(weight + KV bytes / measured memory bandwidth (numpy
 copy), FLOPs / measured matmul rate (jax matmul)), so the fraction of the bound reached is visible.
 
-    python scripts/bench_sampler.py                     # batch 1, 8, 32; 128 new tokens
+    python scripts/bench_sampler.py                     # batch 1, 8, 32; 128 new tokens; median of 3 runs
     python scripts/bench_sampler.py --batch-sizes 8 --new-tokens 32
     python scripts/bench_sampler.py --gpu               # random Llama-3-8B in bf16, batch 1 and 64, vs HBM bound
     python scripts/bench_sampler.py --gpu --dry-run     # the same code path on a tiny config on CPU (+ eval_shape of 8B)
@@ -73,14 +73,12 @@ def step_bound(config: ModelConfig, params, batch: int, context: int, bandwidth:
 
 
 def run_ours(model, prompts, sampling):
-    """First call (compiles), then a timed steady-state call of the same shapes."""
-    first = GenerationStats()
-    generate(model, prompts, sampling, stats=first)
+    """One timed call (shapes compiled by an earlier call): results and tokens/s."""
     steady = GenerationStats()
     start = time.perf_counter()
     results = generate(model, prompts, sampling, stats=steady)
     wall = time.perf_counter() - start
-    return results, steady.generated_tokens / wall, first
+    return results, steady.generated_tokens / wall
 
 
 def run_transformers(hf, tokenizer, prompts, new_tokens: int, eos):
@@ -121,20 +119,30 @@ def cpu_benchmark(args):
     hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                               dtype=torch.float32).eval()
     eos = list(eos_ids(model))
+    print(f"tok/s: median of {args.repeats} timed runs per side, the sides alternating, [min-max] beside it")
     print("| batch | new tokens | transformers tok/s | lidr_jax tok/s | ratio | compiles (s) | bound tok/s "
           "| lidr_jax / bound | identical rows |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         prompts = chat_prompts(batch)
         sampling = SamplingConfig(max_new_tokens=args.new_tokens, batch_size=batch, progress=False)
-        ours, ours_tps, first = run_ours(model, prompts, sampling)
-        ref_ids, hf_tps = run_transformers(hf, model.tokenizer, prompts, args.new_tokens, eos)
+        first = GenerationStats()
+        generate(model, prompts, sampling, stats=first)  # compiles; counted apart from the timed runs
+        ours_runs, hf_runs = [], []
+        for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both sides
+            ours, tps = run_ours(model, prompts, sampling)
+            ours_runs.append(tps)
+            ref_ids, tps = run_transformers(hf, model.tokenizer, prompts, args.new_tokens, eos)
+            hf_runs.append(tps)
+        ours_tps, hf_tps = float(np.median(ours_runs)), float(np.median(hf_runs))
+        spread = lambda runs: f" [{min(runs):.0f}-{max(runs):.0f}]" if len(runs) > 1 else ""
         same = sum(r.token_ids == ids for r, ids in zip(ours, ref_ids))
         context = max(len(model.tokenizer.prompt_ids(p)) for p in prompts) + args.new_tokens // 2
         bound_s, _, _ = step_bound(model.config, model.params, batch, context, bandwidth, flops)
         steps = max(len(r.token_ids) for r in ours)
         bound_tps = sum(len(r.token_ids) for r in ours) / (bound_s * steps)
-        print(f"| {batch} | {args.new_tokens} | {hf_tps:.1f} | {ours_tps:.1f} | {ours_tps / hf_tps:.2f}x | "
+        print(f"| {batch} | {args.new_tokens} | {hf_tps:.1f}{spread(hf_runs)} | {ours_tps:.1f}{spread(ours_runs)} | "
+              f"{ours_tps / hf_tps:.2f}x | "
               f"{first.compilations} ({first.compile_seconds:.1f}) | {bound_tps:.0f} | {ours_tps / bound_tps:.0%} | "
               f"{same}/{batch} |", flush=True)
 
@@ -212,6 +220,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch size (median)")
     parser.add_argument("--gpu", action="store_true", help="random Llama-3-8B (bf16) decode vs the HBM bound")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny config on CPU, same code path")
     args = parser.parse_args()
