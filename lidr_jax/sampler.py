@@ -25,6 +25,10 @@ How a call runs (the rules, stated once):
   token ids / logprobs after the token that completed it.
 - Randomness: the key of row (prompt, sample j) at step t is fold_in(seed, hash(prompt tokens), j, t),
   so a prompt's samples do not depend on the batch size, the batch order or the other prompts.
+- Layers: on one CPU device generation runs on an unstacked copy of the layer weights (`decode_params`,
+  made once per params and kept: memory for a second copy of the layers while generating), as an
+  unrolled loop; elsewhere on the stacked weights with a layer scan. Both give the same logits
+  (tests/test_sampler.py).
 """
 
 from __future__ import annotations
@@ -247,7 +251,8 @@ def decode_params(params):
     cached = _UNSTACKED.get("source")
     if cached is None or cached() is not leaf:
         _UNSTACKED.clear()  # drop the previous copy before making the next
-        _UNSTACKED.update(source=weakref.ref(leaf), params=unstack_layers(params))
+        # The copy goes when its source params do (no second copy of stale weights during training).
+        _UNSTACKED.update(source=weakref.ref(leaf, lambda _: _UNSTACKED.clear()), params=unstack_layers(params))
     return _UNSTACKED["params"]
 
 

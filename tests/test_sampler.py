@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from lidr_jax import sampler
 from lidr_jax.model import forward, init_cache, unstack_layers
 from lidr_jax.sampler import (
     GenerationStats,
@@ -101,6 +102,10 @@ def test_decode_params_unstack_once_on_one_cpu_device(tiny_model):
     np.testing.assert_array_equal(first["layers"][1]["wq"], m.params["layers"]["wq"][1])
     assert decode_params(m.params) is first  # kept for the next call with the same params
     assert decode_params(first) is first
+    copy = jax.tree.map(lambda a: a + 0, m.params)  # other params: a new copy, and it goes with them
+    assert decode_params(copy) is not first
+    del copy
+    assert not sampler._UNSTACKED
     with pytest.raises(ValueError, match="per_layer=True"):
         step_logits(first, np.zeros(2, np.int32), np.zeros(2, np.int32), init_cache(m.config, 2, 8), m.config)
     with pytest.raises(ValueError, match="remat applies to stacked layers"):
