@@ -236,6 +236,13 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
 _UNSTACKED: dict[str, Any] = {}  # the last params unstacked for generation: {"source": weakref, "params": ...}
 
 
+def _release(ref):
+    """The source params of the unstacked copy died: the copy goes too (no stale second copy of the
+    weights held while training)."""
+    if _UNSTACKED.get("source") is ref:
+        _UNSTACKED.clear()
+
+
 def decode_params(params):
     """The params generation runs on. On a single CPU device: the layers unstacked (a copy of the layer
     weights, kept for the next call with the same params), so the forward pass is an unrolled loop
@@ -251,8 +258,7 @@ def decode_params(params):
     cached = _UNSTACKED.get("source")
     if cached is None or cached() is not leaf:
         _UNSTACKED.clear()  # drop the previous copy before making the next
-        # The copy goes when its source params do (no second copy of stale weights during training).
-        _UNSTACKED.update(source=weakref.ref(leaf, lambda _: _UNSTACKED.clear()), params=unstack_layers(params))
+        _UNSTACKED.update(source=weakref.ref(leaf, _release), params=unstack_layers(params))
     return _UNSTACKED["params"]
 
 
