@@ -232,6 +232,11 @@ def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
     return _block_rest(x_BTD, attention(q, blocks, config), w, config), (k, v)
 
 
+def is_unstacked(params: Params) -> bool:
+    """Whether `params["layers"]` is a list of per-layer dicts (`unstack_layers`), not stacked arrays."""
+    return isinstance(params["layers"], (list, tuple))
+
+
 def unstack_layers(params: Params) -> Params:
     """The same params with `layers` as a list of per-layer weight dicts (a copy of the layer
     weights), which `hidden_states` runs as an unrolled loop instead of a scan."""
@@ -257,12 +262,13 @@ def _unrolled_layers(layers, x_BTD, cos_sin, new_allowed_BTT, cache, config: Mod
         w = _cast(lp, config)
         q, k, v = _qkv(x_BTD, w, cos_sin, config)
         k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        blocks = [(k_BKTH, v_BKTH, new_allowed_BTT)]
         if cache is not None:
             ks.append(jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k_BKTH.astype(cache["k"][i].dtype), index, 2))
             vs.append(jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v_BKTH.astype(cache["v"][i].dtype), index, 2))
-            if not empty:  # a fresh cache holds nothing but this call's tokens: attend to them directly
-                blocks = [(*_cast((ks[-1], vs[-1]), config), allowed_BTS)]
+        if cache is None or empty:  # a fresh cache holds nothing but this call's tokens: attend to them
+            blocks = [(k_BKTH, v_BKTH, new_allowed_BTT)]
+        else:
+            blocks = [(*_cast((ks[-1], vs[-1]), config), allowed_BTS)]
         x_BTD = _block_rest(x_BTD, attention(q, blocks, config), w, config)
         x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
     return x_BTD, (ks, vs)
@@ -313,8 +319,8 @@ def hidden_states(
     dt = jnp.dtype(config.dtype)
     x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
     cos_sin = rope_tables(positions_BT, config)
-    unstacked = isinstance(params["layers"], (list, tuple))
-    if cache is not None and unstacked != isinstance(cache["k"], (list, tuple)):
+    unstacked = is_unstacked(params)
+    if cache is not None and unstacked != isinstance(cache["k"], list):
         raise ValueError("the cache layout must match the params: init_cache(..., per_layer=True) for unstacked layers")
     if unstacked:
         if remat != "none":

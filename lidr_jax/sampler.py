@@ -46,7 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lidr_jax.config import ModelConfig
-from lidr_jax.model import hidden_states, init_cache, unembed, unstack_layers
+from lidr_jax.model import hidden_states, init_cache, is_unstacked, unembed, unstack_layers
 from lidr_jax.sampling import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.sharding import put_batch
 
@@ -153,7 +153,7 @@ def prefill_logits(params, tokens_BT, mask_BT, config: ModelConfig, max_new: int
     """Left-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
     prompt's last token, and the cache."""
     B, T = tokens_BT.shape
-    cache = init_cache(config, B, T + max_new, per_layer=isinstance(params["layers"], (list, tuple)))
+    cache = init_cache(config, B, T + max_new, per_layer=is_unstacked(params))
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     h_BTD, cache = hidden_states(
         params, tokens_BT, config, positions_BT=positions_BT, attention_mask_BT=mask_BT, cache=cache
@@ -249,8 +249,8 @@ def decode_params(params):
     that reads each layer's weights where they are; a scan copies them out of the stacked arrays at
     every decode step, which measured 15-20% of a SmolLM2 decode step (BENCHMARKS.md). Elsewhere (a
     GPU, a TPU, a mesh) the stacked params as they are."""
-    if not isinstance(params["layers"], dict):
-        return params  # already unstacked
+    if is_unstacked(params):
+        return params
     leaf = params["layers"]["wq"]
     devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":
@@ -260,7 +260,6 @@ def decode_params(params):
         _UNSTACKED.clear()  # drop the previous copy before making the next
         _UNSTACKED.update(source=weakref.ref(leaf, _release), params=unstack_layers(params))
     return _UNSTACKED["params"]
-
 
 
 def bucket(n: int, minimum: int = 64, step: int = 256) -> int:

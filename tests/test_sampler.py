@@ -1,8 +1,8 @@
 """The sampler on the tiny random Llama of conftest (char-level tokenizer, so text round-trips exactly).
 
-Covers: cached decoding equals the uncached forward (stacked and unstacked layers), greedy parity with transformers, batch
-invariance and seed determinism, EOS and stop strings ending only their row, n distinct samples,
-assistant prefill, truncation, and that a new temperature does not recompile.
+Covers: cached decoding equals the uncached forward (stacked and unstacked layers), greedy parity
+with transformers, batch invariance and seed determinism, EOS and stop strings ending only their row,
+n distinct samples, assistant prefill, truncation, and that a new temperature does not recompile.
 """
 
 from __future__ import annotations
