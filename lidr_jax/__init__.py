@@ -16,13 +16,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_pretrained": "lidr_jax.hf",
-    "Model": "lidr_jax.hf",
-    "forward": "lidr_jax.model",
-    "ModelConfig": "lidr_jax.config",
-    "generate": "lidr_jax.sampler",
-    "SamplingConfig": "lidr_jax.sampler",
-    "export_hf": "lidr_jax.export",
+    "load_pretrained": "lidr_jax.formats.load",
+    "Model": "lidr_jax.formats.load",
+    "forward": "lidr_jax.model.llama",
+    "ModelConfig": "lidr_jax.model.config",
+    "generate": "lidr_jax.generate.sampler",
+    "SamplingConfig": "lidr_jax.generate.sampler",
+    "export_hf": "lidr_jax.formats.export",
 }
 
 __all__ = sorted(_EXPORTS)

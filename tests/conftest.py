@@ -3,7 +3,7 @@
 Reuse these instead of building your own (all are offline and take well under a second each after the
 first torch import):
 
-- `tiny_tokenizer` (session): a `lidr_jax.tokenizer.ChatTokenizer` over a character-level vocabulary of
+- `tiny_tokenizer` (session): a `lidr_jax.formats.tokenizer.ChatTokenizer` over a character-level vocabulary of
   `TINY_VOCAB` = 160 ids: ids 0-3 are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (eos), `<unk>`;
   then printable ASCII, newline, some accented Latin, Cyrillic and CJK characters. Encoding is one id
   per character and decoding is exact, so text round-trips. It has a ChatML chat template (SmolLM2's,
@@ -16,7 +16,7 @@ first torch import):
   tiny tokenizer and a generation_config.json. `load_pretrained(path)` works on the result. Same
   arguments -> the same cached directory. `max_shard_size="50KB"` writes a sharded checkpoint.
 - `tiny_llama_dir` (GQA, tied embeddings), `tiny_qwen2_dir` (q/k/v biases, untied): common cases.
-- `tiny_model`: `lidr_jax.hf.load_pretrained(tiny_llama_dir)`, a ready `Model`.
+- `tiny_model`: `lidr_jax.formats.load.load_pretrained(tiny_llama_dir)`, a ready `Model`.
 - `torch_model(path)`: the transformers model of a saved directory, float32, eval mode (imports torch).
 
 torch is imported lazily, inside the fixtures, so tests that do not need it do not pay for it.
@@ -66,7 +66,7 @@ def build_tiny_hf_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from lidr_jax.tokenizer import ChatTokenizer
+    from lidr_jax.formats.tokenizer import ChatTokenizer
 
     return ChatTokenizer(build_tiny_hf_tokenizer())
 
@@ -161,7 +161,7 @@ def tiny_qwen2_dir(make_hf_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_llama_dir):
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     return load_pretrained(tiny_llama_dir)
 

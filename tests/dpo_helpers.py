@@ -9,9 +9,9 @@ from pathlib import Path
 
 import jax
 
-from lidr_jax.config import ModelConfig
-from lidr_jax.model import ParamSpec, param_specs
-from lidr_jax.tokenizer import ChatTokenizer
+from lidr_jax.formats.tokenizer import ChatTokenizer
+from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import ParamSpec, param_specs
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -36,9 +36,18 @@ def tiny_tokenizer() -> ChatTokenizer:
 
 
 def tiny_config(vocab_size: int = 128) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
-                       tie_word_embeddings=False, eos_token_ids=(3,))
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_ids=(3,),
+    )
 
 
 def numpy_init(config: ModelConfig, seed: int = 0):
@@ -66,11 +75,11 @@ def tiny_model(seed: int = 0):
 
 
 def write_tiny_hf_dir(directory: Path, seed: int = 0) -> Path:
-    """config.json + model.safetensors + tokenizer files, loadable by lidr_jax.hf.load_pretrained."""
+    """config.json + model.safetensors + tokenizer files, loadable by lidr_jax.formats.load.load_pretrained."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    from lidr_jax.weights import hf_from_params
+    from lidr_jax.formats.hf_table import hf_from_params
 
     config, params, tokenizer = tiny_model(seed)
     directory.mkdir(parents=True, exist_ok=True)

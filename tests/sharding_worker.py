@@ -27,10 +27,22 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # dpo_helpers, lidr_jax
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
-PROMPTS = ["Say yes.", "Count to five, please.", "Hi", "What is the capital of France?", "Spell dog.",
-           "Name three colors.", "2+2?", "Tell me a joke about cats and dogs."]  # fmt: skip
-EXTRA_PAIRS = [("Say no.", "no", "yes"), ("Pick a number.", "7", "blue"), ("Greet me.", "hello", "..."),
-               ("Spell sun.", "s u n", "m o o n")]  # fmt: skip
+PROMPTS = [
+    "Say yes.",
+    "Count to five, please.",
+    "Hi",
+    "What is the capital of France?",
+    "Spell dog.",
+    "Name three colors.",
+    "2+2?",
+    "Tell me a joke about cats and dogs.",
+]
+EXTRA_PAIRS = [
+    ("Say no.", "no", "yes"),
+    ("Pick a number.", "7", "blue"),
+    ("Greet me.", "hello", "..."),
+    ("Spell sun.", "s u n", "m o o n"),
+]
 
 
 def tiny():
@@ -38,13 +50,22 @@ def tiny():
     Weights ~N(0, 0.1) and norms in [0.5, 1.5] so logits are O(1) and greedy picks are clear."""
     from dpo_helpers import tiny_tokenizer
 
-    from lidr_jax.config import ModelConfig
-    from lidr_jax.hf import Model
-    from lidr_jax.model import ParamSpec, param_specs
+    from lidr_jax.formats.load import Model
+    from lidr_jax.model.config import ModelConfig
+    from lidr_jax.model.llama import ParamSpec, param_specs
 
-    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=False, eos_token_ids=(3,))  # fmt: skip
+    config = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_ids=(3,),
+    )
     rng = np.random.default_rng(0)
 
     def make(spec: ParamSpec):
@@ -59,7 +80,7 @@ def tiny():
 def pairs(n: int | None = None):
     from dpo_helpers import PAIRS
 
-    from lidr_jax.data import PreferencePair
+    from lidr_jax.train.pairs import PreferencePair
 
     out = [PreferencePair(p, c, r) for p, c, r in PAIRS + EXTRA_PAIRS]
     return out[:n] if n else out
@@ -70,8 +91,8 @@ DPO = {"batch_size": 4, "learning_rate": 1e-3, "warmup": 0, "schedule": "constan
 
 def dpo_run(model, enc):
     """Reference log-probs then DPO steps (train's own loop); per-step losses and the log-probs."""
-    from lidr_jax.dpo import DPOConfig
-    from lidr_jax.train import reference_logprobs, train
+    from lidr_jax.train.dpo import DPOConfig
+    from lidr_jax.train.trainer import reference_logprobs, train
 
     cfg = DPOConfig(**DPO)
     ref = reference_logprobs(model.params, model.config, enc, cfg, progress=False)
@@ -83,7 +104,7 @@ def dpo_run(model, enc):
 
 
 def greedy(model, generate_fn=None, prompts=PROMPTS):
-    from lidr_jax.sampler import SamplingConfig, generate
+    from lidr_jax.generate.sampler import SamplingConfig, generate
 
     s = SamplingConfig(max_new_tokens=8, batch_size=8, progress=False)
     chats = [[{"role": "user", "content": p}] for p in prompts]
@@ -91,8 +112,8 @@ def greedy(model, generate_fn=None, prompts=PROMPTS):
 
 
 def forward_logits(model):
-    from lidr_jax.model import forward
-    from lidr_jax.sharding import put_batch
+    from lidr_jax.dist.sharding import put_batch
+    from lidr_jax.model.llama import forward
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(4, 100, (8, 16)).astype(np.int32)
@@ -104,9 +125,9 @@ def forward_logits(model):
 
 
 def meshes() -> dict:
-    from lidr_jax.data import encode_pairs
-    from lidr_jax.model import init_params
-    from lidr_jax.sharding import MeshConfig, init_sharded_params, make_mesh, place_params, use_mesh
+    from lidr_jax.dist.sharding import MeshConfig, init_sharded_params, make_mesh, place_params, use_mesh
+    from lidr_jax.model.llama import init_params
+    from lidr_jax.train.pairs import encode_pairs
 
     assert jax.device_count() == 8, jax.devices()
     model = tiny()
@@ -139,8 +160,10 @@ def meshes() -> dict:
     plain = init_params(model.config, jax.random.key(3))
     out["init_sharded"] = {
         "wq_shard": list(created["layers"]["wq"].addressable_shards[0].data.shape),
-        "max_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                        for a, b in zip(jax.tree.leaves(created), jax.tree.leaves(plain))),
+        "max_diff": max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(jax.tree.leaves(created), jax.tree.leaves(plain))
+        ),
     }
     return out
 
@@ -148,15 +171,15 @@ def meshes() -> dict:
 def multiprocess() -> dict | None:
     """One of two processes (2 local devices each): DPO on the global (data=2, fsdp=2) mesh, process-
     local pair rows through `global_batch`, and data-parallel greedy generation."""
-    from lidr_jax.multihost import maybe_initialize_distributed
+    from lidr_jax.dist.multihost import maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
     from jax.experimental import multihost_utils
 
-    from lidr_jax.data import encode_pairs, pair_batch
-    from lidr_jax.dpo import pair_logprobs
-    from lidr_jax.multihost import generate_across_processes, global_batch, process_shard
-    from lidr_jax.sharding import MeshConfig, make_mesh, place_params, use_mesh
+    from lidr_jax.dist.multihost import generate_across_processes, global_batch, process_shard
+    from lidr_jax.dist.sharding import MeshConfig, make_mesh, place_params, use_mesh
+    from lidr_jax.train.dpo import pair_logprobs
+    from lidr_jax.train.pairs import encode_pairs, pair_batch
 
     assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
     model = tiny()
@@ -171,8 +194,14 @@ def multiprocess() -> dict | None:
         return {k: v for k, v in b.items() if k != "weight"}
 
     # Reference: every process's rows, computed here on one device, in process order.
-    base_rows = np.concatenate([np.asarray(logp_fn(model.params, rows(encode_pairs(
-        process_shard(all_pairs, i, 2), model.tokenizer, 64, 32)))) for i in range(2)])  # fmt: skip
+    base_rows = np.concatenate(
+        [
+            np.asarray(
+                logp_fn(model.params, rows(encode_pairs(process_shard(all_pairs, i, 2), model.tokenizer, 64, 32)))
+            )
+            for i in range(2)
+        ]
+    )
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1))
     sharded = dataclasses.replace(model, params=place_params(model.params, model.config, mesh))

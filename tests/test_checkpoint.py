@@ -18,7 +18,11 @@ import numpy as np
 import optax
 import pytest
 
-from lidr_jax.checkpoint import (
+from lidr_jax.files import atomic_write_jsonl
+from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import abstract_params
+from lidr_jax.pipeline.run_dir import RunDir
+from lidr_jax.train.checkpoint import (
     TrainCheckpointer,
     config_from_json,
     config_to_json,
@@ -26,17 +30,20 @@ from lidr_jax.checkpoint import (
     restore_params,
     save_params,
 )
-from lidr_jax.config import ModelConfig
-from lidr_jax.model import abstract_params
-from lidr_jax.run_dir import RunDir, atomic_write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**changes) -> ModelConfig:
     base = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
     )
     return ModelConfig(**{**base, **changes})
 
@@ -153,9 +160,20 @@ def test_every_must_be_positive(tmp_path):
 
 def test_params_checkpoint_round_trip(tmp_path):
     config = tiny_config(
-        attention_bias=True, rope_type="llama3", eos_token_ids=(1, 2), bos_token_id=0,
-        rope_scaling=tuple(sorted({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 64.0}.items())),
+        attention_bias=True,
+        rope_type="llama3",
+        eos_token_ids=(1, 2),
+        bos_token_id=0,
+        rope_scaling=tuple(
+            sorted(
+                {
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64.0,
+                }.items()
+            )
+        ),
     )
     params = jax.device_put(random_tree(abstract_params(config), 1))
     save_params(tmp_path / "params", params, config)
@@ -232,7 +250,11 @@ def _run_worker(mode: str, directory: Path, devices: int) -> str:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, __file__, mode, str(directory)], env=env, cwd=REPO, capture_output=True, text=True,
+        [sys.executable, __file__, mode, str(directory)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -252,24 +274,32 @@ KILL_AFTER_CHECKPOINTS = 2
 
 
 def _train_config(run_path: str, model_dir: str):
-    from lidr_jax.dpo import DPOConfig
-    from lidr_jax.run_config import RunConfig
+    from lidr_jax.pipeline.config import RunConfig
+    from lidr_jax.train.dpo import DPOConfig
 
-    dpo = DPOConfig(learning_rate=1e-3, warmup=2, epochs=2, batch_size=2, grad_accum=1, seed=0,
-                    reference_batch_size=4, max_prompt_len=64, max_response_len=32)  # fmt: skip
-    return RunConfig(model=model_dir, run_dir=run_path, dpo=dpo, checkpoint_every=CHECKPOINT_EVERY,
-                     checkpoint_keep=2)  # fmt: skip
+    dpo = DPOConfig(
+        learning_rate=1e-3,
+        warmup=2,
+        epochs=2,
+        batch_size=2,
+        grad_accum=1,
+        seed=0,
+        reference_batch_size=4,
+        max_prompt_len=64,
+        max_response_len=32,
+    )
+    return RunConfig(model=model_dir, run_dir=run_path, dpo=dpo, checkpoint_every=CHECKPOINT_EVERY, checkpoint_keep=2)
 
 
 def _train_worker(run_path: str, model_dir: str) -> None:
-    """Subprocess entry: the real train stage (lidr_jax.train_stages) of iteration 1 on a tiny model.
+    """Subprocess entry: the real train stage (lidr_jax.pipeline.train_stages) of iteration 1 on a tiny model.
 
     Each checkpoint save is followed by a short sleep (`SLOW_SAVE_S`) so the parent can kill the
     process mid-run; the sleep changes timing only, never what is computed."""
     import time
 
-    from lidr_jax import train_stages
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.pipeline import train_stages
     from lidr_jax.settings import to_dict
 
     class SlowCheckpointer(TrainCheckpointer):
@@ -299,16 +329,27 @@ def _write_pairs(run: RunDir) -> None:
 def _start_training(run_path: Path, model_dir: Path, slow_save_s: float) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", SLOW_SAVE_S=str(slow_save_s))
     # The three runs compile the same functions: share a persistent compilation cache (test time only).
-    env.update(JAX_COMPILATION_CACHE_DIR=str(run_path.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(run_path.parent / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, __file__, "train", str(run_path), str(model_dir)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, __file__, "train", str(run_path), str(model_dir)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_parameters(make_hf_model, tmp_path):
-    pytest.importorskip("lidr_jax.train_stages", reason="needs the train stage (lidr_jax/train_stages.py)")
+    pytest.importorskip(
+        "lidr_jax.pipeline.train_stages", reason="needs the train stage (lidr_jax/pipeline/train_stages.py)"
+    )
     import signal
     import time
 
@@ -354,13 +395,15 @@ def test_killed_training_resumes_to_the_same_parameters(make_hf_model, tmp_path)
     straight, _ = restore_params(RunDir(tmp_path / "uninterrupted").outputs(1, "train")["policy"])
     start = load_pretrained_params(model_dir)
     assert_trees_equal(resumed, straight)
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(start)))  # fmt: skip
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(start))
+    )
     assert moved > 1e-4, "training did not change the parameters; the comparison would mean nothing"
 
 
 def load_pretrained_params(model_dir):
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     return load_pretrained(model_dir).params
 

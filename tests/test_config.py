@@ -7,7 +7,7 @@ import json
 import jax
 import pytest
 
-from lidr_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf, load_hf_config
+from lidr_jax.model.config import ModelConfig, UnsupportedConfigError, config_from_hf, load_hf_config
 
 BASE = {
     "model_type": "llama",

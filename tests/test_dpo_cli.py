@@ -9,11 +9,22 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, write_tiny_hf_dir
 
-from lidr_jax.dpo_cli import main
+from lidr_jax.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ["--set", "batch_size=2", "--set", "learning_rate=1e-3", "--set", "warmup=0", "--set", "logprob_chunk=16",
-            "--set", "max_response_len=32", "--quiet"]
+SETTINGS = [
+    "--set",
+    "batch_size=2",
+    "--set",
+    "learning_rate=1e-3",
+    "--set",
+    "warmup=0",
+    "--set",
+    "logprob_chunk=16",
+    "--set",
+    "max_response_len=32",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +36,18 @@ def model_dir(tmp_path_factory):
 def trl_run(model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("trl")
     pairs = d / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r, "id": i}) + "\n"
-                             for i, (p, c, r) in enumerate(PAIRS[:4])))
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": c, "rejected": r, "id": i}) + "\n"
+            for i, (p, c, r) in enumerate(PAIRS[:4])
+        )
+    )
     rc = main(["--model", str(model_dir), "--pairs", str(pairs), "--out", str(d / "out"), *SETTINGS])
     return rc, d / "out"
 
 
 def test_trl_file_trains_and_writes_model_and_metrics(trl_run, model_dir):
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     rc, out = trl_run
     assert rc == 0
@@ -41,8 +56,10 @@ def test_trl_file_trains_and_writes_model_and_metrics(trl_run, model_dir):
     assert {"loss", "rewards/accuracies", "logps/chosen", "nll_loss", "grad_norm", "learning_rate"} <= set(rows[0])
     assert rows[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-5)  # reference = starting model
     trained, start = load_pretrained(out / "model"), load_pretrained(model_dir)
-    delta = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(*(map(lambda m: __import__("jax").tree.leaves(m.params), (trained, start)))))
+    delta = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(*(map(lambda m: __import__("jax").tree.leaves(m.params), (trained, start))))
+    )
     assert 1e-4 < delta < 0.1  # two Adam steps of lr 1e-3
     assert trained.tokenizer.hf.chat_template == start.tokenizer.hf.chat_template
     assert json.loads((out / "dpo_config.json").read_text())["batch_size"] == 2
@@ -70,9 +87,14 @@ def test_malformed_pair_file_names_file_and_line(model_dir, tmp_path, capsys):
     assert "broken.jsonl:2: record is neither TRL" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("item,msg", [("betta=0.2", "unknown setting 'betta'"),
-                                      ("beta=abc", "beta: expected a number"),
-                                      ("loss_type=kto", "loss_type='kto'")])
+@pytest.mark.parametrize(
+    "item,msg",
+    [
+        ("betta=0.2", "unknown setting 'betta'"),
+        ("beta=abc", "beta: expected a number"),
+        ("loss_type=kto", "loss_type='kto'"),
+    ],
+)
 def test_bad_settings_fail_naming_the_key(model_dir, tmp_path, capsys, item, msg):
     pairs = tmp_path / "p.jsonl"
     pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
@@ -81,8 +103,9 @@ def test_bad_settings_fail_naming_the_key(model_dir, tmp_path, capsys, item, msg
 
 
 def test_help_lists_the_settings():
-    out = subprocess.run([sys.executable, "-m", "lidr_jax.dpo", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lidr_jax.dpo", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     for name in ("beta = 0.1", "loss_type = 'sigmoid'", "nll_weight = 1.0", "grad_accum", "remat", "compute_dtype"):
         assert name in out.stdout

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.dpo import LOSS_TYPES, DPOConfig, dpo_loss
+from lidr_jax.train.dpo import LOSS_TYPES, DPOConfig, dpo_loss
 
 
 def _log_sigmoid(x):
@@ -29,9 +29,14 @@ def numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, beta, eps, lam):
     mean = lambda x: float(np.sum(w * x) / np.sum(w))
     rc_, rr_ = beta * (lc - rc), beta * (lr - rr)
     return mean(pref + lam * nll), {
-        "nll_loss": mean(nll), "dpo_loss": mean(pref), "rewards/chosen": mean(rc_), "rewards/rejected": mean(rr_),
-        "rewards/margins": mean(rc_ - rr_), "rewards/accuracies": mean((rc_ > rr_).astype(float)),
-        "logps/chosen": mean(lc), "logps/rejected": mean(lr),
+        "nll_loss": mean(nll),
+        "dpo_loss": mean(pref),
+        "rewards/chosen": mean(rc_),
+        "rewards/rejected": mean(rr_),
+        "rewards/margins": mean(rc_ - rr_),
+        "rewards/accuracies": mean((rc_ > rr_).astype(float)),
+        "logps/chosen": mean(lc),
+        "logps/rejected": mean(lr),
     }
 
 

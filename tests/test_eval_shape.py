@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.config import config_from_hf
-from lidr_jax.model import abstract_params, count_params, forward
-from lidr_jax.weights import hf_names
+from lidr_jax.formats.hf_table import hf_names
+from lidr_jax.model.config import config_from_hf
+from lidr_jax.model.llama import abstract_params, count_params, forward
 
 # config.json of meta-llama/Meta-Llama-3-8B, as published.
 LLAMA3_8B = {

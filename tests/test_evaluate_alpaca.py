@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import lidr_jax.sampler
-from lidr_jax.evaluate import (
+import lidr_jax.generate.sampler
+from lidr_jax.eval.evaluate import (
     DECODING,
     EvalConfig,
     alpaca_records,
@@ -56,11 +56,9 @@ def scripted_generate(monkeypatch):
 
     def fake_generate(model, prompts, sampling):
         calls.append(dict(prompts=prompts, sampling=sampling))
-        return [
-            SimpleNamespace(text=ANSWERS[p[-1]["content"]], finish_reason="stop", token_ids=[]) for p in prompts
-        ]
+        return [SimpleNamespace(text=ANSWERS[p[-1]["content"]], finish_reason="stop", token_ids=[]) for p in prompts]
 
-    monkeypatch.setattr(lidr_jax.sampler, "generate", fake_generate)
+    monkeypatch.setattr(lidr_jax.generate.sampler, "generate", fake_generate)
     return calls
 
 
@@ -77,8 +75,12 @@ def test_read_x_alpacaeval(data_dir, tmp_path):
 def test_alpaca_records_fields():
     rows = alpaca_records(ITEMS["es"][:2], ["uno", "dos"], "gen-1")
     assert rows == [
-        {"instruction": "¿Cuál es la capital de Francia?", "output": "uno", "generator": "gen-1",
-         "dataset": "helpful_base"},
+        {
+            "instruction": "¿Cuál es la capital de Francia?",
+            "output": "uno",
+            "generator": "gen-1",
+            "dataset": "helpful_base",
+        },
         {"instruction": "Escribe un haiku sobre la lluvia.", "output": "dos", "generator": "gen-1", "dataset": "koala"},
     ]
     with pytest.raises(ValueError, match="2 instructions but 1 outputs"):
@@ -86,8 +88,15 @@ def test_alpaca_records_fields():
 
 
 def test_evaluate_model_alpaca_outputs(data_dir, tmp_path, scripted_generate):
-    cfg = EvalConfig(benchmarks=("alpaca",), alpaca_languages=("en", "es"), limit=2, alpaca_dir=str(data_dir),
-                     alpaca_decoding="lidr", progress=False, system_prompt="You are a helpful assistant.")
+    cfg = EvalConfig(
+        benchmarks=("alpaca",),
+        alpaca_languages=("en", "es"),
+        limit=2,
+        alpaca_dir=str(data_dir),
+        alpaca_decoding="lidr",
+        progress=False,
+        system_prompt="You are a helpful assistant.",
+    )
     model = SimpleNamespace(source="/runs/x/iter_1/hf/")
     metrics = evaluate_model(model, cfg, tmp_path / "eval")
     assert metrics == {"alpaca_off_target": {"en": 0.0, "es": 0.5}, "alpaca_truncated": {"en": 0.0, "es": 0.0}}
@@ -114,8 +123,15 @@ def test_evaluate_model_alpaca_outputs(data_dir, tmp_path, scripted_generate):
 
 
 def test_icr_decoding(data_dir, tmp_path, scripted_generate):
-    cfg = EvalConfig(benchmarks=("alpaca",), alpaca_languages=("en",), limit=1, alpaca_dir=str(data_dir),
-                     alpaca_decoding="icr", generator="mine", progress=False)
+    cfg = EvalConfig(
+        benchmarks=("alpaca",),
+        alpaca_languages=("en",),
+        limit=1,
+        alpaca_dir=str(data_dir),
+        alpaca_decoding="icr",
+        generator="mine",
+        progress=False,
+    )
     evaluate_model(SimpleNamespace(source="m"), cfg, tmp_path / "e")
     s = scripted_generate[0]["sampling"]
     assert (s.temperature, s.top_p, s.repetition_penalty) == (0.6, 0.9, 1.0)
@@ -166,7 +182,7 @@ def test_format_table():
 
 def test_plot_metrics(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plots' extra")
-    from lidr_jax.report import plot_metrics
+    from lidr_jax.eval.plots import plot_metrics
 
     history = [
         {"mgsm_accuracy": {"en": 0.1, "de": 0.0}, "mgsm_off_target": {"de": 0.5}},

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lidr_jax import evaluate
-from lidr_jax.evaluate import EvalConfig, evaluate_model
+from lidr_jax.eval import evaluate
+from lidr_jax.eval.evaluate import EvalConfig, evaluate_model
 
 MGSM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mgsm"
 LANGS = ("en", "zh")
@@ -26,8 +26,15 @@ def model():
 
 
 def test_mgsm_evaluate_model(model, tmp_path):
-    cfg = EvalConfig(benchmarks=("mgsm",), mgsm_languages=LANGS, limit=3, mgsm_dir=str(MGSM_DIR),
-                     mgsm_max_new_tokens=8, batch_size=8, progress=False)
+    cfg = EvalConfig(
+        benchmarks=("mgsm",),
+        mgsm_languages=LANGS,
+        limit=3,
+        mgsm_dir=str(MGSM_DIR),
+        mgsm_max_new_tokens=8,
+        batch_size=8,
+        progress=False,
+    )
     metrics = evaluate_model(model, cfg, tmp_path)
     assert set(metrics) == {"mgsm_accuracy", "mgsm_off_target"}
     for values in metrics.values():
@@ -44,8 +51,26 @@ def test_mgsm_evaluate_model(model, tmp_path):
 
 def test_mgsm_cli(model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "_load", lambda path: model)  # the CLI loads by path; use the tiny model
-    rc = evaluate.main(["mgsm", "--model", "tiny", "--data", str(MGSM_DIR), "--langs", "en,zh", "--limit", "3",
-                        "--max-new-tokens", "8", "--batch-size", "8", "--no-progress", "--out", str(tmp_path)])
+    rc = evaluate.main(
+        [
+            "mgsm",
+            "--model",
+            "tiny",
+            "--data",
+            str(MGSM_DIR),
+            "--langs",
+            "en,zh",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     lines = out.splitlines()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lidr_jax.eval_mgsm import (
+from lidr_jax.eval.mgsm import (
     ANSWER_WORD,
     MGSM_LANGUAGES,
     ZERO_SHOT_TEMPLATES,

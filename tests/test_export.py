@@ -16,18 +16,23 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.checkpoint import save_params
-from lidr_jax.export import export_hf, main, parse_size
-from lidr_jax.hf import load_pretrained
-from lidr_jax.model import forward
-from lidr_jax.run_dir import RunDir, StageNotDoneError
+from lidr_jax.formats.export import export_hf, main, parse_size
+from lidr_jax.formats.load import load_pretrained
+from lidr_jax.model.llama import forward
+from lidr_jax.pipeline.run_dir import RunDir, StageNotDoneError
+from lidr_jax.train.checkpoint import save_params
 
 ROUND_TRIP_TOL = 1e-5
 SMOLLM2_REL_TOL = 1e-5  # max abs logit diff relative to max |logit|, for the 30-layer embedded model
 _forward = jax.jit(forward, static_argnames=("config",))
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 CASES = {
     "tied": ("llama", dict(tie_word_embeddings=True, generation_eos=[2, 0])),
     "untied_qwen2_bias": ("qwen2", dict(seed=5)),
@@ -65,7 +70,9 @@ def test_round_trip_logits(case, make_hf_model, torch_model, tmp_path):
 
     # Weights are the same tensors, bit for bit; a tied model has no lm_head.weight.
     exported, original = _safetensors(out), _safetensors(src)
-    assert sorted(exported) == sorted(set(original) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    assert sorted(exported) == sorted(
+        set(original) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    )
     for name, t in exported.items():
         assert t.dtype == np.float32
         np.testing.assert_array_equal(t, original[name], err_msg=name)
@@ -91,8 +98,9 @@ def test_new_params_export_and_sharding(make_hf_model, torch_model, tmp_path):
     model = load_pretrained(make_hf_model("llama", seed=1))
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), model.params)
-    out = export_hf(params, tmp_path / "hf", config=model.config, tokenizer=model.tokenizer,
-                    dtype="float32", max_shard_size="60KB")  # fmt: skip
+    out = export_hf(
+        params, tmp_path / "hf", config=model.config, tokenizer=model.tokenizer, dtype="float32", max_shard_size="60KB"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -132,8 +140,9 @@ def test_bfloat16_export_and_metadata_files(tiny_llama_dir, torch_model, tmp_pat
     assert sorted(gen.eos_token_id) == [0, 2] == list(model.tokenizer.eos_token_ids)
     tok = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "Hola, ¿qué tal?"}]
-    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        model.tokenizer.render_chat(messages)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == model.tokenizer.render_chat(
+        messages
+    )
     assert torch_model(out).config.vocab_size == model.config.vocab_size
     # Exporting again over the same directory replaces it cleanly (no stale shards, no temp dirs).
     export_hf(model, out, dtype="float32", max_shard_size="60KB")
@@ -150,7 +159,10 @@ def test_errors(tiny_model, tmp_path):
         export_hf(tiny_model, tmp_path / "x", max_shard_size="2 parsecs")
     assert not (tmp_path / "x").exists()
     assert (parse_size("2GB"), parse_size("1GiB"), parse_size("50KB"), parse_size(123)) == (
-        2 * 10**9, 2**30, 50_000, 123,
+        2 * 10**9,
+        2**30,
+        50_000,
+        123,
     )
 
 
@@ -217,8 +229,10 @@ def test_embedded_smollm2_export_reloads_in_transformers(tmp_path):
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(_forward(model.params, np.asarray([ids], np.int32), model.config))[0]
     diff, scale = float(np.abs(ours - theirs).max()), float(np.abs(theirs).max())
-    print(f"SmolLM2 export: max abs logit diff lidr_jax vs transformers = {diff:.2e} (max |logit| {scale:.1f}) "
-          f"over {len(ids)} tokens")
+    print(
+        f"SmolLM2 export: max abs logit diff lidr_jax vs transformers = {diff:.2e} (max |logit| {scale:.1f}) "
+        f"over {len(ids)} tokens"
+    )
     # 30 float32 layers summed in a different order than torch's: the tolerance scales with the
     # logits (measured 1.2e-4 at max |logit| 37.6, i.e. 3e-6 relative; bound 1e-5 relative).
     assert diff <= SMOLLM2_REL_TOL * scale

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.icr import (
+from lidr_jax.methods.icr import (
     ICRSettings,
     icr_pairs,
     icr_scoring_prompt,
@@ -67,7 +67,11 @@ def test_ties_invalid_answers_and_blocking():
     rng = np.random.default_rng(0)
     rr, ll = rng.normal(size=(37, 5)), rng.integers(1, 400, size=(37, 5))
     a, b = select_pairs(rr, ll), select_pairs(rr, ll, max_block_elems=100)
-    assert (a.alpha, a.chosen_P.tolist(), a.rejected_P.tolist()) == (b.alpha, b.chosen_P.tolist(), b.rejected_P.tolist())
+    assert (a.alpha, a.chosen_P.tolist(), a.rejected_P.tolist()) == (
+        b.alpha,
+        b.chosen_P.tolist(),
+        b.rejected_P.tolist(),
+    )
     # against a plain loop over alphas and prompts
     best = None
     for alpha in np.arange(1000) / 1000:
@@ -133,13 +137,15 @@ def test_reward_equals_logprob_difference_under_english_prompt():
     import jax
     from dpo_helpers import tiny_model
 
-    from lidr_jax.model import forward
+    from lidr_jax.model.llama import forward
 
     config, params_dpo, tok = tiny_model(seed=0)
     _, params_ref, _ = tiny_model(seed=1)
     english = "Name a color."
-    items = [(icr_scoring_prompt(english, lang), ans) for lang, ans in
-             [("en", "blue"), ("fr", "bleu"), ("de", "blau, wie der Himmel"), ("es", "azul")]]  # fmt: skip
+    items = [
+        (icr_scoring_prompt(english, lang), ans)
+        for lang, ans in [("en", "blue"), ("fr", "bleu"), ("de", "blau, wie der Himmel"), ("es", "azul")]
+    ]
     # one batch (one compilation); rows are sorted by length inside, so order handling is tested too
     out = score_answers(params_dpo, params_ref, config, tok, items, batch_size=4, chunk=8)
     rows = scoring_inputs(tok, items)
@@ -159,7 +165,9 @@ def test_reward_equals_logprob_difference_under_english_prompt():
     def by_hand(params):
         logits = np.asarray(fwd(params, jnp.asarray(tokens))).astype(np.float64)
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        return [sum(logp[i, t - 1, tokens[i, t]] for t in range(len(p), len(p) + len(r))) for i, (p, r) in enumerate(rows)]
+        return [
+            sum(logp[i, t - 1, tokens[i, t]] for t in range(len(p), len(p) + len(r))) for i, (p, r) in enumerate(rows)
+        ]
 
     want_dpo, want_ref = by_hand(params_dpo), by_hand(params_ref)
     for i in range(len(rows)):

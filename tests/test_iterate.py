@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, build_tiny_hf_model, build_tiny_hf_tokenizer
 
 GLYPH, TRANSLATED, CLOSE, OPEN = "◊", "†", "</translation>", "<translation>"
@@ -38,8 +37,9 @@ def scripted_model_dir(tmp_path_factory) -> Path:
     tok = build_tiny_hf_tokenizer()
     tok.add_tokens([OPEN, CLOSE, GLYPH, TRANSLATED])
     vocab = tok.get_vocab()
-    model = build_tiny_hf_model("llama", seed=3, vocab_size=len(tok), max_position_embeddings=1024,
-                                tie_word_embeddings=False)  # fmt: skip
+    model = build_tiny_hf_model(
+        "llama", seed=3, vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False
+    )
     eot = tok.eos_token_id
     script = {None: GLYPH, OPEN: TRANSLATED, TRANSLATED: CLOSE, CLOSE: eot}  # current token -> next token
     dims = range(len(script))
@@ -76,16 +76,33 @@ def prompt_dir(tmp_path_factory) -> Path:
 
 def base_args(model_dir: Path, prompt_dir: Path, run_dir: Path, reward: str = "lidr") -> list[str]:
     sets = [
-        f"model={model_dir}", f"reward={reward}", "iterations=1", "languages=[en,es,fr]",
-        f"prompts.path={prompt_dir}", "plan.per_iteration=2", "plan.held_out=1",
-        "generation.max_new_tokens=6", "generation.batch_size=4", "generation.progress=false",
+        f"model={model_dir}",
+        f"reward={reward}",
+        "iterations=1",
+        "languages=[en,es,fr]",
+        f"prompts.path={prompt_dir}",
+        "plan.per_iteration=2",
+        "plan.held_out=1",
+        "generation.max_new_tokens=6",
+        "generation.batch_size=4",
+        "generation.progress=false",
         "lidr.translation.max_new_tokens=4",
-        "lidr.translation.batch_size=4", "lidr.translation.progress=false",
-        "check.sampling.max_new_tokens=4", "check.sampling.progress=false",
-        "dpo.batch_size=2", "dpo.max_prompt_len=512", "dpo.max_response_len=16", "dpo.learning_rate=1e-3",
-        "dpo.epochs=2", "checkpoint_every=1", "export_dtype=float32",
-        "icr.samples=3", "icr.sampling.max_new_tokens=5", "icr.sampling.batch_size=6", "icr.sampling.progress=false",
-    ]  # fmt: skip
+        "lidr.translation.batch_size=4",
+        "lidr.translation.progress=false",
+        "check.sampling.max_new_tokens=4",
+        "check.sampling.progress=false",
+        "dpo.batch_size=2",
+        "dpo.max_prompt_len=512",
+        "dpo.max_response_len=16",
+        "dpo.learning_rate=1e-3",
+        "dpo.epochs=2",
+        "checkpoint_every=1",
+        "export_dtype=float32",
+        "icr.samples=3",
+        "icr.sampling.max_new_tokens=5",
+        "icr.sampling.batch_size=6",
+        "icr.sampling.progress=false",
+    ]
     args = ["--run-dir", str(run_dir)]
     for s in sets:
         args += ["--set", s]
@@ -97,8 +114,9 @@ def run_cli(args: list[str], crash_at: str | None = None) -> subprocess.Complete
     env.pop("LIDR_JAX_CRASH_AT", None)
     if crash_at:
         env["LIDR_JAX_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "lidr_jax.iterate", *args], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lidr_jax.iterate", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -106,7 +124,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def policy_params(run_dir: Path, k: int = 1):
-    from lidr_jax.checkpoint import restore_params
+    from lidr_jax.train.checkpoint import restore_params
 
     params, _ = restore_params(run_dir / f"iter_{k}" / "train" / "policy")
     return params
@@ -118,8 +136,14 @@ def evaluation_args(tmp_path: Path) -> list[str]:
     mgsm.mkdir()
     (mgsm / "mgsm_en.tsv").write_text("Tom has 2 apples and buys 3. How many?\t5\nHalf of 10?\t5\n")
     (mgsm / "mgsm_es.tsv").write_text("Tom tiene 2 manzanas y compra 3. ¿Cuántas?\t5\n¿La mitad de 10?\t5\n")
-    sets = ["evaluation.benchmarks=[mgsm]", f"evaluation.mgsm_dir={mgsm}", "evaluation.mgsm_languages=[en,es]",
-            "evaluation.limit=2", "evaluation.mgsm_max_new_tokens=4", "evaluation.progress=false"]  # fmt: skip
+    sets = [
+        "evaluation.benchmarks=[mgsm]",
+        f"evaluation.mgsm_dir={mgsm}",
+        "evaluation.mgsm_languages=[en,es]",
+        "evaluation.limit=2",
+        "evaluation.mgsm_max_new_tokens=4",
+        "evaluation.progress=false",
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -129,9 +153,18 @@ def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, 
     res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir) + evaluation)
     assert res.returncode == 0, res.stderr[-3000:]
     it = run_dir / "iter_1"
-    for rel in ("generate/generations.jsonl", "translate/translations.jsonl", "pairs/pairs.jsonl",
-                "pairs/stats.json", "reference/reference_logprobs.npz", "train/metrics.jsonl", "train/policy",
-                "export/hf/config.json", "check/held_out.jsonl", "check/evaluation/metrics.json"):  # fmt: skip
+    for rel in (
+        "generate/generations.jsonl",
+        "translate/translations.jsonl",
+        "pairs/pairs.jsonl",
+        "pairs/stats.json",
+        "reference/reference_logprobs.npz",
+        "train/metrics.jsonl",
+        "train/policy",
+        "export/hf/config.json",
+        "check/held_out.jsonl",
+        "check/evaluation/metrics.json",
+    ):
         assert (it / rel).exists(), rel
     assert (run_dir / "iter_0" / "check" / "held_out.jsonl").exists()
     assert (run_dir / "report.md").exists() and (run_dir / "training.png").exists()
@@ -160,27 +193,37 @@ def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, 
     metrics = read_jsonl(it / "train" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["iterations"]["1"]["stages"]) >= {"generate", "translate", "pairs", "reference", "train",
-                                                           "export", "check"}  # fmt: skip
+    assert set(manifest["iterations"]["1"]["stages"]) >= {
+        "generate",
+        "translate",
+        "pairs",
+        "reference",
+        "train",
+        "export",
+        "check",
+    }
 
     # The exported directory loads in transformers and gives lidr_jax's logits.
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lidr_jax.model import forward
+    from lidr_jax.model.llama import forward
 
     hf = AutoModelForCausalLM.from_pretrained(it / "export" / "hf", dtype=torch.float32).eval()
     tokens = np.array([[5, 6, 7, 8]])
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
-    from lidr_jax.checkpoint import load_params_config
+    from lidr_jax.train.checkpoint import load_params_config
 
     ours = np.asarray(forward(policy_params(run_dir), tokens, load_params_config(it / "train" / "policy")))
     assert np.abs(ours - ref).max() <= 1e-4
 
     # A second iteration starts from the first one's trained policy.
-    res = run_cli(base_args(scripted_model_dir, prompt_dir, run_dir) + evaluation
-                  + ["--set", "iterations=2", "--allow-config-change"])  # fmt: skip
+    res = run_cli(
+        base_args(scripted_model_dir, prompt_dir, run_dir)
+        + evaluation
+        + ["--set", "iterations=2", "--allow-config-change"]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     start = manifest["iterations"]["2"]["start_model"]

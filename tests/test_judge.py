@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lidr_jax.judge import (
+from lidr_jax.eval.judge import (
     EndpointJudge,
     JudgeRequestError,
     JudgeUnreachableError,
@@ -122,7 +122,9 @@ def test_endpoint_judge_head_to_head(monkeypatch):
     expected = sorted(
         judge_messages(x, o1, o2)[-1]["content"]
         for x, a, b in [
-            ("instr 1", "GOOD one", "meh"), ("instr 2", "meh", "GOOD two"), ("instr 3", "GOOD too", "GOOD also")
+            ("instr 1", "GOOD one", "meh"),
+            ("instr 2", "meh", "GOOD two"),
+            ("instr 3", "GOOD too", "GOOD also"),
         ]
         for o1, o2 in [(a, b), (b, a)]
     )
@@ -180,7 +182,7 @@ def test_head_to_head_needs_aligned_lists():
 
 def test_local_judge_end_to_end(tiny_random_model):
     """A tiny random model judges two pairs (verdicts are noise; the plumbing is what is tested)."""
-    from lidr_jax.judge import LocalJudge
+    from lidr_jax.eval.judge import LocalJudge
 
     judge = LocalJudge(tiny_random_model, max_new_tokens=4, batch_size=4)
     res = head_to_head(["Say hi.", "Count to 3."], ["hi", "1 2 3"], ["hello", "one two"], judge)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lidr_jax.langid import DEFAULT_CANDIDATES, detect_language, is_off_target, off_target_rate
+from lidr_jax.methods.langid import DEFAULT_CANDIDATES, detect_language, is_off_target, off_target_rate
 
 SENTENCES = {
     "en": "The weather is lovely today, so we are going for a long walk in the park.",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lidr_jax.languages import (
+from lidr_jax.methods.languages import (
     LANGUAGES,
     UnknownLanguageError,
     check_languages,
@@ -28,9 +28,15 @@ def test_names():
 
 @pytest.mark.parametrize(
     "query, hint",
-    [("fre", "fr (French)"), ("French", "fr (French)"), ("zh-CN", "zh (Chinese)"), ("EN", "en (English)"),
-     ("Deutsch", "de (German)"), ("pt_BR", "pt (Portuguese)")],
-)  # fmt: skip
+    [
+        ("fre", "fr (French)"),
+        ("French", "fr (French)"),
+        ("zh-CN", "zh (Chinese)"),
+        ("EN", "en (English)"),
+        ("Deutsch", "de (German)"),
+        ("pt_BR", "pt (Portuguese)"),
+    ],
+)
 def test_unknown_code_lists_close_matches(query, hint):
     with pytest.raises(UnknownLanguageError, match=f"unknown language code '{query}'") as err:
         language_name(query)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lidr_jax.lidr import (
+from lidr_jax.methods.lidr import (
     LIDRPairSettings,
     build_pairs,
     chat_prompt,
@@ -10,7 +10,7 @@ from lidr_jax.lidr import (
     translation_jobs,
     translation_request,
 )
-from lidr_jax.prompt_sets import PromptSet
+from lidr_jax.methods.prompt_sets import PromptSet
 
 IDS = ("a", "b", "c", "t")  # "t" is a translation-task prompt
 
@@ -111,7 +111,8 @@ def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     assert by_id["b"] == "translation:de->en" and by_id["c"] == "translation:de->en"
     assert sum(stats.dominant_pairs.values()) == 4
     assert [p for p in pairs if p.kind == "target"] == [
-        p for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"))[0]
+        p
+        for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"))[0]
         if p.kind == "target"
     ]
     again, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings)
@@ -119,7 +120,9 @@ def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     # over many seeds both languages get drawn for the prompts where both are valid
     drawn = set()
     for seed in range(20):
-        ps, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed))
+        ps, _ = build_pairs(
+            _prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed)
+        )
         drawn |= {p.rejected_from for p in ps if p.kind == "dominant" and p.id == "a"}
     assert drawn == {"translation:fr->en", "translation:de->en"}
 
@@ -149,8 +152,13 @@ def test_system_prompt_and_trl_record():
     assert chat_prompt("q") == [{"role": "user", "content": "q"}]
     pp = pairs[0].as_preference_pair()
     assert (pp.prompt, pp.chosen, pp.rejected) == (rec["prompt"], rec["chosen"], rec["rejected"])
-    assert pp.extra == {"id": "a", "language": "fr", "kind": "target", "chosen_from": "translation:en->fr",
-                        "rejected_from": "generation:fr"}  # fmt: skip
+    assert pp.extra == {
+        "id": "a",
+        "language": "fr",
+        "kind": "target",
+        "chosen_from": "translation:en->fr",
+        "rejected_from": "generation:fr",
+    }
 
 
 def test_incomplete_stage_outputs_raise():
@@ -161,7 +169,7 @@ def test_incomplete_stage_outputs_raise():
         to_target = {**TO_TARGET, "de": {"a": "x", "c": "y"}}
         build_pairs(_prompts(), GEN, to_target, TO_DOMINANT)
     with pytest.raises(ValueError, match=r"no de->en translation result .* \(t\)"):
-        to_dominant = {**TO_DOMINANT, "de": {pid: "x" for pid in "abc"}}
+        to_dominant = {**TO_DOMINANT, "de": dict.fromkeys("abc", "x")}
         build_pairs(_prompts(), GEN, TO_TARGET, to_dominant)
     with pytest.raises(ValueError, match="dominant language 'en' is not among"):
         build_pairs(_prompts(("fr", "de")), GEN, TO_TARGET, TO_DOMINANT)
@@ -172,8 +180,18 @@ def test_incomplete_stage_outputs_raise():
 def test_translation_jobs_skip_en_to_x_for_translation_tasks():
     jobs = translation_jobs(_prompts(), GEN)
     assert [(j.direction, j.id, j.text) for j in jobs] == [
-        ("en->fr", "a", "y_en[a]"), ("en->fr", "b", "y_en[b]"), ("en->fr", "c", "y_en[c]"),
-        ("fr->en", "a", "y_fr[a]"), ("fr->en", "b", "y_fr[b]"), ("fr->en", "c", "y_fr[c]"), ("fr->en", "t", "y_fr[t]"),
-        ("en->de", "a", "y_en[a]"), ("en->de", "b", "y_en[b]"), ("en->de", "c", "y_en[c]"),
-        ("de->en", "a", "y_de[a]"), ("de->en", "b", "y_de[b]"), ("de->en", "c", "y_de[c]"), ("de->en", "t", "y_de[t]"),
-    ]  # fmt: skip
+        ("en->fr", "a", "y_en[a]"),
+        ("en->fr", "b", "y_en[b]"),
+        ("en->fr", "c", "y_en[c]"),
+        ("fr->en", "a", "y_fr[a]"),
+        ("fr->en", "b", "y_fr[b]"),
+        ("fr->en", "c", "y_fr[c]"),
+        ("fr->en", "t", "y_fr[t]"),
+        ("en->de", "a", "y_en[a]"),
+        ("en->de", "b", "y_en[b]"),
+        ("en->de", "c", "y_en[c]"),
+        ("de->en", "a", "y_de[a]"),
+        ("de->en", "b", "y_de[b]"),
+        ("de->en", "c", "y_de[c]"),
+        ("de->en", "t", "y_de[t]"),
+    ]

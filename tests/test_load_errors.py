@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lidr_jax.config import UnsupportedConfigError
-from lidr_jax.gguf_import import GGUFImportError
-from lidr_jax.hf import ModelNotFoundError, load_pretrained
-from lidr_jax.weights import WeightsMismatchError
+from lidr_jax.formats.gguf import GGUFImportError
+from lidr_jax.formats.hf_table import WeightsMismatchError
+from lidr_jax.formats.load import ModelNotFoundError, load_pretrained
+from lidr_jax.model.config import UnsupportedConfigError
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],

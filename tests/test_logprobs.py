@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, tiny_model
 
-from lidr_jax.data import PreferencePair, encode_pairs, pair_batch
-from lidr_jax.dpo import pair_logprobs, sequence_logprobs
-from lidr_jax.icr import scoring_batch
-from lidr_jax.model import forward
+from lidr_jax.methods.icr import scoring_batch
+from lidr_jax.model.llama import forward
+from lidr_jax.train.dpo import pair_logprobs, sequence_logprobs
+from lidr_jax.train.pairs import PreferencePair, encode_pairs, pair_batch
 
 TOL = 1e-5  # float32, sums of ~20 log-probs
 # One jitted function each for every test: same shapes hit the compile cache.
@@ -39,8 +39,11 @@ def plain(setup):
     summed by hand in NumPy: rows 0-3 chosen, 4-7 rejected."""
     config, params, _, enc = setup
     batch = unpacked_rows(enc, [0, 1, 2, 3])
-    logits = np.asarray(jax.jit(lambda p, t, m: forward(p, t, config, attention_mask_BT=m))(
-        params, batch["tokens"], batch["attention_mask"])).astype(np.float64)
+    logits = np.asarray(
+        jax.jit(lambda p, t, m: forward(p, t, config, attention_mask_BT=m))(
+            params, batch["tokens"], batch["attention_mask"]
+        )
+    ).astype(np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     out = []
     for row in range(8):
@@ -87,12 +90,12 @@ def test_packed_layout(setup):
     p, c, r = enc.prompt_ids[1], enc.chosen_ids[1], enc.rejected_ids[1]
     P, C, R = len(p), len(c), len(r)
     assert b["tokens"].shape[0] == 2 and b["weight"].tolist() == [1.0, 0.0]
-    assert b["tokens"][0, :P + C + R].tolist() == np.concatenate([p, c, r]).tolist()
-    assert (b["tokens"][0, P + C + R:] == 0).all() and not b["attention_mask"][0, P + C + R:].any()
-    assert b["positions"][0, :P + C + R].tolist() == list(range(P + C)) + list(range(P, P + R))
-    assert b["segments"][0, :P + C + R].tolist() == [0] * P + [1] * C + [2] * R
+    assert b["tokens"][0, : P + C + R].tolist() == np.concatenate([p, c, r]).tolist()
+    assert (b["tokens"][0, P + C + R :] == 0).all() and not b["attention_mask"][0, P + C + R :].any()
+    assert b["positions"][0, : P + C + R].tolist() == list(range(P + C)) + list(range(P, P + R))
+    assert b["segments"][0, : P + C + R].tolist() == [0] * P + [1] * C + [2] * R
     assert b["logit_index"][0, 0] == P - 1 and b["logit_index"][0, C] == P - 1
-    assert b["targets"][0, :C + R].tolist() == np.concatenate([c, r]).tolist()
+    assert b["targets"][0, : C + R].tolist() == np.concatenate([c, r]).tolist()
     assert b["chosen_mask"][0].sum() == C and b["rejected_mask"][0].sum() == R
     assert not (b["chosen_mask"][0] & b["rejected_mask"][0]).any()
 
@@ -117,8 +120,11 @@ def test_prompt_tokens_are_not_counted(setup):
     np.testing.assert_array_equal(batch["target_mask"].sum(-1), [len(r) for r in enc.chosen_ids + enc.rejected_ids])
     logp = float(_logp(params, batch, config=config, chunk=8)[0][0])
     # Unmasking the prompt targets changes the sum: so the mask, not luck, keeps the prompt out.
-    with_prompt = dict(batch, target_mask=batch["attention_mask"] & (np.arange(batch["tokens"].shape[1]) <
-                                                                     batch["attention_mask"].sum(-1, keepdims=True) - 1))
+    with_prompt = dict(
+        batch,
+        target_mask=batch["attention_mask"]
+        & (np.arange(batch["tokens"].shape[1]) < batch["attention_mask"].sum(-1, keepdims=True) - 1),
+    )
     assert float(_logp(params, with_prompt, config=config, chunk=8)[0][0]) < logp - 1.0
 
 

@@ -23,14 +23,25 @@ import numpy as np
 from conftest import REPO_ROOT
 from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401 (fixtures)
 
-from lidr_jax.run_dir import Processes, RunDir
+from lidr_jax.pipeline.run_dir import Processes, RunDir
 
 # Smaller than test_iterate's run. Batch size 1 makes chunks of 4 jobs, so generation and translation
 # have 2 chunks each and both processes generate; the check then reuses the generation executables.
-FAST = ["generation.batch_size=1", "lidr.translation.batch_size=1", "check.sampling.batch_size=1", "dpo.epochs=1",
-        "checkpoint_every=2"]  # fmt: skip
-TEXTS = ("generate/generations.jsonl", "translate/raw_translations.jsonl", "translate/translations.jsonl",
-         "pairs/pairs.jsonl", "pairs/stats.json", "check/held_out.jsonl")  # fmt: skip
+FAST = [
+    "generation.batch_size=1",
+    "lidr.translation.batch_size=1",
+    "check.sampling.batch_size=1",
+    "dpo.epochs=1",
+    "checkpoint_every=2",
+]
+TEXTS = (
+    "generate/generations.jsonl",
+    "translate/raw_translations.jsonl",
+    "translate/translations.jsonl",
+    "pairs/pairs.jsonl",
+    "pairs/stats.json",
+    "check/held_out.jsonl",
+)
 TIMINGS = ("step_time_s", "tokens_per_s", "pairs_per_s")
 ORBAX = ("train/checkpoints", "train/policy")  # written by every process together (Orbax coordinates)
 AUDIT = Path(__file__).resolve().parent / "audit_writes.py"
@@ -52,12 +63,16 @@ def _free_port() -> int:
 def _iterate(args: list[str], processes: int, run: Path) -> list[tuple[int, str, str]]:
     """Run the CLI as `processes` cooperating processes; (returncode, stdout, stderr) of each."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    envs = [_env() if processes == 1 else
-            _env(LIDR_COORDINATOR=coordinator, LIDR_NUM_PROCESSES=str(processes), LIDR_PROCESS_ID=str(i))
-            for i in range(processes)]  # fmt: skip
+    envs = [
+        _env()
+        if processes == 1
+        else _env(LIDR_COORDINATOR=coordinator, LIDR_NUM_PROCESSES=str(processes), LIDR_PROCESS_ID=str(i))
+        for i in range(processes)
+    ]
     command = [sys.executable, str(AUDIT), str(run), "lidr_jax.iterate", "--run-dir", str(run), *args]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for env in envs]  # fmt: skip
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for env in envs
+    ]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
         return [(p.returncode, *out) for p, out in zip(procs, outs)]
@@ -70,7 +85,7 @@ def _iterate(args: list[str], processes: int, run: Path) -> list[tuple[int, str,
 def _writes(stdout: str) -> list[str]:
     """What tests/audit_writes.py saw the process write under the run directory, Orbax's parts aside."""
     line = next(line for line in stdout.splitlines() if line.startswith("WRITES "))
-    return [p for p in json.loads(line[len("WRITES "):]) if not any(part in p for part in ORBAX)]
+    return [p for p in json.loads(line[len("WRITES ") :]) if not any(part in p for part in ORBAX)]
 
 
 def _files(run: Path) -> set[str]:
@@ -106,8 +121,10 @@ def _metrics(run: Path) -> list[dict]:
 
 def _stages(run: Path) -> dict:
     iterations = json.loads((run / "manifest.json").read_text())["iterations"]
-    return {k: {s: e["outputs"] for s, e in it["stages"].items()} | {"start": it["start_model"]}
-            for k, it in iterations.items()}  # fmt: skip
+    return {
+        k: {s: e["outputs"] for s, e in it["stages"].items()} | {"start": it["start_model"]}
+        for k, it in iterations.items()
+    }
 
 
 def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
@@ -129,8 +146,10 @@ def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_pat
         assert a.read_text() == b.read_text(), rel
     _assert_close(_metrics(two), _metrics(one), 1e-5, "metrics")
     assert len(_metrics(one)) >= 2
-    with np.load(one / "iter_1" / "reference" / "reference_logprobs.npz") as x, \
-            np.load(two / "iter_1" / "reference" / "reference_logprobs.npz") as y:  # fmt: skip
+    with (
+        np.load(one / "iter_1" / "reference" / "reference_logprobs.npz") as x,
+        np.load(two / "iter_1" / "reference" / "reference_logprobs.npz") as y,
+    ):
         np.testing.assert_allclose(x["chosen"], y["chosen"], atol=1e-4)
         np.testing.assert_allclose(x["rejected"], y["rejected"], atol=1e-4)
         assert str(x["fingerprint"]) == str(y["fingerprint"])
@@ -164,5 +183,8 @@ def test_writer_run_dir_records_what_json_gives_back(tmp_path):
     """Outputs are kept as the manifest holds them, so a fresh and a resumed run see the same values."""
     run = RunDir(tmp_path / "run", {"model": "m"}, seed=1)
     run.mark_done(1, "pairs", {"counts": (1, 2), "per_lang": {"es": 1}})
-    assert run.outputs(1, "pairs") == RunDir(tmp_path / "run").outputs(1, "pairs") == {"counts": [1, 2],
-                                                                                        "per_lang": {"es": 1}}
+    assert (
+        run.outputs(1, "pairs")
+        == RunDir(tmp_path / "run").outputs(1, "pairs")
+        == {"counts": [1, 2], "per_lang": {"es": 1}}
+    )

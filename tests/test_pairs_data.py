@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from dpo_helpers import tiny_tokenizer
 
-from lidr_jax.data import (
+from lidr_jax.formats.tokenizer import ChatTokenizer
+from lidr_jax.train.pairs import (
     PairFormatError,
     PreferencePair,
     bucket_length,
@@ -17,7 +18,6 @@ from lidr_jax.data import (
     write_alpaca_jsonl,
     write_trl_jsonl,
 )
-from lidr_jax.tokenizer import ChatTokenizer
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -34,13 +34,21 @@ def tok():
 
 def test_trl_strings_messages_alias_and_provenance(tmp_path):
     user = [{"role": "user", "content": "Hola"}]
-    f = _write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "Say yes.", "chosen": "yes", "rejected": "no", "lang": "en", "id": "a-1"},
-        {"prompt": user, "chosen": [{"role": "assistant", "content": "Hola!"}],
-         "reject": [{"role": "assistant", "content": "Hello"}]},
-        {"chosen": user + [{"role": "assistant", "content": "Buenas"}],
-         "rejected": user + [{"role": "assistant", "content": "Hi"}]},  # implicit prompt
-    ])
+    f = _write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Say yes.", "chosen": "yes", "rejected": "no", "lang": "en", "id": "a-1"},
+            {
+                "prompt": user,
+                "chosen": [{"role": "assistant", "content": "Hola!"}],
+                "reject": [{"role": "assistant", "content": "Hello"}],
+            },
+            {
+                "chosen": user + [{"role": "assistant", "content": "Buenas"}],
+                "rejected": user + [{"role": "assistant", "content": "Hi"}],
+            },  # implicit prompt
+        ],
+    )
     a, b, c = read_pairs(f)
     assert (a.prompt, a.chosen, a.rejected, a.extra) == ("Say yes.", "yes", "no", {"lang": "en", "id": "a-1"})
     assert b.prompt == user and b.rejected == [{"role": "assistant", "content": "Hello"}] and b.extra == {}
@@ -53,28 +61,46 @@ def test_trl_strings_messages_alias_and_provenance(tmp_path):
 
 def test_alpaca_ranking_old_and_new_forms_json_list(tmp_path):
     f = tmp_path / "a.json"
-    f.write_text(json.dumps([
-        {"instruction": "Translate", "input": "chat", "output": ["cat", "dog"]},
-        {"instruction": "Greet", "input": "", "chosen": "hi", "rejected": "bye", "system": "Be kind.",
-         "history": [["one", "uno"]], "lang": "es"},
-    ]))
+    f.write_text(
+        json.dumps(
+            [
+                {"instruction": "Translate", "input": "chat", "output": ["cat", "dog"]},
+                {
+                    "instruction": "Greet",
+                    "input": "",
+                    "chosen": "hi",
+                    "rejected": "bye",
+                    "system": "Be kind.",
+                    "history": [["one", "uno"]],
+                    "lang": "es",
+                },
+            ]
+        )
+    )
     a, b = read_pairs(f)
     assert (a.prompt, a.chosen, a.rejected) == ("Translate\nchat", "cat", "dog")  # instruction + "\n" + input
-    assert b.prompt == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "one"},
-                        {"role": "assistant", "content": "uno"}, {"role": "user", "content": "Greet"}]
+    assert b.prompt == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "uno"},
+        {"role": "user", "content": "Greet"},
+    ]
     assert b.extra == {"lang": "es"}
     write_alpaca_jsonl([a, b], tmp_path / "a2.jsonl")
     back = read_pairs(tmp_path / "a2.jsonl")
     assert back[1] == b and back[0].chosen == "cat" and back[0].prompt == "Translate\nchat"
 
 
-@pytest.mark.parametrize("line,why", [
-    ('{"prompt": "x", "chosen": "y"', "invalid JSON"),
-    ('{"prompt": "x", "chosen": "y"}', "neither TRL"),
-    ('{"instruction": "x", "output": ["only one"]}', "list of two strings"),
-    ('{"prompt": "x", "chosen": 3, "rejected": "z"}', "`chosen` must be a string"),
-    ('["a", "b"]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,why",
+    [
+        ('{"prompt": "x", "chosen": "y"', "malformed JSON"),
+        ('{"prompt": "x", "chosen": "y"}', "neither TRL"),
+        ('{"instruction": "x", "output": ["only one"]}', "list of two strings"),
+        ('{"prompt": "x", "chosen": 3, "rejected": "z"}', "`chosen` must be a string"),
+        ('["a", "b"]', "expected a JSON object"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, line, why):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n' + line + "\n")
@@ -102,8 +128,10 @@ def test_truncation_rule_and_counts(tok):
 
 def test_template_whose_prompt_is_not_a_prefix_fails_clearly():
     bad = tiny_tokenizer().hf
-    bad.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]\n{% else %}<end>{% endif %}")
+    bad.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]\n{% else %}<end>{% endif %}"
+    )
     with pytest.raises(ValueError, match="renders the prompt differently"):
         encode_pairs([PreferencePair("hi", "yo", "no")], ChatTokenizer(bad), 100, 100)
 
@@ -144,5 +172,6 @@ def test_real_prompts_roundtrip_with_provenance(tmp_path, tok):
     enc = encode_pairs(back, tok, max_prompt_len=64, max_response_len=8)
     longest = max(len(tok.chat_ids([{"role": "user", "content": r["instruction"]}])) for r in rows)
     assert longest > 64 and enc.truncated_prompts == sum(
-        len(tok.chat_ids([{"role": "user", "content": r["instruction"]}])) > 64 for r in rows)
+        len(tok.chat_ids([{"role": "user", "content": r["instruction"]}])) > 64 for r in rows
+    )
     assert max(len(p) for p in enc.prompt_ids) == 64

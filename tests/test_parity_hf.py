@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import CHAT_TEMPLATE
 
-from lidr_jax.config import config_from_hf
-from lidr_jax.hf import load_pretrained
-from lidr_jax.model import forward
+from lidr_jax.formats.load import load_pretrained
+from lidr_jax.model.config import config_from_hf
+from lidr_jax.model.llama import forward
 
 TOL = 1e-4
 # One compile per architecture: the unpadded batch passes an all-ones mask so both variants share it.
@@ -256,7 +256,7 @@ def test_gguf_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
     import gguf
     import sentencepiece as spm
 
-    from lidr_jax import gguf_import
+    from lidr_jax.formats import gguf as gguf_import
 
     corpus = [
         "The quick brown fox jumps over the lazy dog.",

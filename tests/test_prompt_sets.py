@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lidr_jax.prompt_sets import (
+from lidr_jax.methods.prompt_sets import (
     DEFAULT_PROMPTS_DIR,
     PromptSetError,
     PromptSource,
@@ -52,8 +52,10 @@ def test_default_prompts_aligned_and_complete():
         if lang != "en":  # every prompt is translated
             assert all(a != b for a, b in zip(ps.instructions[lang], ps.instructions["en"]))
     # every language file carries the same kind / flag / answer for an id
-    rows = {lang: [json.loads(x) for x in (DEFAULT_PROMPTS_DIR / f"{lang}.jsonl").read_text("utf-8").splitlines()]
-            for lang in LANGS}  # fmt: skip
+    rows = {
+        lang: [json.loads(x) for x in (DEFAULT_PROMPTS_DIR / f"{lang}.jsonl").read_text("utf-8").splitlines()]
+        for lang in LANGS
+    }
     for lang in LANGS:
         assert [(r["id"], r["kind"], r["translation_task"], r.get("answer")) for r in rows[lang]] == [
             (r["id"], r["kind"], r["translation_task"], r.get("answer")) for r in rows["en"]
@@ -77,8 +79,11 @@ def test_default_source_and_language_subset():
 
 @needs_shared
 def test_lidr_layout_with_translation_task_ids():
-    ps = load_jsonl_dir(SHARED_DATA / "alpagasus" / "id_0_1000", LANGS,
-                        translation_task_ids=SHARED_DATA / "alpagasus" / "translation_task_ids.jsonl")  # fmt: skip
+    ps = load_jsonl_dir(
+        SHARED_DATA / "alpagasus" / "id_0_1000",
+        LANGS,
+        translation_task_ids=SHARED_DATA / "alpagasus" / "translation_task_ids.jsonl",
+    )
     assert len(ps) == 1000 and ps.ids[0] == "alpagasus-0" and ps.ids[-1] == "alpagasus-999"
     assert ps.instructions["en"][0] == "Give three tips for staying healthy."
     all_task_ids = load_id_list(SHARED_DATA / "alpagasus" / "translation_task_ids.jsonl")
@@ -89,8 +94,9 @@ def test_lidr_layout_with_translation_task_ids():
 
 @needs_shared
 def test_icr_layout():
-    ps = load_prompts(PromptSource(path=str(SHARED_DATA / "ultrafeedback" / "random_1000"),
-                                   languages=("en", "es", "ru", "de", "fr")))  # fmt: skip
+    ps = load_prompts(
+        PromptSource(path=str(SHARED_DATA / "ultrafeedback" / "random_1000"), languages=("en", "es", "ru", "de", "fr"))
+    )
     assert len(ps) == 1000
     assert ps.ids[0] == "e3de3869be2af2ce60ef6ddaf76bcf998195f464a230886aef6789c627b9a845"
     assert ps.instructions["de"][0] == "Welche Sportart betreiben Bäume am häufigsten?"
@@ -102,15 +108,20 @@ def test_icr_layout():
 
 def test_missing_language_file(tmp_path):
     _simple(tmp_path)
-    with pytest.raises(PromptSetError, match=r"no prompt file for language 'de': expected .*de\.jsonl \(files there for: en, fr\)"):
+    with pytest.raises(
+        PromptSetError, match=r"no prompt file for language 'de': expected .*de\.jsonl \(files there for: en, fr\)"
+    ):
         load_jsonl_dir(tmp_path, ["en", "fr", "de"])
 
 
 def test_ids_that_do_not_align(tmp_path):
     _write(tmp_path, "en", [{"id": i, "instruction": "x"} for i in "abcd"])
     _write(tmp_path, "fr", [{"id": i, "instruction": "x"} for i in "abz"])
-    with pytest.raises(PromptSetError, match=r"do not align.*fr\.jsonl lacks 2 id\(s\) of .*en\.jsonl: 'c', 'd'.*"
-                                             r"fr\.jsonl has 1 id\(s\) not in .*en\.jsonl: 'z'"):  # fmt: skip
+    with pytest.raises(
+        PromptSetError,
+        match=r"do not align.*fr\.jsonl lacks 2 id\(s\) of .*en\.jsonl: 'c', 'd'.*"
+        r"fr\.jsonl has 1 id\(s\) not in .*en\.jsonl: 'z'",
+    ):
         load_jsonl_dir(tmp_path, ["en", "fr"])
 
 
@@ -144,7 +155,11 @@ def test_empty_prompt_set(tmp_path):
 
 def test_duplicate_ids(tmp_path):
     _simple(tmp_path)
-    _write(tmp_path, "fr", [{"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y"}, {"id": "a", "instruction": "z"}])
+    _write(
+        tmp_path,
+        "fr",
+        [{"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y"}, {"id": "a", "instruction": "z"}],
+    )
     with pytest.raises(PromptSetError, match=r"fr\.jsonl:3: duplicate id 'a' \(first at .*fr\.jsonl:1\)"):
         load_jsonl_dir(tmp_path, ["en", "fr"])
 
@@ -166,12 +181,22 @@ def test_bad_fields(tmp_path):
 
 
 def test_translation_task_flag_field_and_id_list(tmp_path):
-    _write(tmp_path, "en", [{"id": "a", "instruction": "x", "translation_task": True}, {"id": "b", "instruction": "y"},
-                            {"id": "c", "instruction": "z", "translation_task": False}])  # fmt: skip
+    _write(
+        tmp_path,
+        "en",
+        [
+            {"id": "a", "instruction": "x", "translation_task": True},
+            {"id": "b", "instruction": "y"},
+            {"id": "c", "instruction": "z", "translation_task": False},
+        ],
+    )
     _write(tmp_path, "fr", [{"id": i, "instruction": "x"} for i in "abc"])
     assert load_jsonl_dir(tmp_path, ["en", "fr"]).translation_task == {"a"}
     (tmp_path / "ids.txt").write_text("b\nq\n")
-    assert load_jsonl_dir(tmp_path, ["en", "fr"], translation_task_ids=tmp_path / "ids.txt").translation_task == {"a", "b"}
+    assert load_jsonl_dir(tmp_path, ["en", "fr"], translation_task_ids=tmp_path / "ids.txt").translation_task == {
+        "a",
+        "b",
+    }
     with pytest.raises(PromptSetError, match="id list .*nope.jsonl does not exist"):
         load_jsonl_dir(tmp_path, ["en", "fr"], translation_task_ids=tmp_path / "nope.jsonl")
 
@@ -203,18 +228,29 @@ def test_iteration_slices_and_heldout():
 
 def test_datasets_source_with_language_column(tmp_path):
     pytest.importorskip("datasets", reason="the optional `datasets` extra is not installed")
-    rows = [{"uid": n, "prompt": f"{lang}-{n}", "lang": lang, "translation_task": n == 2}
-            for lang in ("fr", "en", "de") for n in (1, 2, 3)]  # fmt: skip
+    rows = [
+        {"uid": n, "prompt": f"{lang}-{n}", "lang": lang, "translation_task": n == 2}
+        for lang in ("fr", "en", "de")
+        for n in (1, 2, 3)
+    ]
     path = tmp_path / "all.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    src = PromptSource(path=str(path), languages=("en", "fr"), id_column="uid", instruction_column="prompt",
-                       language_column="lang")  # fmt: skip
+    src = PromptSource(
+        path=str(path), languages=("en", "fr"), id_column="uid", instruction_column="prompt", language_column="lang"
+    )
     ps = load_prompts(src)
     assert ps.ids == ("1", "2", "3") and ps.instructions["fr"] == ("fr-1", "fr-2", "fr-3")
     assert ps.translation_task == {"2"}
     with pytest.raises(PromptSetError, match=r"no column 'prompt_text'"):
-        load_prompts(PromptSource(path=str(path), languages=("en",), id_column="uid", instruction_column="prompt_text",
-                                  language_column="lang"))  # fmt: skip
+        load_prompts(
+            PromptSource(
+                path=str(path),
+                languages=("en",),
+                id_column="uid",
+                instruction_column="prompt_text",
+                language_column="lang",
+            )
+        )
     with pytest.raises(PromptSetError, match="cannot tell languages apart"):
         load_prompts(PromptSource(path=str(path), languages=("en",), format="datasets"))
 
@@ -247,5 +283,7 @@ def test_missing_datasets_package_is_a_clear_error(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(PromptSetError, match=r"needs the optional package `datasets`: pip install 'lidr_jax\[datasets\]'"):
+    with pytest.raises(
+        PromptSetError, match=r"needs the optional package `datasets`: pip install 'lidr_jax\[datasets\]'"
+    ):
         load_prompts(PromptSource(path=str(tmp_path / "{lang}.parquet"), languages=("en",)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
-from lidr_jax.run_config import RunConfig, load_run_config
+
+from lidr_jax.pipeline.config import RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, apply_overrides, describe, parse_override
 
 CONFIGS = REPO_ROOT / "configs"
@@ -23,8 +23,15 @@ def test_default_config_is_the_embedded_lidr_run():
 
 
 def test_overrides_are_typed():
-    cfg = load_run_config(overrides=["dpo.beta=0.25", "languages=[en,fr]", "dpo.learning_rate=1e-6",
-                                     "generation.stop=['</s>']", "plan.per_iteration=3"])  # fmt: skip
+    cfg = load_run_config(
+        overrides=[
+            "dpo.beta=0.25",
+            "languages=[en,fr]",
+            "dpo.learning_rate=1e-6",
+            "generation.stop=['</s>']",
+            "plan.per_iteration=3",
+        ]
+    )
     assert cfg.dpo.beta == 0.25 and cfg.languages == ("en", "fr") and cfg.dpo.learning_rate == 1e-6
     assert cfg.generation.stop == ("</s>",) and cfg.plan.per_iteration == 3
 
@@ -69,7 +76,10 @@ def test_paper_configs_have_the_paper_settings():
     lidr = load_run_config(CONFIGS / "lidr_llama3_8b.yaml")
     assert lidr.reward == "lidr" and lidr.iterations == 2 and set(lidr.targets) == {"es", "ru", "de", "fr"}
     assert (lidr.generation.temperature, lidr.generation.repetition_penalty, lidr.generation.max_new_tokens) == (
-        0.0, 1.1, 2400)  # fmt: skip
+        0.0,
+        1.1,
+        2400,
+    )
     assert lidr.lidr.translation.repetition_penalty == 1.0 and lidr.plan.per_iteration == 1000
     assert lidr.lidr.pairs.system_prompt == "You are a helpful assistant."
     icr = load_run_config(CONFIGS / "icr_llama3_8b.yaml")
@@ -83,19 +93,27 @@ def test_paper_configs_have_the_paper_settings():
 
 
 LLAMA3_8B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=False,
-)  # fmt: skip
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 
 
 def test_paper_config_memory_plan_from_eval_shape():
     """DPO state of Llama-3-8B under the paper configs' settings, from abstract shapes only:
     float32 master weights + AdamW moments + gradients = 16 bytes/param, FSDP-sharded over 8 devices
     fits an 80 GB H100 with room for activations (the per-device budget docs/scaling.md details)."""
-    from lidr_jax.config import config_from_hf
-    from lidr_jax.model import abstract_params
-    from lidr_jax.train import make_optimizer
+    from lidr_jax.model.config import config_from_hf
+    from lidr_jax.model.llama import abstract_params
+    from lidr_jax.train.trainer import make_optimizer
 
     cfg = load_run_config(CONFIGS / "lidr_llama3_8b.yaml")
     model_cfg = config_from_hf(LLAMA3_8B)

@@ -8,14 +8,12 @@ import os
 
 import pytest
 
-from lidr_jax import run_dir as rd
-from lidr_jax.run_dir import (
+from lidr_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from lidr_jax.pipeline import run_dir as rd
+from lidr_jax.pipeline.run_dir import (
     RunConfigMismatchError,
     RunDir,
     StageNotDoneError,
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
 )
 
 CONFIG = {"model": "smollm2-135m-instruct", "dpo": {"beta": 0.1, "lr": 5e-7}, "languages": ["es", "ru"]}
@@ -59,13 +57,15 @@ def test_create_layout_and_stages(tmp_path):
     # Paths inside the run are stored relative, so a moved run still resolves.
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["iterations"]["1"]["stages"]["generate"]["outputs"] == {
-        "responses": "./iter_1/generate/responses.jsonl", "count": 1,
+        "responses": "./iter_1/generate/responses.jsonl",
+        "count": 1,
     }
     assert manifest["iterations"]["1"]["start_model"] == "smollm2-135m-instruct"
     os.rename(tmp_path / "run", tmp_path / "moved")
     moved = RunDir(tmp_path / "moved", CONFIG, seed=3)
     assert moved.outputs(1, "generate") == {
-        "responses": str((tmp_path / "moved" / "iter_1" / "generate" / "responses.jsonl").absolute()), "count": 1,
+        "responses": str((tmp_path / "moved" / "iter_1" / "generate" / "responses.jsonl").absolute()),
+        "count": 1,
     }
     assert moved.iteration_start_model(1) == "smollm2-135m-instruct"
     assert moved.iteration_start_model(2) is None
@@ -90,8 +90,13 @@ def test_resume_with_different_config_names_keys(tmp_path):
     with pytest.raises(RunConfigMismatchError) as err:
         RunDir(tmp_path, changed, seed=1)
     msg = str(err.value)
-    for line in ("dpo.beta: 0.1 -> 0.2", 'languages: ["es", "ru"] -> ["es"]', "new_key: <absent> -> 1",
-                 "seed: 0 -> 1", "allow_config_change=True"):
+    for line in (
+        "dpo.beta: 0.1 -> 0.2",
+        'languages: ["es", "ru"] -> ["es"]',
+        "new_key: <absent> -> 1",
+        "seed: 0 -> 1",
+        "allow_config_change=True",
+    ):
         assert line in msg
     assert "dpo.lr" not in msg
     # With the override the new config is adopted, the change recorded, and finished stages kept.

@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax import sampler
-from lidr_jax.model import forward, init_cache, unstack_layers
-from lidr_jax.sampler import (
+from lidr_jax.generate import sampler
+from lidr_jax.generate.sampler import (
     GenerationStats,
     SamplingConfig,
     bucket,
@@ -25,6 +24,7 @@ from lidr_jax.sampler import (
     prefill_logits,
     step_logits,
 )
+from lidr_jax.model.llama import forward, init_cache, unstack_layers
 
 CHATS = [
     [{"role": "user", "content": "Say hello."}],
@@ -37,8 +37,6 @@ GREEDY = SamplingConfig(max_new_tokens=24, progress=False, batch_size=8)
 SAMPLED = dataclasses.replace(GREEDY, temperature=1.0, top_k=40, top_p=0.95, seed=7)
 
 
-
-
 @pytest.fixture(scope="module")
 def model_dir(make_hf_model):
     """Untied embeddings and a larger init than conftest's default: the default tiny model's greedy
@@ -48,7 +46,7 @@ def model_dir(make_hf_model):
 
 @pytest.fixture(scope="module")
 def tiny_model(model_dir):
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     return load_pretrained(model_dir)
 
@@ -79,8 +77,9 @@ def test_cached_decode_equals_full_forward(tiny_model, layout):
         cached.append(np.asarray(logits_BV))
     chunk_BC = fed_BS[:, :3][:, ::-1].copy()  # three more tokens at once, attending to cache and each other
     positions_BC = np.asarray([[len(p) + steps + c for c in range(3)] for p in prompts], np.int32)
-    chunk_BCV, _ = jax.jit(forward, static_argnames="config")(params, chunk_BC, config=m.config,
-                                                               positions_BT=positions_BC, cache=cache)
+    chunk_BCV, _ = jax.jit(forward, static_argnames="config")(
+        params, chunk_BC, config=m.config, positions_BT=positions_BC, cache=cache
+    )
     # The uncached reference: each full sequence right-padded into one batch (causal attention makes
     # trailing padding invisible to earlier positions), one forward, no cache.
     full_BT = np.zeros((len(prompts), max(map(len, prompts)) + steps + 3), np.int32)
@@ -117,7 +116,9 @@ def test_generate_logprobs_match_full_forward(tiny_model):
     m = tiny_model
     (res,) = generate(m, CHATS[1:2], dataclasses.replace(GREEDY, max_new_tokens=10))
     prompt = m.tokenizer.prompt_ids(CHATS[1])
-    logits_TV = jax.jit(forward, static_argnames="config")(m.params, np.asarray([prompt + res.token_ids]), config=m.config)[0]
+    logits_TV = jax.jit(forward, static_argnames="config")(
+        m.params, np.asarray([prompt + res.token_ids]), config=m.config
+    )[0]
     logp_TV = np.asarray(jax.nn.log_softmax(logits_TV))
     for t, (tok, lp) in enumerate(zip(res.token_ids, res.logprobs)):
         logp_V = logp_TV[len(prompt) - 1 + t]
@@ -136,8 +137,15 @@ def test_greedy_matches_transformers(tiny_model, model_dir, torch_model, penalty
     eos = list(eos_ids(tiny_model))
     for chat, res in zip(CHATS, ours):
         ids = torch.tensor([tiny_model.tokenizer.prompt_ids(chat)])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
-                          repetition_penalty=penalty, eos_token_id=eos, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=24,
+            repetition_penalty=penalty,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
         assert res.token_ids == out[0, ids.shape[1] :].tolist()
 
 
@@ -146,7 +154,7 @@ def test_batch_invariance_and_seed_determinism(tiny_model, sampling):
     together = generate(tiny_model, CHATS, sampling)
     alone = [generate(tiny_model, [c], dataclasses.replace(sampling, batch_size=1))[0] for c in CHATS[:3]]
     reordered = generate(tiny_model, CHATS[::-1] + CHATS[:1], sampling)[::-1][1:]
-    flat = (lambda rs: [x.token_ids for r in rs for x in (r if isinstance(r, list) else [r])])
+    flat = lambda rs: [x.token_ids for r in rs for x in (r if isinstance(r, list) else [r])]
     assert flat(alone) == flat(together[:3])
     assert flat(reordered) == flat(together)
     assert flat(generate(tiny_model, CHATS, sampling)) == flat(together)
@@ -178,8 +186,9 @@ def test_stop_string_ends_only_its_row(tiny_model):
     text_a = base[0].text
     stop = next(text_a[i : i + 2] for i in range(3, len(text_a) - 2) if text_a[i : i + 2] not in base[1].text)
     cut = text_a.find(stop)
-    ended, other = generate(tiny_model, CHATS[:2], dataclasses.replace(GREEDY, stop=("never seen", stop),
-                                                                       decode_chunk=4))
+    ended, other = generate(
+        tiny_model, CHATS[:2], dataclasses.replace(GREEDY, stop=("never seen", stop), decode_chunk=4)
+    )
     assert ended.text == text_a[:cut] and ended.finish_reason == "stop"
     n = len(ended.token_ids)
     assert ended.token_ids == base[0].token_ids[:n] and ended.logprobs == base[0].logprobs[:n]
@@ -233,8 +242,14 @@ def test_new_sampling_values_do_not_recompile(tiny_model):
     try:
         for temperature, top_k, top_p, penalty in [(0.5, 0, 1.0, 1.0), (1.3, 5, 0.5, 1.2), (0.0, 0, 1.0, 1.1)]:
             stats = GenerationStats()
-            changed = dataclasses.replace(SAMPLED, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          repetition_penalty=penalty, seed=int(temperature * 10))
+            changed = dataclasses.replace(
+                SAMPLED,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=penalty,
+                seed=int(temperature * 10),
+            )
             generate(tiny_model, CHATS, changed, stats=stats)
             assert stats.compilations == 0
     finally:

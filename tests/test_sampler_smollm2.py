@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lidr_jax.sampler import GenerationStats, SamplingConfig, eos_ids, generate
+from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = [
@@ -37,7 +37,7 @@ def gguf_dir() -> Path:
 @pytest.fixture(scope="module")
 def smollm2():
     gguf_dir()
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     return load_pretrained("smollm2-135m-instruct")
 
@@ -67,9 +67,18 @@ def test_greedy_identical_to_transformers(smollm2, hf_smollm2, penalty):
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
-        out = hf_smollm2.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=48,
-                                  repetition_penalty=penalty, eos_token_id=eos, pad_token_id=pad,
-                                  temperature=None, top_p=None, top_k=None)
+        out = hf_smollm2.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=48,
+            repetition_penalty=penalty,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
     for chat, res, row in zip(CHATS, ours, out[:, T:].tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # transformers pads after EOS
         expected = row[:end]
@@ -81,7 +90,9 @@ def test_greedy_identical_to_transformers(smollm2, hf_smollm2, penalty):
 @pytest.mark.slow
 def test_translation_prefill_continues_inside_the_tag(smollm2):
     """LIDR's translation prompt pre-fills the assistant turn with an opening tag."""
-    chat = [{"role": "user", "content": "Translate into French, inside <fr></fr> tags: <en>Good morning, my friend.</en>"}]
+    chat = [
+        {"role": "user", "content": "Translate into French, inside <fr></fr> tags: <en>Good morning, my friend.</en>"}
+    ]
     sampling = SamplingConfig(max_new_tokens=24, batch_size=8, progress=False, stop=("</fr>",))
     with_prefill, without = generate(smollm2, [chat, chat], sampling, prefill=["<fr>", None])
     assert with_prefill.prompt_tokens == without.prompt_tokens + len(smollm2.tokenizer.encode("<fr>"))

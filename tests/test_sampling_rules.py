@@ -1,4 +1,4 @@
-"""The pure sampling rules (lidr_jax.sampling) on small vocabularies: exclusion, empirical frequencies
+"""The pure sampling rules (lidr_jax.generate.rules) on small vocabularies: exclusion, empirical frequencies
 (chi-square with a fixed seed), and agreement with transformers' logits processors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.sampling import apply_repetition_penalty, filter_top_k_top_p, row_keys, sample_logits
+from lidr_jax.generate.rules import apply_repetition_penalty, filter_top_k_top_p, row_keys, sample_logits
 
 LOGITS_V = np.asarray([2.0, 1.5, 1.4, 0.9, 0.5, 0.3, 0.0, -0.2, -0.8, -1.0, -1.5, -3.0], np.float32)
 
@@ -121,7 +121,8 @@ def test_row_keys_depend_on_content_not_position():
     all3 = jax.random.key_data(row_keys(jnp.uint32(5), pids, sids, 4))
     alone = jax.random.key_data(row_keys(jnp.uint32(5), pids[1:2], sids[1:2], 4))
     np.testing.assert_array_equal(np.asarray(all3[1]), np.asarray(alone[0]))
-    keys = [np.asarray(jax.random.key_data(row_keys(jnp.uint32(s), pids, sids, t)))[0] for s, t in
-            [(5, 4), (6, 4), (5, 5)]]
+    keys = [
+        np.asarray(jax.random.key_data(row_keys(jnp.uint32(s), pids, sids, t)))[0] for s, t in [(5, 4), (6, 4), (5, 5)]
+    ]
     assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[0], keys[2])
     assert not np.array_equal(np.asarray(all3[0]), np.asarray(all3[2]))

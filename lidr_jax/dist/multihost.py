@@ -1,0 +1,248 @@
+"""Multi-host runs: every process runs the same program with the same config and seed.
+
+The rules, stated once:
+- Start: `maybe_initialize_distributed()` before anything touches a device (TPU pods auto-detect;
+  GPUs/CPUs read LIDR_COORDINATOR / LIDR_NUM_PROCESSES / LIDR_PROCESS_ID).
+- Generation and scoring are data parallel: each process takes its contiguous `process_shard` of
+  the work, runs it on its own devices (`on_this_process`: the params gathered onto a host-local
+  mesh) and `gather_objects` hands every process all results, in order. `generate_resumable`
+  (lidr_jax.pipeline.stages) distributes whole chunks instead, one per process per round.
+- Training uses one global mesh; each process hands JAX only the rows of a batch its own devices
+  hold (`put_process_rows`; `global_batch` when a process holds only its own rows to begin with).
+- One writer: process 0 writes the run directory. `run_processes()` gives `RunDir` that role, a
+  barrier and a broadcast (lidr_jax.pipeline.run_dir.Processes); the other processes write nothing, and
+  `RunDir.mark_done` waits for everyone, so no process reads a stage's files before they exist.
+  Orbax checkpoints are written collectively by every process (Orbax coordinates them itself).
+- Collectives (`gather_objects`, `broadcast`, `barrier`, `to_host`) must be called by every process
+  at the same point of the program.
+With one process every helper here is the plain single-process operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from lidr_jax.dist.sharding import (
+    MESH_AXES,
+    MeshConfig,
+    active,
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    parse_rules,
+    place,
+    put_batch,
+    to_host,
+    use_mesh,
+)
+
+# ---------------------------------------------------------------------------------------- processes
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when the environment asks for it; True if running multi-process.
+
+    - LIDR_COORDINATOR=host:port, LIDR_NUM_PROCESSES, LIDR_PROCESS_ID: explicit (GPU/CPU clusters).
+    - LIDR_DISTRIBUTED=1, or a TPU pod slice (TPU_WORKER_HOSTNAMES lists several hosts): JAX
+      auto-detects the coordinator (TPU metadata, SLURM, Open MPI).
+    Call it first, before anything touches a device. Calling it twice is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    env = os.environ
+    if env.get("LIDR_COORDINATOR"):
+        missing = [k for k in ("LIDR_NUM_PROCESSES", "LIDR_PROCESS_ID") if not env.get(k)]
+        if missing:
+            raise ValueError(f"LIDR_COORDINATOR is set but {missing} are not: set all three on every process")
+        jax.distributed.initialize(coordinator_address=env["LIDR_COORDINATOR"],
+                                   num_processes=int(env["LIDR_NUM_PROCESSES"]),
+                                   process_id=int(env["LIDR_PROCESS_ID"]))
+        return True
+    pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if env.get("LIDR_DISTRIBUTED", "") in ("1", "true", "auto") or pod:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def process_bounds(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """[start, end) of process `index`'s contiguous share of n items (the first n % count get one more)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def process_shard(items: Sequence, index: int | None = None, count: int | None = None) -> list:
+    """This process's contiguous share of `items`; concatenated in process order they are `items`."""
+    start, end = process_bounds(len(items), index, count)
+    return list(items[start:end])
+
+
+def gather_objects(items: Sequence) -> list:
+    """Every process's JSON-serialisable `items`, concatenated in process order, on every process."""
+    if jax.process_count() == 1:
+        return list(items)
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(list(items)).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    every = multihost_utils.process_allgather(padded)
+    out = []
+    for row, size in zip(every.reshape(len(sizes), -1), sizes.reshape(-1)):
+        out.extend(json.loads(row[: int(size)].tobytes().decode()))
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Process 0's JSON-serialisable `obj` on every process (as JSON gives it back)."""
+    if jax.process_count() == 1:
+        return obj
+    return gather_objects([obj] if jax.process_index() == 0 else [])[0]
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached the barrier called `name`."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run_processes():
+    """The `lidr_jax.pipeline.run_dir.Processes` of this run: process 0 writes; barrier and broadcast above."""
+    from lidr_jax.pipeline.run_dir import Processes
+
+    if jax.process_count() == 1:
+        return Processes()
+    return Processes(writer=jax.process_index() == 0, barrier=barrier, broadcast=broadcast)
+
+
+def map_across_processes(fn: Callable[[list], list], items: Sequence) -> list:
+    """`fn(share)` on every process's `process_shard` of `items` (a list of JSON values per item),
+    gathered on every process in item order. A process with an empty share does not call `fn`."""
+    share = process_shard(items)
+    return gather_objects(fn(share) if share else [])
+
+
+# ------------------------------------------------------------------------------------ training data
+
+
+def process_rows(shape, axis: int = 0) -> slice:
+    """The rows (dimension `axis`) of a global batch of `shape` that this process's devices hold under
+    the active mesh's batch rule: one contiguous block, because the mesh lays devices out process by
+    process (all rows where the rule leaves the rows replicated)."""
+    index_map = batch_sharding(shape, axis).addressable_devices_indices_map(tuple(shape))
+    spans = [index[axis] for index in index_map.values()]
+    return slice(min(s.start or 0 for s in spans), max(shape[axis] if s.stop is None else s.stop for s in spans))
+
+
+def put_process_rows(tree, axis: int = 0):
+    """A global batch of host arrays (the same on every process: built from the same pairs file and
+    the same (seed, step) order) onto the active mesh, each process handing JAX only its own
+    `process_rows`, assembled with `jax.make_array_from_process_local_data`. One process, or no
+    active mesh: `put_batch`."""
+    if jax.process_count() == 1 or active() is None:
+        return put_batch(tree, axis)
+
+    def one(x):
+        x = np.asarray(x)
+        rows = (slice(None),) * axis + (process_rows(x.shape, axis),)
+        return jax.make_array_from_process_local_data(batch_sharding(x.shape, axis), x[rows], x.shape)
+
+    return jax.tree.map(one, tree)
+
+
+def global_batch(local_tree, axis: int = 0, mesh: Mesh | None = None, rules=None):
+    """A global batch from each process's own rows (`process_shard` of the pairs): dimension `axis`
+    of every leaf is concatenated across processes in process order. Needs equal shares and the
+    batch rule to split rows over the processes (the outer mesh axes cross hosts)."""
+    ctx = active()
+    mesh, rules = mesh or ctx.mesh, rules or ctx.rules
+
+    def one(x):
+        x = np.asarray(x)
+        shape = list(x.shape)
+        shape[axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(batch_sharding(shape, axis, mesh, rules), x, tuple(shape))
+
+    return jax.tree.map(one, local_tree)
+
+
+# ------------------------------------------------------------------------------ per-process models
+
+
+def generation_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, dict]:
+    """(mesh, rules) for work each process does on its own share: under an active mesh, that mesh
+    itself with one process, else this process's devices with the active mesh's tensor size and
+    the rest on fsdp; with no active mesh, `cfg` over this process's devices."""
+    ctx = active()
+    if ctx is None:
+        cfg = cfg or MeshConfig()
+        devices = jax.local_devices()[:1] if cfg.preset == "single" else jax.local_devices()
+        return make_mesh(cfg, devices), parse_rules(cfg.rules)
+    if jax.process_count() == 1:
+        return ctx.mesh, ctx.rules
+    mine = [d for d in ctx.mesh.devices.flat if d.process_index == jax.process_index()]
+    tensor = ctx.mesh.shape["tensor"]
+    if len(mine) % tensor:
+        raise ValueError(f"mesh.tensor={tensor} does not divide this host's {len(mine)} devices; generation runs "
+                         "on each host's own devices, so keep tensor within a host (mesh.preset=fsdp_tensor)")
+    return Mesh(np.asarray(mine).reshape(1, len(mine) // tensor, tensor), MESH_AXES), ctx.rules
+
+
+def local_params(params, config, mesh: Mesh, rules):
+    """`params` placed on `mesh`; a leaf split across processes is first gathered (a collective),
+    one leaf at a time, so at most one whole leaf is on the host at once. A leaf already on `mesh`
+    stays where it is."""
+
+    def one(x, sharding):
+        spans_processes = isinstance(x, jax.Array) and not x.is_fully_addressable
+        return place(to_host(x) if spans_processes else x, sharding)
+
+    return jax.tree.map(one, params, param_shardings(config, mesh, rules))
+
+
+@contextlib.contextmanager
+def on_this_process(model, cfg: MeshConfig | None = None):
+    """`model` with its params on this process's own devices (`generation_mesh`), that mesh active."""
+    mesh, rules = generation_mesh(cfg)
+    local = dataclasses.replace(model, params=local_params(model.params, model.config, mesh, rules))
+    with use_mesh(mesh, rules):
+        yield local
+
+
+def generate_across_processes(model, prompts, sampling, cfg: MeshConfig | None = None, **kwargs) -> list:
+    """`sampler.generate` data parallel over processes: each generates its `process_shard` of the
+    prompts on its own devices, results gathered on every process in prompt order. With one process
+    this is `generate` on the active mesh (or on `cfg`'s mesh when none is active)."""
+    from lidr_jax.generate.sampler import GenerationResult, generate
+
+    prefill = kwargs.pop("prefill", None)
+    prefill = prefill if isinstance(prefill, (list, tuple)) else [prefill] * len(prompts)
+
+    def as_json(r):
+        return [dataclasses.asdict(x) for x in r] if isinstance(r, list) else dataclasses.asdict(r)
+
+    def from_json(r):
+        return [GenerationResult(**x) for x in r] if isinstance(r, list) else GenerationResult(**r)
+
+    with on_this_process(model, cfg) as local:
+
+        def run(share):
+            results = generate(local, [p for p, _ in share], sampling, prefill=[f for _, f in share], **kwargs)
+            return [as_json(r) for r in results]
+
+        return [from_json(r) for r in map_across_processes(run, list(zip(prompts, prefill)))]

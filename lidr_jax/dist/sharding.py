@@ -1,0 +1,330 @@
+"""Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.dist.multihost).
+
+Sharding is data (DESIGN.md principle 2). Every parameter, optimizer-state leaf, activation and KV
+cache dimension carries a *logical* axis name (`model.param_specs` declares the parameters'); one
+rules table maps logical names to the mesh axes ("data", "fsdp", "tensor"):
+
+    batch -> (data, fsdp)   embed -> fsdp   vocab, q_heads, kv_heads, mlp -> tensor
+    layers, head_dim, norm, seq, act_embed -> replicated
+
+Rules (stated once, enforced by `spec_for`):
+- A logical name with no rule is an error naming it (no catch-all that silently replicates).
+- A mesh axis used twice in one spec (e.g. batch and embed both on fsdp) is an error naming both.
+- Divisibility fallback: a dimension keeps the longest prefix of its rule's mesh axes whose total
+  size divides it; the remaining axes are replicated for that dimension. SmolLM2's 9 query heads on
+  tensor=2 are therefore replicated (the mlp and vocab dimensions are still split), and a decode
+  batch of 2 rows on data=2, fsdp=4 is split over data only. Results never change, only memory.
+  `fallbacks()` lists every dimension this rule replicated, so a plan can say so.
+
+Activations and the KV cache are constrained inside the model through `constrain`, a no-op unless
+a mesh is active (`use_mesh`), so single-device code pays nothing and tests need no mesh.
+
+Multi-host runs (initialisation, per-process data, data-parallel generation, one writer) build on
+these in lidr_jax.dist.multihost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    # parameters (model.param_specs)
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "norm": (),
+    # activations and the KV cache [layers, batch, kv_heads, seq, head_dim]
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "act_embed": (),  # the model width of activations: fsdp already splits the batch
+}
+
+Rules = dict[str, tuple[str, ...]]
+
+
+class ShardingRulesError(ValueError):
+    """A logical axis has no rule, a rule names an unknown mesh axis, or a spec reuses a mesh axis."""
+
+
+def parse_rules(overrides: Sequence[str] = ()) -> Rules:
+    """The default table with `overrides` ("logical=axis[+axis]", "logical=" or "logical=none")."""
+    rules = dict(DEFAULT_RULES)
+    for item in overrides:
+        if "=" not in item:
+            raise ShardingRulesError(f"mesh.rules entry {item!r}: expected logical=axis[+axis], e.g. 'mlp=tensor'")
+        name, axes = (s.strip() for s in item.split("=", 1))
+        parts = () if axes.lower() in ("", "none", "null") else tuple(a.strip() for a in axes.split("+"))
+        unknown = [a for a in parts if a not in MESH_AXES]
+        if not name or unknown:
+            raise ShardingRulesError(f"mesh.rules entry {item!r}: unknown mesh axis {unknown}; mesh axes are {MESH_AXES}")
+        rules[name] = parts
+    return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp", "tensor") and sharding-rule overrides."""
+
+    preset: Literal["fsdp", "single", "fsdp_tensor"] = "fsdp"  # fsdp: all devices on fsdp; single: one device; fsdp_tensor: tensor = devices per host, fsdp = the rest
+    data: int | None = None  # None: the preset's size; -1: all devices not used by the other axes
+    fsdp: int | None = None
+    tensor: int | None = None
+    rules: tuple[str, ...] = ()  # overrides, "logical=axis[+axis]" or "logical=" (replicate), e.g. [mlp=fsdp+tensor]
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            if size is not None and (size == 0 or size < -1):
+                raise ValueError(f"mesh.{name}={size}: give a positive size, -1 (the rest) or null (the preset's)")
+        parse_rules(self.rules)  # a malformed override fails when the config is read
+
+
+# ------------------------------------------------------------------------------------------- meshes
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int, local_devices: int | None = None) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `num_devices`, with the preset's defaults and one -1 resolved."""
+    local = local_devices or num_devices
+    preset = {"single": (1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tensor": (1, -1, local)}[cfg.preset]
+    sizes = [preset[i] if getattr(cfg, n) is None else getattr(cfg, n) for i, n in enumerate(MESH_AXES)]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1 (the rest)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a multiple of {fixed}")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices but {num_devices} are present; "
+            "set one axis to -1 to take the rest"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: every device of every process; the
+    "single" preset takes the first). Devices come process by process, so the outer axes cross hosts
+    and tensor stays within one host."""
+    if devices is None:
+        devices = jax.devices()[:1] if cfg.preset == "single" else jax.devices()
+    devices = list(devices)
+    shape = mesh_shape(cfg, len(devices), jax.local_device_count())
+    try:  # topology-aware order on TPU; plain order elsewhere
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+# -------------------------------------------------------------------------------------------- rules
+
+
+def spec_for(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None, shape=None) -> PartitionSpec:
+    """PartitionSpec of one array from its logical axes (None = replicated, needs no rule).
+
+    With `mesh` and `shape`, the divisibility fallback of the module docstring applies."""
+    used: dict[str, str] = {}
+    out = []
+    for i, name in enumerate(axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise ShardingRulesError(
+                f"logical axis {name!r} (in {tuple(axes)}) has no sharding rule; add one with "
+                f"mesh.rules=['{name}=fsdp'] (or '{name}=' to replicate it)"
+            )
+        mesh_axes = rules[name]
+        for a in mesh_axes:
+            if a in used:
+                raise ShardingRulesError(
+                    f"mesh axis {a!r} is used twice in one spec {tuple(axes)}: by {used[a]!r} and {name!r}; "
+                    "change one of their rules in mesh.rules"
+                )
+            used[a] = name
+        if mesh is not None and shape is not None:
+            mesh_axes = _divisible_prefix(mesh_axes, shape[i], mesh)
+        out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+    return PartitionSpec(*out)
+
+
+def _divisible_prefix(mesh_axes: tuple[str, ...], dim: int, mesh: Mesh) -> tuple[str, ...]:
+    for k in range(len(mesh_axes), 0, -1):
+        if dim % math.prod(mesh.shape[a] for a in mesh_axes[:k]) == 0:
+            return mesh_axes[:k]
+    return ()
+
+
+def sharding_for(axes, shape, mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, rules, mesh, shape))
+
+
+def fallbacks(config, mesh: Mesh, rules: Rules) -> list[str]:
+    """Parameter dimensions the divisibility rule replicated, as readable lines."""
+    from lidr_jax.model.llama import ParamSpec, param_specs
+
+    lines = []
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
+    for path, spec in flat:
+        full, got = spec_for(spec.axes, rules), spec_for(spec.axes, rules, mesh, spec.shape)
+        for name, size, want, have in zip(spec.axes, spec.shape, full, got):
+            if want != have:
+                lines.append(f"{jax.tree_util.keystr(path)} {name}={size}: {want} -> {have or 'replicated'}")
+    return lines
+
+
+# --------------------------------------------------------------------------- parameters and state
+
+
+def param_shardings(config, mesh: Mesh, rules: Rules | None = None):
+    """A NamedSharding per parameter (same tree as the params)."""
+    from lidr_jax.model.llama import ParamSpec, param_specs
+
+    rules = rules or parse_rules()
+    return jax.tree.map(lambda s: sharding_for(s.axes, s.shape, mesh, rules), param_specs(config),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def init_sharded_params(config, key, mesh: Mesh, rules: Rules | None = None):
+    """Random parameters created already sharded: each device computes only its own shards."""
+    from lidr_jax.model.llama import init_params
+
+    return jax.jit(init_params, static_argnums=0, out_shardings=param_shardings(config, mesh, rules))(config, key)
+
+
+def place(tree, shardings):
+    """Put host (numpy) or device arrays on their shardings. Each device receives only its slice
+    (`make_array_from_callback`), so nothing is materialised whole on one device, and it works with
+    shardings that span processes (every process passes the same host values, or the same global
+    array: one already on the target's devices is resharded there)."""
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        local = isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable
+        if local or (isinstance(x, jax.Array) and x.sharding.device_set == sharding.device_set):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def place_params(params, config, mesh: Mesh, rules: Rules | None = None):
+    return place(params, param_shardings(config, mesh, rules))
+
+
+def state_shardings(state, config, mesh: Mesh, rules: Rules | None = None):
+    """Shardings for a pytree that holds the params and param-shaped leaves (TrainState, optimizer
+    state): a leaf whose dict-key path ends with a parameter's path and has its shape gets that
+    parameter's sharding (Adam's mu/nu follow their weight); every other leaf is replicated."""
+    from lidr_jax.model.llama import ParamSpec, param_specs
+
+    rules = rules or parse_rules()
+    by_path = {}
+    for path, spec in jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))[0]:
+        by_path[tuple(k.key for k in path)] = (spec.shape, sharding_for(spec.axes, spec.shape, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit and tuple(hit[0]) == tuple(np.shape(leaf)):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+# ------------------------------------------------------------------------------- the active mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    mesh: Mesh
+    rules: Rules = dataclasses.field(hash=False)
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("lidr_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None):
+    """Activate `mesh` and `rules` for `constrain`, `put_batch` and the train/sampler code paths."""
+    token = _ACTIVE.set(_Active(mesh, rules or parse_rules()))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> _Active | None:
+    return _ACTIVE.get()
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """`with_sharding_constraint` of x to its logical axes under the active mesh; x itself otherwise."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, ctx.mesh, ctx.rules))
+
+
+def batch_sharding(shape, axis: int = 0, mesh: Mesh | None = None, rules: Rules | None = None):
+    """Rows (dimension `axis`) over the "batch" rule, every other dimension replicated."""
+    ctx = _ACTIVE.get()
+    mesh, rules = mesh or ctx.mesh, rules or ctx.rules
+    axes = [None] * len(shape)
+    if len(shape) > axis:
+        axes[axis] = "batch"
+    return sharding_for(axes, shape, mesh, rules)
+
+
+def put_batch(tree, axis: int = 0):
+    """Host arrays of a batch onto the active mesh, rows split (each device gets only its rows; in a
+    multi-process run every process passes the same full batch). Unchanged without an active mesh."""
+    if _ACTIVE.get() is None:
+        return tree
+    return jax.tree.map(lambda x: place(x, batch_sharding(np.shape(x), axis)), tree)
+
+
+def to_host(x) -> np.ndarray:
+    """The numpy value of an array, also of one split across processes (then gathered: a collective,
+    so every process must call it at the same point)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def train_state_shardings(state, config):
+    """Shardings of a TrainState under the active mesh, or None without one."""
+    ctx = _ACTIVE.get()
+    return None if ctx is None else state_shardings(state, config, ctx.mesh, ctx.rules)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """For logs: "data=1 fsdp=8 tensor=1 over 8 cpu devices"."""
+    sizes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+    return f"{sizes} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices"

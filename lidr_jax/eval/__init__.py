@@ -1,0 +1,1 @@
+"""Evaluation: MGSM, X-AlpacaEval outputs, pairwise judging, plots."""

@@ -1,0 +1,406 @@
+"""Evaluation: MGSM accuracy, X-AlpacaEval outputs for alpaca_eval, off-target rates, head-to-head.
+
+Command line (each subcommand has --help; each writes JSON under --out and prints a per-language table):
+
+    python -m lidr_jax.evaluate mgsm --model smollm2-135m-instruct --data ../shared/data/mgsm --limit 20
+    python -m lidr_jax.evaluate alpaca-outputs --model DIR --data ../shared/data/x-alpacaeval --decoding lidr
+    python -m lidr_jax.evaluate head-to-head --outputs-1 A/alpaca --outputs-2 B/alpaca --judge-url URL ...
+
+In the pipeline: `evaluate_model(model, EvalConfig(...), out_dir)` -> {metric: {lang: value}} after
+each iteration, and `lidr_jax.eval.plots.plot_metrics(history, png)` for the curves.
+
+X-AlpacaEval outputs are written in alpaca_eval's `model_outputs.json` format, one file per language
+(`OUT/{lang}/model_outputs.json`, a JSON list of {instruction, output, generator, dataset}), so
+`alpaca_eval evaluate --model_outputs OUT/es/model_outputs.json` can judge them against its reference.
+Decoding presets follow the papers: "lidr" = greedy, repetition penalty 1.1; "icr" = temperature 0.6,
+top-p 0.9; both at most 2,048 new tokens by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
+from lidr_jax.methods.langid import detect_language
+
+BENCHMARKS = ("mgsm", "alpaca")
+PAPER_LANGUAGES = ("en", "es", "ru", "de", "fr")
+DECODING = {  # name -> SamplingConfig fields
+    "lidr": dict(temperature=0.0, repetition_penalty=1.1),
+    "icr": dict(temperature=0.6, top_p=0.9),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What `evaluate_model` runs after an iteration. A benchmark listed needs its data path."""
+
+    benchmarks: tuple[str, ...] = BENCHMARKS
+    mgsm_languages: tuple[str, ...] = MGSM_LANGUAGES
+    alpaca_languages: tuple[str, ...] = PAPER_LANGUAGES
+    limit: int | None = 50  # first N items per language; None = all (250 MGSM, 805 X-AlpacaEval)
+    mgsm_dir: str | None = None  # folder of mgsm_{lang}.tsv, e.g. ../shared/data/mgsm
+    alpaca_dir: str | None = None  # folder of {lang}.json, e.g. ../shared/data/x-alpacaeval
+    mgsm_few_shot_k: int = 0  # solved examples shown before each question (0 = zero-shot)
+    mgsm_few_shot_dir: str | None = None  # folder of mgsm_{lang}.tsv to take them from (not the test file)
+    mgsm_max_new_tokens: int = 512
+    alpaca_decoding: str = "lidr"  # "lidr" or "icr", see DECODING
+    alpaca_max_new_tokens: int = 2048
+    system_prompt: str | None = None  # e.g. "You are a helpful assistant." (LIDR with Llama-3)
+    generator: str | None = None  # the alpaca_eval generator name; default from the model's source
+    batch_size: int = 32
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("benchmarks", "mgsm_languages", "alpaca_languages"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        unknown = set(self.benchmarks) - set(BENCHMARKS)
+        if unknown:
+            raise ValueError(f"EvalConfig.benchmarks: unknown {sorted(unknown)}; choose from {BENCHMARKS}")
+        if self.alpaca_decoding not in DECODING:
+            raise ValueError(f"EvalConfig.alpaca_decoding={self.alpaca_decoding!r}; choose from {sorted(DECODING)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("EvalConfig.limit must be >= 1, or None for every item")
+        if self.mgsm_few_shot_k and not self.mgsm_few_shot_dir:
+            raise ValueError("EvalConfig.mgsm_few_shot_k > 0 needs mgsm_few_shot_dir (a folder of mgsm_{lang}.tsv)")
+
+
+def _sampling(cfg_fields: dict, max_new_tokens: int, batch_size: int, seed: int, progress: bool):
+    from lidr_jax.generate.sampler import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress, **cfg_fields
+    )
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (a temp file renamed into place): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
+    """Generate (greedy) and score MGSM for every language of `cfg`: {lang: score_mgsm(...)}.
+    `generate_fn` (default `sampler.generate`) generates, e.g. `multihost.generate_across_processes`."""
+    if not cfg.mgsm_dir:
+        raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
+    generate = generate_fn or _sampler_generate()
+    items = {lang: read_mgsm(mgsm_file(cfg.mgsm_dir, lang), cfg.limit) for lang in cfg.mgsm_languages}
+    chats, owners = [], []
+    for lang, lang_items in items.items():
+        shots = read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang), cfg.mgsm_few_shot_k) if cfg.mgsm_few_shot_k else []
+        for item in lang_items:
+            chats.append(_with_system(mgsm_messages(item.question, lang, shots), cfg.system_prompt))
+            owners.append(lang)
+    sampling = _sampling({}, cfg.mgsm_max_new_tokens, cfg.batch_size, cfg.seed, cfg.progress)
+    results = generate(model, chats, sampling)  # every language in one call: fuller batches
+    outputs = {lang: [] for lang in items}
+    for lang, r in zip(owners, results):
+        outputs[lang].append(r.text)
+    return {lang: score_mgsm(items[lang], outputs[lang], lang) for lang in items}
+
+
+def _sampler_generate():
+    from lidr_jax.generate import sampler
+
+    return sampler.generate  # looked up at call time, so tests can replace it
+
+
+def read_x_alpacaeval(path: str | Path, limit: int | None = None) -> list[dict]:
+    """X-AlpacaEval items of one language: a JSON list of {id, dataset, instruction}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"X-AlpacaEval file {path} not found; point the data path at a folder of {{lang}}.json")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of objects with an 'instruction' field")
+    return rows[:limit] if limit is not None else rows
+
+
+def alpaca_records(items: Sequence[dict], outputs: Sequence[str], generator: str) -> list[dict]:
+    """alpaca_eval's model_outputs.json rows: instruction, output, generator, dataset."""
+    if len(items) != len(outputs):
+        raise ValueError(f"{len(items)} instructions but {len(outputs)} outputs")
+    return [
+        dict(instruction=it["instruction"], output=out, generator=generator, dataset=it.get("dataset", "x-alpacaeval"))
+        for it, out in zip(items, outputs)
+    ]
+
+
+def default_generator(model, decoding: str) -> str:
+    source = str(getattr(model, "source", "model")).split(" (")[0].rstrip("/")
+    return f"lidr_jax-{Path(source).name or 'model'}-{decoding}"
+
+
+def run_alpaca_outputs(
+    model, cfg: EvalConfig, out_dir: str | Path, generate_fn=None, write=write_json
+) -> dict[str, dict]:
+    """Generate X-AlpacaEval outputs for every language of `cfg` and write OUT/{lang}/model_outputs.json
+    (through `write(path, obj)`; `generate_fn` as in `run_mgsm`).
+
+    Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}."""
+    if not cfg.alpaca_dir:
+        raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
+    generate = generate_fn or _sampler_generate()
+    generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
+    items = {lang: read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
+    chats = [
+        _with_system([{"role": "user", "content": it["instruction"]}], cfg.system_prompt)
+        for lang in items
+        for it in items[lang]
+    ]
+    sampling = _sampling(
+        DECODING[cfg.alpaca_decoding], cfg.alpaca_max_new_tokens, cfg.batch_size, cfg.seed, cfg.progress
+    )
+    results = iter(generate(model, chats, sampling))
+    summary = {}
+    for lang, lang_items in items.items():
+        res = [next(results) for _ in lang_items]
+        texts = [r.text for r in res]
+        path = write(Path(out_dir) / lang / "model_outputs.json", alpaca_records(lang_items, texts, generator))
+        n = len(texts)
+        summary[lang] = dict(
+            n=n,
+            off_target_rate=sum(detect_language(t) != lang for t in texts) / n if n else 0.0,
+            truncated_rate=sum(r.finish_reason == "length" for r in res) / n if n else 0.0,
+            mean_chars=sum(map(len, texts)) / n if n else 0.0,
+            path=str(path),
+        )
+    write(Path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
+    return summary
+
+
+def evaluate_model(
+    model, eval_config: EvalConfig, out_dir: str | Path, *, generate_fn=None, write=write_json
+) -> dict[str, dict[str, float]]:
+    """Run the benchmarks of `eval_config` on `model`; write everything under `out_dir`.
+
+    Returns {metric: {lang: value}} with metrics mgsm_accuracy, mgsm_off_target (MGSM) and
+    alpaca_off_target, alpaca_truncated (X-AlpacaEval outputs); also written to OUT/metrics.json.
+    `generate_fn` replaces `sampler.generate` and `write(path, obj)` writes each JSON file (the
+    pipeline passes data-parallel generation and its run directory's writer).
+    """
+    out_dir = Path(out_dir)
+    metrics: dict[str, dict[str, float]] = {}
+    if "mgsm" in eval_config.benchmarks:
+        scores = run_mgsm(model, eval_config, generate_fn)
+        for lang, s in scores.items():
+            write(out_dir / "mgsm" / f"{lang}.json", s)
+        metrics["mgsm_accuracy"] = {lang: s["accuracy"] for lang, s in scores.items()}
+        metrics["mgsm_off_target"] = {lang: s["off_target_rate"] for lang, s in scores.items()}
+    if "alpaca" in eval_config.benchmarks:
+        summary = run_alpaca_outputs(model, eval_config, out_dir / "alpaca", generate_fn, write)
+        metrics["alpaca_off_target"] = {lang: s["off_target_rate"] for lang, s in summary.items()}
+        metrics["alpaca_truncated"] = {lang: s["truncated_rate"] for lang, s in summary.items()}
+    write(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def read_model_outputs(outputs_dir: str | Path, lang: str) -> list[dict]:
+    path = Path(outputs_dir) / lang / "model_outputs.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def head_to_head_dirs(dir_1, dir_2, langs: Sequence[str], judge, limit: int | None = None) -> dict[str, dict]:
+    """Judge the model_outputs.json of two output folders against each other, per language."""
+    from lidr_jax.eval.judge import head_to_head
+
+    results = {}
+    for lang in langs:
+        rows_1, rows_2 = read_model_outputs(dir_1, lang)[:limit], read_model_outputs(dir_2, lang)[:limit]
+        if [r["instruction"] for r in rows_1] != [r["instruction"] for r in rows_2]:
+            raise ValueError(f"{lang}: the two output files do not hold the same instructions in the same order")
+        results[lang] = head_to_head(
+            [r["instruction"] for r in rows_1], [r["output"] for r in rows_1], [r["output"] for r in rows_2], judge
+        )
+    return results
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per language, one column per metric."""
+    langs = sorted({lang for col in columns.values() for lang in col})
+    names = list(columns)
+    width = max([8] + [len(n) for n in names])
+    lines = ["lang  " + "  ".join(n.rjust(width) for n in names)]
+    for lang in langs:
+        cells = []
+        for n in names:
+            v = columns[n].get(lang)
+            cells.append(("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)).rjust(width))
+        lines.append(f"{lang:<6}" + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _langs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lidr_jax.evaluate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{mgsm,alpaca-outputs,head-to-head}")
+
+    def generation_args(p, data_help, langs_default, max_new):
+        p.add_argument("--model", required=True, help="HF directory, .gguf file or smollm2-135m-instruct")
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--langs", type=_langs, default=langs_default, help="comma-separated ISO codes")
+        p.add_argument("--limit", type=int, default=None, help="first N items per language (default: all)")
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--system-prompt", default=None, help='e.g. "You are a helpful assistant."')
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--out", required=True, help="output folder (JSON results)")
+
+    m = sub.add_parser("mgsm", help="MGSM accuracy and off-target rate per language (greedy)")
+    generation_args(m, "folder of mgsm_{lang}.tsv", MGSM_LANGUAGES, 512)
+    m.add_argument("--few-shot-k", type=int, default=0, help="solved examples before each question")
+    m.add_argument("--few-shot-data", default=None, help="folder of mgsm_{lang}.tsv to take the examples from")
+
+    a = sub.add_parser("alpaca-outputs", help="X-AlpacaEval generations in alpaca_eval's model_outputs.json format")
+    generation_args(a, "folder of X-AlpacaEval {lang}.json", PAPER_LANGUAGES, 2048)
+    a.add_argument(
+        "--decoding",
+        choices=sorted(DECODING),
+        default="lidr",
+        help="lidr: greedy, repetition penalty 1.1; icr: temperature 0.6, top-p 0.9",
+    )
+    a.add_argument("--generator", default=None, help="generator name written into every row")
+
+    h = sub.add_parser("head-to-head", help="win/tie/lose per language of model 1 against model 2, by a judge")
+    h.add_argument("--outputs-1", help="alpaca-outputs folder of model 1 ({lang}/model_outputs.json)")
+    h.add_argument("--outputs-2", help="alpaca-outputs folder of model 2")
+    h.add_argument("--model-1", help="generate model 1's outputs first (instead of --outputs-1)")
+    h.add_argument("--model-2", help="generate model 2's outputs first (instead of --outputs-2)")
+    h.add_argument("--data", help="X-AlpacaEval folder, needed with --model-1/--model-2")
+    h.add_argument("--decoding", choices=sorted(DECODING), default="lidr")
+    h.add_argument("--max-new-tokens", type=int, default=2048)
+    h.add_argument("--batch-size", type=int, default=32)
+    h.add_argument("--system-prompt", default=None)
+    h.add_argument("--langs", type=_langs, default=PAPER_LANGUAGES)
+    h.add_argument("--limit", type=int, default=None, help="first N instructions per language")
+    h.add_argument("--judge-model", help="a local model as the judge (HF directory, .gguf, embedded name)")
+    h.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    h.add_argument("--judge-name", help="the model name sent to the endpoint")
+    h.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="NAME of the environment variable holding the API key ('' for none)",
+    )
+    h.add_argument("--no-progress", action="store_true")
+    h.add_argument("--out", required=True)
+    return parser
+
+
+def _load(path: str):
+    from lidr_jax.formats.load import load_pretrained
+
+    return load_pretrained(path)
+
+
+def run_command(args) -> int:
+    out = Path(args.out)
+    if args.command == "mgsm":
+        cfg = EvalConfig(
+            benchmarks=("mgsm",),
+            mgsm_languages=args.langs,
+            limit=args.limit,
+            mgsm_dir=args.data,
+            mgsm_few_shot_k=args.few_shot_k,
+            mgsm_few_shot_dir=args.few_shot_data,
+            mgsm_max_new_tokens=args.max_new_tokens,
+            system_prompt=args.system_prompt,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        metrics = evaluate_model(_load(args.model), cfg, out)
+        print(format_table({"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}))
+    elif args.command == "alpaca-outputs":
+        cfg = EvalConfig(
+            benchmarks=("alpaca",),
+            alpaca_languages=args.langs,
+            limit=args.limit,
+            alpaca_dir=args.data,
+            alpaca_decoding=args.decoding,
+            alpaca_max_new_tokens=args.max_new_tokens,
+            system_prompt=args.system_prompt,
+            generator=args.generator,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        summary = run_alpaca_outputs(_load(args.model), cfg, out)
+        print(
+            format_table(
+                {
+                    k: {lang: s[k] for lang, s in summary.items()}
+                    for k in ("n", "off_target_rate", "truncated_rate", "mean_chars")
+                }
+            )
+        )
+        print(f"alpaca_eval files: {out}/{{lang}}/model_outputs.json")
+    else:
+        dirs = []
+        for i in (1, 2):
+            given, model = getattr(args, f"outputs_{i}"), getattr(args, f"model_{i}")
+            if bool(given) == bool(model):
+                raise SystemExit(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
+            if model:
+                if not args.data:
+                    raise SystemExit(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
+                cfg = EvalConfig(
+                    benchmarks=("alpaca",),
+                    alpaca_languages=args.langs,
+                    limit=args.limit,
+                    alpaca_dir=args.data,
+                    alpaca_decoding=args.decoding,
+                    alpaca_max_new_tokens=args.max_new_tokens,
+                    system_prompt=args.system_prompt,
+                    batch_size=args.batch_size,
+                    progress=not args.no_progress,
+                )
+                given = out / f"outputs_{i}"
+                run_alpaca_outputs(_load(model), cfg, given)  # one model resident at a time
+            dirs.append(given)
+        from lidr_jax.eval.judge import EndpointJudge, LocalJudge
+
+        if bool(args.judge_model) == bool(args.judge_url):
+            raise SystemExit("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
+        if args.judge_url:
+            if not args.judge_name:
+                raise SystemExit("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
+            judge = EndpointJudge(args.judge_url, args.judge_name, api_key_env=args.api_key_env)
+        else:
+            judge = LocalJudge(_load(args.judge_model))
+        results = head_to_head_dirs(dirs[0], dirs[1], args.langs, judge, args.limit)
+        write_json(out / "head_to_head.json", dict(outputs_1=str(dirs[0]), outputs_2=str(dirs[1]), languages=results))
+        columns = ("win", "tie", "lose", "win_rate")
+        print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in columns}))
+    print(f"results written under {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

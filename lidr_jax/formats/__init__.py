@@ -1,0 +1,1 @@
+"""Hugging Face interchange: model directories, GGUF files, the weight-name table, export, tokenizer."""

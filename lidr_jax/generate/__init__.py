@@ -1,0 +1,1 @@
+"""Text generation: the prefill + decode engine and the sampling rules."""

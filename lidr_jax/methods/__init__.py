@@ -1,0 +1,1 @@
+"""The research: LIDR and ICR pair construction, languages and language identification, prompt sets."""

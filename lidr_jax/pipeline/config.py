@@ -1,0 +1,125 @@
+"""The settings of `python -m lidr_jax.iterate`: one frozen dataclass tree, read from YAML + `--set`.
+
+Each group belongs to the module that uses it (sampling to sampler.py, dpo to dpo.py, prompts to
+prompt_sets.py, lidr/icr pair settings to lidr.py/icr.py); this module only nests them and adds the
+run-level knobs. `load_run_config` checks every key and value before any model work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.eval.evaluate import EvalConfig
+from lidr_jax.generate.sampler import SamplingConfig
+from lidr_jax.methods.icr import ICRSettings
+from lidr_jax.methods.languages import language_name
+from lidr_jax.methods.lidr import LIDRPairSettings
+from lidr_jax.methods.prompt_sets import PromptSource
+from lidr_jax.settings import SettingsError, apply_overrides, from_dict, load_yaml
+from lidr_jax.train.dpo import DPOConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PACKAGE_DIR.parent.parent / "configs" / "default.yaml"  # the repo's configs/ (editable install)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPlan:
+    """Which prompts each iteration uses."""
+
+    per_iteration: int | None = None  # prompts per iteration; None = all (minus the held-out ones)
+    fresh_per_iteration: bool = True  # iteration k uses the k-th slice of per_iteration prompts
+    held_out: int = 0  # prompts set aside (seeded draw) for the before/after check; never trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class LIDRGroup:
+    """LIDR (reward: lidr): generation in every language, self-translation both ways, pairs."""
+
+    pairs: LIDRPairSettings = LIDRPairSettings()
+    translation: SamplingConfig = SamplingConfig(max_new_tokens=512, repetition_penalty=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ICRGroup:
+    """ICR (reward: icr): K samples per prompt scored by a DPO model's implicit reward."""
+
+    samples: int = 10  # K answers per prompt
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=2400, temperature=0.9, top_p=1.0)
+    selection: ICRSettings = ICRSettings()
+    # Who scores. given: dpo_model and reference_model score iteration 1, the current policy later ones;
+    # policy: pi_DPO = the current policy, pi_ref = the previous iteration's policy.
+    scorer: Literal["given", "policy"] = "given"  # given: dpo_model vs reference_model | policy: pi_t vs pi_{t-1}
+    dpo_model: str | None = None  # pi_DPO for iteration 1; None = the run's model
+    reference_model: str | None = None  # pi_ref (the DPO model's SFT reference); required for iteration 1
+    reference: Literal["original", "previous"] = "original"  # iteration >= 2: keep pi_ref (paper) or use pi_{t-1}
+    translation: SamplingConfig = SamplingConfig(max_new_tokens=512)  # condition=translate_answer only
+    score_batch_size: int = 8  # answers per forward when scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutCheck:
+    """Before/after check on held-out prompts: answer them, measure the fraction in the asked language."""
+
+    enabled: bool = True
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, repetition_penalty=1.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `python -m lidr_jax.iterate` does."""
+
+    model: str = "smollm2-135m-instruct"  # HF directory, .gguf file, or an embedded model name
+    run_dir: str = "runs/default"  # where every artifact goes; rerunning resumes here
+    seed: int = 0
+    reward: Literal["lidr", "icr"] = "lidr"
+    iterations: int = 2
+    dominant: str = "en"  # the language the model is best in
+    languages: tuple[str, ...] = ("en", "es", "de", "fr", "ru")  # dominant first, then targets
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype for generation and scoring
+    prompts: PromptSource = PromptSource()
+    plan: PromptPlan = PromptPlan()
+    generation: SamplingConfig = SamplingConfig(max_new_tokens=2400, repetition_penalty=1.1)
+    lidr: LIDRGroup = LIDRGroup()
+    icr: ICRGroup = ICRGroup()
+    dpo: DPOConfig = DPOConfig()
+    check: HeldOutCheck = HeldOutCheck()
+    evaluation: EvalConfig = EvalConfig(benchmarks=())  # benchmarks run on the starting model and after each iteration
+    mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.dist.sharding, docs/scaling.md)
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
+    checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)
+    checkpoint_keep: int = 2
+
+    def __post_init__(self):
+        for code in self.languages:
+            language_name(code)  # unknown codes fail here, naming the code
+        if self.dominant not in self.languages:
+            raise ValueError(f"languages: the dominant language {self.dominant!r} must be in {list(self.languages)}")
+        if len(self.languages) < 2:
+            raise ValueError("languages: give the dominant language and at least one target language")
+        if self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(lang for lang in self.languages if lang != self.dominant)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = (), run_dir: str | None = None) -> RunConfig:
+    """YAML file (default: the packaged configs/default.yaml) + `--set` overrides -> RunConfig."""
+    data = load_yaml(path or DEFAULT_CONFIG)
+    data = apply_overrides(data, list(overrides))
+    if run_dir is not None:
+        data["run_dir"] = run_dir
+    # The prompt source's languages follow the run's languages unless set explicitly.
+    prompts = data.setdefault("prompts", {})
+    if isinstance(prompts, dict):
+        prompts.setdefault("languages", data.get("languages", list(RunConfig.languages)))
+    try:
+        return from_dict(RunConfig, data)
+    except SettingsError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise SettingsError(str(e)) from e

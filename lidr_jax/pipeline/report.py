@@ -1,0 +1,193 @@
+"""The run report: `RUN_DIR/report.md` with PNG plots, and the summary table printed at the end.
+
+Everything is read back from the run directory's recorded stage outputs, so the report can be rebuilt
+at any time (`python -c "from lidr_jax.pipeline.report import ..."`) and always matches the artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lidr_jax.files import atomic_write_text
+from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.run_dir import RunDir
+
+
+def _out(run: RunDir, k: int, stage: str) -> dict:
+    return run.outputs(k, stage) if run.is_done(k, stage) else {}
+
+
+def _translation_failures(cfg: RunConfig, run: RunDir, k: int, lang: str) -> tuple[int, int]:
+    """(failed, total) self-translations of iteration k between the dominant language and `lang`."""
+    stats = _out(run, k, "translate").get("stats", {})
+    directions = (f"{cfg.dominant}->{lang}", f"{lang}->{cfg.dominant}")
+    failed = sum(stats.get("failed", {}).get(d, 0) for d in directions)
+    return failed, sum(stats.get("total", {}).get(d, 0) for d in directions)
+
+
+def _held_out_history(cfg: RunConfig, run: RunDir) -> list[dict]:
+    """[{metric: {lang: value}}] for iteration 0 (before) .. last finished check."""
+    history = []
+    for k in range(0, cfg.iterations + 1):
+        check = _out(run, k, "check")
+        if not check:
+            break
+        entry = {f"held_out/{m}": v for m, v in check.get("held_out", {}).items()}
+        entry.update(check.get("evaluation", {}))
+        history.append(entry)
+    return history
+
+
+def _metrics_rows(run: RunDir, k: int) -> list[dict]:
+    path = _out(run, k, "train").get("metrics")
+    if not path or not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
+    from lidr_jax.eval.plots import _pyplot
+
+    series = {k: _metrics_rows(run, k) for k in range(1, cfg.iterations + 1)}
+    if not any(series.values()):
+        return None
+    plt = _pyplot()
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3))
+    for ax, key in zip(axes, keys):
+        for k, rows in series.items():
+            if rows:
+                ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=f"iter {k}")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _plot_pairs(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
+    from lidr_jax.eval.plots import _pyplot
+
+    per_iter = {k: _out(run, k, "pairs").get("stats", {}) for k in range(1, cfg.iterations + 1)}
+    per_iter = {k: s for k, s in per_iter.items() if s}
+    if not per_iter:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    langs = list(cfg.languages)
+    width = 0.8 / len(per_iter)
+    for n, (k, stats) in enumerate(per_iter.items()):
+        counts = [stats.get("pairs_per_language", {}).get(lang, 0) for lang in langs]
+        axes[0].bar([i + n * width for i in range(len(langs))], counts, width, label=f"iter {k}")
+        rates = []
+        for lang in langs:
+            f, t = _translation_failures(cfg, run, k, lang)
+            rates.append(f / t if t else 0.0)
+        axes[1].bar([i + n * width for i in range(len(langs))], rates, width, label=f"iter {k}")
+    for ax, title in zip(axes, ("pairs per language", "translation failure rate (both directions)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(langs))], langs)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def summary_rows(cfg: RunConfig, run: RunDir) -> list[list[str]]:
+    """One row per language: pairs and translation failures per iteration, held-out in-language rate."""
+    history = _held_out_history(cfg, run)
+    header = ["lang"]
+    for k in range(1, cfg.iterations + 1):
+        header += [f"pairs@{k}", f"tr.fail@{k}"]
+    header += [f"in-lang@{k}" for k in range(len(history))]
+    rows = [header]
+    for lang in cfg.languages:
+        row = [lang]
+        for k in range(1, cfg.iterations + 1):
+            pairs = _out(run, k, "pairs").get("stats", {}).get("pairs_per_language", {}).get(lang, 0)
+            f, t = _translation_failures(cfg, run, k, lang)
+            row += [str(pairs), f"{f}/{t}" if t else "-"]
+        for h in history:
+            v = h.get("held_out/in_language", {}).get(lang)
+            row.append("-" if v is None or v != v else f"{v:.2f}")
+        rows.append(row)
+    return rows
+
+
+def _table_md(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def write_report(cfg: RunConfig, run: RunDir) -> Path:
+    """Write RUN_DIR/report.md and its plots; returns the report's path."""
+    from lidr_jax.eval.plots import plot_metrics
+
+    plots = []
+    for name, fn in (("training.png", _plot_training), ("pairs.png", _plot_pairs)):
+        try:
+            if fn(cfg, run, run.path / name):
+                plots.append(name)
+        except ImportError as e:
+            print(f"  (no plots: {e})")
+            break
+    history = _held_out_history(cfg, run)
+    if history:
+        try:
+            plot_metrics(history, run.path / "evaluation.png")
+            plots.append("evaluation.png")
+        except ImportError:
+            pass
+    lines = [
+        f"# lidr_jax run: {cfg.reward.upper()} on {cfg.model}",
+        "",
+        f"Run directory `{run.path}`, seed {cfg.seed}, {cfg.iterations} iteration(s), languages "
+        f"{', '.join(cfg.languages)} (dominant {cfg.dominant}).",
+        "",
+        "## Per language",
+        "",
+        "pairs@k: preference pairs built in iteration k; tr.fail@k: failed self-translations (both directions) "
+        "in iteration k; in-lang@k: fraction of held-out prompts answered in the asked language by the model "
+        "after iteration k (k = 0: the starting model).",
+        "",
+        _table_md(summary_rows(cfg, run)),
+        "",
+        "## Training",
+        "",
+    ]
+    for k in range(1, cfg.iterations + 1):
+        stats = _out(run, k, "train").get("stats")
+        if stats:
+            lines.append(
+                f"- iteration {k}: first step {json.dumps(stats.get('first'))}, last step "
+                f"{json.dumps(stats.get('last'))}"
+            )
+    evaluated = sorted({m for h in history for m in h if not m.startswith("held_out/")})
+    if evaluated:
+        lines += ["", "## Evaluation (k = 0: the starting model)", ""]
+        rows = [["metric", "lang"] + [f"k={k}" for k in range(len(history))]]
+        for metric in evaluated:
+            for lang in sorted({lang for h in history for lang in h.get(metric, {})}):
+                vals = [h.get(metric, {}).get(lang) for h in history]
+                rows.append([metric, lang] + ["-" if v is None else f"{v:.3f}" for v in vals])
+        lines.append(_table_md(rows))
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return atomic_write_text(run.path / "report.md", "\n".join(lines) + "\n")
+
+
+def print_summary(cfg: RunConfig, run: RunDir) -> None:
+    rows = summary_rows(cfg, run)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for n, r in enumerate(rows):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

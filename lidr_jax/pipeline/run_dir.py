@@ -1,0 +1,322 @@
+"""The run directory: where every stage's artifacts live, and the manifest that says what is done.
+
+Layout (docs/run_directory.md has the full picture):
+
+    RUN_DIR/
+      manifest.json            config, seed, per-iteration start model, finished stages and outputs
+      iter_K/<stage>/...       everything stage <stage> of iteration K wrote
+
+Every file a stage writes goes through `atomic_write_text/json/jsonl/bytes` (temp file in the same
+directory, fsync, `os.replace`), so a process killed mid-write leaves either the old file or the new
+one, never half of one. A stage counts as done only once `RunDir.mark_done` has recorded it in the
+manifest (itself written atomically), so rerunning the same command resumes at the first stage that
+is not marked done.
+
+One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
+run for writing (other instances may read). Several processes share one run through `Processes`
+(lidr_jax.dist.multihost.run_processes): only the writer (process 0) writes, stages write through
+`RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back what the
+writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
+records the writer's outputs everywhere) and `mark_done` is a barrier, so a stage's files exist
+before any process goes on to the next stage. This module does not import jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lidr_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, plain
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class RunConfigMismatchError(ValueError):
+    """The run directory was created with a different configuration than the one given now."""
+
+
+class StageNotDoneError(LookupError):
+    """A stage's outputs were asked for before the stage was marked done."""
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+# --------------------------------------------------------------------------------------- processes
+
+
+def _no_barrier(name: str) -> None:
+    return None
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """How the processes of one run share its directory. The default is a lone process: it writes,
+    and there is nobody to wait for. `barrier(name)` returns once every process has called it;
+    `broadcast(obj)` returns the writer's JSON value on every process."""
+
+    writer: bool = True
+    barrier: Callable[[str], None] = _no_barrier
+    broadcast: Callable[[Any], Any] = _same
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: Mapping, new: Mapping) -> list[str]:
+    """Dotted keys whose values differ, as readable lines (`key: old -> new`, missing shown as <absent>)."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            lines.append(
+                f"{key}: {json.dumps(va) if va != '<absent>' else va} -> {json.dumps(vb) if vb != '<absent>' else vb}"
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class RunDir:
+    """A run directory and its manifest.
+
+    `RunDir(path)` opens an existing run (read-only use, e.g. export). `RunDir(path, config, seed=...)`
+    creates the run if it has no manifest yet, or resumes it; resuming with a config or seed that
+    differs from the recorded one raises `RunConfigMismatchError` naming every differing key, unless
+    `allow_config_change=True`, which adopts the new config and records the change in the manifest.
+    `processes` (default: one process) says whether this process is the writer (module docstring).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: Any = None,
+        *,
+        seed: int | None = None,
+        allow_config_change: bool = False,
+        processes: Processes = Processes(),
+    ):
+        self.path = Path(path).absolute()  # stage paths stay valid if the caller changes directory
+        self.manifest_path = self.path / MANIFEST
+        self.processes = processes
+        existing = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        processes.barrier("run directory read")  # every process has read it before the writer changes it
+        if existing is not None:
+            self._manifest = existing
+            if config is not None or seed is not None:
+                self._check_resume(config, seed, allow_config_change)
+        elif config is not None:
+            self._manifest = {
+                "version": MANIFEST_VERSION,
+                "created": _now(),
+                "config": plain(config),
+                "seed": seed,
+                "iterations": {},
+                "config_changes": [],
+            }
+            self._write()
+        else:
+            raise FileNotFoundError(
+                f"{self.manifest_path} does not exist: {self.path} is not a lidr_jax run directory "
+                "(one is created by `python -m lidr_jax.iterate`; pass a config to create one)"
+            )
+
+    # -- manifest ---------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest as last written."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def seed(self) -> int | None:
+        return self._manifest.get("seed")
+
+    def _write(self) -> None:
+        self._manifest["updated"] = _now()
+        self.write_json(self.manifest_path, self._manifest)
+
+    # -- writing (the writer process only) --------------------------------------------------------
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (module docstring)."""
+        return self.processes.writer
+
+    def on_writer(self, fn: Callable, *args, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` on the writer (its result); None on the other processes."""
+        return fn(*args, **kwargs) if self.writer else None
+
+    def from_writer(self, fn: Callable, *args, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` on the writer, its JSON result handed to every process: for reading
+        what only the writer is sure to see complete (a file it is still appending to)."""
+        return self.processes.broadcast(self.on_writer(fn, *args, **kwargs))
+
+    def write_json(self, path: str | os.PathLike, obj: Any) -> Path:
+        self.on_writer(atomic_write_json, path, obj)
+        return Path(path)
+
+    def write_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+        self.on_writer(atomic_write_jsonl, path, rows)
+        return Path(path)
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        self.on_writer(atomic_write_text, path, text)
+        return Path(path)
+
+    def append_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append rows to `path` and fsync (not atomic: a reader must drop a last line cut by a kill)."""
+        self.on_writer(append_jsonl, Path(path), rows)
+
+    def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
+        diffs = []
+        if config is not None:
+            diffs += config_differences(self._manifest["config"], plain(config))
+        if seed is not None and seed != self._manifest.get("seed"):
+            diffs.append(f"seed: {self._manifest.get('seed')} -> {seed}")
+        if not diffs:
+            return
+        if not allow_change:
+            raise RunConfigMismatchError(
+                f"{self.path} was created with a different configuration; differing keys:\n  "
+                + "\n  ".join(diffs)
+                + "\nResuming would mix artifacts of two configurations. Use a new run directory, or pass "
+                "allow_config_change=True (iterate: --allow-config-change) to resume with the new values."
+            )
+        self._manifest["config_changes"].append({"at": _now(), "changes": diffs})
+        if config is not None:
+            self._manifest["config"] = plain(config)
+        if seed is not None:
+            self._manifest["seed"] = seed
+        self._write()
+
+    def _iteration(self, k: int, create: bool = False) -> dict:
+        iterations = self._manifest["iterations"]
+        key = str(_check_k(k))
+        if key not in iterations and create:
+            iterations[key] = {"start_model": None, "stages": {}}
+        return iterations.get(key, {"start_model": None, "stages": {}})
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def iter_dir(self, k: int) -> Path:
+        return self.path / f"iter_{_check_k(k)}"
+
+    def stage_dir(self, k: int, name: str, *, create: bool = True) -> Path:
+        """`RUN_DIR/iter_K/<name>/` (created by the writer unless `create=False`)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"stage name {name!r} must be a plain directory name")
+        d = self.iter_dir(k) / name
+        if create:
+            self.on_writer(d.mkdir, parents=True, exist_ok=True)
+        return d
+
+    # -- iterations and stages ----------------------------------------------------------------------
+
+    def set_iteration_start_model(self, k: int, model: str) -> None:
+        """Record the model iteration `k` starts from (a path, a .gguf, or an embedded name).
+
+        Paths inside the run directory are stored relative to it, so a moved run still resolves.
+        """
+        self._iteration(k, create=True)["start_model"] = self._rel(model)
+        self._write()
+
+    def iteration_start_model(self, k: int) -> str | None:
+        """The model iteration `k` started from (absolute path if inside the run), or None if unrecorded."""
+        model = self._iteration(k)["start_model"]
+        return None if model is None else self._abs(model)
+
+    def iterations(self) -> list[int]:
+        return sorted(int(k) for k in self._manifest["iterations"])
+
+    def is_done(self, k: int, stage: str) -> bool:
+        return stage in self._iteration(k)["stages"]
+
+    def mark_done(self, k: int, stage: str, outputs: Mapping[str, Any] | None = None) -> None:
+        """Record that `stage` of iteration `k` finished, with its outputs (paths inside the run are
+        stored relative to it; other JSON values as they are, kept as JSON gives them back). Call it
+        only after every output file is in place: the manifest entry is what makes the stage count as
+        done. Every process calls it; each records the writer's outputs, then waits for the others."""
+        outputs = {key: self._rel_value(v) for key, v in (outputs or {}).items()}
+        outputs = self.processes.broadcast(json.loads(json.dumps(outputs, ensure_ascii=False)))
+        self._iteration(k, create=True)["stages"][stage] = {"done_at": _now(), "outputs": outputs}
+        self._write()
+        self.processes.barrier(f"iteration {k} {stage} done")
+
+    def outputs(self, k: int, stage: str) -> dict[str, Any]:
+        """The outputs a finished stage recorded (paths made absolute)."""
+        stages = self._iteration(k)["stages"]
+        if stage not in stages:
+            raise StageNotDoneError(
+                f"stage {stage!r} of iteration {k} is not done in {self.path} "
+                f"(done: {sorted(stages) or 'none'}); run the iteration to complete it first"
+            )
+        return {key: self._abs_value(v) for key, v in stages[stage]["outputs"].items()}
+
+    def done_stages(self, k: int) -> list[str]:
+        return list(self._iteration(k)["stages"])
+
+    def last_iteration_with(self, stage: str) -> int | None:
+        """The highest iteration whose `stage` is done (None if none)."""
+        done = [k for k in self.iterations() if self.is_done(k, stage)]
+        return max(done) if done else None
+
+    # -- path helpers -------------------------------------------------------------------------------
+
+    def _rel(self, value: str | os.PathLike) -> str:
+        # A Path is a path; a str is a path only if absolute (a relative str may be a hub name).
+        p = Path(value).absolute() if isinstance(value, os.PathLike) else Path(value)
+        if p.is_absolute():
+            try:
+                return "./" + p.resolve().relative_to(self.path.resolve()).as_posix()
+            except ValueError:
+                return str(p)
+        return str(value)
+
+    def _abs(self, value: str) -> str:
+        # Only values we stored as "./..." are run-relative; anything else (a hub name, an embedded
+        # model name, an absolute path) is returned unchanged.
+        return str(self.path / value[2:]) if value.startswith("./") else value
+
+    def _rel_value(self, v: Any) -> Any:
+        return self._rel(v) if isinstance(v, os.PathLike) or (isinstance(v, str) and os.path.isabs(v)) else v
+
+    def _abs_value(self, v: Any) -> Any:
+        return self._abs(v) if isinstance(v, str) else v
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"iteration number must be a non-negative int, got {k!r}")
+    return k
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

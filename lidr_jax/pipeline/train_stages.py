@@ -1,0 +1,147 @@
+"""The training half of an iteration: reference log-probs -> DPO training -> checkpoint -> HF export.
+
+The reference pass runs once with the iteration's starting weights and its result is stored beside
+the pairs (`iter_K/reference/`), so training holds only the policy and its optimizer state (DESIGN.md
+principle 6). Training checkpoints every `checkpoint_every` steps with Orbax; a restarted run resumes
+from the last checkpoint and, because the data order is a function of (seed, step), reaches the same
+parameters as an uninterrupted run. Several processes: all compute, the run directory's writer
+writes (metrics, reference log-probs, stats); Orbax checkpoints are written by all together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from lidr_jax.dist import sharding
+from lidr_jax.formats.load import Model
+from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.run_dir import RunDir
+from lidr_jax.pipeline.stages import crash_point
+from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
+from lidr_jax.train.pairs import encode_pairs, read_pairs
+from lidr_jax.train.trainer import (
+    NonFiniteLossError,
+    init_state,
+    load_reference,
+    make_optimizer,
+    reference_logprobs,
+    save_reference,
+    total_steps,
+    train,
+)
+
+
+def _encoded(cfg: RunConfig, run: RunDir, k: int, model: Model):
+    pairs = read_pairs(run.outputs(k, "pairs")["pairs"])
+    return encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
+
+
+def reference_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
+    """Summed response log-probs of every pair under the iteration's starting weights."""
+    d = run.stage_dir(k, "reference")
+    enc = _encoded(cfg, run, k, model)
+    ref = reference_logprobs(model.params, model.config, enc, cfg.dpo)
+    run.on_writer(save_reference, d / "reference_logprobs.npz", ref, enc)
+    stats = {
+        "pairs": len(enc),
+        "truncated_prompts": enc.truncated_prompts,
+        "truncated_responses": enc.truncated_responses,
+    }
+    run.write_json(d / "stats.json", stats)
+    return {"reference": str(d / "reference_logprobs.npz"), "stats": stats}
+
+
+def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
+    """DPO + NLL from the iteration's starting policy; resumes from the last Orbax checkpoint."""
+    d = run.stage_dir(k, "train")
+    enc = _encoded(cfg, run, k, model)
+    ref = load_reference(run.outputs(k, "reference")["reference"], enc)
+    dpo = dataclasses.replace(cfg.dpo, seed=cfg.seed + k)
+    num_steps = total_steps(len(enc), dpo)
+    optimizer = make_optimizer(dpo, num_steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), model.params)
+    metrics_path = d / "metrics.jsonl"
+    state = None
+    with TrainCheckpointer(d / "checkpoints", every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
+        ctx = sharding.active()  # restore straight onto the mesh: nothing whole on one device
+        shardings = sharding.state_shardings(abstract, model.config, ctx.mesh, ctx.rules) if ctx else None
+        restored = ckpt.restore_latest(abstract, shardings)
+        if restored is not None:
+            state = restored[0]
+            run.on_writer(_truncate_metrics, metrics_path, int(state.step))
+            print(f"  train: resuming from the checkpoint at step {int(state.step)} of {num_steps}")
+        else:  # a run killed before its first checkpoint starts over
+            run.on_writer(metrics_path.unlink, missing_ok=True)
+
+        def save(st, metrics):
+            if ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])}):
+                ckpt.wait()
+                crash_point(f"train:{int(metrics['step'])}")
+
+        try:
+            state = train(
+                model.params,
+                model.config,
+                enc,
+                ref,
+                dpo,
+                state=state,
+                callback=save,
+                metrics_path=metrics_path if run.writer else None,
+                pad_id=model.tokenizer.pad_token_id,
+            )
+        except NonFiniteLossError as e:
+            raise SystemExit(
+                f"iteration {k}: {e}\nThe last good checkpoint is kept in {d / 'checkpoints'}; "
+                f"rerun with e.g. --set dpo.learning_rate={cfg.dpo.learning_rate / 10:g} to continue."
+            ) from None
+        ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
+    policy_dir = save_params(d / "policy", state.params, model.config)
+    summary = run.from_writer(_metrics_summary, metrics_path)
+    run.write_json(d / "stats.json", {"steps": num_steps, **summary})
+    run.on_writer(_write_tensorboard, metrics_path, run.path / "tensorboard" / f"iter_{k}")
+    return {"policy": str(policy_dir), "metrics": str(metrics_path), "stats": summary}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the restored step (they were logged after the last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _metrics_summary(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss")
+    return {"first": {k: first[k] for k in keys if k in first}, "last": {k: last[k] for k in keys if k in last}}
+
+
+def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
+    """TensorBoard event files from the metrics JSONL (tensorboardX; skipped with a note if absent)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print("  (tensorboardX is not installed: no TensorBoard events; the metrics are in metrics.jsonl)")
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    with SummaryWriter(str(logdir)) as w:
+        for row in rows:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    w.add_scalar(key, value, row["step"])
+
+
+def export_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
+    from lidr_jax.formats.export import export_hf
+
+    d = run.stage_dir(k, "export")
+    out = export_hf(model, d / "hf", dtype=cfg.export_dtype)
+    return {"hf": str(out)}

@@ -1,0 +1,354 @@
+"""Preference-pair datasets: read/write, chat-template tokenization, truncation and bucketed batches.
+
+Formats read (JSONL, or a JSON list in a `.json` file; the format is detected per record):
+- TRL: `prompt` / `chosen` / `rejected` (`reject` accepted as an alias). Each is a string or a chat
+  message list. A string prompt is treated as one user turn and a string response as one assistant
+  turn, because the pipeline always trains through the model's chat template. Without `prompt` and
+  with message lists ("implicit prompt"), the prompt is the longest shared leading run of messages.
+  Any other keys (language, prompt id, source...) are provenance: kept in `PreferencePair.extra` and
+  written back by `write_trl_jsonl`.
+- LLaMA-Factory alpaca ranking: `instruction`, `input`, `output: [chosen, rejected]` (the older
+  form) or `chosen`/`rejected` keys (the current form); optional `system` and `history`
+  ([[user, assistant], ...]). The user turn is `instruction + "\\n" + input`, as LLaMA-Factory does.
+
+Tokenization (`encode_pairs`): prompt = `chat_ids(prompt, add_generation_prompt=True)`; response =
+the text that the full conversation's rendering adds after the prompt's rendering (the assistant
+text plus the template's end-of-turn), checked by prefix. Truncation rule: a prompt longer than
+`max_prompt_len` keeps its END (the instruction's last words sit next to the answer); a response
+longer than `max_response_len` keeps its START (the part the model writes first). Both are counted.
+
+Batches (`pair_batch`): one packed row per pair, `prompt | chosen | rejected`, right padded, so the
+prompt is run once for both answers; T is the batch's longest row rounded up to a bucket
+(`bucket_length`) so jit compiles once per bucket. Only the logits that predict an answer token
+are computed (`logit_index`), so the prompt and the padding contribute nothing to a log-prob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidr_jax.files import atomic_write_jsonl, numbered_jsonl
+
+Message = dict[str, str]
+Turns = list[Message]
+
+
+class PairFormatError(ValueError):
+    """A pair file record is malformed; the message names the file and line."""
+
+
+@dataclasses.dataclass
+class PreferencePair:
+    """One preference pair as written by the user: prompt and responses in their original form
+    (string or message list) and any provenance keys."""
+
+    prompt: str | Turns
+    chosen: str | Turns
+    rejected: str | Turns
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _is_turns(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _check_field(value, name: str):
+    if not (isinstance(value, str) or (_is_turns(value) and value)):
+        raise ValueError(f"`{name}` must be a string or a non-empty list of {{role, content}} messages")
+    return value
+
+
+def pair_from_record(rec: dict[str, Any]) -> PreferencePair:
+    """A `PreferencePair` from one TRL or LLaMA-Factory alpaca record (raises ValueError if neither)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    rec = dict(rec)
+    if "instruction" in rec:  # LLaMA-Factory alpaca ranking
+        instruction, query = rec.pop("instruction"), rec.pop("input", "") or ""
+        if not isinstance(instruction, str) or not isinstance(query, str):
+            raise ValueError("alpaca `instruction` and `input` must be strings")
+        if "output" in rec:
+            out = rec.pop("output")
+            if not (isinstance(out, list) and len(out) == 2 and all(isinstance(o, str) for o in out)):
+                raise ValueError("alpaca ranking `output` must be a list of two strings [chosen, rejected]")
+            chosen, rejected = out
+        elif "chosen" in rec and ("rejected" in rec or "reject" in rec):
+            chosen, rejected = rec.pop("chosen"), rec.pop("rejected", None) or rec.pop("reject")
+        else:
+            raise ValueError("alpaca ranking record needs `output: [chosen, rejected]` or `chosen` and `rejected`")
+        turns: Turns = []
+        if rec.get("system"):
+            turns.append({"role": "system", "content": rec.pop("system")})
+        rec.pop("system", None)
+        for pair in rec.pop("history", None) or []:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ValueError("alpaca `history` must be a list of [user, assistant] pairs")
+            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        user = instruction + ("\n" + query if query else "")
+        prompt: str | Turns = user if not turns else turns + [{"role": "user", "content": user}]
+        return PreferencePair(prompt, _check_field(chosen, "chosen"), _check_field(rejected, "rejected"), rec)
+    if "rejected" in rec and "reject" in rec:
+        raise ValueError("record has both `rejected` and its alias `reject`; keep one")
+    if "chosen" not in rec or ("rejected" not in rec and "reject" not in rec):
+        raise ValueError(
+            "record is neither TRL (`prompt`/`chosen`/`rejected`) nor LLaMA-Factory alpaca "
+            f"(`instruction`/`input`/`output`); keys: {sorted(rec)}"
+        )
+    chosen = _check_field(rec.pop("chosen"), "chosen")
+    rejected = _check_field(rec.pop("rejected") if "rejected" in rec else rec.pop("reject"), "rejected")
+    if "prompt" in rec:
+        return PreferencePair(_check_field(rec.pop("prompt"), "prompt"), chosen, rejected, rec)
+    if not (_is_turns(chosen) and _is_turns(rejected)):
+        raise ValueError("record has no `prompt`; an implicit prompt needs message lists for chosen and rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError("record has no `prompt` and chosen/rejected share no leading messages")
+    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], rec)
+
+
+def _records(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed JSON) for a JSONL file, or (index + 1, item) for a JSON list file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PairFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) at line {e.lineno}") from None
+        yield from ((i + 1, item) for i, item in enumerate(items))
+        return
+    yield from numbered_jsonl(path, PairFormatError)
+
+
+def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
+    """All pairs of a JSONL or JSON-list file, TRL or LLaMA-Factory alpaca records (mixed is fine).
+    A malformed record raises `PairFormatError` naming the file and line (item number for JSON lists)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pair file {path} does not exist")
+    pairs = []
+    for lineno, rec in _records(path):
+        try:
+            pairs.append(pair_from_record(rec))
+        except ValueError as e:
+            where = f" (item {lineno} of the JSON list)" if path.suffix == ".json" else ""
+            raise PairFormatError(f"{path}:{lineno}{where}: {e}") from None
+    if not pairs:
+        raise PairFormatError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def write_trl_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike):
+    """TRL JSONL: `prompt`, `chosen`, `rejected` as given, then the provenance keys."""
+    atomic_write_jsonl(
+        path, ({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.extra} for p in pairs)
+    )
+
+
+def _text_of(x: str | Turns, what: str) -> str:
+    if isinstance(x, str):
+        return x
+    if len(x) == 1 and x[0]["role"] == "assistant":
+        return x[0]["content"]
+    raise ValueError(f"alpaca format holds a single assistant answer; this {what} has {len(x)} messages")
+
+
+def write_alpaca_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike):
+    """LLaMA-Factory alpaca ranking records (`instruction`, `input`, `chosen`, `rejected`, `system`,
+    `history`), plus the provenance keys. Multi-turn prompts must alternate user/assistant."""
+
+    def record(p: PreferencePair) -> dict[str, Any]:
+        turns = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else list(p.prompt)
+        rec: dict[str, Any] = {}
+        if turns[0]["role"] == "system":
+            rec["system"] = turns.pop(0)["content"]
+        if turns[-1]["role"] != "user":
+            raise ValueError("alpaca format needs the prompt to end with a user turn")
+        history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
+        rec = {"instruction": turns[-1]["content"], "input": "", **rec}
+        if history:
+            rec["history"] = history
+        rec["chosen"], rec["rejected"] = _text_of(p.chosen, "chosen"), _text_of(p.rejected, "rejected")
+        return {**rec, **p.extra}
+
+    atomic_write_jsonl(path, (record(p) for p in pairs))
+
+
+# ------------------------------------------------------------------------------------- tokenization
+
+
+def _turns(x: str | Turns, role: str) -> Turns:
+    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+
+
+@dataclasses.dataclass
+class EncodedPairs:
+    """Token ids of every pair (prompt shared by chosen and rejected) and truncation counts."""
+
+    prompt_ids: list[np.ndarray]
+    chosen_ids: list[np.ndarray]
+    rejected_ids: list[np.ndarray]
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def lengths(self) -> np.ndarray:
+        """Packed row length of each pair: prompt + chosen + rejected (`pair_batch`)."""
+        return np.array(
+            [len(p) + len(c) + len(r) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], np.int64
+        )
+
+    def answer_lengths(self) -> np.ndarray:
+        """Scored tokens of each pair: chosen + rejected (`pair_batch`'s entries)."""
+        return np.array([len(c) + len(r) for c, r in zip(self.chosen_ids, self.rejected_ids)], np.int64)
+
+    def fingerprint(self) -> str:
+        """A hash of every token id: stored reference log-probs are checked against it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for arrays in (self.prompt_ids, self.chosen_ids, self.rejected_ids):
+            for a in arrays:
+                h.update(np.asarray(a, np.int32).tobytes() + b"|")
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        return (
+            f"{len(self)} pairs; truncated: {self.truncated_prompts} prompts (kept their end), "
+            f"{self.truncated_responses} responses (kept their start)"
+        )
+
+
+def response_ids(tokenizer, prompt: Turns, response: Turns) -> list[int]:
+    """Ids of what the assistant turn adds after the prompt's rendering (text + end-of-turn)."""
+    prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
+    full_text = tokenizer.render_chat(prompt + response, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(
+            "the chat template renders the prompt differently with and without the answer, so the "
+            "response cannot be cut off the full conversation; use a template whose rendering of "
+            f"the prompt is a prefix of the conversation's (prompt ends with {prompt_text[-40:]!r})"
+        )
+    return tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
+
+
+def encode_pairs(
+    pairs: Sequence[PreferencePair], tokenizer, max_prompt_len: int, max_response_len: int
+) -> EncodedPairs:
+    """Tokenize pairs with the model's chat template and apply the truncation rule (module docstring)."""
+    enc = EncodedPairs([], [], [])
+    for p in pairs:
+        prompt = _turns(p.prompt, "user")
+        ids = tokenizer.chat_ids(prompt, add_generation_prompt=True)
+        if len(ids) > max_prompt_len:
+            ids = ids[-max_prompt_len:]
+            enc.truncated_prompts += 1
+        enc.prompt_ids.append(np.asarray(ids, np.int32))
+        for resp, out in ((p.chosen, enc.chosen_ids), (p.rejected, enc.rejected_ids)):
+            r = response_ids(tokenizer, prompt, _turns(resp, "assistant"))
+            if len(r) > max_response_len:
+                r = r[:max_response_len]
+                enc.truncated_responses += 1
+            if not r:
+                raise ValueError("a response encodes to zero tokens; every pair needs a non-empty answer")
+            out.append(np.asarray(r, np.int32))
+    return enc
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def bucket_length(n: int, multiple: int = 0, minimum: int = 16) -> int:
+    """Padded length for a row of `n` tokens. `multiple` 0: the next power of two (>= minimum) up
+    to 256, then the next multiple of 128 (so a 384-token row is not padded to 512); else the next
+    multiple of `multiple`. Few distinct lengths means few compilations."""
+    if multiple > 0:
+        return max(multiple, -(-n // multiple) * multiple)
+    if n > 256:
+        return -(-n // 128) * 128
+    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def pair_batch(
+    enc: EncodedPairs,
+    indices: Sequence[int],
+    pad_id: int,
+    *,
+    batch_size: int | None = None,
+    length: int | None = None,
+    entries: int | None = None,
+    bucket_multiple: int = 0,
+) -> dict[str, np.ndarray]:
+    """A batch of pairs, one packed row per pair: `prompt | chosen | rejected | padding`.
+
+    The prompt is run once for both answers (a quarter of the FLOPs of two rows when prompt and
+    answers are equally long): the rejected answer attends to the prompt and to itself, never to the
+    chosen answer, and its positions continue from the prompt's end, as in its own row
+    (lidr_jax.model.llama.hidden_states, `segments_BT`).
+
+    Keys, [B, T]: tokens, positions, segments (0 prompt, 1 chosen, 2 rejected), attention_mask (real
+    tokens). Keys, [B, E]: one entry per response token to score: logit_index (the position whose
+    logits predict it: the last prompt token for the first token of either answer, else the answer's
+    previous token), targets (the token), chosen_mask / rejected_mask (which answer it belongs to;
+    padding entries are in neither). E is the longest chosen + rejected, bucketed like T. And weight
+    [B]: 1 for real pairs, 0 for filler pairs that pad a short last batch up to `batch_size`, so
+    shapes stay static. `length` forces T and `entries` forces E (each must fit every row).
+    """
+    indices = list(indices)
+    B = batch_size or len(indices)
+    if len(indices) > B:
+        raise ValueError(f"{len(indices)} pairs do not fit a batch of {B}")
+    weight = np.zeros(B, np.float32)
+    weight[: len(indices)] = 1.0
+    fill = indices + [indices[0]] * (B - len(indices))  # filler rows are real rows with weight 0
+    rows = [(enc.prompt_ids[i], enc.chosen_ids[i], enc.rejected_ids[i]) for i in fill]
+    longest = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    T = length or bucket_length(longest, bucket_multiple)
+    if longest > T:
+        raise ValueError(f"a row of {longest} tokens does not fit the batch length {T}")
+    scored = max(len(c) + len(r) for _, c, r in rows)
+    E = entries or bucket_length(scored, bucket_multiple)
+    if scored > E:
+        raise ValueError(f"{scored} answer tokens do not fit the batch's {E} entries")
+    out = {
+        "tokens": np.full((B, T), pad_id, np.int32),
+        "positions": np.zeros((B, T), np.int32),
+        "segments": np.zeros((B, T), np.int32),
+        "attention_mask": np.zeros((B, T), bool),
+        "logit_index": np.zeros((B, E), np.int32),
+        "targets": np.full((B, E), pad_id, np.int32),
+        "chosen_mask": np.zeros((B, E), bool),
+        "rejected_mask": np.zeros((B, E), bool),
+        "weight": weight,
+    }
+    for b, (p, c, r) in enumerate(rows):
+        P, C, R = len(p), len(c), len(r)
+        n = P + C + R
+        out["tokens"][b, :n] = np.concatenate([p, c, r])
+        out["positions"][b, :n] = np.concatenate([np.arange(P + C), P + np.arange(R)])
+        out["segments"][b, P : P + C], out["segments"][b, P + C : n] = 1, 2
+        out["attention_mask"][b, :n] = True
+        # Answer token k is predicted at its previous token's position; k = 0 at the prompt's last.
+        out["logit_index"][b, : C + R] = np.concatenate([P - 1 + np.arange(C), [P - 1], P + C + np.arange(R - 1)])
+        out["targets"][b, : C + R] = np.concatenate([c, r])
+        out["chosen_mask"][b, :C], out["rejected_mask"][b, C : C + R] = True, True
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The pair order of one epoch: a permutation that depends only on (seed, epoch), so a resumed
+    run sees the same data in the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(n)

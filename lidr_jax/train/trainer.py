@@ -1,0 +1,311 @@
+"""DPO training: the reference log-prob pass, the optimizer, one jitted train step, the loop.
+
+Phases of a run (each a plain function, no trainer class):
+1. `reference_logprobs`: sequence log-probs of every pair under the reference weights, once, stored
+   beside the pairs (`save_reference` / `load_reference`), so training holds only the policy.
+2. `make_optimizer`: AdamW after global-norm clipping, warmup then cosine/linear decay.
+3. `make_train_step`: one jitted step over `grad_accum` micro-batches (a `lax.scan`), state donated.
+4. `train`: plain Python loop with a tqdm bar; metrics every step to JSONL.
+
+Several processes (lidr_jax.dist.multihost): every process builds the same host batch (same pairs, same
+(seed, step) order) and hands the global mesh only the rows its own devices hold (`put_process_rows`).
+
+Resuming: `TrainState` (params, opt_state, step) is the whole training state. The data position is a
+function of `step` alone (`step_indices`: epoch order is seeded by (seed, epoch)), so a checkpoint of
+`TrainState` resumes exactly; `train(..., state=restored, callback=save_fn)` is all a checkpointer needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lidr_jax.dist.multihost import put_process_rows
+from lidr_jax.dist.sharding import place, to_host, train_state_shardings
+from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
+from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree: checkpoint it as it is)."""
+
+    params: Any  # float32 master weights
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer steps taken
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf. `.state` is the last good state (the bad update
+    was not applied); the caller keeps its last checkpoint and should lower the learning rate or
+    switch compute_dtype to float32."""
+
+    def __init__(self, message: str, state: TrainState, metrics: dict[str, float]):
+        super().__init__(message)
+        self.state, self.metrics = state, metrics
+
+
+# ---------------------------------------------------------------------------------- reference pass
+
+
+def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, progress: bool = True):
+    """Summed response log-probs of every pair under `params`: {"chosen": [N], "rejected": [N]}.
+
+    Pairs are sorted by length so each batch pads little; batch lengths are bucketed (one compile
+    per bucket).
+    """
+    config = model_config.replace(dtype=cfg.compute_dtype)
+    fn = jax.jit(lambda p, b: batch_logprobs(p, b, config, cfg)[:2])
+    N, B = len(enc), cfg.reference_batch_size
+    order = np.argsort(enc.lengths(), kind="stable")
+    chosen, rejected = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    bar = tqdm(total=N, desc="reference log-probs", unit="pair", disable=not progress)
+    for start in range(0, N, B):
+        idx = order[start : start + B]
+        batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
+        logp_c, logp_r = map(to_host, fn(params, put_process_rows({k: v for k, v in batch.items() if k != "weight"})))
+        chosen[idx], rejected[idx] = logp_c[: len(idx)], logp_r[: len(idx)]
+        bar.update(len(idx))
+    bar.close()
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def save_reference(path: str | os.PathLike, ref: dict[str, np.ndarray], enc: EncodedPairs):
+    """Reference log-probs as .npz with the pairs' token fingerprint (written atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, chosen=ref["chosen"], rejected=ref["rejected"], fingerprint=np.array(enc.fingerprint()))
+    os.replace(tmp, path)
+
+
+def load_reference(path: str | os.PathLike, enc: EncodedPairs) -> dict[str, np.ndarray]:
+    """Stored reference log-probs, checked against the pairs they were computed for."""
+    with np.load(path) as z:
+        ref = {"chosen": z["chosen"], "rejected": z["rejected"]}
+        fingerprint = str(z["fingerprint"])
+    if fingerprint != enc.fingerprint() or len(ref["chosen"]) != len(enc):
+        raise ValueError(
+            f"{path} holds reference log-probs of other pairs (or other tokenization/limits); delete it to recompute"
+        )
+    return ref
+
+
+# --------------------------------------------------------------------------------------- optimizer
+
+
+def total_steps(num_pairs: int, cfg: DPOConfig) -> int:
+    return cfg.epochs * steps_per_epoch(num_pairs, cfg)
+
+
+def steps_per_epoch(num_pairs: int, cfg: DPOConfig) -> int:
+    return -(-num_pairs // (cfg.batch_size * cfg.grad_accum))
+
+
+def lr_schedule(cfg: DPOConfig, num_steps: int) -> Callable:
+    """Learning rate per step, as transformers' schedules: linear warmup from 0, then cosine or
+    linear decay to 0 at `num_steps` (or constant)."""
+    warm = int(round(cfg.warmup * num_steps)) if cfg.warmup < 1 else int(cfg.warmup)
+    lr = cfg.learning_rate
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        progress = jnp.clip((s - warm) / max(1, num_steps - warm), 0.0, 1.0)
+        decay = {
+            "cosine": 0.5 * (1 + jnp.cos(jnp.pi * progress)),
+            "linear": 1 - progress,
+            "constant": jnp.ones_like(progress),
+        }[cfg.schedule]
+        return lr * jnp.where(s < warm, s / max(1, warm), decay)
+
+    return schedule
+
+
+def make_optimizer(cfg: DPOConfig, num_steps: int):
+    """Global-norm clipping then AdamW (state in float32, like the master weights)."""
+    adamw = optax.adamw(
+        lr_schedule(cfg, num_steps), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    if cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw
+
+
+def init_state(params, optimizer) -> TrainState:
+    """A fresh state with float32 master weights. The weights are copied (a jitted cast keeps their
+    sharding): the train step donates its state, and the caller's arrays must survive it."""
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(params)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------- step
+
+
+def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
+    """Gradients and metrics of the weighted mean loss over `batch` leaves [A, ...] (A micro-batches
+    of b packed pair rows, lidr_jax.train.pairs.pair_batch). Sums are accumulated and divided once by the
+    total pair weight, so any split of the same pairs into micro-batches gives the same gradients."""
+    config = model_config.replace(dtype=cfg.compute_dtype)
+
+    def micro_loss(p, mb):
+        logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
+        loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg)
+        w = mb["weight"]
+        sums = {k: jnp.sum(w * v) for k, v in per_pair.items()}
+        sums["weight"] = jnp.sum(w)
+        return jnp.sum(w * loss_B), sums
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def body(carry, mb):
+        g_acc, s_acc = carry
+        g, s = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    (g_sum, sums), _ = jax.lax.scan(body, zeros, batch)
+    total = jnp.maximum(sums.pop("weight"), 1e-9)
+    grads = jax.tree.map(lambda g: g / total, g_sum)
+    return grads, {k: v / total for k, v in sums.items()}
+
+
+def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule, state_shardings=None):
+    """`step(state, batch) -> (state, metrics)`, jitted with the state donated. A non-finite loss or
+    gradient norm leaves the state unchanged (metrics report it; the loop raises). `state_shardings`
+    (lidr_jax.dist.sharding.train_state_shardings) pins the state's in/out shardings on a mesh."""
+
+    def step(state: TrainState, batch):
+        grads, metrics = accumulated_grads(state.params, batch, model_config, cfg)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = TrainState(
+            keep(params, state.params), keep(opt_state, state.opt_state), state.step + ok.astype(jnp.int32)
+        )
+        metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+        return new_state, metrics
+
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def step_indices(step: int, num_pairs: int, cfg: DPOConfig) -> np.ndarray:
+    """The pair indices of optimizer step `step` (a function of the step alone: resumable)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    spe = steps_per_epoch(num_pairs, cfg)
+    order = epoch_order(num_pairs, cfg.seed, step // spe)
+    pos = step % spe
+    return order[pos * per_step : (pos + 1) * per_step]
+
+
+def step_batch(enc: EncodedPairs, ref, idx: np.ndarray, cfg: DPOConfig, pad_id: int, length: int | None = None):
+    """Stacked micro-batches [A, b, ...] for one optimizer step; all share one bucketed T. Micro-batches
+    past the end of a short last step are filler with weight 0."""
+    b = cfg.batch_size
+    if length is None:
+        length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
+    entries = bucket_length(int(enc.answer_lengths()[idx].max()), cfg.bucket_multiple)
+    micro = []
+    for j in range(cfg.grad_accum):
+        part = idx[j * b : (j + 1) * b]
+        mb = pair_batch(enc, part if len(part) else idx[:1], pad_id, batch_size=b, length=length, entries=entries)
+        if not len(part):
+            mb["weight"][:] = 0.0
+        fill = np.concatenate([part, np.full(b - len(part), idx[0])]).astype(np.int64)
+        mb["ref_chosen"], mb["ref_rejected"] = ref["chosen"][fill], ref["rejected"][fill]
+        micro.append(mb)
+    return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
+def train(
+    params,
+    model_config,
+    enc: EncodedPairs,
+    ref: dict[str, np.ndarray],
+    cfg: DPOConfig,
+    *,
+    state: TrainState | None = None,
+    callback: Callable[[TrainState, dict[str, float]], None] | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> TrainState:
+    """Train the policy `params` with DPO on the encoded pairs and their reference log-probs.
+
+    `state`: resume from this TrainState (its step picks the data position). `callback(state,
+    metrics)` runs after every step (save a checkpoint there; the state's buffers are donated to the
+    next step, so finish writing before returning). Metrics are appended to `metrics_path` (JSONL),
+    one line per step. Raises `NonFiniteLossError` (holding the last good state) on NaN/inf.
+    """
+    if len(ref["chosen"]) != len(enc):
+        raise ValueError(f"{len(ref['chosen'])} reference log-probs for {len(enc)} pairs")
+    num_steps = total_steps(len(enc), cfg)
+    optimizer = make_optimizer(cfg, num_steps)
+    schedule = lr_schedule(cfg, num_steps)
+    if state is None:
+        state = init_state(params, optimizer)
+    shardings = train_state_shardings(state, model_config)  # None unless a mesh is active (sharding.use_mesh)
+    state = state if shardings is None else place(state, shardings)
+    step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
+    start = int(state.step)
+    spe = steps_per_epoch(len(enc), cfg)
+    out = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    bar = tqdm(total=num_steps, initial=start, desc="DPO", unit="step", disable=not progress)
+    try:
+        for k in range(start, num_steps):
+            idx = step_indices(k, len(enc), cfg)
+            batch = step_batch(enc, ref, idx, cfg, pad_id)
+            tokens = int((batch["attention_mask"].sum(-1) * batch["weight"]).sum())  # prompt counted once
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, put_process_rows(batch, axis=1))
+            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            metrics.update(
+                step=k + 1,
+                epoch=k // spe,
+                pairs=len(idx),
+                tokens=tokens,
+                step_time_s=dt,
+                tokens_per_s=tokens / dt,
+                pairs_per_s=len(idx) / dt,
+            )
+            if out:
+                out.write(json.dumps(metrics) + "\n")
+                out.flush()
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"step {k + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
+                    f"the update was not applied and training stopped. Resume from the last good "
+                    f"checkpoint with a lower learning_rate (now {cfg.learning_rate}) or compute_dtype=float32.",
+                    state,
+                    metrics,
+                )
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                acc=f"{metrics['rewards/accuracies']:.2f}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+            )
+            bar.update(1)
+            if callback is not None:
+                callback(state, metrics)
+    finally:
+        bar.close()
+        if out:
+            out.close()
+    return state
