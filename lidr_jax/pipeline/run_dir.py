@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, plain
+from lidr_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text, plain
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
