@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (see README):
 #   make run    set up .venv and run the main job (configs/default.yaml, the embedded SmolLM2)
-#   make test   set up .venv with the test extras and run the test suite
+#   make test   set up .venv with the test extras, check lint and format (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,8 @@ run: $(VENV)/.base
 	$(PY) -m lidr_jax.iterate $(ARGS)
 
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check lidr_jax tests scripts
+	$(VENV)/bin/ruff format --check lidr_jax tests scripts
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
