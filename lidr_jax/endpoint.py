@@ -1,0 +1,197 @@
+"""The one HTTP client of the project: chat completions from an OpenAI-compatible server.
+
+Used by the judge (lidr_jax.eval.judge) and by LIDR's endpoint translator (lidr_jax.methods.translator).
+Standard library only (urllib). What it promises:
+
+- The API key is read from the environment variable whose NAME is a setting (`api_key_env`), sent as a
+  Bearer token, and never logged, cached, or put in an error message ("" = an endpoint without a key).
+- 429, 5xx, connection errors and timeouts are retried with exponential backoff (`backoff_s * 2**k`,
+  at most `max_backoff_s` per wait); a `Retry-After` header (seconds or an HTTP date) replaces the
+  backoff of that wait. Retrying stops after `max_retries` retries or when the next wait would pass
+  `max_retry_time_s` since the first try, whichever comes first; then `EndpointUnreachableError`
+  names the URL and the last error. Any other 4xx is not retried (`EndpointRequestError`).
+- With a cache directory, every answer is stored in a file named by the SHA-256 of the request body
+  (model, messages, decoding parameters: never the key), written atomically before it is returned.
+  A resumed stage reads it back and the server is never asked the same request twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from lidr_jax.files import atomic_write_json
+
+Message = dict[str, str]
+
+
+class EndpointUnreachableError(ConnectionError):
+    """The endpoint did not answer after every allowed retry."""
+
+
+class EndpointRequestError(RuntimeError):
+    """The endpoint refused the request (a 4xx other than 429) or answered in a shape that is not a chat
+    completion: retrying would not help."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointConfig:
+    """Where and how to reach an OpenAI-compatible `/chat/completions` endpoint.
+
+    url: the base URL ("http://localhost:8000/v1") or the full ".../chat/completions" URL.
+    model: the model name the server expects in the request.
+    api_key_env: the NAME of the environment variable holding the key; "" sends no key.
+    """
+
+    url: str = ""
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 120.0  # one request
+    max_retries: int = 6  # retries after the first try
+    backoff_s: float = 1.0  # the wait before retry k (k = 0, 1, ...) is backoff_s * 2**k ...
+    max_backoff_s: float = 60.0  # ... capped here; a Retry-After header replaces it
+    max_retry_time_s: float = 600.0  # no retry starts later than this after the first try
+    concurrency: int = 4  # requests in flight at once (complete_many)
+
+    def __post_init__(self):
+        if self.max_retries < 0 or self.backoff_s < 0 or self.max_retry_time_s < 0:
+            raise ValueError("max_retries, backoff_s and max_retry_time_s must be >= 0")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+    @property
+    def completions_url(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A `Retry-After` header's wait in seconds (delta-seconds or an HTTP date); None when absent or
+    unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """The cache key of a request body: SHA-256 of its canonical JSON (sorted keys, UTF-8)."""
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class ChatClient:
+    """Chat completions with retries and an on-disk answer cache (see the module docstring).
+
+    `sleep` and `clock` are replaceable so tests can check the retry schedule without waiting."""
+
+    def __init__(
+        self,
+        config: EndpointConfig,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not config.url:
+            raise ValueError("the endpoint needs a url (e.g. http://localhost:8000/v1)")
+        if not config.model:
+            raise ValueError(f"the endpoint {config.url} needs a model name")
+        self.config = config
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._sleep, self._clock = sleep, clock
+        self.requests_sent = 0  # HTTP requests actually sent (retries included); cache hits send none
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        name = self.config.api_key_env
+        if name:
+            key = os.environ.get(name)
+            if not key:
+                raise EndpointRequestError(
+                    f"the API key variable {name} for {self.config.completions_url} is not set; export it, or "
+                    "set api_key_env to an empty string for an endpoint that needs no key"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _cache_path(self, body: dict[str, Any]) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{request_key(body)}.json"
+
+    def complete(self, messages: Sequence[Message], **params: Any) -> str:
+        """The assistant's reply to `messages`. `params` go into the request body as they are
+        (max_tokens, temperature, top_p, stop, ...)."""
+        body = {"model": self.config.model, "messages": [dict(m) for m in messages], **params}
+        path = self._cache_path(body)
+        if path is not None and path.exists():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))["content"]
+            except (ValueError, KeyError, TypeError):
+                pass  # a cache file from elsewhere or damaged: ask again and overwrite it
+        content = self._post(body)
+        if path is not None:
+            atomic_write_json(path, {"request": body, "content": content})
+        return content
+
+    def complete_many(self, chats: Sequence[Sequence[Message]], **params: Any) -> list[str]:
+        """`complete` for each chat, `concurrency` at a time, in order."""
+        with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            return list(pool.map(lambda m: self.complete(m, **params), chats))
+
+    def _post(self, body: dict[str, Any]) -> str:
+        cfg, url = self.config, self.config.completions_url
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers = self._headers()
+        start = self._clock()
+        last_error, retry = "", 0
+        while True:
+            self.requests_sent += 1
+            wait_hint = None
+            try:
+                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+                    payload = json.loads(response.read().decode("utf-8"))
+                content = payload["choices"][0]["message"]["content"]
+                return content or ""
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode("utf-8", "replace")[:300]
+                if not (e.code == 429 or e.code >= 500):
+                    raise EndpointRequestError(f"endpoint {url} refused the request: HTTP {e.code}: {detail}") from e
+                last_error = f"HTTP {e.code}: {detail}"
+                wait_hint = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise EndpointRequestError(
+                    f"endpoint {url} answered without choices[0].message.content ({e!r}); is it an "
+                    "OpenAI-compatible chat-completions endpoint?"
+                ) from e
+            wait = wait_hint if wait_hint is not None else min(cfg.backoff_s * 2**retry, cfg.max_backoff_s)
+            elapsed = self._clock() - start
+            if retry >= cfg.max_retries or elapsed + wait > cfg.max_retry_time_s:
+                raise EndpointUnreachableError(
+                    f"endpoint {url} did not answer after {retry + 1} tries in {elapsed:.0f} s (last error: "
+                    f"{last_error}); check the URL and that the server is running"
+                )
+            self._sleep(wait)
+            retry += 1
