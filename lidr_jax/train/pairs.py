@@ -11,6 +11,10 @@ Formats read (JSONL, or a JSON list in a `.json` file; the format is detected pe
   form) or `chosen`/`rejected` keys (the current form); optional `system` and `history`
   ([[user, assistant], ...]). The user turn is `instruction + "\\n" + input`, as LLaMA-Factory does.
 
+Formats written, for other trainers (`python -m lidr_jax.pairs convert`, and every pairs stage):
+TRL JSONL (`write_trl_jsonl`; TRL and OpenRLHF read it as it is) and LLaMA-Factory alpaca ranking
+JSONL with its `dataset_info.json` entry (`write_llamafactory`; chosen/rejected as plain strings).
+
 Tokenization (`encode_pairs`): prompt = `chat_ids(prompt, add_generation_prompt=True)`; response =
 the text that the full conversation's rendering adds after the prompt's rendering (the assistant
 text plus the template's end-of-turn), checked by prefix. Truncation rule: a prompt longer than
@@ -34,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from lidr_jax.files import atomic_write_jsonl, numbered_jsonl
+from lidr_jax.files import atomic_write_json, atomic_write_jsonl, numbered_jsonl
+from lidr_jax.shapes import bucket
 
 Message = dict[str, str]
 Turns = list[Message]
@@ -149,11 +154,15 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     return pairs
 
 
-def write_trl_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike):
-    """TRL JSONL: `prompt`, `chosen`, `rejected` as given, then the provenance keys."""
-    atomic_write_jsonl(
-        path, ({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.extra} for p in pairs)
-    )
+def trl_record(p: PreferencePair) -> dict[str, Any]:
+    """A TRL record: `prompt`, `chosen`, `rejected` as given (strings or message lists), then the
+    provenance keys. TRL's DPOTrainer and OpenRLHF read it as it is."""
+    return {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.extra}
+
+
+def write_trl_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:
+    """TRL JSONL (`trl_record` per line), written atomically."""
+    return atomic_write_jsonl(path, (trl_record(p) for p in pairs))
 
 
 def _text_of(x: str | Turns, what: str) -> str:
@@ -164,25 +173,129 @@ def _text_of(x: str | Turns, what: str) -> str:
     raise ValueError(f"alpaca format holds a single assistant answer; this {what} has {len(x)} messages")
 
 
-def write_alpaca_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike):
-    """LLaMA-Factory alpaca ranking records (`instruction`, `input`, `chosen`, `rejected`, `system`,
-    `history`), plus the provenance keys. Multi-turn prompts must alternate user/assistant."""
+def alpaca_record(p: PreferencePair) -> dict[str, Any]:
+    """One LLaMA-Factory alpaca ranking record: `instruction`, `input` (""), optional `system` and
+    `history` ([[user, assistant], ...]), `chosen` and `rejected` as plain strings (LLaMA-Factory's
+    converter takes a pair only when both are strings), then the provenance keys. A multi-turn prompt
+    must alternate user/assistant and end with a user turn."""
+    turns = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else list(p.prompt)
+    rec: dict[str, Any] = {}
+    if turns[0]["role"] == "system":
+        rec["system"] = turns.pop(0)["content"]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("alpaca format needs the prompt to end with a user turn")
+    for i, m in enumerate(turns):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"alpaca history must alternate user/assistant; message {i} is {m['role']!r}")
+    history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
+    rec = {"instruction": turns[-1]["content"], "input": "", **rec}
+    if history:
+        rec["history"] = history
+    rec["chosen"], rec["rejected"] = _text_of(p.chosen, "chosen"), _text_of(p.rejected, "rejected")
+    return {**rec, **p.extra}
 
-    def record(p: PreferencePair) -> dict[str, Any]:
-        turns = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else list(p.prompt)
-        rec: dict[str, Any] = {}
-        if turns[0]["role"] == "system":
-            rec["system"] = turns.pop(0)["content"]
-        if turns[-1]["role"] != "user":
-            raise ValueError("alpaca format needs the prompt to end with a user turn")
-        history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
-        rec = {"instruction": turns[-1]["content"], "input": "", **rec}
-        if history:
-            rec["history"] = history
-        rec["chosen"], rec["rejected"] = _text_of(p.chosen, "chosen"), _text_of(p.rejected, "rejected")
-        return {**rec, **p.extra}
 
-    atomic_write_jsonl(path, (record(p) for p in pairs))
+def write_alpaca_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:
+    """LLaMA-Factory alpaca ranking JSONL (`alpaca_record` per line), written atomically."""
+    return atomic_write_jsonl(path, (alpaca_record(p) for p in pairs))
+
+
+def llamafactory_records(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+    """`alpaca_record` of every pair with the same keys in every row: `system` ("") and `history` ([])
+    are filled in everywhere when any pair has them, because LLaMA-Factory loads the file with
+    `datasets`, which gives a row without a key None, and its converter wants a string system prompt."""
+    records = [alpaca_record(p) for p in pairs]
+    for key, empty in (("system", ""), ("history", [])):
+        if any(key in r for r in records):
+            for r in records:
+                r.setdefault(key, empty)
+    return records
+
+
+def llamafactory_dataset_entry(file_name: str, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The `dataset_info.json` entry that makes LLaMA-Factory read `file_name` as a ranking (DPO) set."""
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    for key in ("system", "history"):
+        if records and key in records[0]:
+            columns[key] = key
+    return {"file_name": file_name, "formatting": "alpaca", "ranking": True, "columns": columns}
+
+
+def write_llamafactory(
+    pairs: Sequence[PreferencePair],
+    path: str | os.PathLike,
+    name: str,
+    *,
+    write_jsonl=atomic_write_jsonl,
+    write_json=atomic_write_json,
+) -> dict[str, Path]:
+    """LLaMA-Factory files for `pairs`: the alpaca ranking records at `path` (JSONL) and an entry `name`
+    in `dataset_info.json` beside it (an existing file keeps its other entries), so LLaMA-Factory
+    trains on them with `dataset_dir: <path's folder>` and `dataset: <name>`.
+
+    `write_jsonl(path, rows)` and `write_json(path, obj)` write the files (the pipeline passes its run
+    directory's writers). Returns {"pairs": path, "dataset_info": path}."""
+    path = Path(path)
+    records = llamafactory_records(pairs)
+    info_path = path.parent / "dataset_info.json"
+    info: dict[str, Any] = {}
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{info_path} is not valid JSON ({e.msg}); fix or remove it") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path} is not a JSON object of dataset entries; fix or remove it")
+    info[name] = llamafactory_dataset_entry(path.name, records)
+    write_jsonl(path, records)
+    write_json(info_path, info)
+    return {"pairs": path, "dataset_info": info_path}
+
+
+def convert(src: str | os.PathLike, to: str, dst: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
+    """Rewrite the pair file `src` (TRL or LLaMA-Factory alpaca, JSONL or JSON list) for another trainer:
+    `to="trl"` writes TRL JSONL at `dst`; `to="llamafactory"` writes alpaca ranking JSONL at `dst`
+    and its `dataset_info.json` entry `name` (default: `dst`'s stem) beside it."""
+    pairs = read_pairs(src)
+    if to == "trl":
+        return {"pairs": write_trl_jsonl(pairs, dst)}
+    if to == "llamafactory":
+        return write_llamafactory(pairs, dst, name or Path(dst).stem)
+    raise ValueError(f"unknown pair format {to!r}; choose trl or llamafactory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lidr_jax.pairs convert IN --to trl|llamafactory OUT [--name NAME]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lidr_jax.pairs", description="Preference-pair files for other trainers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "convert",
+        help="rewrite a pair file as TRL JSONL or LLaMA-Factory alpaca ranking (+ dataset_info.json)",
+        description="IN: TRL (prompt/chosen/rejected, strings or messages) or LLaMA-Factory alpaca ranking "
+        "records, JSONL or a JSON list. OUT: a .jsonl file; for llamafactory, dataset_info.json beside it gets "
+        "an entry NAME (other entries are kept), so LLaMA-Factory reads it with dataset_dir=OUT's folder.",
+    )
+    c.add_argument("src", metavar="IN")
+    c.add_argument("--to", required=True, choices=("trl", "llamafactory"))
+    c.add_argument("dst", metavar="OUT")
+    c.add_argument("--name", default=None, help="dataset name in dataset_info.json (default: OUT's stem)")
+    args = parser.parse_args(argv)
+    if Path(args.dst).resolve() == Path(args.src).resolve():
+        print(f"error: OUT is IN ({args.src}); write to another file", file=sys.stderr)
+        return 2
+    try:
+        written = convert(args.src, args.to, args.dst, args.name)
+    except (PairFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------- tokenization
@@ -276,10 +389,8 @@ def bucket_length(n: int, multiple: int = 0, minimum: int = 16) -> int:
     to 256, then the next multiple of 128 (so a 384-token row is not padded to 512); else the next
     multiple of `multiple`. Few distinct lengths means few compilations."""
     if multiple > 0:
-        return max(multiple, -(-n // multiple) * multiple)
-    if n > 256:
-        return -(-n // 128) * 128
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+        return bucket(n, minimum=multiple, knee=0, step=multiple)
+    return bucket(n, minimum=minimum, knee=256, step=128)
 
 
 def pair_batch(
