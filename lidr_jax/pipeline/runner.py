@@ -4,10 +4,11 @@
     python -m lidr_jax.iterate --config configs/lidr_llama3_8b_tpu.yaml --set dpo.beta=0.2
     python -m lidr_jax.iterate --run-dir runs/mine --set iterations=3
 
-Each iteration is a chain of stages (lidr_jax.pipeline.stages, lidr_jax.pipeline.train_stages) whose artifacts live in
-`RUN_DIR/iter_K/<stage>/` and whose completion is recorded in `RUN_DIR/manifest.json`. Rerunning the
-same command skips finished stages and resumes an unfinished one from its last chunk or checkpoint.
-All inputs (config, languages, prompt files) are checked before any model is loaded.
+Each iteration is a chain of stages (lidr_jax.pipeline.lidr_stages, icr_stages, train_stages, check)
+whose artifacts live in `RUN_DIR/iter_K/<stage>/` and whose completion is recorded in
+`RUN_DIR/manifest.json`. Rerunning the same command skips finished stages and resumes an unfinished
+one from its last chunk or checkpoint. All inputs (config, languages, prompt files) are checked
+before any model is loaded.
 
 Several processes (one per host) run the same command with the same config and seed; process 0
 writes the run directory and the others follow stage by stage (lidr_jax.dist.multihost, docs/scaling.md).
@@ -141,19 +142,19 @@ class Runner:
         return outputs
 
     def iteration(self, k: int) -> None:
-        from lidr_jax.pipeline import stages, train_stages
+        from lidr_jax.pipeline import icr_stages, lidr_stages, train_stages
 
         prompts = self.slices[k - 1]
         policy = self.policy(k)
         if self.cfg.reward == "lidr":
-            self.stage(k, "generate", stages.lidr_generate, policy, prompts)
-            self.stage(k, "translate", stages.lidr_translate, policy, prompts)
-            self.stage(k, "pairs", stages.lidr_pairs, prompts)
+            self.stage(k, "generate", lidr_stages.lidr_generate, policy, prompts)
+            self.stage(k, "translate", lidr_stages.lidr_translate, policy, prompts)
+            self.stage(k, "pairs", lidr_stages.lidr_pairs, prompts)
         else:
-            self.stage(k, "sample", stages.icr_sample, policy, prompts)
+            self.stage(k, "sample", icr_stages.icr_sample, policy, prompts)
             if not self.run.is_done(k, "score"):
-                self.stage(k, "score", stages.icr_score, self.icr_scorers(k, policy), prompts, policy)
-            self.stage(k, "pairs", stages.icr_pairs_stage, prompts)
+                self.stage(k, "score", icr_stages.icr_score, self.icr_scorers(k, policy), prompts, policy)
+            self.stage(k, "pairs", icr_stages.icr_pairs_stage, prompts)
         self.stage(k, "reference", train_stages.reference_stage, policy)
         self.stage(k, "train", train_stages.train_stage, policy)
         trained = self._load_params_into_base(self.run.outputs(k, "train")["policy"])
@@ -162,7 +163,7 @@ class Runner:
 
     def _check(self, cfg, run, k, model) -> dict:
         """Held-out language check (and the configured evaluation) of iteration k's trained model."""
-        from lidr_jax.pipeline.stages import language_check
+        from lidr_jax.pipeline.check import language_check
 
         out = {}
         d = run.stage_dir(k, "check")

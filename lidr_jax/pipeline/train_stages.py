@@ -19,8 +19,8 @@ import jax
 from lidr_jax.dist import sharding
 from lidr_jax.formats.load import Model
 from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
-from lidr_jax.pipeline.stages import crash_point
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.train.pairs import encode_pairs, read_pairs
 from lidr_jax.train.trainer import (

@@ -1,0 +1,28 @@
+"""The held-out language check: answer prompts never trained on, measure the share in the asked language."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from lidr_jax.formats.load import Model
+from lidr_jax.methods.langid import detect_language
+from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.resumable import generate_resumable, prompt_jobs
+from lidr_jax.pipeline.run_dir import RunDir
+
+
+def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSet, out: Path, desc: str) -> dict:
+    """Answer the held-out prompts in every language; the fraction answered in the asked language."""
+    jobs = prompt_jobs(held_out)
+    rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.check.sampling, seed=cfg.seed), out, desc)
+    result: dict[str, dict[str, float]] = {"in_language": {}, "mean_tokens": {}}
+    for lang in held_out.languages:
+        mine = [r for r in rows if r["lang"] == lang]
+        hits = [detect_language(r["outputs"][0]) == lang for r in mine]
+        result["in_language"][lang] = float(np.mean(hits)) if hits else float("nan")
+        result["mean_tokens"][lang] = float(np.mean([r["tokens"][0] for r in mine])) if mine else float("nan")
+    return result
