@@ -2,8 +2,10 @@
 
 import pytest
 
+from lidr_jax.methods.filters import DROP_REASONS, PairFilterConfig
 from lidr_jax.methods.lidr import (
     LIDRPairSettings,
+    TranslationPrompt,
     build_pairs,
     chat_prompt,
     parse_translation,
@@ -12,6 +14,7 @@ from lidr_jax.methods.lidr import (
 )
 from lidr_jax.methods.prompt_sets import PromptSet
 
+PAPER = PairFilterConfig(language=False, empty=False, identical=False)  # the papers filter nothing
 IDS = ("a", "b", "c", "t")  # "t" is a translation-task prompt
 
 
@@ -20,6 +23,7 @@ def _prompts(languages=("en", "fr", "de")):
     return PromptSet(tuple(languages), IDS, instructions, translation_task=frozenset({"t"}))
 
 
+NONE = dict.fromkeys(DROP_REASONS, 0)
 GEN = {lang: {pid: f"y_{lang}[{pid}]" for pid in IDS} for lang in ("en", "fr", "de")}
 
 
@@ -54,7 +58,7 @@ def test_translation_request_and_parse_round_trip():
     content = messages[0]["content"]
     assert "into German" in content and "<text>\nBonjour\nle monde\n</text>" in content
     assert content.endswith("</text>") and "</translation>" in content
-    messages, _ = translation_request("hi", "fr", system_prompt="You are a helpful assistant.")
+    messages, _ = translation_request("hi", "fr", TranslationPrompt(system_prompt="You are a helpful assistant."))
     assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert "into French" in messages[1]["content"]
     # the model continues after the prefill
@@ -72,7 +76,7 @@ def test_parse_translation_failures():
 
 
 def test_target_and_dominant_pairs_all_directions_exact():
-    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="all"))
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="all"), PAPER)
     expected = [
         # target pairs: prompt x_X, chosen y_en->X, rejected y_X
         ("target", "fr", "a", "x_fr[a]", _fwd("fr", "a"), "y_fr[a]", "translation:en->fr", "generation:fr"),
@@ -97,13 +101,19 @@ def test_target_and_dominant_pairs_all_directions_exact():
     assert stats.failed == {"en->fr": 1, "fr->en": 1, "en->de": 0, "de->en": 0}
     assert stats.dropped == {"fr": ["b", "c"], "de": []}  # b: en->fr failed, c: fr->en failed
     assert stats.translation_task_pairs == 2
-    assert stats.identical == {}
     assert stats.total == 12 and stats.to_dict()["total"] == 12
+    assert stats.table["fr"] == {"candidates": 4, "kept": 2, "dropped": {**NONE, "translation_failed": 2}}
+    assert stats.table["de"] == {"candidates": 4, "kept": 4, "dropped": NONE}
+    assert stats.table["en"] == {"candidates": 6, "kept": 6, "dropped": NONE}
+    assert all(
+        p.meta["translator"] == ("none" if p.chosen_from == "generation:en" and p.kind == "target" else "policy")
+        for p in pairs
+    )
 
 
 def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     settings = LIDRPairSettings(english_pairs="sample_one", seed=3)
-    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings)
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings, PAPER)
     english = [p for p in pairs if p.kind == "dominant"]
     assert sorted(p.id for p in english) == ["a", "b", "c", "t"]  # exactly one per prompt
     by_id = {p.id: p.rejected_from for p in english}
@@ -112,37 +122,39 @@ def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     assert sum(stats.dominant_pairs.values()) == 4
     assert [p for p in pairs if p.kind == "target"] == [
         p
-        for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"))[0]
+        for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"), PAPER)[0]
         if p.kind == "target"
     ]
-    again, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings)
+    again, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings, PAPER)
     assert [_key(p) for p in again] == [_key(p) for p in pairs]
     # over many seeds both languages get drawn for the prompts where both are valid
     drawn = set()
     for seed in range(20):
         ps, _ = build_pairs(
-            _prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed)
+            _prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed), PAPER
         )
         drawn |= {p.rejected_from for p in ps if p.kind == "dominant" and p.id == "a"}
     assert drawn == {"translation:fr->en", "translation:de->en"}
 
 
-def test_identical_pairs_kept_by_default_counted_and_droppable():
+def test_identical_pairs_dropped_by_default_counted_and_kept_as_the_papers_do():
     to_target = {"fr": {pid: f"y_fr[{pid}]" for pid in IDS}}  # the "translation" equals y_fr
     to_dominant = {"fr": {pid: _back("fr", pid) for pid in IDS}}
     to_dominant["fr"]["b"] = "  y_en[b] "  # equal to y_en after stripping
     prompts = _prompts(("en", "fr"))
-    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant)
-    assert stats.identical == {"target:fr": 3, "dominant:fr": 1}  # a, b, c (t's chosen is y_en)
-    assert stats.target_pairs == {"fr": 4} and stats.dominant_pairs == {"fr": 4}
-    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant, LIDRPairSettings(drop_identical=True))
+    no_language = PairFilterConfig(language=False)
+    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant, filters=no_language)
     assert [(p.kind, p.id) for p in pairs] == [("target", "t"), ("dominant", "a"), ("dominant", "c"), ("dominant", "t")]
     assert stats.target_pairs == {"fr": 1} and stats.dominant_pairs == {"fr": 3}
+    assert stats.table["fr"]["dropped"]["identical"] == 3  # a, b, c (t's chosen is y_en)
+    assert stats.table["en"]["dropped"]["identical"] == 1
+    pairs, stats = build_pairs(prompts, GEN, to_target, to_dominant, filters=PAPER)
+    assert stats.target_pairs == {"fr": 4} and stats.dominant_pairs == {"fr": 4}
 
 
 def test_system_prompt_and_trl_record():
     pairs, _ = build_pairs(
-        _prompts(("en", "fr")), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(system_prompt="Be brief.")
+        _prompts(("en", "fr")), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(system_prompt="Be brief."), PAPER
     )
     rec = pairs[0].as_trl()
     assert rec["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x_fr[a]"}]
@@ -158,6 +170,7 @@ def test_system_prompt_and_trl_record():
         "kind": "target",
         "chosen_from": "translation:en->fr",
         "rejected_from": "generation:fr",
+        "meta": {"chosen_detected": "short", "rejected_detected": "short", "translator": "policy"},
     }
 
 
@@ -173,8 +186,8 @@ def test_incomplete_stage_outputs_raise():
         build_pairs(_prompts(), GEN, TO_TARGET, to_dominant)
     with pytest.raises(ValueError, match="dominant language 'en' is not among"):
         build_pairs(_prompts(("fr", "de")), GEN, TO_TARGET, TO_DOMINANT)
-    with pytest.raises(ValueError, match="english_pairs must be"):
-        LIDRPairSettings(english_pairs="last")
+    with pytest.raises(ValueError, match="english_pairs must be one of"):
+        LIDRPairSettings(english_pairs="first")
 
 
 def test_translation_jobs_skip_en_to_x_for_translation_tasks():

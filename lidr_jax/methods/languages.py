@@ -9,6 +9,8 @@ names, so "fre", "english" or "zh-cn" get a useful hint instead of a KeyError.
 from __future__ import annotations
 
 import difflib
+import functools
+import unicodedata
 from dataclasses import dataclass
 
 
@@ -127,6 +129,23 @@ def language_name(code: str) -> str:
 def native_name(code: str) -> str:
     """The language's own name: native_name("de") == "Deutsch"."""
     return get_language(code).native
+
+
+# Scripts a language is written in beyond the one of its native name (see `scripts`).
+_EXTRA_SCRIPTS = {"ja": ("HIRAGANA", "KATAKANA"), "sr": ("LATIN",)}
+
+
+def letter_script(ch: str) -> str:
+    """The script of one letter as the first word of its Unicode name: "LATIN", "CYRILLIC", "CJK", "THAI"..."""
+    return unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0]
+
+
+@functools.cache
+def scripts(code: str) -> frozenset[str]:
+    """The scripts `code` is written in: that of the letters of its native name (русский -> CYRILLIC,
+    中文 -> CJK), plus kana for Japanese and Latin for Serbian."""
+    native = {letter_script(ch) for ch in get_language(code).native if ch.isalpha()}
+    return frozenset(native | set(_EXTRA_SCRIPTS.get(code, ())))
 
 
 def check_languages(codes) -> tuple[str, ...]:

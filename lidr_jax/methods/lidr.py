@@ -1,36 +1,135 @@
 """LIDR (Language Imbalance Driven Rewarding, Yang et al. 2024, arXiv 2410.08964): the model-free parts.
 
 METHOD.md section 1. The model answers each prompt in English (y_en) and in each target language X
-(y_X), then translates both ways with itself: y_en→X and y_X→en. Its English is better than its X,
-so for every X and every prompt id where BOTH translations succeeded:
+(y_X), then translates both ways (with itself, by default: lidr_jax.methods.translator): y_en→X and
+y_X→en. Its English is better than its X, so for every X and every prompt id where BOTH translations
+succeeded:
 
     target pair:    prompt x_X,  chosen y_en→X,  rejected y_X
     dominant pair:  prompt x_en, chosen y_en,    rejected y_X→en
 
 For prompts that are themselves translation tasks the target pair's chosen is the untranslated y_en
 (translating the answer of "Translate ... into French" would break it). Here:
+- `LIDRPrompts`, `TranslationPrompt`: every text LIDR sends, as settings with our own wording by
+  default (docs/reproducing.md says where the authors' texts are, to paste them in);
+- `styled_prompts`: the arithmetic style wraps each instruction in a request to answer in its language;
 - `translation_request` / `parse_translation`: the tagged translation prompt and its parser;
 - `translation_jobs`: which texts the translate stage must translate;
-- `build_pairs`: pairs with provenance and statistics, from plain dicts of generations/translations.
-Nothing here touches a model; iterate.py runs the sampler and feeds the results in.
+- `build_pairs`: pairs through the quality filters (lidr_jax.methods.filters), with provenance and a
+  per-language table of what was kept and dropped.
+Nothing here touches a model; the pipeline runs the sampler and feeds the results in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import string
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from lidr_jax.methods.filters import PairFilterConfig, PairTable, pair_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.train.pairs import PreferencePair
 
 Message = dict[str, str]
 
-TEXT_OPEN, TEXT_CLOSE = "<text>", "</text>"
-RESULT_OPEN, RESULT_CLOSE = "<translation>", "</translation>"
+# Our own wording (the authors' texts are in their repositories: docs/reproducing.md).
+DEFAULT_TRANSLATION_TEMPLATE = (
+    "Translate the text between {text_open} and {text_close} into {language}. Keep its meaning, tone and "
+    "formatting (lists, line breaks, numbers). Write only the {language} translation, between "
+    "{result_open} and {result_close}, with no notes or explanations.\n\n"
+    "{text_open}\n{text}\n{text_close}"
+)
+DEFAULT_ARITHMETIC_TEMPLATE = (
+    "{instruction}\n\nWork through the problem step by step and write your answer in {language}."
+)
+
+
+def check_template(template: str, required: Collection[str], allowed: Collection[str], what: str) -> None:
+    """Raise ValueError naming `what` when `template` lacks a required {placeholder} or has an unknown one
+    (write a literal brace as {{ or }})."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{what}: not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted(names - set(allowed))
+    missing = sorted(set(required) - names)
+    if unknown or missing:
+        raise ValueError(
+            f"{what}: placeholders {sorted(allowed)} are known"
+            + (f", {['{' + n + '}' for n in unknown]} is not" if unknown else "")
+            + (f"; {['{' + n + '}' for n in missing]} is required" if missing else "")
+            + " (write a literal brace as {{ or }})"
+        )
+
+
+@dataclass(frozen=True)
+class TranslationPrompt:
+    """The translation request (METHOD.md 1.3): `template` with the placeholders {text}, {language}
+    (the English name of the target language) and the four tags; the assistant turn is pre-filled
+    with `prefill` ("" = none) so generation starts inside the result; `system_prompt` is the
+    translation's own system turn (None = none)."""
+
+    template: str = DEFAULT_TRANSLATION_TEMPLATE
+    text_open: str = "<text>"
+    text_close: str = "</text>"
+    result_open: str = "<translation>"
+    result_close: str = "</translation>"
+    prefill: str = "<translation>"
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        check_template(
+            self.template,
+            ("text",),
+            ("text", "language", "text_open", "text_close", "result_open", "result_close"),
+            "translation template",
+        )
+        if not self.result_close:
+            raise ValueError("result_close must not be empty: a translation ends at it")
+
+
+@dataclass(frozen=True)
+class LIDRPrompts:
+    """The texts LIDR's generation sends (the pairs' system prompt is LIDRPairSettings.system_prompt).
+
+    generation_system_prompt: a system turn when answering the prompts (None = none; the LIDR paper's
+      generation used the chat template's usual one).
+    style: "plain" sends the instruction as it is; "arithmetic" wraps it in `arithmetic_template`
+      ({instruction}, {language}), a request to answer in the prompt's language (the authors' GSM8K
+      variant), for generation and in the pairs.
+    translation: the translation request.
+    """
+
+    generation_system_prompt: str | None = None
+    style: Literal["plain", "arithmetic"] = "plain"
+    arithmetic_template: str = DEFAULT_ARITHMETIC_TEMPLATE
+    translation: TranslationPrompt = TranslationPrompt()
+
+    def __post_init__(self):
+        if self.style not in ("plain", "arithmetic"):
+            raise ValueError(f"prompt style must be 'plain' or 'arithmetic', got {self.style!r}")
+        check_template(self.arithmetic_template, ("instruction",), ("instruction", "language"), "arithmetic template")
+
+
+def styled_prompts(prompts: PromptSet, style: LIDRPrompts) -> PromptSet:
+    """The prompt set as generation and the pairs see it: unchanged for "plain"; for "arithmetic"
+    every instruction wrapped in the arithmetic template with its own language's name."""
+    if style.style == "plain":
+        return prompts
+    wrapped = {
+        lang: tuple(
+            style.arithmetic_template.format(instruction=text, language=language_name(lang))
+            for text in prompts.instructions[lang]
+        )
+        for lang in prompts.languages
+    }
+    return dataclasses.replace(prompts, instructions=wrapped)
 
 
 # ---------------------------------------------------------------- the translation prompt
@@ -42,37 +141,47 @@ def chat_prompt(instruction: str, system_prompt: str | None = None) -> list[Mess
     return messages + [{"role": "user", "content": instruction}]
 
 
-def translation_request(text: str, target_lang: str, system_prompt: str | None = None) -> tuple[list[Message], str]:
-    """(messages, prefill) asking the model to translate `text` into `target_lang` (an ISO code).
+def translation_request(
+    text: str, target_lang: str, prompt: TranslationPrompt = TranslationPrompt()
+) -> tuple[list[Message], str]:
+    """(messages, prefill) asking to translate `text` into `target_lang` (an ISO code).
 
-    The text sits between <text> tags; the answer is asked for between <translation> tags and the
-    assistant turn is pre-filled with the opening tag, so generation starts inside the translation
-    and `parse_translation` reads up to the closing tag (METHOD.md 1.3). The language is named in
-    English: the instruction-following of an English-dominant model is best in English.
+    The language is named in English: the instruction-following of an English-dominant model is
+    best in English. `parse_translation` reads the result up to the closing tag (METHOD.md 1.3).
     """
-    name = language_name(target_lang)
-    content = (
-        f"Translate the text between {TEXT_OPEN} and {TEXT_CLOSE} into {name}. Keep its meaning, tone and "
-        f"formatting (lists, line breaks, numbers). Write only the {name} translation, between "
-        f"{RESULT_OPEN} and {RESULT_CLOSE}, with no notes or explanations.\n\n"
-        f"{TEXT_OPEN}\n{text}\n{TEXT_CLOSE}"
+    content = prompt.template.format(
+        text=text,
+        language=language_name(target_lang),
+        text_open=prompt.text_open,
+        text_close=prompt.text_close,
+        result_open=prompt.result_open,
+        result_close=prompt.result_close,
     )
-    return chat_prompt(content, system_prompt), RESULT_OPEN
+    return chat_prompt(content, prompt.system_prompt), prompt.prefill
 
 
-def parse_translation(generated: str) -> str | None:
-    """The translation in text generated after the prefill; None when it failed.
+def parse_translation(
+    generated: str, prompt: TranslationPrompt = TranslationPrompt(), *, prefilled: bool = True, keep_unclosed=False
+) -> str | None:
+    """The translation in the generated text; None when it failed.
 
-    Failed: no closing tag (typically a long text cut by the length limit: METHOD.md counts these as
-    failures, 78 of 1,000 en→fr in the paper) or nothing between the tags. A repeated opening tag at
-    the start (the prefill echoed back) is skipped.
+    prefilled: the text continues the prefill (the assistant turn started inside the result). A
+      repeated opening tag at its start (the prefill echoed back) is skipped. Without a prefill (an
+      endpoint), anything before the first opening tag is a preamble and is skipped.
+    Failed: nothing between the tags, or no closing tag (typically a long text cut by the length
+    limit: METHOD.md counts these as failures, 78 of 1,000 en→fr in the paper) unless
+    `keep_unclosed`, which keeps the text after the opening tag (the ICR authors' translate-the-answer
+    baseline does).
     """
     text = generated.lstrip()
-    text = text.removeprefix(RESULT_OPEN)
-    end = text.find(RESULT_CLOSE)
-    if end < 0:
+    if prompt.result_open:
+        at = text.find(prompt.result_open)
+        if at == 0 or (at > 0 and not prefilled):
+            text = text[at + len(prompt.result_open) :]
+    end = text.find(prompt.result_close)
+    if end < 0 and not keep_unclosed:
         return None
-    result = text[:end].strip()
+    result = (text if end < 0 else text[:end]).strip()
     return result or None
 
 
@@ -159,12 +268,13 @@ class Pair:
             **({"meta": dict(self.meta)} if self.meta else {}),
         }
 
-    def as_preference_pair(self):
+    def as_preference_pair(self) -> PreferencePair:
         """The same record as a lidr_jax.train.pairs.PreferencePair (for write_trl_jsonl / encode_pairs)."""
-        from lidr_jax.train.pairs import PreferencePair
-
         rec = self.as_trl()
         return PreferencePair(rec.pop("prompt"), rec.pop("chosen"), rec.pop("rejected"), extra=rec)
+
+
+ENGLISH_PAIRS = ("sample_one", "all", "last")
 
 
 @dataclass(frozen=True)
@@ -172,32 +282,33 @@ class LIDRPairSettings:
     """How LIDR pairs are built.
 
     english_pairs: which dominant (English) pairs to keep. Each X gives one candidate per prompt,
-      (x_en, y_en, y_X→en). The authors' script kept only the last X's (METHOD.md 1.4, a quirk).
-      "all" keeps every X's; "sample_one" (default) keeps one X per prompt, drawn with a seeded RNG
-      among the X whose translations succeeded. Default "sample_one" because it keeps the paper's
-      data mix (1,000 prompts x 4 X -> 4,000 target + 1,000 English = the ~5,000 pairs per iteration
-      it reports) instead of weighting English 4x and repeating each y_en four times in the NLL term,
-      while, unlike the quirk, every language's back-translation gets to be a rejected answer.
-    drop_identical: drop pairs whose chosen and rejected are equal (after stripping whitespace).
-      The paper adds no filter, so they are kept by default and only counted: such a pair gives a
-      zero DPO gradient, and the NLL term still trains on the chosen answer.
-    system_prompt: an optional system turn in every pair's prompt.
+      (x_en, y_en, y_X→en). "last" keeps only the last X's (in the run's language order), as the
+      authors' script leaves them (METHOD.md 1.4); "all" keeps every X's; "sample_one" (default)
+      keeps one X per prompt, drawn with a seeded RNG among the X whose translations succeeded.
+      Default "sample_one" because it keeps the paper's data mix (1,000 prompts x 4 X -> 4,000
+      target + 1,000 English = the ~5,000 pairs per iteration it reports) instead of weighting
+      English 4x and repeating each y_en four times in the NLL term, while, unlike "last", every
+      language's back-translation gets to be a rejected answer.
+    system_prompt: the system turn of every training pair's prompt (None = none; the authors most
+      likely trained without one).
+    The quality filters are a separate group shared with ICR (lidr_jax.methods.filters).
     """
 
     dominant: str = "en"
-    english_pairs: Literal["all", "sample_one"] = "sample_one"
+    english_pairs: Literal["sample_one", "all", "last"] = "sample_one"
     seed: int = 0
-    drop_identical: bool = False
     system_prompt: str | None = None
 
     def __post_init__(self):
-        if self.english_pairs not in ("all", "sample_one"):
-            raise ValueError(f"english_pairs must be 'all' or 'sample_one', got {self.english_pairs!r}")
+        if self.english_pairs not in ENGLISH_PAIRS:
+            raise ValueError(f"english_pairs must be one of {ENGLISH_PAIRS}, got {self.english_pairs!r}")
 
 
 @dataclass
 class LIDRStats:
-    """What build_pairs did. Keys of per-direction dicts are "en->fr" / "fr->en"."""
+    """What build_pairs did. Keys of per-direction dicts are "en->fr" / "fr->en"; `table` is the
+    per-language table of lidr_jax.methods.filters.PairTable (the dominant language's row counts the
+    English pairs)."""
 
     prompts: int
     target_languages: tuple[str, ...]
@@ -205,8 +316,9 @@ class LIDRStats:
     dominant_pairs: dict[str, int]  # X -> English pairs kept whose rejected is y_X→en
     failed: dict[str, int]  # direction -> failed translations (None)
     dropped: dict[str, list[str]]  # X -> prompt ids with no pair for X (a needed translation failed)
-    identical: dict[str, int]  # "target:fr" / "dominant:fr" -> pairs with chosen == rejected
     translation_task_pairs: int  # target pairs whose chosen is the untranslated y_en
+    table: dict[str, dict] = field(default_factory=dict)
+    translator: str = "policy"
 
     @property
     def total(self) -> int:
@@ -222,16 +334,27 @@ def build_pairs(
     to_target: Mapping[str, Mapping[str, str | None]],
     to_dominant: Mapping[str, Mapping[str, str | None]],
     settings: LIDRPairSettings = LIDRPairSettings(),
+    filters: PairFilterConfig | None = None,
+    *,
+    length_cut: Mapping[str, Collection[str]] | None = None,
+    translator: str = "policy",
 ) -> tuple[list[Pair], LIDRStats]:
-    """LIDR preference pairs (METHOD.md 1.4).
+    """LIDR preference pairs (METHOD.md 1.4) through the quality filters.
 
     generations: {lang: {id: answer}} for the dominant language and every X.
     to_target:   {X: {id: y_en→X or None if the translation failed}}.
     to_dominant: {X: {id: y_X→en or None}}.
+    length_cut:  {lang: ids whose generation stopped at the token limit} (for the length_cut filter;
+      a target pair's chosen is cut when the English answer it translates was).
+    filters:     the quality filters (None: PairFilterConfig(), the defaults).
+    translator:  who translated (lidr_jax.methods.translator.TranslatorConfig.name), for provenance.
     A pair for (X, id) needs both translations (only y_X→en for translation-task ids, whose en→X
     translation is not used and may be absent). A missing entry (as opposed to None) means a stage
-    did not finish and raises. Returns (pairs, stats): target pairs grouped by X, then English pairs.
+    did not finish and raises. The language filter checks the chosen answer against the pair's
+    language, except a translation-task pair's (its answer's language is the one the instruction
+    asks for). Returns (pairs, stats): target pairs grouped by X, then English pairs.
     """
+    filters = PairFilterConfig() if filters is None else filters
     dom = settings.dominant
     targets = _targets(prompts, dom)
     _check_generations(prompts, generations, dom)
@@ -245,8 +368,10 @@ def build_pairs(
                     f"no {direction} translation result for {len(missing)} prompt id(s) ({', '.join(missing[:5])}): "
                     "the translate stage output is incomplete; rerun it (a failed translation is None, not absent)"
                 )
+    cut = {lang: set(ids) for lang, ids in (length_cut or {}).items()}
     x_en = prompts.by_id(dom)
-    stats = LIDRStats(len(prompts), tuple(targets), {}, {}, {}, {}, {}, 0)
+    counts = PairTable([*targets, dom])
+    stats = LIDRStats(len(prompts), tuple(targets), {}, {}, {}, {}, 0, translator=translator)
     valid: dict[str, list[str]] = {}  # id -> the X whose pair can be built
     pairs: list[Pair] = []
     for lang in targets:
@@ -259,40 +384,61 @@ def build_pairs(
             is_task = pid in prompts.translation_task
             if back[pid] is None or (not is_task and fwd[pid] is None):
                 stats.dropped[lang].append(pid)
+                counts.count(lang, "translation_failed")
                 continue
             valid.setdefault(pid, []).append(lang)
-            chosen, chosen_from = (
-                (generations[dom][pid], f"generation:{dom}") if is_task else (fwd[pid], f"translation:{dom}->{lang}")
-            )
-            pair = Pair(
-                chat_prompt(x_lang[pid], settings.system_prompt),
+            y_en, y_x = generations[dom][pid], generations[lang][pid]
+            chosen, chosen_from = (y_en, f"generation:{dom}") if is_task else (fwd[pid], f"translation:{dom}->{lang}")
+            reason = pair_reason(
                 chosen,
-                generations[lang][pid],
-                pid,
+                y_x,
                 lang,
-                "target",
-                chosen_from,
-                f"generation:{lang}",
+                filters,
+                chosen_cut=pid in cut.get(dom, ()),
+                source=None if is_task else y_en,
+                check_lang=not is_task,
             )
-            if _keep(pair, f"target:{lang}", stats, settings):
-                pairs.append(pair)
-                stats.target_pairs[lang] += 1
-                stats.translation_task_pairs += is_task
+            counts.count(lang, reason)
+            if reason is not None:
+                continue
+            meta = {**provenance(chosen, y_x, filters), "translator": "none" if is_task else translator}
+            pairs.append(
+                Pair(
+                    chat_prompt(x_lang[pid], settings.system_prompt),
+                    chosen,
+                    y_x,
+                    pid,
+                    lang,
+                    "target",
+                    chosen_from,
+                    f"generation:{lang}",
+                    meta,
+                )
+            )
+            stats.target_pairs[lang] += 1
+            stats.translation_task_pairs += is_task
     stats.dominant_pairs = dict.fromkeys(targets, 0)
     for lang, pid in _english_sources(prompts.ids, valid, targets, settings):
-        pair = Pair(
-            chat_prompt(x_en[pid], settings.system_prompt),
-            generations[dom][pid],
-            to_dominant[lang][pid],
-            pid,
-            dom,
-            "dominant",
-            f"generation:{dom}",
-            f"translation:{lang}->{dom}",
+        y_en, back = generations[dom][pid], to_dominant[lang][pid]
+        reason = pair_reason(y_en, back, dom, filters, chosen_cut=pid in cut.get(dom, ()))
+        counts.count(dom, reason)
+        if reason is not None:
+            continue
+        pairs.append(
+            Pair(
+                chat_prompt(x_en[pid], settings.system_prompt),
+                y_en,
+                back,
+                pid,
+                dom,
+                "dominant",
+                f"generation:{dom}",
+                f"translation:{lang}->{dom}",
+                {**provenance(y_en, back, filters), "translator": translator},
+            )
         )
-        if _keep(pair, f"dominant:{lang}", stats, settings):
-            pairs.append(pair)
-            stats.dominant_pairs[lang] += 1
+        stats.dominant_pairs[lang] += 1
+    stats.table = counts.to_dict()
     return pairs, stats
 
 
@@ -305,6 +451,8 @@ def _english_sources(ids, valid: dict[str, list[str]], targets: list[str], setti
             continue
         if settings.english_pairs == "all":
             chosen_langs = langs
+        elif settings.english_pairs == "last":
+            chosen_langs = [targets[-1]] if targets[-1] in langs else []
         else:
             # One RNG per id (seeded by the run seed and the id), so a prompt's draw does not depend
             # on which other prompts are in the slice.
@@ -313,10 +461,3 @@ def _english_sources(ids, valid: dict[str, list[str]], targets: list[str], setti
         for lang in chosen_langs:
             picked[lang].append(pid)
     return [(lang, pid) for lang in targets for pid in picked[lang]]
-
-
-def _keep(pair: Pair, key: str, stats: LIDRStats, settings: LIDRPairSettings) -> bool:
-    if pair.chosen.strip() == pair.rejected.strip():
-        stats.identical[key] = stats.identical.get(key, 0) + 1
-        return not settings.drop_identical
-    return True
