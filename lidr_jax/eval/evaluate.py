@@ -3,15 +3,20 @@
 Command line (each subcommand has --help; each writes JSON under --out and prints a per-language table):
 
     python -m lidr_jax.evaluate mgsm --model smollm2-135m-instruct --data ../shared/data/mgsm --limit 20
-    python -m lidr_jax.evaluate alpaca-outputs --model DIR --data ../shared/data/x-alpacaeval --decoding lidr
+    python -m lidr_jax.evaluate alpaca-outputs --model DIR --data ../shared/data/x-alpacaeval --decoding lidr \
+        --reference ../shared/data/x-alpacaeval/reference
+    python -m lidr_jax.evaluate alpaca-judge-files --outputs A/alpaca --reference B/alpaca   # A vs B
     python -m lidr_jax.evaluate head-to-head --outputs-1 A/alpaca --outputs-2 B/alpaca --judge-url URL ...
 
 In the pipeline: `evaluate_model(model, EvalConfig(...), out_dir)` -> {metric: {lang: value}} after
 each iteration, and `lidr_jax.eval.plots.plot_metrics(history, png)` for the curves.
 
 X-AlpacaEval outputs are written in alpaca_eval's `model_outputs.json` format, one file per language
-(`OUT/{lang}/model_outputs.json`, a JSON list of {instruction, output, generator, dataset}), so
-`alpaca_eval evaluate --model_outputs OUT/es/model_outputs.json` can judge them against its reference.
+(`OUT/{lang}/model_outputs.json`, a JSON list of {instruction, output, generator, dataset}). With a
+reference (`--reference`, per-language `{lang}/model_outputs.json`), each language folder also gets the
+matching reference rows, an annotator config with the same-language rule, and the exact `alpaca_eval`
+command (lidr_jax.eval.alpaca): alpaca_eval joins on the instruction text, so each language must be
+judged against references in that language.
 Decoding presets follow the papers: "lidr" = greedy, repetition penalty 1.1; "icr" = temperature 0.6,
 top-p 0.9; both at most 2,048 new tokens by default.
 """
@@ -21,12 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
+from lidr_jax.files import atomic_write_json, atomic_write_text
 from lidr_jax.methods.langid import detect_language
 
 BENCHMARKS = ("mgsm", "alpaca")
@@ -54,6 +60,8 @@ class EvalConfig:
     alpaca_max_new_tokens: int = 2048
     system_prompt: str | None = None  # e.g. "You are a helpful assistant." (LIDR with Llama-3)
     generator: str | None = None  # the alpaca_eval generator name; default from the model's source
+    alpaca_reference: str | None = None  # folder of {lang}/model_outputs.json: also write alpaca_eval's files
+    alpaca_judge: str = DEFAULT_JUDGE  # the judge model named in the annotator configs
     batch_size: int = 32
     seed: int = 0
     progress: bool = True
@@ -83,16 +91,6 @@ def _sampling(cfg_fields: dict, max_new_tokens: int, batch_size: int, seed: int,
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (a temp file renamed into place): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
@@ -149,17 +147,27 @@ def default_generator(model, decoding: str) -> str:
 
 
 def run_alpaca_outputs(
-    model, cfg: EvalConfig, out_dir: str | Path, generate_fn=None, write=write_json
+    model,
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    generate_fn=None,
+    write=atomic_write_json,
+    write_text=atomic_write_text,
 ) -> dict[str, dict]:
     """Generate X-AlpacaEval outputs for every language of `cfg` and write OUT/{lang}/model_outputs.json
-    (through `write(path, obj)`; `generate_fn` as in `run_mgsm`).
+    (through `write(path, obj)`; `generate_fn` as in `run_mgsm`). With `cfg.alpaca_reference`, also
+    alpaca_eval's files for each language (lidr_jax.eval.alpaca.write_judge_files).
 
-    Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}."""
+    Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}, plus
+    "alpaca_eval_command" per language when a reference is given."""
     if not cfg.alpaca_dir:
         raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
     generate = generate_fn or _sampler_generate()
     generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
     items = {lang: read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
+    if cfg.alpaca_reference:  # a missing reference fails before any generation
+        for lang in items:
+            reference_file(cfg.alpaca_reference, lang)
     chats = [
         _with_system([{"role": "user", "content": it["instruction"]}], cfg.system_prompt)
         for lang in items
@@ -173,7 +181,8 @@ def run_alpaca_outputs(
     for lang, lang_items in items.items():
         res = [next(results) for _ in lang_items]
         texts = [r.text for r in res]
-        path = write(Path(out_dir) / lang / "model_outputs.json", alpaca_records(lang_items, texts, generator))
+        rows = alpaca_records(lang_items, texts, generator)
+        path = write(Path(out_dir) / lang / "model_outputs.json", rows)
         n = len(texts)
         summary[lang] = dict(
             n=n,
@@ -182,12 +191,22 @@ def run_alpaca_outputs(
             mean_chars=sum(map(len, texts)) / n if n else 0.0,
             path=str(path),
         )
+        if cfg.alpaca_reference:
+            summary[lang]["alpaca_eval_command"] = write_judge_files(
+                Path(out_dir) / lang,
+                lang,
+                rows,
+                cfg.alpaca_reference,
+                cfg.alpaca_judge,
+                write_json=write,
+                write_text=write_text,
+            )
     write(Path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
 
 
 def evaluate_model(
-    model, eval_config: EvalConfig, out_dir: str | Path, *, generate_fn=None, write=write_json
+    model, eval_config: EvalConfig, out_dir: str | Path, *, generate_fn=None, write=atomic_write_json
 ) -> dict[str, dict[str, float]]:
     """Run the benchmarks of `eval_config` on `model`; write everything under `out_dir`.
 
@@ -255,7 +274,9 @@ def _langs(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lidr_jax.evaluate", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{mgsm,alpaca-outputs,head-to-head}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{mgsm,alpaca-outputs,alpaca-judge-files,head-to-head}"
+    )
 
     def generation_args(p, data_help, langs_default, max_new):
         p.add_argument("--model", required=True, help="HF directory, .gguf file or smollm2-135m-instruct")
@@ -283,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="lidr: greedy, repetition penalty 1.1; icr: temperature 0.6, top-p 0.9",
     )
     a.add_argument("--generator", default=None, help="generator name written into every row")
+    a.add_argument(
+        "--reference",
+        default=None,
+        help="references in each language: a folder of {lang}/model_outputs.json (e.g. "
+        "../shared/data/x-alpacaeval/reference) or a path containing {lang}; writes what alpaca_eval needs "
+        "beside each model_outputs.json and prints the alpaca_eval command",
+    )
+    a.add_argument("--annotator-model", default=DEFAULT_JUDGE, help="judge model named in the annotator configs")
+
+    j = sub.add_parser(
+        "alpaca-judge-files",
+        help="alpaca_eval files for an existing outputs folder; a reference that is another outputs folder "
+        "judges the two models head to head",
+    )
+    j.add_argument("--outputs", required=True, help="alpaca-outputs folder ({lang}/model_outputs.json)")
+    j.add_argument("--reference", required=True, help="folder of {lang}/model_outputs.json, or a path with {lang}")
+    j.add_argument("--langs", type=_langs, default=PAPER_LANGUAGES)
+    j.add_argument("--annotator-model", default=DEFAULT_JUDGE, help="judge model named in the annotator configs")
 
     h = sub.add_parser("head-to-head", help="win/tie/lose per language of model 1 against model 2, by a judge")
     h.add_argument("--outputs-1", help="alpaca-outputs folder of model 1 ({lang}/model_outputs.json)")
@@ -315,7 +354,16 @@ def _load(path: str):
     return load_pretrained(path)
 
 
+def _print_commands(commands: dict[str, str]) -> None:
+    print("judge each language against its references (OPENAI_API_KEY must be set for alpaca_eval):")
+    for lang, command in commands.items():
+        print(f"# {lang}\n{command}")
+
+
 def run_command(args) -> int:
+    if args.command == "alpaca-judge-files":
+        _print_commands(judge_output_folder(args.outputs, args.reference, args.langs, args.annotator_model))
+        return 0
     out = Path(args.out)
     if args.command == "mgsm":
         cfg = EvalConfig(
@@ -343,10 +391,16 @@ def run_command(args) -> int:
             alpaca_max_new_tokens=args.max_new_tokens,
             system_prompt=args.system_prompt,
             generator=args.generator,
+            alpaca_reference=args.reference,
+            alpaca_judge=args.annotator_model,
             batch_size=args.batch_size,
             seed=args.seed,
             progress=not args.no_progress,
         )
+        for lang in cfg.alpaca_languages:  # data and references are checked before the model loads
+            read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
+            if cfg.alpaca_reference:
+                reference_file(cfg.alpaca_reference, lang)
         summary = run_alpaca_outputs(_load(args.model), cfg, out)
         print(
             format_table(
@@ -357,6 +411,8 @@ def run_command(args) -> int:
             )
         )
         print(f"alpaca_eval files: {out}/{{lang}}/model_outputs.json")
+        if args.reference:
+            _print_commands({lang: s["alpaca_eval_command"] for lang, s in summary.items()})
     else:
         dirs = []
         for i in (1, 2):
@@ -391,7 +447,9 @@ def run_command(args) -> int:
         else:
             judge = LocalJudge(_load(args.judge_model))
         results = head_to_head_dirs(dirs[0], dirs[1], args.langs, judge, args.limit)
-        write_json(out / "head_to_head.json", dict(outputs_1=str(dirs[0]), outputs_2=str(dirs[1]), languages=results))
+        atomic_write_json(
+            out / "head_to_head.json", dict(outputs_1=str(dirs[0]), outputs_2=str(dirs[1]), languages=results)
+        )
         columns = ("win", "tie", "lose", "win_rate")
         print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in columns}))
     print(f"results written under {out}")
@@ -399,7 +457,12 @@ def run_command(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the cause and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
