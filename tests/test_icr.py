@@ -5,17 +5,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import (
     ICRSettings,
+    answer_logprobs,
     icr_pairs,
     icr_scoring_prompt,
     implicit_rewards,
     language_prefix,
-    score_answers,
-    scoring_inputs,
+    scoring_pairs,
     select_pairs,
-    truncate_inputs,
 )
+from lidr_jax.train.dpo import DPOConfig
+
+PAPER = PairFilterConfig(language=False, empty=False, identical=False)
 
 # Hand-worked example (scores s = r - α·len):
 # prompt 0: s = 3-300α, 1-100α, -50α. argmax: 0 for α<0.01, 1 for 0.01<α<0.02, then 2;
@@ -41,20 +44,31 @@ def test_alpha_search_hand_computed():
     assert (sel0.chosen_P.tolist(), sel0.rejected_P.tolist(), sel0.length_gap) == ([0, 0], [2, 2], 75.0)
 
 
-def test_upper_bound_excludes_high_rewards_from_chosen_only():
-    # r=3 (prompt 0, answer 0) may not be chosen: prompt 0 picks 1 (α<0.02); rejected unchanged.
-    # gap: prompt 0 50 (α<0.012), prompt 1 -100 (α<1/120) -> mean -25 at α=0, the best |gap|.
+def test_upper_bound_is_strict_on_the_adjusted_score_after_the_search():
+    # The search ignores the bound: alpha is the unbounded 0.009 even though r = 3 > 2.5; at 0.009
+    # the adjusted scores are [0.3, 0.1, -0.45] and [1.1, 1.14, -1.3], all below 2.5.
     sel = select_pairs(R, L, upper_bound=2.5)
-    assert sel.alpha == 0.0
-    assert sel.chosen_P.tolist() == [1, 0] and sel.rejected_P.tolist() == [2, 2]
-    assert sel.length_gap == pytest.approx(-25.0)
-    # a bound below every reward of prompt 1 drops it; prompt 0 can only choose answer 2, which is
-    # also its rejected one at α=0.005 (no pair there) but not at α=0.02 (rejected 0).
-    sel = select_pairs(R, L, alpha_grid=[0.005, 0.02], upper_bound=0.4)
-    assert np.isinf(sel.gap_A[0]) and sel.gap_A[1] == pytest.approx(-250.0)
-    assert sel.alpha == 0.02
-    assert sel.chosen_P.tolist() == [2, -1] and sel.rejected_P.tolist() == [0, -1]
-    assert sel.keep_P.tolist() == [True, False]
+    assert sel.alpha == pytest.approx(0.009, abs=1e-12)
+    assert sel.chosen_P.tolist() == [0, 1] and sel.rejected_P.tolist() == [2, 2]
+    # alpha 0.5 (exact in binary): s = [3-2, 1-1, 0-0.5] = [1, 0, -0.5] and [2-1, 1.5-0.5, 0.5-2] = [1, 1, -1.5].
+    # Bound 1.0: an answer whose adjusted score EQUALS the bound is skipped. Prompt 0 chooses answer 1
+    # (its raw r = 1.0 is at the bound too, but its adjusted score 0 is below); prompt 1 can only
+    # choose answer 2, which is also its rejected one: no pair (not "bounded": one answer was choosable).
+    sel = select_pairs(R, [[4, 2, 1], [2, 1, 4]], alpha_grid=[0.5], upper_bound=1.0)
+    assert sel.chosen_P.tolist() == [1, -1] and sel.rejected_P.tolist() == [2, -1]
+    assert sel.keep_P.tolist() == [True, False] and sel.bounded_P.tolist() == [False, False]
+    assert sel.length_gap == pytest.approx(1.0)  # len 2 - len 1, over the kept prompt
+    # a bound below every adjusted score leaves nothing to choose: "bounded"
+    sel = select_pairs(R, [[4, 2, 1], [2, 1, 4]], alpha_grid=[0.5], upper_bound=-2.0)
+    assert sel.keep_P.tolist() == [False, False] and sel.bounded_P.tolist() == [True, True]
+
+
+def test_an_answer_that_may_not_be_chosen_can_still_be_rejected():
+    # prompt 0: the best answer (0) fails a filter: chosen 1; prompt 1: nothing choosable: no pair
+    sel = select_pairs(R, L, alpha_grid=[0.0], choosable_PK=[[False, True, True], [False, False, False]])
+    assert sel.chosen_P.tolist() == [1, -1] and sel.rejected_P.tolist() == [2, -1]
+    sel = select_pairs(R, L, alpha_grid=[0.0], choosable_PK=[[True, True, False], [True, True, True]])
+    assert sel.rejected_P.tolist() == [2, 2]  # a non-choosable answer is still the rejected one
 
 
 def test_ties_invalid_answers_and_blocking():
@@ -112,25 +126,82 @@ def test_icr_pairs_from_answers():
     instructions = {"q0": "x0", "q1": "x1", "q2": "x2"}
     answers = {"q0": ["a" * 300, "b" * 100, "c" * 50], "q1": ["d" * 100, "e" * 40, "f" * 200], "q2": ["", "only"]}
     rewards = {"q0": R[0], "q1": R[1], "q2": [9.0, 1.0]}
-    pairs, _sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(system_prompt="Sys"))
-    assert stats == {"prompts": 3, "pairs": 2, "no_pair": 1, "alpha": 0.009, "length_gap": pytest.approx(45.0)}
+    no_language = PairFilterConfig(language=False)
+    pairs, _sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(system_prompt="Sys"), no_language)
+    assert stats == {
+        "prompts": 3,
+        "pairs": 2,
+        "alpha": 0.009,
+        "length_gap": pytest.approx(45.0),
+        "dropped": {"empty": 1},
+    }
     p0, p1 = pairs
     assert p0.prompt == [{"role": "system", "content": "Sys"}, {"role": "user", "content": "x0"}]
     assert (p0.chosen, p0.rejected, p0.chosen_from, p0.rejected_from) == ("a" * 300, "c" * 50, "sample:0", "sample:2")
     assert (p1.chosen, p1.rejected, p1.kind, p1.language, p1.id) == ("e" * 40, "f" * 200, "icr", "fr", "q1")
-    assert p0.meta == {"reward_chosen": 3.0, "reward_rejected": 0.0, "alpha": 0.009}
+    assert {k: p0.meta[k] for k in ("reward_chosen", "reward_rejected", "alpha")} == {
+        "reward_chosen": 3.0,
+        "reward_rejected": 0.0,
+        "alpha": 0.009,
+    }
+    assert set(p0.meta) == {"reward_chosen", "reward_rejected", "alpha", "chosen_detected", "rejected_detected"}
     with pytest.raises(ValueError, match=r"no answers or rewards for 1 prompt id\(s\) \(q3\)"):
         icr_pairs({**instructions, "q3": "x3"}, "fr", answers, rewards)
     with pytest.raises(ValueError, match="2 answers but 1 rewards"):
         icr_pairs(instructions, "fr", answers, {**rewards, "q2": [1.0]})
 
 
-def test_truncation_rule_of_scoring_inputs():
-    rows = [([1, 2, 3, 4], [5, 6, 7]), ([1, 2], [5, 6, 7, 8, 9])]
-    cut = truncate_inputs(rows, max_prompt_len=3, max_response_len=4)
-    assert cut.prompt_ids == [[2, 3, 4], [1, 2]]  # a prompt keeps its end
-    assert cut.response_ids == [[5, 6, 7], [5, 6, 7, 8]]  # a response keeps its start
-    assert (cut.truncated_prompts, cut.truncated_responses) == (1, 1)
+FR = "Les trois couleurs primaires sont le rouge, le bleu et le jaune."
+EN = "The three primary colours are red, blue and yellow, as every painter knows."
+DE = "Die drei Grundfarben sind Rot, Blau und Gelb, wie jeder Maler weiß."
+
+
+def test_icr_never_chooses_a_wrong_language_answer():
+    instructions = {"q0": "x0", "q1": "x1", "q2": "x2"}
+    # q0: the English answer has the best reward but is never chosen; it may be rejected
+    # q1: only English/German answers: no pair, reason "language"; q2: same text twice: "identical"
+    answers = {"q0": [EN, FR, FR + " Voilà."], "q1": [EN, DE], "q2": [FR, FR, FR]}
+    rewards = {"q0": [9.0, 2.0, 1.0], "q1": [3.0, 1.0], "q2": [2.0, 1.0, 2.0]}
+    pairs, sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(alpha_max=0.001))
+    assert [(p.id, p.chosen, p.rejected) for p in pairs] == [("q0", FR, FR + " Voilà.")]
+    assert stats["dropped"] == {"language": 1, "identical": 1}
+    assert pairs[0].meta["chosen_detected"] == "fr" and pairs[0].meta["rejected_detected"] == "fr"
+    # the rejected may be in the wrong language: q0 with a low-reward English answer
+    pairs, _, _ = icr_pairs({"q0": "x"}, "fr", {"q0": [FR, EN]}, {"q0": [2.0, 1.0]}, ICRSettings(alpha_max=0.001))
+    assert (pairs[0].chosen, pairs[0].rejected, pairs[0].meta["rejected_detected"]) == (FR, EN, "en")
+    # the papers' setting chooses the English answer
+    pairs, _, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(alpha_max=0.001), PAPER)
+    assert pairs[0].chosen == EN and stats["pairs"] == 3 and stats["dropped"] == {}  # q2's identical pair kept
+    # length_cut (when on): a cut answer is not chosen either
+    cut_on = PairFilterConfig(length_cut=True)
+    pairs, _, _ = icr_pairs(
+        {"q0": "x"},
+        "fr",
+        {"q0": [FR, FR + " Voilà."]},
+        {"q0": [2.0, 1.0]},
+        ICRSettings(alpha_max=0.001),
+        cut_on,
+        length_cut={"q0": [True, False]},
+    )
+    assert pairs == []
+
+
+def test_scoring_never_cuts_a_prompt_and_scores_a_2400_token_answer_with_its_end_of_turn():
+    from dpo_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    eot = tok.hf.convert_tokens_to_ids("<|im_end|>")
+    long_prompt = [{"role": "user", "content": "q" * 5000}]
+    answer = "a" * 2400  # 2,400 tokens with the character tokenizer
+    enc = scoring_pairs(tok, [(long_prompt, answer)], max_score_tokens=2401)  # the sampling limit + 1
+    assert len(enc.prompt_ids[0]) == len(tok.chat_ids(long_prompt, add_generation_prompt=True)) > 5000
+    assert enc.truncated_prompts == 0
+    chosen = enc.chosen_ids[0].tolist()
+    assert len(chosen) == 2401 and chosen[-1] == eot and chosen[:2400] == tok.encode(answer)
+    # without the first token: it moves into the prompt
+    enc2 = scoring_pairs(tok, [(long_prompt, answer)], max_score_tokens=2401, score_first_token=False)
+    assert enc2.prompt_ids[0].tolist() == enc.prompt_ids[0].tolist() + chosen[:1]
+    assert enc2.chosen_ids[0].tolist() == chosen[1:]
 
 
 def test_reward_equals_logprob_difference_under_english_prompt():
@@ -147,8 +218,12 @@ def test_reward_equals_logprob_difference_under_english_prompt():
         for lang, ans in [("en", "blue"), ("fr", "bleu"), ("de", "blau, wie der Himmel"), ("es", "azul")]
     ]
     # one batch (one compilation); rows are sorted by length inside, so order handling is tested too
-    out = score_answers(params_dpo, params_ref, config, tok, items, batch_size=4, chunk=8)
-    rows = scoring_inputs(tok, items)
+    enc = scoring_pairs(tok, items, max_score_tokens=64)
+    dpo = DPOConfig(reference_batch_size=4, logprob_chunk=8)
+    logp_dpo = answer_logprobs(params_dpo, config, enc, dpo, progress=False)
+    logp_ref = answer_logprobs(params_ref, config, enc, dpo, progress=False)
+    reward = implicit_rewards(logp_dpo, logp_ref)
+    rows = [(p.tolist(), r.tolist()) for p, r in zip(enc.prompt_ids, enc.chosen_ids)]
     eot = tok.hf.convert_tokens_to_ids("<|im_end|>")
     for (messages, answer), (p, r) in zip(items, rows):
         assert p == tok.chat_ids(messages, add_generation_prompt=True)
@@ -172,7 +247,15 @@ def test_reward_equals_logprob_difference_under_english_prompt():
     want_dpo, want_ref = by_hand(params_dpo), by_hand(params_ref)
     for i in range(len(rows)):
         tol = 1e-5 * max(1.0, abs(want_dpo[i]), abs(want_ref[i]))  # float32 sums of ~20 log-probs
-        assert abs(out["logp_dpo"][i] - want_dpo[i]) <= tol and abs(out["logp_ref"][i] - want_ref[i]) <= tol
-        assert abs(out["reward"][i] - (want_dpo[i] - want_ref[i])) <= 2 * tol
-    assert out["response_tokens"].tolist() == [len(r) for _, r in rows]
-    assert out["truncated_prompts"] == 0 and out["truncated_responses"] == 0
+        assert abs(logp_dpo[i] - want_dpo[i]) <= tol and abs(logp_ref[i] - want_ref[i]) <= tol
+        assert abs(reward[i] - (want_dpo[i] - want_ref[i])) <= 2 * tol
+    assert enc.truncated_prompts == 0 and enc.truncated_responses == 0
+    # the first answer token left out (the authors' masking): the sum loses exactly that token's log-prob
+    first_out = answer_logprobs(
+        params_dpo, config, scoring_pairs(tok, items, 64, score_first_token=False), dpo, progress=False
+    )
+    logits = np.asarray(fwd(params_dpo, jnp.asarray(tokens))).astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    for i, (p, r) in enumerate(rows):
+        first = logp[i, len(p) - 1, r[0]]
+        assert abs(first_out[i] - (want_dpo[i] - first)) <= 1e-5 * max(1.0, abs(want_dpo[i]))

@@ -7,31 +7,43 @@ Per prompt, K sampled answers are ranked by r − α·len(y) (len in characters)
 language so that chosen and rejected have, on average, the same length.
 
 Here:
+- `ICRSettings`: selection, the texts ICR sends (the language prefix, system prompts, the
+  translate-the-answer baseline's request), and how answers are scored;
 - `icr_scoring_prompt`: x̃ for the paper's method and its two baselines (`condition`);
-- `scoring_inputs` / `answer_logprobs` / `score_answers`: token ids through the model's chat template
-  (the same rule as DPO training, lidr_jax.train.pairs.response_ids) and batched log-probs
-  (lidr_jax.train.dpo.sequence_logprobs);
-- `implicit_rewards`, `select_pairs` (the α search, vectorised over prompts × alphas), `icr_pairs`.
+- `scoring_pairs` / `answer_logprobs`: answers tokenized and scored by the DPO training code itself
+  (lidr_jax.train.pairs.encode_pairs and lidr_jax.train.trainer.reference_logprobs), each answer the
+  "chosen" side of a pair; no prompt is cut, and an answer is cut only past `max_score_tokens`;
+- `implicit_rewards`, `select_pairs` (the α search, vectorised over prompts × alphas), `icr_pairs`
+  (which never picks an answer that fails the quality filters as chosen, lidr_jax.methods.filters).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from lidr_jax.methods.filters import PairFilterConfig, answer_reason, provenance
 from lidr_jax.methods.languages import language_name
-from lidr_jax.methods.lidr import Message, Pair, chat_prompt
+from lidr_jax.methods.lidr import Message, Pair, TranslationPrompt, chat_prompt, check_template
+from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.train.pairs import EncodedPairs, PreferencePair, encode_pairs
+from lidr_jax.train.trainer import reference_logprobs
 
 Condition = Literal["english", "translated", "translate_answer"]
 CONDITIONS = ("english", "translated", "translate_answer")
 
+# Our own wording (the authors' text is in their repository: docs/reproducing.md).
+DEFAULT_LANGUAGE_PREFIX = "Respond only in {language}, unless the instruction below asks for a different language."
 
-def language_prefix(lang: str) -> str:
+
+def language_prefix(lang: str, template: str = DEFAULT_LANGUAGE_PREFIX) -> str:
     """The sentence put before the English instruction when scoring an answer in `lang`."""
-    return f"Respond only in {language_name(lang)}, unless the instruction below asks for a different language."
+    return template.format(language=language_name(lang))
 
 
 def icr_scoring_prompt(
@@ -42,11 +54,13 @@ def icr_scoring_prompt(
     translated_instruction: str | None = None,
     system_prompt: str | None = None,
     dominant: str = "en",
+    prefix_template: str = DEFAULT_LANGUAGE_PREFIX,
 ) -> list[Message]:
     """The chat prompt x̃ under which an answer in `lang` is scored.
 
     condition="english" (the paper's method): the English instruction, prefixed for lang != en by
-      `language_prefix(lang)`, so π_DPO judges an answer in X against what an English user asked.
+      `language_prefix(lang, prefix_template)`, so π_DPO judges an answer in X against what an
+      English user asked.
     condition="translated" (baseline): the instruction in X itself (`translated_instruction`).
     condition="translate_answer" (baseline): the plain English instruction; the caller translates
       each answer into English first (lidr.translation_request) and scores the translation.
@@ -60,7 +74,7 @@ def icr_scoring_prompt(
         if translated_instruction is None:
             raise ValueError(f"condition 'translated' needs the {lang} instruction (translated_instruction)")
         return chat_prompt(translated_instruction, system_prompt)
-    return chat_prompt(f"{language_prefix(lang)}\n\n{english_instruction}", system_prompt)
+    return chat_prompt(f"{language_prefix(lang, prefix_template)}\n\n{english_instruction}", system_prompt)
 
 
 def implicit_rewards(logp_dpo, logp_ref) -> np.ndarray:
@@ -82,9 +96,10 @@ class Selection:
     chosen_P: np.ndarray  # index of the chosen answer, -1 where the prompt gives no pair
     rejected_P: np.ndarray  # index of the rejected answer, -1 likewise
     keep_P: np.ndarray  # bool: the prompt gives a pair
-    length_gap: float  # mean len(chosen) − len(rejected) over kept prompts at `alpha` (characters)
+    length_gap: float  # mean len(chosen) − len(rejected) over the kept prompts (characters)
     alphas_A: np.ndarray  # the grid searched
-    gap_A: np.ndarray  # that mean gap at every alpha (inf where no prompt gives a pair)
+    gap_A: np.ndarray  # the search's mean gap at every alpha (inf where no prompt gives a pair)
+    bounded_P: np.ndarray  # bool: the upper bound left the prompt no answer to choose
 
 
 def default_alpha_grid() -> np.ndarray:
@@ -98,18 +113,21 @@ def select_pairs(
     alpha_grid=None,
     upper_bound: float | None = None,
     valid_PK=None,
+    choosable_PK=None,
     max_block_elems: int = 1 << 22,
 ) -> Selection:
-    """Choose α and, per prompt, chosen = argmax, rejected = argmin of r − α·len over the K answers.
+    """Choose α and, per prompt, chosen = argmax, rejected = argmin of s = r − α·len over the K answers.
 
     α minimises |mean(len(chosen) − len(rejected))| over the grid (the first such α on ties), the mean
-    taken over prompts that give a pair. `upper_bound`: answers whose reward r exceeds it cannot be
-    chosen (they may still be rejected); it guards against reward hacking by degenerate answers.
-    `valid_PK` (bool) marks real answers when prompts have fewer than K (padding) or unusable ones.
-    A prompt gives no pair when no answer may be chosen, fewer than two answers are valid, or the
-    chosen and rejected answers are the same one (all scores equal). Ties in the argmax/argmin go to
-    the lower answer index. Vectorised over alphas × prompts × answers, in blocks of alphas that
-    keep the [A, P, K] scores under `max_block_elems` elements.
+    taken over prompts that give a pair. `valid_PK` (bool) marks real answers (padding, unusable
+    ones are False): only they can be chosen or rejected. `choosable_PK` (bool) marks the answers that
+    may be chosen (the quality filters: a wrong-language answer may still be rejected).
+    `upper_bound`, as in the authors' code: the α search ignores it; then, at that α, an answer may be
+    chosen only when its length-adjusted score s is strictly below the bound. A prompt gives no pair
+    when no answer may be chosen, fewer than two answers are valid, or chosen and rejected are the
+    same answer (all scores equal). Ties in the argmax/argmin go to the lower answer index.
+    Vectorised over alphas × prompts × answers, in blocks of alphas that keep the [A, P, K] scores
+    under `max_block_elems` elements.
     """
     r = np.asarray(rewards_PK, np.float64)
     L = np.asarray(lengths_PK, np.float64)
@@ -118,41 +136,60 @@ def select_pairs(
     valid = np.isfinite(r) if valid_PK is None else (np.asarray(valid_PK, bool) & np.isfinite(r))
     if valid.shape != r.shape:
         raise ValueError(f"valid_PK has shape {valid.shape}, expected {r.shape}")
-    can_choose = valid & (r <= upper_bound) if upper_bound is not None else valid
+    can_choose = valid if choosable_PK is None else valid & np.asarray(choosable_PK, bool)
+    if can_choose.shape != r.shape:
+        raise ValueError(f"choosable_PK has shape {can_choose.shape}, expected {r.shape}")
     usable_P = can_choose.any(-1) & (valid.sum(-1) >= 2)
     alphas = default_alpha_grid() if alpha_grid is None else np.asarray(alpha_grid, np.float64).reshape(-1)
     if alphas.size == 0:
         raise ValueError("the alpha grid is empty")
     P, K = r.shape
     r0, L0 = np.where(valid, r, 0.0), np.where(valid, L, 0.0)  # keep NaN/inf padding out of the arithmetic
-    block = max(1, max_block_elems // max(1, P * K))
-    gaps, chosen_all, rejected_all = [], [], []
-    for start in range(0, alphas.size, block):
-        a_A = alphas[start : start + block]
+
+    def pick(a_A, chooser_APK):
         s_APK = r0[None] - a_A[:, None, None] * L0[None]
-        c_AP = np.argmax(np.where(can_choose[None], s_APK, -np.inf), axis=-1)
+        c_AP = np.argmax(np.where(chooser_APK, s_APK, -np.inf), axis=-1)
         j_AP = np.argmin(np.where(valid[None], s_APK, np.inf), axis=-1)
-        ok_AP = usable_P[None] & (c_AP != j_AP)
+        ok_AP = usable_P[None] & chooser_APK.any(-1) & (c_AP != j_AP)
         gap_AP = (
             np.take_along_axis(L0[None], c_AP[..., None], -1)[..., 0]
             - np.take_along_axis(L0[None], j_AP[..., None], -1)[..., 0]
         )
         n_A = ok_AP.sum(-1)
         mean_A = np.where(n_A > 0, (gap_AP * ok_AP).sum(-1) / np.maximum(n_A, 1), np.inf)
-        gaps.append(mean_A)
-        chosen_all.append(np.where(ok_AP, c_AP, -1))
-        rejected_all.append(np.where(ok_AP, j_AP, -1))
+        return np.where(ok_AP, c_AP, -1), np.where(ok_AP, j_AP, -1), mean_A, s_APK
+
+    block = max(1, max_block_elems // max(1, P * K))
+    gaps = [pick(alphas[i : i + block], can_choose[None])[2] for i in range(0, alphas.size, block)]
     gap_A = np.concatenate(gaps)
     best = int(np.argmin(np.abs(gap_A)))
-    chosen_P = np.concatenate(chosen_all)[best]
-    rejected_P = np.concatenate(rejected_all)[best]
-    return Selection(float(alphas[best]), chosen_P, rejected_P, chosen_P >= 0, float(gap_A[best]), alphas, gap_A)
+    alpha = alphas[best : best + 1]
+    chooser = can_choose[None]
+    if upper_bound is not None:
+        s_1PK = r0[None] - alpha[:, None, None] * L0[None]
+        chooser = chooser & (s_1PK < upper_bound)
+    c, j, mean, _ = pick(alpha, chooser)
+    bounded_P = usable_P & ~chooser[0].any(-1)
+    return Selection(float(alpha[0]), c[0], j[0], c[0] >= 0, float(mean[0]), alphas, gap_A, bounded_P)
 
 
 @dataclass(frozen=True)
 class ICRSettings:
-    """ICR settings (a config section). `system_prompt` goes into the training pairs' prompts; the
-    scoring prompt's system turn is `scoring_system_prompt` (the paper uses none for either)."""
+    """ICR settings (a config section). The paper uses no system prompt anywhere.
+
+    generation_system_prompt / scoring_system_prompt / system_prompt: the system turn when sampling,
+      when scoring, and in the training pairs (None = none).
+    language_prefix: the sentence before the English instruction when scoring (placeholder {language}).
+    translation: the translate-the-answer baseline's request (lidr_jax.methods.lidr.TranslationPrompt);
+      a translation without a closing tag keeps its text, as in the authors' baseline.
+    upper_bound: `select_pairs` (strict, on the length-adjusted score, after the α search).
+    score_first_token: score the answer's first token too (True, the project's choice: it is part
+      of the answer); False leaves it out, as the authors' masking does.
+    max_score_tokens: answer tokens scored, end-of-turn included; a longer answer is cut (counted).
+      None = the sampling limit + 1, so no sampled answer is ever cut. Prompts are never cut.
+    english_pairs: build pairs for the dominant language too (True); the authors' translate-the-answer
+      baseline skips them.
+    """
 
     condition: Condition = "english"
     upper_bound: float | None = None
@@ -160,12 +197,23 @@ class ICRSettings:
     alpha_max: float = 1.0  # exclusive
     system_prompt: str | None = None
     scoring_system_prompt: str | None = None
+    generation_system_prompt: str | None = None
+    language_prefix: str = DEFAULT_LANGUAGE_PREFIX
+    translation: TranslationPrompt = TranslationPrompt()
+    score_first_token: bool = True
+    max_score_tokens: int | None = None
+    english_pairs: bool = True
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
         if not (self.alpha_step > 0 and self.alpha_max > 0):
             raise ValueError(f"alpha_step ({self.alpha_step}) and alpha_max ({self.alpha_max}) must be > 0")
+        check_template(self.language_prefix, (), ("language",), "ICR language prefix")
+        if self.max_score_tokens is not None and self.max_score_tokens < 2:
+            raise ValueError(
+                f"max_score_tokens must be >= 2 (an answer token and end-of-turn), got {self.max_score_tokens}"
+            )
 
     def alpha_grid(self) -> np.ndarray:
         n = round(self.alpha_max / self.alpha_step)
@@ -178,13 +226,20 @@ def icr_pairs(
     answers: Mapping[str, Sequence[str]],
     rewards: Mapping[str, Sequence[float]],
     settings: ICRSettings = ICRSettings(),
+    filters: PairFilterConfig | None = None,
+    *,
+    length_cut: Mapping[str, Sequence[bool]] | None = None,
 ) -> tuple[list[Pair], Selection, dict]:
     """ICR pairs for one language: prompt = the raw instruction x_X, chosen/rejected from its K answers.
 
     instructions: {id: x_X}; answers: {id: [K answer texts]} (K may differ per prompt); rewards:
-    {id: [K rewards]} aligned with answers. Empty answers can be neither chosen nor rejected.
-    Returns (pairs, selection, stats) with stats = {"prompts", "pairs", "no_pair", "alpha", "length_gap"}.
+    {id: [K rewards]} aligned with answers (NaN: not scored); length_cut: {id: [K bools]}, answers
+    that stopped at the token limit. An empty answer can be neither chosen nor rejected (unless the
+    `empty` filter is off); an answer failing another filter (language, length_cut, repetition) can
+    be rejected but never chosen. Returns (pairs, selection, stats): stats = {"prompts", "pairs",
+    "alpha", "length_gap", "dropped": {reason: prompts}}, reasons of lidr_jax.methods.filters.
     """
+    filters = PairFilterConfig() if filters is None else filters
     ids = [pid for pid in instructions if pid in answers]
     missing = [pid for pid in instructions if pid not in answers or pid not in rewards]
     if missing:
@@ -194,24 +249,43 @@ def icr_pairs(
         raise ValueError(f"{lang}: no answers to select pairs from")
     r_PK = np.full((len(ids), K), np.nan)
     L_PK = np.zeros((len(ids), K))
+    valid = np.zeros((len(ids), K), bool)
+    choosable = np.zeros((len(ids), K), bool)
+    why: list[Counter] = []
     for i, pid in enumerate(ids):
         if len(rewards[pid]) != len(answers[pid]):
             raise ValueError(f"{lang}/{pid}: {len(answers[pid])} answers but {len(rewards[pid])} rewards")
+        cuts = (length_cut or {}).get(pid) or [False] * len(answers[pid])
+        why.append(Counter())
         for k, (text, rew) in enumerate(zip(answers[pid], rewards[pid])):
-            if text.strip():
-                r_PK[i, k], L_PK[i, k] = rew, len(text)
-    sel = select_pairs(r_PK, L_PK, settings.alpha_grid(), settings.upper_bound)
-    pairs = []
+            r_PK[i, k], L_PK[i, k] = rew, len(text)
+            valid[i, k] = bool(text.strip()) or not filters.empty
+            reason = answer_reason(text, lang, filters, cut=bool(cuts[k]))
+            choosable[i, k] = reason is None
+            if reason is not None:
+                why[i][reason] += 1
+    sel = select_pairs(r_PK, L_PK, settings.alpha_grid(), settings.upper_bound, valid, choosable)
+    pairs, dropped = [], Counter()
     for i, pid in enumerate(ids):
         if not sel.keep_P[i]:
+            dropped[_no_pair_reason(valid[i], choosable[i], why[i], bool(sel.bounded_P[i]))] += 1
             continue
         c, j = int(sel.chosen_P[i]), int(sel.rejected_P[i])
-        meta = {"reward_chosen": float(r_PK[i, c]), "reward_rejected": float(r_PK[i, j]), "alpha": sel.alpha}
+        chosen, rejected = answers[pid][c], answers[pid][j]
+        if filters.identical and chosen.strip() == rejected.strip():
+            dropped["identical"] += 1
+            continue
+        meta = {
+            "reward_chosen": float(r_PK[i, c]),
+            "reward_rejected": float(r_PK[i, j]),
+            "alpha": sel.alpha,
+            **provenance(chosen, rejected, filters),
+        }
         pairs.append(
             Pair(
                 chat_prompt(instructions[pid], settings.system_prompt),
-                answers[pid][c],
-                answers[pid][j],
+                chosen,
+                rejected,
                 pid,
                 lang,
                 "icr",
@@ -223,58 +297,68 @@ def icr_pairs(
     stats = {
         "prompts": len(ids),
         "pairs": len(pairs),
-        "no_pair": len(ids) - len(pairs),
         "alpha": sel.alpha,
         "length_gap": sel.length_gap,
+        "dropped": dict(dropped),
     }
     return pairs, sel, stats
 
 
+def _no_pair_reason(valid_K, choosable_K, why: Counter, bounded: bool) -> str:
+    """Why a prompt gave no pair: too few usable answers because they were empty ("empty"), none
+    choosable (the filter that excluded most answers), every choosable one at or above the upper
+    bound ("upper_bound"), else "no_pair" (fewer than two answers, or all scored the same)."""
+    if valid_K.sum() < 2:
+        return "empty" if why.get("empty") else "no_pair"
+    if not (valid_K & choosable_K).any():
+        rest = Counter({k: n for k, n in why.items() if k != "empty"})
+        return rest.most_common(1)[0][0] if rest else "empty"
+    return "upper_bound" if bounded else "no_pair"
+
+
 # ---------------------------------------------------------------- scoring with a model
 
-
-def scoring_inputs(tokenizer, items: Sequence[tuple[Sequence[Message], str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per (messages, answer): the chat template's prompt with the
-    generation prompt, and what the assistant turn adds (answer + end-of-turn), exactly as DPO
-    training tokenizes a pair (lidr_jax.train.pairs.response_ids)."""
-    from lidr_jax.train.pairs import response_ids
-
-    out = []
-    for messages, answer in items:
-        messages = list(messages)
-        prompt = tokenizer.chat_ids(messages, add_generation_prompt=True)
-        response = response_ids(tokenizer, messages, [{"role": "assistant", "content": answer}])
-        out.append((list(prompt), list(response)))
-    return out
+# The rejected side of a scoring pair: one short answer whose log-prob is computed and discarded.
+_PLACEHOLDER = "."
 
 
-@dataclass(frozen=True)
-class ScoringInputs:
-    """Token ids to score, after the truncation rule of DPO training (prompt keeps its end,
-    response keeps its start), with counts of what was cut."""
+def scoring_pairs(
+    tokenizer,
+    items: Sequence[tuple[Sequence[Message], str]],
+    max_score_tokens: int,
+    score_first_token: bool = True,
+) -> EncodedPairs:
+    """Each (scoring messages, answer) as a pair for the DPO code: prompt = the chat template's prompt
+    with the generation prompt, chosen = what the assistant turn adds (answer + end-of-turn,
+    lidr_jax.train.pairs.response_ids), rejected = a one-character placeholder. No prompt is cut;
+    an answer is cut to `max_score_tokens` (keeping its start, counted in `truncated_responses`).
+    score_first_token False moves the answer's first token into the prompt, so it is not scored."""
+    pairs = [PreferencePair(list(messages), answer, _PLACEHOLDER) for messages, answer in items]
+    enc = encode_pairs(pairs, tokenizer, max_prompt_len=1 << 62, max_response_len=max_score_tokens)
+    if not score_first_token:
+        for n, chosen in enumerate(enc.chosen_ids):
+            if len(chosen) < 2:
+                raise ValueError("an answer with no token before its end-of-turn cannot leave its first token out")
+            enc.prompt_ids[n] = np.concatenate([enc.prompt_ids[n], chosen[:1]])
+            enc.chosen_ids[n] = chosen[1:]
+    return enc
 
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    truncated_prompts: int
-    truncated_responses: int
+
+def answer_logprobs(params, config, enc: EncodedPairs, dpo: DPOConfig, progress: bool = True) -> np.ndarray:
+    """Summed log-prob of each scoring pair's answer under `params` ([N] float64), by the DPO
+    reference pass (lidr_jax.train.trainer.reference_logprobs: rows sorted by length, bucketed batch
+    lengths, `dpo.reference_batch_size` answers per forward, `dpo.compute_dtype`)."""
+    return np.asarray(reference_logprobs(params, config, enc, dpo, progress)["chosen"], np.float64)
 
 
-def truncate_inputs(
-    rows: Sequence[tuple[list[int], list[int]]], max_prompt_len: int, max_response_len: int
-) -> ScoringInputs:
-    prompts, responses, tp, tr = [], [], 0, 0
-    for p, r in rows:
-        if len(p) > max_prompt_len:
-            p, tp = p[-max_prompt_len:], tp + 1
-        if len(r) > max_response_len:
-            r, tr = r[:max_response_len], tr + 1
-        prompts.append(list(p))
-        responses.append(list(r))
-    return ScoringInputs(prompts, responses, tp, tr)
+def scoring_dpo_config(dpo: DPOConfig, batch_size: int, compute_dtype: str) -> DPOConfig:
+    """The DPO settings of the scoring pass: the run's chunking and buckets, the scorer's batch size
+    and compute dtype."""
+    return dataclasses.replace(dpo, reference_batch_size=batch_size, compute_dtype=compute_dtype)
 
 
 def scoring_batch(prompt_ids, response_ids, pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """[B, length] arrays for lidr_jax.train.dpo.sequence_logprobs: tokens, next-token targets, a target
+    """[B, length] arrays for lidr_jax.model.logprobs.sequence_logprobs: tokens, next-token targets, a target
     mask that is 1 exactly on response tokens, and the attention mask (right padding)."""
     B = len(prompt_ids)
     tokens = np.full((B, length), pad_id, np.int32)
@@ -290,85 +374,3 @@ def scoring_batch(prompt_ids, response_ids, pad_id: int, length: int) -> dict[st
     targets = np.concatenate([tokens[:, 1:], np.full((B, 1), pad_id, np.int32)], axis=1)
     target_mask = np.concatenate([response[:, 1:], np.zeros((B, 1), bool)], axis=1)
     return {"tokens": tokens, "targets": targets, "target_mask": target_mask, "attention_mask": attention}
-
-
-_JITTED = {}
-
-
-def _logprob_fn(chunk: int):
-    if chunk not in _JITTED:
-        import jax
-
-        from lidr_jax.train.dpo import sequence_logprobs
-
-        _JITTED[chunk] = jax.jit(
-            lambda params, batch, config: sequence_logprobs(params, batch, config, chunk=chunk), static_argnums=2
-        )
-    return _JITTED[chunk]
-
-
-def answer_logprobs(
-    params,
-    config,
-    inputs: ScoringInputs,
-    pad_id: int,
-    *,
-    batch_size: int = 8,
-    chunk: int = 256,
-    bucket_multiple: int = 0,
-) -> np.ndarray:
-    """Summed log-prob of each response given its prompt under `params` ([N] float64).
-
-    Rows are sorted by length and batched with bucketed lengths (lidr_jax.train.pairs.bucket_length), so
-    there is one compilation per bucket; a short last batch is filled with copies whose results are
-    dropped, so shapes stay static.
-    """
-    from lidr_jax.train.pairs import bucket_length
-
-    N = len(inputs.prompt_ids)
-    total = np.array([len(p) + len(r) for p, r in zip(inputs.prompt_ids, inputs.response_ids)], np.int64)
-    order = np.argsort(total, kind="stable")
-    out = np.zeros(N, np.float64)
-    fn = _logprob_fn(chunk)
-    for start in range(0, N, batch_size):
-        idx = list(order[start : start + batch_size])
-        fill = idx + [idx[0]] * (batch_size - len(idx))
-        T = bucket_length(int(total[idx].max()), bucket_multiple)
-        batch = scoring_batch([inputs.prompt_ids[i] for i in fill], [inputs.response_ids[i] for i in fill], pad_id, T)
-        logp, _ = fn(params, batch, config)
-        out[idx] = np.asarray(logp, np.float64)[: len(idx)]
-    return out
-
-
-def score_answers(
-    model_dpo_params,
-    model_ref_params,
-    config,
-    tokenizer,
-    items: Sequence[tuple[Sequence[Message], str]],
-    *,
-    batch_size: int = 8,
-    max_prompt_len: int = 1024,
-    max_response_len: int = 2048,
-    chunk: int = 256,
-    bucket_multiple: int = 0,
-) -> dict:
-    """Implicit rewards of (scoring messages, answer) items: {"reward", "logp_dpo", "logp_ref" ([N]
-    float64), "response_tokens" ([N]), "truncated_prompts", "truncated_responses"}.
-
-    Both param trees share `config` and `tokenizer` (π_DPO and its reference are the same
-    architecture). To keep one model resident at a time, call `answer_logprobs` once per model with
-    the same `ScoringInputs` and combine with `implicit_rewards`.
-    """
-    inputs = truncate_inputs(scoring_inputs(tokenizer, items), max_prompt_len, max_response_len)
-    kw = {"batch_size": batch_size, "chunk": chunk, "bucket_multiple": bucket_multiple}
-    logp_dpo = answer_logprobs(model_dpo_params, config, inputs, tokenizer.pad_token_id, **kw)
-    logp_ref = answer_logprobs(model_ref_params, config, inputs, tokenizer.pad_token_id, **kw)
-    return {
-        "reward": implicit_rewards(logp_dpo, logp_ref),
-        "logp_dpo": logp_dpo,
-        "logp_ref": logp_ref,
-        "response_tokens": np.array([len(r) for r in inputs.response_ids]),
-        "truncated_prompts": inputs.truncated_prompts,
-        "truncated_responses": inputs.truncated_responses,
-    }
