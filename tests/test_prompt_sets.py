@@ -2,12 +2,14 @@
 every bad-input error (naming file and line)."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lidr_jax.methods.prompt_sets import (
     DEFAULT_PROMPTS_DIR,
+    SPLITS,
     PromptSetError,
     PromptSource,
     iteration_slice,
@@ -40,25 +42,26 @@ def _simple(folder: Path, langs=("en", "fr"), ids=("a", "b", "c")):
 
 def test_default_prompts_aligned_and_complete():
     ps = load_default_prompts()
-    assert ps.languages == LANGS and len(ps) == 72
-    assert ps.ids == tuple(f"p{i:03d}" for i in range(72))
+    assert ps.languages == LANGS and len(ps) == 216
+    assert ps.ids == tuple(f"p{i:03d}" for i in range(216))
     kinds = [ps.kinds[i] for i in ps.ids]
-    assert kinds.count("general") == 44 and kinds.count("arithmetic") == 22 and kinds.count("translation") == 6
+    assert kinds.count("general") == 132 and kinds.count("arithmetic") == 70 and kinds.count("translation") == 14
     assert ps.translation_task == {i for i in ps.ids if ps.kinds[i] == "translation"}
     assert set(ps.answers) == {i for i in ps.ids if ps.kinds[i] == "arithmetic"}
     assert ps.answers["p001"] == 8.0  # "Anna has 3 apples and buys 5 more"
+    assert ps.answers["p200"] == 125.0  # "A plane has 25 rows with 5 seats in each row"
     for lang in LANGS:
-        assert len(set(ps.instructions[lang])) == 72  # no duplicated instruction within a language
+        assert len(set(ps.instructions[lang])) == 216  # no duplicated instruction within a language
         if lang != "en":  # every prompt is translated
             assert all(a != b for a, b in zip(ps.instructions[lang], ps.instructions["en"]))
-    # every language file carries the same kind / flag / answer for an id
+    # every language file carries the same kind / flag / answer / split for an id
     rows = {
         lang: [json.loads(x) for x in (DEFAULT_PROMPTS_DIR / f"{lang}.jsonl").read_text("utf-8").splitlines()]
         for lang in LANGS
     }
     for lang in LANGS:
-        assert [(r["id"], r["kind"], r["translation_task"], r.get("answer")) for r in rows[lang]] == [
-            (r["id"], r["kind"], r["translation_task"], r.get("answer")) for r in rows["en"]
+        assert [(r["id"], r["kind"], r["translation_task"], r.get("answer"), r["split"]) for r in rows[lang]] == [
+            (r["id"], r["kind"], r["translation_task"], r.get("answer"), r["split"]) for r in rows["en"]
         ]
     assert "Apache-2.0" in (DEFAULT_PROMPTS_DIR / "README.md").read_text()
     # consecutive slices mix kinds (spread evenly through the ids)
@@ -66,9 +69,26 @@ def test_default_prompts_aligned_and_complete():
     assert first16 == {"general", "arithmetic", "translation"}
 
 
+def test_default_prompts_splits():
+    """The fixed split: p000-p131 train, p132-p167 dev, p168-p215 heldout; every dev and held-out prompt
+    has a reference answer in every language, no training prompt has one."""
+    ps = load_default_prompts()
+    assert ps.split("train").ids == tuple(f"p{i:03d}" for i in range(132))
+    assert ps.split("dev").ids == tuple(f"p{i:03d}" for i in range(132, 168))
+    held = ps.split("heldout")
+    assert held.ids == tuple(f"p{i:03d}" for i in range(168, 216))
+    assert [held.kinds[i] for i in held.ids].count("arithmetic") == 16 and not held.translation_task
+    for lang in LANGS:
+        assert set(ps.references[lang]) == set(ps.split("dev").ids) | set(held.ids)
+    assert ps.references["de"]["p199"] == "Die Hauptstadt von Deutschland ist Berlin."
+    assert ps.references["zh"]["p200"] == "25 × 5 = 125，答案是125。"
+    assert held.references["fr"] == {i: ps.references["fr"][i] for i in held.ids}  # select keeps them
+    assert set(ps.with_languages(["en", "ru"]).references) == {"en", "ru"}
+
+
 def test_default_source_and_language_subset():
     ps = load_prompts(PromptSource(languages=("en", "ru")))
-    assert ps.languages == ("en", "ru") and len(ps) == 72
+    assert ps.languages == ("en", "ru") and len(ps) == 216
     assert ps.by_id("ru")["p000"] == ps.instructions["ru"][0]
     sub = load_default_prompts().with_languages(["en", "zh"])
     assert sub.languages == ("en", "zh") and sub.instruction("zh", "p002") == "澳大利亚的首都是哪里？"
@@ -212,15 +232,69 @@ def test_iteration_slices_and_heldout():
     assert it1.instructions["fr"] == ps.instructions["fr"][32:64]
     assert it1.translation_task == {i for i in it1.ids if i in ps.translation_task}
     assert iteration_slice(ps, 0, 8, offset=4).ids[0] == "p004"
-    assert len(iteration_slice(ps, 3, None, offset=10)) == 62
-    with pytest.raises(PromptSetError, match=r"iteration 2 needs prompts 64\.\.95 but .* has 72 prompts"):
-        iteration_slice(ps, 2, 32)
-    train, held = split_heldout(ps, 12, seed=0)
-    assert len(train) == 60 and len(held) == 12 and not set(train.ids) & set(held.ids)
+    assert len(iteration_slice(ps, 3, None, offset=10)) == 206
+    with pytest.raises(PromptSetError, match=r"iteration 2 needs prompts 192\.\.287 but .* has 216 prompts"):
+        iteration_slice(ps, 2, 96)
+
+
+def test_split_heldout_follows_the_labels():
+    ps = load_default_prompts(["en", "fr"])
+    train, held = split_heldout(ps, 48, seed=0)
+    assert train.ids == ps.split("train").ids and held.ids == ps.split("heldout").ids  # all 48, any seed
+    assert split_heldout(ps, 48, seed=3)[1].ids == held.ids
+    train8, held8 = split_heldout(ps, 8, seed=0)
+    assert train8.ids == train.ids and len(held8) == 8 and set(held8.ids) < set(held.ids)
+    assert list(held8.ids) == sorted(held8.ids)  # order kept
+    assert split_heldout(ps, 8, seed=0)[1].ids == held8.ids and split_heldout(ps, 8, seed=1)[1].ids != held8.ids
+    # the first iteration slices of the default config (8 a piece) are training prompts only
+    assert iteration_slice(train8, 1, 8).ids == tuple(f"p{i:03d}" for i in range(8, 16))
+    with pytest.raises(PromptSetError, match="held-out size 49 must be in \\[0, 48\\]: .* labels 48 prompts 'heldout'"):
+        split_heldout(ps, 49)
+    # while choosing settings the check answers dev prompts; the held-out ones are neither trained on nor seen
+    dev = load_prompts(PromptSource(languages=("en", "fr"), check_split="dev"))
+    assert dev.check_split == "dev"
+    train_d, held_d = split_heldout(dev, 36, seed=0)
+    assert train_d.ids == train.ids and held_d.ids == ps.split("dev").ids
+
+
+def test_split_heldout_without_labels_draws_with_the_seed(tmp_path):
+    ps = load_jsonl_dir(_simple(tmp_path, ids=[f"q{i:02d}" for i in range(20)]), ["en", "fr"])
+    assert ps.splits == {} and ps.split("train").ids == ps.ids and len(ps.split("heldout")) == 0
+    train, held = split_heldout(ps, 5, seed=0)
+    assert len(train) == 15 and len(held) == 5 and not set(train.ids) & set(held.ids)
     assert list(train.ids) == sorted(train.ids) and list(held.ids) == sorted(held.ids)  # order kept
-    assert split_heldout(ps, 12, seed=0)[1].ids == held.ids and split_heldout(ps, 12, seed=1)[1].ids != held.ids
-    with pytest.raises(PromptSetError, match="held-out size 72"):
-        split_heldout(ps, 72)
+    assert split_heldout(ps, 5, seed=0)[1].ids == held.ids and split_heldout(ps, 5, seed=1)[1].ids != held.ids
+    with pytest.raises(PromptSetError, match="held-out size 20"):
+        split_heldout(ps, 20)
+    with pytest.raises(PromptSetError, match="check split 'dev' needs a prompt set whose rows carry `split` labels"):
+        split_heldout(replace(ps, check_split="dev"), 5)
+
+
+def test_split_labels_errors(tmp_path):
+    def rows(split_fr="dev", reference="réponse"):
+        en = [{"id": "a", "instruction": "A", "split": "train"}, {"id": "b", "instruction": "B", "split": "dev"}]
+        fr = [{"id": "a", "instruction": "A"}, {"id": "b", "instruction": "B", "split": split_fr}]
+        fr[1]["reference"] = reference
+        return en, fr
+
+    def load(en, fr):
+        _write(tmp_path, "en", en)
+        _write(tmp_path, "fr", fr)
+        return load_jsonl_dir(tmp_path, ["en", "fr"])
+
+    ps = load(*rows())
+    assert ps.splits == {"a": "train", "b": "dev"} and ps.references == {"fr": {"b": "réponse"}}
+    assert SPLITS == ("train", "dev", "heldout")
+    with pytest.raises(PromptSetError, match=r"fr\.jsonl:2: split 'heldout' for id 'b', but .*en\.jsonl:2 says 'dev'"):
+        load(*rows(split_fr="heldout"))
+    with pytest.raises(
+        PromptSetError, match=r"fr\.jsonl:2: 'split' must be one of \['train', 'dev', 'heldout'\], got 'test'"
+    ):
+        load(*rows(split_fr="test"))
+    with pytest.raises(PromptSetError, match=r"fr\.jsonl:2: 'reference' must be a non-empty string, got ' '"):
+        load(*rows(reference=" "))
+    with pytest.raises(PromptSetError, match="labels no prompt 'train'"):
+        split_heldout(replace(ps.select(["b"]), check_split="dev"), 1)
 
 
 # ---------------------------------------------------------------- datasets sources

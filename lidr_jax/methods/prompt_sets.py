@@ -2,11 +2,20 @@
 
 Both methods need the same prompts in every language, matched by id (METHOD.md 1.1, 2.1). Accepted:
 - a folder of `{lang}.jsonl`, one JSON object a line with `id` (LIDR layout) or `instruction_id`
-  (ICR layout) and `instruction`; optional `translation_task` (bool), `answer` (number), `kind`;
+  (ICR layout) and `instruction`; optional `translation_task` (bool), `answer` (number), `kind`,
+  `split` ("train" | "dev" | "heldout") and `reference` (a reference answer in that language);
 - any source `datasets` can load (local JSON/JSONL/Parquet/CSV, or a hub name when the user has
   network), with named columns; languages told apart by a language column or by `{lang}` in the
   path / data_files / config name / split (one file or config per language);
-- "default": the project's own prompts in lidr_jax/prompts/default.
+- "default": the project's own prompts in lidr_jax/methods/prompts/default.
+
+Splits. A set whose rows carry `split` labels is split by them and by nothing else: "train" prompts
+(and unlabelled ones) are the only ones trained on; "heldout" prompts are the final before/after
+measurement and are never used to choose settings; "dev" prompts are the measurement to use while
+choosing settings (`PromptSource.check_split = "dev"`). The labels live in the data, so the split is
+the same for every seed, every run size and every reader. A set without labels falls back to a
+seeded draw of held-out prompts (`split_heldout`). The packaged default set: ids p000-p131 train,
+p132-p167 dev, p168-p215 heldout (its README).
 
 Every problem (missing language file, malformed JSON line, ids that do not align, duplicate ids, an
 empty set, an unknown language code) raises PromptSetError naming the file and line, before any
@@ -15,7 +24,7 @@ model work. The result is a `PromptSet`: plain tuples aligned with `ids`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -28,6 +37,7 @@ from lidr_jax.methods.languages import check_languages
 DEFAULT_PROMPTS_DIR = Path(__file__).parent / "prompts" / "default"
 DEFAULT_LANGUAGES = ("en", "es", "de", "fr", "ru", "zh")
 ID_FIELDS = ("id", "instruction_id")  # LIDR layout, ICR layout
+SPLITS = ("train", "dev", "heldout")  # values of the optional `split` field
 
 
 class PromptSetError(ValueError):
@@ -45,6 +55,9 @@ class PromptSet:
     answers: Mapping[str, float] = field(default_factory=dict)  # id -> numeric answer (arithmetic prompts)
     kinds: Mapping[str, str] = field(default_factory=dict)  # id -> "general" | "arithmetic" | ... where given
     source: str = ""
+    splits: Mapping[str, str] = field(default_factory=dict)  # id -> "train" | "dev" | "heldout" where labelled
+    references: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # lang -> {id: reference answer}
+    check_split: str = "heldout"  # the labelled split the before/after check draws from (`split_heldout`)
 
     def __post_init__(self):
         if set(self.instructions) != set(self.languages):
@@ -56,6 +69,9 @@ class PromptSet:
                 raise PromptSetError(f"{lang}: {len(self.instructions[lang])} instructions for {len(self.ids)} ids")
         if len(set(self.ids)) != len(self.ids):
             raise PromptSetError("prompt ids must be unique")
+        bad = sorted({s for s in self.splits.values() if s not in SPLITS} | ({self.check_split} - set(SPLITS[1:])))
+        if bad:
+            raise PromptSetError(f"unknown split(s) {bad}: splits are {list(SPLITS)}; the check uses dev or heldout")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,6 +82,16 @@ class PromptSet:
 
     def instruction(self, lang: str, prompt_id: str) -> str:
         return self.instructions[lang][self.ids.index(prompt_id)]
+
+    def split_of(self, prompt_id: str) -> str:
+        """The split label of one prompt; unlabelled prompts are training prompts."""
+        return self.splits.get(prompt_id, "train")
+
+    def split(self, name: str) -> PromptSet:
+        """The prompts labelled `name` ("train" includes unlabelled ones), in the set's order."""
+        if name not in SPLITS:
+            raise PromptSetError(f"unknown split {name!r}: splits are {list(SPLITS)}")
+        return self.select(pid for pid in self.ids if self.split_of(pid) == name)
 
     def select(self, ids: Iterable[str]) -> PromptSet:
         """The prompts with these ids, in the given order."""
@@ -84,6 +110,8 @@ class PromptSet:
             translation_task=frozenset(self.translation_task & idset),
             answers={k: v for k, v in self.answers.items() if k in idset},
             kinds={k: v for k, v in self.kinds.items() if k in idset},
+            splits={k: v for k, v in self.splits.items() if k in idset},
+            references={lang: {k: v for k, v in refs.items() if k in idset} for lang, refs in self.references.items()},
         )
 
     def with_languages(self, languages: Iterable[str]) -> PromptSet:
@@ -91,7 +119,12 @@ class PromptSet:
         missing = [lang for lang in languages if lang not in self.languages]
         if missing:
             raise PromptSetError(f"prompt set {self.source} has no prompts in {missing}; it has {list(self.languages)}")
-        return replace(self, languages=languages, instructions={lang: self.instructions[lang] for lang in languages})
+        return replace(
+            self,
+            languages=languages,
+            instructions={lang: self.instructions[lang] for lang in languages},
+            references={lang: refs for lang, refs in self.references.items() if lang in languages},
+        )
 
 
 def _show(items, n: int = 5) -> str:
@@ -127,13 +160,41 @@ def iteration_slice(prompts: PromptSet, index: int, per_iteration: int | None, o
 
 
 def split_heldout(prompts: PromptSet, n_heldout: int, seed: int = 0) -> tuple[PromptSet, PromptSet]:
-    """(train, held_out): `n_heldout` ids drawn with a seeded RNG; both keep the original order."""
-    if not 0 <= n_heldout < len(prompts):
-        raise PromptSetError(f"held-out size {n_heldout} must be in [0, {len(prompts)}) for {len(prompts)} prompts")
-    picked = set(np.random.default_rng(seed).choice(len(prompts), size=n_heldout, replace=False).tolist())
-    held = [pid for i, pid in enumerate(prompts.ids) if i in picked]
-    train = [pid for i, pid in enumerate(prompts.ids) if i not in picked]
-    return prompts.select(train), prompts.select(held)
+    """(train, held_out), both in the set's order.
+
+    A set with `split` labels: train = the "train" (and unlabelled) prompts, never a dev or held-out
+    one; held_out = `n_heldout` prompts drawn with a seeded RNG from the split named by
+    `prompts.check_split` ("heldout", or "dev" while choosing settings), all of them when `n_heldout`
+    is its size. A set without labels: `n_heldout` ids drawn from all prompts, the rest for training.
+    """
+    if not prompts.splits:
+        if prompts.check_split != "heldout":
+            raise PromptSetError(
+                f"the check split {prompts.check_split!r} needs a prompt set whose rows carry `split` labels; "
+                f"{prompts.source or 'this set'} has none: set check_split to heldout or label the rows"
+            )
+        if not 0 <= n_heldout < len(prompts):
+            raise PromptSetError(f"held-out size {n_heldout} must be in [0, {len(prompts)}) for {len(prompts)} prompts")
+        held = _seeded_draw(prompts.ids, n_heldout, seed)
+        return prompts.select(pid for pid in prompts.ids if pid not in held), prompts.select(
+            pid for pid in prompts.ids if pid in held
+        )
+    pool = prompts.split(prompts.check_split).ids
+    if not 0 <= n_heldout <= len(pool):
+        raise PromptSetError(
+            f"held-out size {n_heldout} must be in [0, {len(pool)}]: {prompts.source or 'the prompt set'} labels "
+            f"{len(pool)} prompts {prompts.check_split!r}; lower the held-out size or label more prompts"
+        )
+    train = prompts.split("train")
+    if not len(train):
+        raise PromptSetError(f"{prompts.source or 'the prompt set'} labels no prompt 'train': nothing to train on")
+    held = _seeded_draw(pool, n_heldout, seed)
+    return train, prompts.select(pid for pid in pool if pid in held)
+
+
+def _seeded_draw(ids: Sequence[str], n: int, seed: int) -> set[str]:
+    picked = np.random.default_rng(seed).choice(len(ids), size=n, replace=False).tolist()
+    return {ids[i] for i in picked}
 
 
 # ---------------------------------------------------------------- assembling rows into a PromptSet
@@ -147,6 +208,8 @@ class _Row:
     translation_task: bool | None = None
     answer: float | None = None
     kind: str | None = None
+    split: str | None = None
+    reference: str | None = None
 
 
 def _assemble(rows: Mapping[str, list[_Row]], where: Mapping[str, str], source: str, task_ids=None) -> PromptSet:
@@ -183,41 +246,76 @@ def _assemble(rows: Mapping[str, list[_Row]], where: Mapping[str, str], source: 
     flagged = {r.id for lang in languages for r in rows[lang] if r.translation_task}
     if task_ids is not None:
         flagged |= set(task_ids) & set(ref_ids)
-    answers, kinds = {}, {}
+    answers, kinds, splits, first_split = {}, {}, {}, {}
     for lang in languages:  # the first language that gives an answer/kind for an id wins
         for r in rows[lang]:
             if r.answer is not None:
                 answers.setdefault(r.id, r.answer)
             if r.kind is not None:
                 kinds.setdefault(r.id, r.kind)
-    return PromptSet(languages, tuple(ref_ids), instructions, frozenset(flagged), answers, kinds, source)
+            if r.split is not None:  # a split must agree: a disagreement could train on a held-out prompt
+                if r.id in splits and splits[r.id] != r.split:
+                    raise PromptSetError(
+                        f"{r.where}: split {r.split!r} for id {r.id!r}, but {first_split[r.id]} says {splits[r.id]!r}; "
+                        "every language file must give an id the same split"
+                    )
+                splits.setdefault(r.id, r.split)
+                first_split.setdefault(r.id, r.where)
+    references = {lang: {r.id: r.reference for r in rows[lang] if r.reference is not None} for lang in languages}
+    references = {lang: refs for lang, refs in references.items() if refs}
+    return PromptSet(
+        languages, tuple(ref_ids), instructions, frozenset(flagged), answers, kinds, source, splits, references
+    )
 
 
-def _row_from_record(
-    rec, where: str, id_field: str, instruction_field: str, flag_field: str, answer_field: str
-) -> _Row:
+@dataclass(frozen=True)
+class _Fields:
+    """Field (column) names of one prompt source."""
+
+    id: str
+    instruction: str = "instruction"
+    flag: str = "translation_task"
+    answer: str = "answer"
+    split: str = "split"
+    reference: str = "reference"
+
+
+def _row_from_record(rec, where: str, f: _Fields) -> _Row:
     if not isinstance(rec, dict):
         raise PromptSetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    for name in (id_field, instruction_field):
+    for name in (f.id, f.instruction):
         if name not in rec or rec[name] is None:
             raise PromptSetError(
                 f"{where}: no field {name!r} (fields here: {sorted(rec)}); set the id/instruction field"
             )
-    pid = rec[id_field]
+    pid = rec[f.id]
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise PromptSetError(f"{where}: id must be a string or integer, got {pid!r}")
-    text = rec[instruction_field]
+    text = rec[f.instruction]
     if not isinstance(text, str) or not text.strip():
-        raise PromptSetError(f"{where}: {instruction_field!r} must be a non-empty string, got {text!r}")
-    flag = rec.get(flag_field)
+        raise PromptSetError(f"{where}: {f.instruction!r} must be a non-empty string, got {text!r}")
+    flag = rec.get(f.flag)
     if flag is not None and not isinstance(flag, bool):
-        raise PromptSetError(f"{where}: {flag_field!r} must be true or false, got {flag!r}")
-    answer = rec.get(answer_field)
+        raise PromptSetError(f"{where}: {f.flag!r} must be true or false, got {flag!r}")
+    answer = rec.get(f.answer)
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (int, float))):
-        raise PromptSetError(f"{where}: {answer_field!r} must be a number, got {answer!r}")
+        raise PromptSetError(f"{where}: {f.answer!r} must be a number, got {answer!r}")
+    split = rec.get(f.split)
+    if split is not None and split not in SPLITS:
+        raise PromptSetError(f"{where}: {f.split!r} must be one of {list(SPLITS)}, got {split!r}")
+    reference = rec.get(f.reference)
+    if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+        raise PromptSetError(f"{where}: {f.reference!r} must be a non-empty string, got {reference!r}")
     kind = rec.get("kind")
     return _Row(
-        str(pid), text, where, flag, None if answer is None else float(answer), kind if isinstance(kind, str) else None
+        str(pid),
+        text,
+        where,
+        flag,
+        None if answer is None else float(answer),
+        kind if isinstance(kind, str) else None,
+        split,
+        reference,
     )
 
 
@@ -247,6 +345,8 @@ def load_jsonl_dir(
     translation_task_ids: str | Path | Iterable[str] | None = None,
     translation_task_field: str = "translation_task",
     answer_field: str = "answer",
+    split_field: str = "split",
+    reference_field: str = "reference",
 ) -> PromptSet:
     """A folder of `{lang}.jsonl`. `id_field=None` takes "id" or "instruction_id", whichever the files have."""
     folder = Path(folder)
@@ -261,15 +361,15 @@ def load_jsonl_dir(
         path = folder / f"{lang}.jsonl"
         if not path.is_file():
             raise PromptSetError(
-                f"no prompt file for language {lang!r}: expected {path} (files there for: {', '.join(present) or 'none'}); "
-                f"add the file or drop {lang!r} from the languages"
+                f"no prompt file for language {lang!r}: expected {path} (files there for: "
+                f"{', '.join(present) or 'none'}); add the file or drop {lang!r} from the languages"
             )
         records = list(numbered_jsonl(path, PromptSetError))
         field_name = id_field or _detect_id_field(records, path)
-        rows[lang] = [
-            _row_from_record(rec, f"{path}:{n}", field_name, instruction_field, translation_task_field, answer_field)
-            for n, rec in records
-        ]
+        fields = _Fields(
+            field_name, instruction_field, translation_task_field, answer_field, split_field, reference_field
+        )
+        rows[lang] = [_row_from_record(rec, f"{path}:{n}", fields) for n, rec in records]
         where[lang] = str(path)
     return _assemble(rows, where, str(folder), _task_ids(translation_task_ids))
 
@@ -296,7 +396,8 @@ def _task_ids(spec) -> frozenset[str] | None:
 
 
 def load_default_prompts(languages: Iterable[str] = DEFAULT_LANGUAGES) -> PromptSet:
-    """The project's own prompts (lidr_jax/prompts/default): 64+ per language in en, es, de, fr, ru, zh."""
+    """The project's own prompts (lidr_jax/methods/prompts/default): 216 per language in en, es, de, fr, ru,
+    zh, labelled train / dev / heldout (the folder's README)."""
     return load_jsonl_dir(DEFAULT_PROMPTS_DIR, languages)
 
 
@@ -324,10 +425,19 @@ class PromptSource:
     translation_task_ids: str | None = None  # a JSONL of {"id": ...} or a .txt of ids
     translation_task_column: str = "translation_task"
     answer_column: str = "answer"
+    split_column: str = "split"  # optional labels train | dev | heldout (module docstring, "Splits")
+    reference_column: str = "reference"  # optional reference answers (lidr_jax.eval.heldout's likelihood signal)
+    # The labelled split the before/after check answers: heldout (the final measurement) or dev (while
+    # choosing settings, so that the held-out numbers are never used to tune).
+    check_split: Literal["heldout", "dev"] = "heldout"
 
 
 def load_prompts(source: PromptSource) -> PromptSet:
     """Load and validate the prompt set a `PromptSource` describes."""
+    return replace(_load_source(source), check_split=source.check_split)
+
+
+def _load_source(source: PromptSource) -> PromptSet:
     languages = check_languages(source.languages)
     if source.path == "default":
         return load_jsonl_dir(DEFAULT_PROMPTS_DIR, languages, translation_task_ids=source.translation_task_ids)
@@ -344,6 +454,8 @@ def load_prompts(source: PromptSource) -> PromptSet:
             source.translation_task_ids,
             source.translation_task_column,
             source.answer_column,
+            source.split_column,
+            source.reference_column,
         )
     return _load_datasets_source(source, languages)
 
@@ -417,20 +529,19 @@ def _load_datasets_source(source: PromptSource, languages: tuple[str, ...]) -> P
         if id_col is None:
             raise PromptSetError(f"{label}: no id column (looked for {list(ID_FIELDS)}; columns: {ds.column_names})")
         _need_columns(ds, [id_col, source.instruction_column], label)
-        cols = [id_col, source.instruction_column] + [
-            c for c in (source.translation_task_column, source.answer_column, "kind") if c in ds.column_names
-        ]
+        fields = _Fields(
+            id_col,
+            source.instruction_column,
+            source.translation_task_column,
+            source.answer_column,
+            source.split_column,
+            source.reference_column,
+        )
+        optional = (fields.flag, fields.answer, fields.split, fields.reference, "kind")
+        cols = [id_col, source.instruction_column] + [c for c in optional if c in ds.column_names]
         data = {c: list(ds[c]) for c in cols}
         rows[lang] = [
-            _row_from_record(
-                {c: data[c][i] for c in cols},
-                f"{label} row {i}",
-                id_col,
-                source.instruction_column,
-                source.translation_task_column,
-                source.answer_column,
-            )
-            for i in range(len(ds))
+            _row_from_record({c: data[c][i] for c in cols}, f"{label} row {i}", fields) for i in range(len(ds))
         ]
         where[lang] = label
     return _assemble(rows, where, source.path, _task_ids(source.translation_task_ids))
