@@ -1,12 +1,10 @@
 """lidr_jax.endpoint against a scripted OpenAI-compatible server on 127.0.0.1: request shape, key header,
 retries (backoff, Retry-After, bounded total time), the on-disk cache, and the errors."""
 
-import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chat_server import fake_time, serve
 
 from lidr_jax.endpoint import (
     ChatClient,
@@ -18,69 +16,9 @@ from lidr_jax.endpoint import (
 )
 
 
-class Server:
-    """Answers POST /v1/chat/completions from a script: each entry is (status, headers, body) or
-    "echo" (a 200 whose content is "reply: " + the last message's content)."""
-
-    def __init__(self, script=()):
-        self.script = list(script)
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                step = outer.script.pop(0) if outer.script else "echo"
-                if step == "echo":
-                    step = (
-                        200,
-                        {},
-                        {"choices": [{"message": {"content": "reply: " + body["messages"][-1]["content"]}}]},
-                    )
-                status, headers, payload = step
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    servers = []
-
-    def make(script=()):
-        servers.append(Server(script))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
-
-
-def fake_time():
-    now = [0.0]
-    waits = []
-
-    def sleep(s):
-        waits.append(s)
-        now[0] += s
-
-    return sleep, (lambda: now[0]), waits
+    yield from serve()
 
 
 def test_request_shape_key_header_and_cache(server, tmp_path, monkeypatch):
