@@ -14,10 +14,12 @@ from typing import Literal
 from lidr_jax.dist.sharding import MeshConfig
 from lidr_jax.eval.evaluate import EvalConfig
 from lidr_jax.generate.sampler import SamplingConfig
+from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import ICRSettings
 from lidr_jax.methods.languages import language_name
-from lidr_jax.methods.lidr import LIDRPairSettings
+from lidr_jax.methods.lidr import LIDRPairSettings, LIDRPrompts
 from lidr_jax.methods.prompt_sets import PromptSource
+from lidr_jax.methods.translator import TranslatorConfig
 from lidr_jax.settings import SettingsError, apply_overrides, from_dict, load_yaml
 from lidr_jax.train.dpo import DPOConfig
 
@@ -40,6 +42,8 @@ class LIDRGroup:
 
     pairs: LIDRPairSettings = LIDRPairSettings()
     translation: SamplingConfig = SamplingConfig(max_new_tokens=512, repetition_penalty=1.0)
+    prompts: LIDRPrompts = LIDRPrompts()  # every text LIDR sends (docs/reproducing.md)
+    translator: TranslatorConfig = TranslatorConfig()  # policy (the paper) | model | endpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,7 @@ class RunConfig:
     prompts: PromptSource = PromptSource()
     plan: PromptPlan = PromptPlan()
     generation: SamplingConfig = SamplingConfig(max_new_tokens=2400, repetition_penalty=1.1)
+    pair_filters: PairFilterConfig = PairFilterConfig()  # quality filters of both strategies' pairs
     lidr: LIDRGroup = LIDRGroup()
     icr: ICRGroup = ICRGroup()
     dpo: DPOConfig = DPOConfig()
