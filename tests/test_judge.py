@@ -55,7 +55,7 @@ class _ChatServer:
     """A chat-completions server on 127.0.0.1 (port 0). The judge "prefers" whichever output contains
     the word GOOD; the first `fail_first` requests get HTTP 500."""
 
-    def __init__(self, fail_first: int = 0, status: int = 500):
+    def __init__(self, fail_first: int = 0, status: int = 500, retry_after: str | None = None):
         self.requests: list[dict] = []
         self.fail_left = fail_first
         outer = self
@@ -67,6 +67,8 @@ class _ChatServer:
                 if outer.fail_left > 0:
                     outer.fail_left -= 1
                     self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
                     self.end_headers()
                     self.wfile.write(b'{"error": "try again"}')
                     return
@@ -145,7 +147,9 @@ def test_endpoint_gives_up_after_retries(monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "k")
     with _ChatServer(fail_first=100) as srv:
         judge = EndpointJudge(srv.url, "m", api_key_env="MY_JUDGE_KEY", backoff_s=0.01, max_retries=2)
-        with pytest.raises(JudgeUnreachableError, match=r"did not answer after 3 tries \(last error: HTTP 500"):
+        with pytest.raises(
+            JudgeUnreachableError, match=r"did not answer after 3 tries in \d+ s \(last error: HTTP 500"
+        ):
             judge.complete_one(judge_messages("x", "a", "b"))
         assert len(srv.requests) == 3
 
@@ -171,8 +175,10 @@ def test_endpoint_unreachable_and_missing_key(monkeypatch):
     with pytest.raises(JudgeUnreachableError, match=rf"127.0.0.1:{port}/v1/chat/completions did not answer after 2"):
         judge.complete_one(judge_messages("x", "a", "b"))
     monkeypatch.delenv("MY_JUDGE_KEY")
-    with pytest.raises(JudgeRequestError, match="variable MY_JUDGE_KEY is not set"):
+    with pytest.raises(JudgeRequestError, match="variable MY_JUDGE_KEY for .* is not set"):
         judge.complete_one(judge_messages("x", "a", "b"))
+    with pytest.raises(JudgeRequestError, match="the judge API key variable MY_JUDGE_KEY is not set"):
+        judge.check()
 
 
 def test_head_to_head_needs_aligned_lists():
@@ -197,3 +203,156 @@ def tiny_random_model():
     from eval_helpers import tiny_random_model as build
 
     return build()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_judgments_are_cached_and_never_asked_twice(monkeypatch, tmp_path):
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret-9")
+    args = (["i1", "i2"], ["GOOD a", "b"], ["c", "GOOD d"])
+    with _ChatServer() as srv:
+        judge = EndpointJudge(srv.url, "judge-m", api_key_env="MY_JUDGE_KEY", cache_dir=tmp_path / "cache")
+        first = head_to_head(*args, judge)
+        assert len(srv.requests) == 4
+        again = EndpointJudge(srv.url, "judge-m", api_key_env="MY_JUDGE_KEY", cache_dir=tmp_path / "cache")
+        second = head_to_head(*args, again)
+        assert len(srv.requests) == 4  # a resumed run re-asks nothing
+    assert first == second
+    assert first["judge"] == {
+        "prompt_version": "lidr_jax-pairwise-v1",
+        "kind": "endpoint",
+        "model": "judge-m",
+        "url": srv.url + "/chat/completions",
+    }
+    cached = list((tmp_path / "cache").glob("*.json"))
+    assert len(cached) == 4
+    assert all("sk-secret-9" not in p.read_text() for p in cached)  # the key is never stored
+
+
+def test_retry_after_is_honoured(monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    waits = []
+    with _ChatServer(fail_first=1, status=429, retry_after="7") as srv:
+        judge = EndpointJudge(srv.url, "m", api_key_env="MY_JUDGE_KEY", backoff_s=0.01)
+        judge.client._sleep = waits.append  # the client's sleep, replaced so the test does not wait
+        assert judge.complete_one(judge_messages("x", "GOOD", "b")) == "Output (a)"
+    assert waits == [7.0]
+
+
+def test_unreachable_judge_fails_fast(monkeypatch):
+    import time
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    port = _closed_port()
+    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", api_key_env="MY_JUDGE_KEY", backoff_s=0.05, max_retries=2)
+    t0 = time.perf_counter()
+    with pytest.raises(JudgeUnreachableError, match=rf"127.0.0.1:{port}/v1/chat/completions cannot be reached"):
+        judge.check()
+    assert time.perf_counter() - t0 < 5
+    # while judging: once one request gives up, the queued ones fail at once instead of retrying in turn
+    chats = [judge_messages(f"x{i}", "a", "b") for i in range(40)]
+    t0 = time.perf_counter()
+    with pytest.raises(JudgeUnreachableError):
+        judge.complete(chats)
+    assert judge.client.requests_sent <= 3 * judge.client.config.concurrency
+    assert time.perf_counter() - t0 < 5
+
+
+def test_head_to_head_command_checks_the_judge_before_generating(tmp_path, monkeypatch, capsys):
+    from lidr_jax.eval import evaluate
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    loaded = []
+    monkeypatch.setattr(evaluate, "_load", lambda path: loaded.append(path))
+    (tmp_path / "en.json").write_text(json.dumps([{"instruction": "Say hi."}]))
+    port = _closed_port()
+    argv = [
+        "head-to-head",
+        "--model-1",
+        "m1",
+        "--model-2",
+        "m2",
+        "--data",
+        str(tmp_path),
+        "--langs",
+        "en",
+        "--judge-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--judge-name",
+        "j",
+        "--api-key-env",
+        "MY_JUDGE_KEY",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert evaluate.main(argv) == 2
+    assert "cannot be reached" in capsys.readouterr().err
+    assert loaded == []  # no model was loaded, nothing generated
+    # a language without outputs is refused before anything else
+    assert (
+        evaluate.main(
+            [
+                "head-to-head",
+                "--outputs-1",
+                str(tmp_path),
+                "--outputs-2",
+                str(tmp_path),
+                "--langs",
+                "fr",
+                "--judge-url",
+                "http://127.0.0.1:1/v1",
+                "--judge-name",
+                "j",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "fr/model_outputs.json not found" in capsys.readouterr().err
+
+
+def test_head_to_head_command_saves_results_with_the_judge(tmp_path, monkeypatch, capsys):
+    from lidr_jax.eval import evaluate
+    from lidr_jax.eval.evaluate import alpaca_records
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    for name, outs in (("a", ["GOOD 1", "x"]), ("b", ["y", "GOOD 2"])):
+        for lang in ("es", "de"):
+            p = tmp_path / name / lang / "model_outputs.json"
+            p.parent.mkdir(parents=True)
+            items = [{"instruction": f"{lang} q1"}, {"instruction": f"{lang} q2"}]
+            p.write_text(json.dumps(alpaca_records(items, outs, name)))
+    with _ChatServer() as srv:
+        argv = [
+            "head-to-head",
+            "--outputs-1",
+            str(tmp_path / "a"),
+            "--outputs-2",
+            str(tmp_path / "b"),
+            "--langs",
+            "es,de",
+            "--judge-url",
+            srv.url,
+            "--judge-name",
+            "jm",
+            "--api-key-env",
+            "MY_JUDGE_KEY",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+        assert evaluate.main(argv) == 0
+        assert len(srv.requests) == 8
+        assert evaluate.main(argv) == 0  # rerun: every judgment comes from the cache
+        assert len(srv.requests) == 8
+    saved = json.loads((tmp_path / "out" / "head_to_head.json").read_text())
+    assert set(saved["languages"]) == {"es", "de"}
+    es = saved["languages"]["es"]
+    assert (es["win"], es["lose"], es["tie"]) == (1, 1, 0)
+    assert es["judge"]["model"] == "jm" and es["judge"]["prompt_version"] == "lidr_jax-pairwise-v1"

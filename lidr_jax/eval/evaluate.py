@@ -30,9 +30,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
+from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import atomic_write_json, atomic_write_text
+from lidr_jax.formats.load import load_pretrained
+from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
 
 BENCHMARKS = ("mgsm", "alpaca")
@@ -82,9 +86,7 @@ class EvalConfig:
 
 
 def _sampling(cfg_fields: dict, max_new_tokens: int, batch_size: int, seed: int, progress: bool):
-    from lidr_jax.generate.sampler import SamplingConfig
-
-    return SamplingConfig(
+    return sampler.SamplingConfig(
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress, **cfg_fields
     )
 
@@ -115,8 +117,6 @@ def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
 
 
 def _sampler_generate():
-    from lidr_jax.generate import sampler
-
     return sampler.generate  # looked up at call time, so tests can replace it
 
 
@@ -238,18 +238,24 @@ def read_model_outputs(outputs_dir: str | Path, lang: str) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def head_to_head_dirs(dir_1, dir_2, langs: Sequence[str], judge, limit: int | None = None) -> dict[str, dict]:
-    """Judge the model_outputs.json of two output folders against each other, per language."""
-    from lidr_jax.eval.judge import head_to_head
-
-    results = {}
+def head_to_head_dirs(
+    dir_1, dir_2, langs: Sequence[str], judge, limit: int | None = None, on_result=None
+) -> dict[str, dict]:
+    """Judge the model_outputs.json of two output folders against each other, per language;
+    `on_result(lang, result)` runs as each language finishes. Every file is read and checked first."""
+    rows = {}
     for lang in langs:
         rows_1, rows_2 = read_model_outputs(dir_1, lang)[:limit], read_model_outputs(dir_2, lang)[:limit]
         if [r["instruction"] for r in rows_1] != [r["instruction"] for r in rows_2]:
             raise ValueError(f"{lang}: the two output files do not hold the same instructions in the same order")
+        rows[lang] = (rows_1, rows_2)
+    results = {}
+    for lang, (rows_1, rows_2) in rows.items():
         results[lang] = head_to_head(
             [r["instruction"] for r in rows_1], [r["output"] for r in rows_1], [r["output"] for r in rows_2], judge
         )
+        if on_result is not None:
+            on_result(lang, results[lang])
     return results
 
 
@@ -349,8 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str):
-    from lidr_jax.formats.load import load_pretrained
-
     return load_pretrained(path)
 
 
@@ -414,54 +418,75 @@ def run_command(args) -> int:
         if args.reference:
             _print_commands({lang: s["alpaca_eval_command"] for lang, s in summary.items()})
     else:
-        dirs = []
-        for i in (1, 2):
-            given, model = getattr(args, f"outputs_{i}"), getattr(args, f"model_{i}")
-            if bool(given) == bool(model):
-                raise SystemExit(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
-            if model:
-                if not args.data:
-                    raise SystemExit(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
-                cfg = EvalConfig(
-                    benchmarks=("alpaca",),
-                    alpaca_languages=args.langs,
-                    limit=args.limit,
-                    alpaca_dir=args.data,
-                    alpaca_decoding=args.decoding,
-                    alpaca_max_new_tokens=args.max_new_tokens,
-                    system_prompt=args.system_prompt,
-                    batch_size=args.batch_size,
-                    progress=not args.no_progress,
-                )
-                given = out / f"outputs_{i}"
-                run_alpaca_outputs(_load(model), cfg, given)  # one model resident at a time
-            dirs.append(given)
-        from lidr_jax.eval.judge import EndpointJudge, LocalJudge
+        _head_to_head_command(args, out)
+    print(f"results written under {out}")
+    return 0
 
-        if bool(args.judge_model) == bool(args.judge_url):
-            raise SystemExit("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
-        if args.judge_url:
-            if not args.judge_name:
-                raise SystemExit("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
-            judge = EndpointJudge(args.judge_url, args.judge_name, api_key_env=args.api_key_env)
+
+def _head_to_head_command(args, out: Path) -> None:
+    """Every argument, output file and the judge's endpoint is checked before any model loads."""
+    plan = []
+    for i in (1, 2):
+        given, model = getattr(args, f"outputs_{i}"), getattr(args, f"model_{i}")
+        if bool(given) == bool(model):
+            raise SystemExit(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
+        if model and not args.data:
+            raise SystemExit(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
+        if given:
+            for lang in args.langs:
+                read_model_outputs(given, lang)  # a language without outputs fails now, not after judging
         else:
-            judge = LocalJudge(_load(args.judge_model))
-        results = head_to_head_dirs(dirs[0], dirs[1], args.langs, judge, args.limit)
+            for lang in args.langs:
+                read_x_alpacaeval(Path(args.data) / f"{lang}.json", 1)
+        plan.append((given, model))
+    if bool(args.judge_model) == bool(args.judge_url):
+        raise SystemExit("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
+    judge = None
+    if args.judge_url:
+        if not args.judge_name:
+            raise SystemExit("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
+        judge = EndpointJudge(
+            args.judge_url, args.judge_name, api_key_env=args.api_key_env, cache_dir=out / "judge_cache"
+        )
+        judge.check()  # an unreachable judge fails in seconds, before any generation
+    dirs = []
+    for i, (given, model) in enumerate(plan, start=1):
+        if model:
+            cfg = EvalConfig(
+                benchmarks=("alpaca",),
+                alpaca_languages=args.langs,
+                limit=args.limit,
+                alpaca_dir=args.data,
+                alpaca_decoding=args.decoding,
+                alpaca_max_new_tokens=args.max_new_tokens,
+                system_prompt=args.system_prompt,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+            )
+            given = out / f"outputs_{i}"
+            run_alpaca_outputs(_load(model), cfg, given)  # one model resident at a time
+        dirs.append(given)
+    if judge is None:
+        judge = LocalJudge(_load(args.judge_model))
+    results: dict[str, dict] = {}
+
+    def save(lang: str, result: dict) -> None:  # each language's verdicts are kept as soon as they exist
+        results[lang] = result
         atomic_write_json(
             out / "head_to_head.json", dict(outputs_1=str(dirs[0]), outputs_2=str(dirs[1]), languages=results)
         )
-        columns = ("win", "tie", "lose", "win_rate")
-        print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in columns}))
-    print(f"results written under {out}")
-    return 0
+
+    head_to_head_dirs(dirs[0], dirs[1], args.langs, judge, args.limit, on_result=save)
+    columns = ("win", "tie", "lose", "win_rate")
+    print(format_table({k: {lang: r[k] for lang, r in results.items()} for k in columns}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_command(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the cause and the fix
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, EndpointRequestError, EndpointUnreachableError) as e:
+        print(f"error: {e}", file=sys.stderr)  # bad input or an unusable judge: one line, cause and fix
         return 2
 
 

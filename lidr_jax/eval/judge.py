@@ -2,10 +2,12 @@
 
 A judge is anything with `complete(chats: list[list[message]]) -> list[str]`. Two are provided:
 - `LocalJudge`: a model loaded with lidr_jax, greedy decoding.
-- `EndpointJudge`: an OpenAI-compatible chat-completions HTTP endpoint, standard library only
-  (urllib). The API key is read from the environment variable whose NAME is a setting, sent as a
-  Bearer token and never logged; 5xx, 429 and connection errors are retried with exponential backoff;
-  an endpoint still unreachable after the last try raises `JudgeUnreachableError` naming the URL.
+- `EndpointJudge`: an OpenAI-compatible chat-completions endpoint through the project's one HTTP
+  client (lidr_jax.endpoint: key from a named variable and never logged, retries with backoff,
+  `Retry-After` honoured, bounded retry time, answers cached on disk as they arrive). `check()` fails
+  in seconds when the endpoint cannot be reached, before anything is generated.
+
+`head_to_head` records the judge (`describe()`: model and `PROMPT_VERSION`) with its results.
 
 Each pair is judged twice, once in each order, to cancel position bias: model 1 wins only when both
 orders prefer it, loses only when both prefer model 2, and ties otherwise (the orders disagree, or a
@@ -15,17 +17,25 @@ verdict could not be parsed). The prompt is AlpacaEval-style, in our own words.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
+import socket
+import threading
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from lidr_jax.endpoint import (
+    ChatClient,
+    EndpointConfig,
+    EndpointRequestError,
+    EndpointUnreachableError,
+)
+from lidr_jax.generate.sampler import SamplingConfig, generate
+
 Message = dict[str, str]
+PROMPT_VERSION = "lidr_jax-pairwise-v1"  # change it with any change to JUDGE_SYSTEM or JUDGE_TEMPLATE
 
 JUDGE_SYSTEM = (
     "You are a careful, impartial evaluator of AI assistants. You compare two responses to the same "
@@ -109,100 +119,115 @@ class LocalJudge:
     max_new_tokens: int = 16
     batch_size: int = 16
 
-    def complete(self, chats):
-        from lidr_jax.generate.sampler import SamplingConfig, generate
+    def describe(self) -> dict:
+        """What judged: recorded with the results."""
+        return dict(kind="local", model=str(getattr(self.model, "source", "model")), prompt_version=PROMPT_VERSION)
 
+    def complete(self, chats):
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
         return [r.text for r in generate(self.model, [list(c) for c in chats], sampling)]
 
 
-class JudgeUnreachableError(ConnectionError):
-    """The judge endpoint did not answer after every retry."""
+JudgeUnreachableError = EndpointUnreachableError  # the endpoint did not answer (or cannot be reached)
+JudgeRequestError = EndpointRequestError  # the endpoint refused the request: retrying would not help
 
 
-class JudgeRequestError(RuntimeError):
-    """The judge endpoint refused the request (a 4xx other than 429): retrying would not help."""
-
-
-@dataclasses.dataclass
 class EndpointJudge:
-    """An OpenAI-compatible `/chat/completions` endpoint.
+    """An OpenAI-compatible `/chat/completions` endpoint as the judge, through lidr_jax.endpoint.
 
-    `base_url` is e.g. "http://localhost:8000/v1" (or the full ".../chat/completions" URL).
-    `api_key_env` is the NAME of the environment variable holding the key ("" = send no key).
+    `base_url` is e.g. "http://localhost:8000/v1" (or the full ".../chat/completions" URL);
+    `api_key_env` the NAME of the environment variable holding the key ("" = send no key). With
+    `cache_dir`, every judgment is stored as it arrives, so a resumed run asks nothing twice.
+    `Retry-After` is honoured and retrying stops after `max_retries` or `max_retry_time_s`; once one
+    request gives up, every queued one fails at once instead of retrying in turn.
     """
 
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    max_tokens: int = 16
-    temperature: float = 0.0
-    timeout_s: float = 60.0
-    max_retries: int = 5  # tries after the first
-    backoff_s: float = 1.0  # wait before retry k is backoff_s * 2**k
-    concurrency: int = 4
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        max_retry_time_s: float = 120.0,
+        concurrency: int = 4,
+    ):
+        config = EndpointConfig(
+            url=base_url,
+            model=model,
+            api_key_env=api_key_env,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_retry_time_s=max_retry_time_s,
+            concurrency=concurrency,
+        )
+        self.client = ChatClient(config, cache_dir)
+        self.params = dict(max_tokens=max_tokens, temperature=temperature)
 
     @property
     def url(self) -> str:
-        url = self.base_url.rstrip("/")
-        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+        return self.client.config.completions_url
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise JudgeRequestError(
-                    f"the judge API key variable {self.api_key_env} is not set; export it, or set the key "
-                    "variable name to an empty string for an endpoint that needs no key"
-                )
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    def describe(self) -> dict:
+        """What judged: recorded with the results."""
+        return dict(kind="endpoint", model=self.client.config.model, url=self.url, prompt_version=PROMPT_VERSION)
+
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Fail fast, before any generation or judging: the endpoint's host must accept a connection
+        (a TCP connect, so nothing is billed) and the API key variable must be set."""
+        name = self.client.config.api_key_env
+        if name and not os.environ.get(name):
+            raise EndpointRequestError(
+                f"the judge API key variable {name} is not set; export it, or give an empty variable name for an "
+                "endpoint that needs no key"
+            )
+        parts = urllib.parse.urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise EndpointUnreachableError(
+                f"judge endpoint {self.url} cannot be reached ({e}); check the URL and that the server is "
+                "running (nothing was generated or judged)"
+            ) from None
 
     def complete_one(self, messages: Sequence[Message]) -> str:
-        body = json.dumps(
-            dict(model=self.model, messages=list(messages), max_tokens=self.max_tokens, temperature=self.temperature)
-        ).encode()
-        headers = self._headers()
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                return payload["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300]
-                if e.code >= 500 or e.code == 429:
-                    last_error = f"HTTP {e.code}: {detail}"
-                    continue
-                raise JudgeRequestError(
-                    f"judge endpoint {self.url} refused the request: HTTP {e.code}: {detail}"
-                ) from e
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise JudgeRequestError(
-                    f"judge endpoint {self.url} answered without choices[0].message.content ({e!r}); "
-                    "is it an OpenAI-compatible chat-completions endpoint?"
-                ) from e
-        raise JudgeUnreachableError(
-            f"judge endpoint {self.url} did not answer after {self.max_retries + 1} tries (last error: "
-            f"{last_error}); check the base URL and that the server is running"
-        )
+        return self.client.complete(messages, **self.params)
 
-    def complete(self, chats):
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            return list(pool.map(self.complete_one, chats))
+    def complete(self, chats: Sequence[Sequence[Message]]) -> list[str]:
+        given_up = threading.Event()
+
+        def one(messages):
+            if given_up.is_set():
+                raise EndpointUnreachableError(f"judge endpoint {self.url}: skipped after an earlier request gave up")
+            try:
+                return self.complete_one(messages)
+            except EndpointUnreachableError:
+                given_up.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=self.client.config.concurrency) as pool:
+            futures = [pool.submit(one, c) for c in chats]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
 
 def head_to_head(instructions: Sequence[str], outputs_1: Sequence[str], outputs_2: Sequence[str], judge: Judge) -> dict:
     """Judge model 1 against model 2 on aligned lists, both orders.
 
-    Returns {"win", "tie", "lose" (counts for model 1), "n", "win_rate" ((win + tie/2) / n),
-    "records": [{instruction, output_1, output_2, judge_12, judge_21, verdict_12, verdict_21, outcome}]}.
+    Returns {"win", "tie", "lose" (counts for model 1), "n", "win_rate" ((win + tie/2) / n), "judge"
+    ({kind, model, prompt_version, ...}), "records": [{instruction, output_1, output_2, judge_12, judge_21,
+    verdict_12, verdict_21, outcome}]}.
     """
     if not len(instructions) == len(outputs_1) == len(outputs_2):
         raise ValueError(
@@ -229,4 +254,11 @@ def head_to_head(instructions: Sequence[str], outputs_1: Sequence[str], outputs_
             )
         )
     counts = {k: sum(r["outcome"] == k for r in records) for k in ("win", "tie", "lose")}
-    return dict(**counts, n=n, win_rate=(counts["win"] + counts["tie"] / 2) / n if n else 0.0, records=records)
+    judged_by = judge.describe() if hasattr(judge, "describe") else dict(kind=type(judge).__name__)
+    return dict(
+        **counts,
+        n=n,
+        win_rate=(counts["win"] + counts["tie"] / 2) / n if n else 0.0,
+        judge={"prompt_version": PROMPT_VERSION, **judged_by},
+        records=records,
+    )

@@ -27,6 +27,8 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from lidr_jax.methods.langid import detect_language
+
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 
 # The word for "Answer" per language: used both in the instruction and as an extraction marker.
@@ -218,8 +220,6 @@ def score_mgsm(items: Sequence[MgsmItem], outputs: Sequence[str], lang: str) -> 
     Returns {"accuracy", "off_target_rate", "n", "records": [{question, answer, output, prediction,
     correct, detected_language}]}. An answer with no letters at all counts as off-target.
     """
-    from lidr_jax.methods.langid import detect_language
-
     if len(items) != len(outputs):
         raise ValueError(f"{len(items)} MGSM items but {len(outputs)} outputs for {lang}")
     records = []

@@ -15,14 +15,14 @@ from pathlib import Path
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (the 'plots' extra): imported only when plotting
     except ImportError as e:
         raise ImportError(
             "plotting needs matplotlib, which is an optional dependency: pip install 'lidr_jax[plots]' "
             "(or pip install matplotlib)"
         ) from e
     matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use: the backend must be chosen first
 
     return plt
 

@@ -29,9 +29,12 @@ are computed (`logit_index`), so the prompt and the padding contribute nothing t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,9 +269,6 @@ def convert(src: str | os.PathLike, to: str, dst: str | os.PathLike, name: str |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lidr_jax.pairs convert IN --to trl|llamafactory OUT [--name NAME]`."""
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(
         prog="python -m lidr_jax.pairs", description="Preference-pair files for other trainers."
     )
@@ -330,8 +330,6 @@ class EncodedPairs:
 
     def fingerprint(self) -> str:
         """A hash of every token id: stored reference log-probs are checked against it."""
-        import hashlib
-
         h = hashlib.sha256()
         for arrays in (self.prompt_ids, self.chosen_ids, self.rejected_ids):
             for a in arrays:
