@@ -2,7 +2,7 @@
 
 import sys
 
-from lidr_jax.formats.export import main
+from lidr_jax.pipeline.export_run import main
 
 if __name__ == "__main__":
     sys.exit(main())

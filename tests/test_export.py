@@ -1,5 +1,6 @@
 """HF export: random HF model -> lidr_jax -> export -> transformers, logits equal; sharding, dtypes,
 generation config, tokenizer and chat template; the CLI on a run directory; the embedded SmolLM2.
+(Destination safety, error messages and the model card: tests/test_export_safety.py.)
 
 Tolerances (float32, max abs logit difference): a model exported from weights that came from an HF
 checkpoint reloads with bit-identical tensors, so transformers' logits before and after agree to
@@ -16,10 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.formats.export import export_hf, main, parse_size
+from lidr_jax.formats.export import export_hf, parse_size
 from lidr_jax.formats.load import load_pretrained
 from lidr_jax.model.llama import forward
-from lidr_jax.pipeline.run_dir import RunDir, StageNotDoneError
+from lidr_jax.pipeline.export_run import main
+from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train.checkpoint import save_params
 
 ROUND_TRIP_TOL = 1e-5
@@ -183,18 +185,20 @@ def test_cli_exports_a_runs_trained_policy(tiny_llama_dir, tmp_path, capsys):
     np.testing.assert_array_equal(
         _safetensors(tmp_path / "base")["model.embed_tokens.weight"], np.asarray(base.params["embed"])
     )
-    with pytest.raises(StageNotDoneError, match="stage 'train' of iteration 2 is not done"):
-        main([str(run.path), "--iteration", "2", "--out", str(tmp_path / "nope")])
+    capsys.readouterr()
+    assert main([str(run.path), "--iteration", "2", "--out", str(tmp_path / "nope")]) == 2
+    assert "--iteration 2: " in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --iteration with a plain model directory is a usage error
         main([str(tiny_llama_dir), "--iteration", "1", "--out", str(tmp_path / "nope")])
     main([str(tiny_llama_dir), "--out", str(tmp_path / "plain"), "--dtype", "float32"])
     assert sorted(_safetensors(tmp_path / "plain")) == sorted(exported)
+    assert not (tmp_path / "nope").exists()
 
 
-def test_cli_refuses_run_without_training(tiny_llama_dir, tmp_path):
+def test_cli_refuses_run_without_training(tiny_llama_dir, tmp_path, capsys):
     RunDir(tmp_path / "run", {"model": str(tiny_llama_dir)}, seed=0)
-    with pytest.raises(SystemExit, match="has no finished training stage yet"):
-        main([str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    assert "has no finished training stage yet; nothing to export" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -2,39 +2,53 @@
 
     export_hf(model, "out/hf")                                   # a loaded Model
     export_hf(params, "out/hf", config=config, tokenizer=tok)    # params restored from a checkpoint
-    python -m lidr_jax.export RUN_DIR [--iteration K] --out DIR  # a run's trained policy
+    python -m lidr_jax.export RUN_DIR [--iteration K] --out DIR  # a run's trained policy (lidr_jax.pipeline.export_run)
     python -m lidr_jax.export smollm2-135m-instruct --out DIR    # also a .gguf file or an HF directory
 
 The directory holds safetensors weights (one `model.safetensors`, or shards of at most
 `max_shard_size` with `model.safetensors.index.json`), `config.json` (architecture fields from
 `ModelConfig.to_hf_dict`, plus `torch_dtype`/`dtype`), `generation_config.json` naming every
-end-of-turn id (so generation stops at `<|im_end|>` as well as at the tokenizer's EOS), and the
-tokenizer files with the chat template. Tensor names and layouts come from `lidr_jax.formats.hf_table`, the
-one table import also uses; tied embeddings are written once. Exporting a GGUF model therefore gives a
-normal HF directory. The directory is written beside its destination and renamed into place, so an
-interrupted export never leaves a half-written model under `out_dir`.
+end-of-turn id (so generation stops at `<|im_end|>` as well as at the tokenizer's EOS), the
+tokenizer files with the chat template, a `README.md` model card (base model, method, iteration,
+languages, training data, per-language numbers: `model_card`), and `lidr_jax_export.json`, the mark
+that says lidr_jax wrote the directory and which files it holds. Tensor names and layouts come from
+`lidr_jax.formats.hf_table`, the one table import also uses; tied embeddings are written once.
+Exporting a GGUF model therefore gives a normal HF directory.
+
+Nothing of the user's is ever lost (`check_destination`, run before any model work by the command):
+the destination must not exist, be an empty folder, or be an earlier lidr_jax export (replaced only
+when `replace=True`; the command's `--force`) that holds no file the export did not write. A file, the
+source or a folder holding it, and any other non-empty folder are refused. The directory is written to
+a temporary folder beside its destination and renamed into place, so an interrupted export never
+leaves a half-written model under `out_dir`; the temporary folder is removed on any failure, and one
+left by a killed export (its name holds the host and process id) is removed by the next export beside it.
+Every file gets the process umask's permissions (`lidr_jax.files.atomic_write_bytes`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
 import shutil
-import sys
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from safetensors.numpy import save as safetensors_bytes
 
+from lidr_jax.dist.sharding import to_host
+from lidr_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lidr_jax.formats.hf_table import hf_from_params, hf_names
 from lidr_jax.model.config import ModelConfig
 
 EXPORT_DTYPES = ("bfloat16", "float32")
+EXPORT_MARK = "lidr_jax_export.json"  # written last: its presence says lidr_jax wrote the directory
+MODEL_CARD = "README.md"
+CARD_KEYS = ("base_model", "method", "iteration", "languages", "training_pairs", "per_language", "run")
 _UNITS = {
     "": 1,
     "B": 1,
@@ -47,6 +61,10 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+
+
+class ExportError(ValueError):
+    """The export destination is refused (it would lose data) or cannot be written."""
 
 
 def parse_size(size: int | str) -> int:
@@ -63,13 +81,194 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _to_host(x, dtype: np.dtype) -> np.ndarray:
-    """One parameter on the host in the export dtype (gathered across hosts if it is sharded there)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+# ------------------------------------------------------------------------------------ destination
 
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x).astype(dtype, copy=False)
+
+def _read_mark(directory: Path) -> dict | None:
+    """The export mark of `directory`, or None when it has none (or one that is not ours)."""
+    try:
+        mark = json.loads((directory / EXPORT_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.get("written_by") != "lidr_jax" or not isinstance(mark.get("files"), list):
+        return None
+    return mark
+
+
+def _listing(names: Iterable[str], limit: int = 4) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_destination(
+    out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (), replace: bool = True
+) -> Path:
+    """The resolved destination of an export, or an `ExportError` saying why it is refused.
+
+    Refused: a file; a folder that is, or holds, one of `sources` (what is being exported: a model
+    directory or file, a run directory); a non-empty folder without lidr_jax's export mark; an earlier
+    export that holds files it did not write; an earlier export when `replace` is False. Reads only
+    the destination's listing, so a command runs it before loading anything.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    real = out.resolve()
+    for src in sources:
+        src_real = Path(src).expanduser().absolute().resolve()
+        if real == src_real or real in src_real.parents:
+            what = "is the source" if real == src_real else f"holds the source {src_real}"
+            raise ExportError(
+                f"export destination {out} {what}; writing there would delete it. Nothing was written: "
+                f"choose a new folder, e.g. {src_real.parent / (src_real.name + '-hf')}"
+            )
+    if real.exists() and not real.is_dir():
+        raise ExportError(
+            f"export destination {out} is a file, not a folder; nothing was written: "
+            "choose a folder that does not exist yet (or an empty one)"
+        )
+    if not real.is_dir():
+        return real
+    entries = [p.name for p in real.iterdir()]
+    if not entries:
+        return real
+    mark = _read_mark(real)
+    if mark is None:
+        raise ExportError(
+            f"export destination {out} is a folder that holds {_listing(entries)} and is not an earlier lidr_jax "
+            "export; nothing was written: choose a new or empty folder"
+        )
+    foreign = set(entries) - set(mark["files"]) - {EXPORT_MARK}
+    if foreign:
+        raise ExportError(
+            f"export destination {out} is an earlier lidr_jax export but also holds {_listing(foreign)}, which the "
+            "export did not write; nothing was written: move those out or choose a new folder"
+        )
+    if not replace:
+        raise ExportError(
+            f"export destination {out} holds an earlier lidr_jax export; nothing was written: pass --force "
+            "(export_hf(..., replace=True)) to replace it, or choose a new folder"
+        )
+    return real
+
+
+def _temp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.lidr-export-{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders of exports to `out_dir` from this host whose process is gone (a
+    killed export leaves one); returns what was removed. Another host's folders are left alone."""
+    prefix = _temp_prefix(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for p in out_dir.parent.iterdir():
+        m = re.fullmatch(r"(\d+)\.(tmp|old)", p.name[len(prefix) :]) if p.name.startswith(prefix) else None
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ model card
+
+
+def _yaml_list(key: str, values: Iterable[str]) -> list[str]:
+    values = list(values)
+    return [f"{key}:", *(f"- {json.dumps(str(v))}" for v in values)] if values else []
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"  # NaN: nothing measured
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _hub_id(name: str) -> bool:
+    """A Hugging Face hub id ("org/name") rather than a local path or an embedded model name."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: str, dtype: str, num_params: int) -> str:
+    """README.md of an export: YAML metadata the hub reads, then what the model is and how it was made.
+
+    `card` (all keys optional, `CARD_KEYS`): base_model, method, iteration, languages, training_pairs
+    (preference pairs of the iteration), per_language ({language: {column: number}}), run (the run
+    directory). Without it the card describes a format conversion of `source`.
+    """
+    card = dict(card or {})
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise ValueError(f"model card keys {unknown} are not known; the card takes {', '.join(CARD_KEYS)}")
+    base = str(card.get("base_model") or source)
+    method = card.get("method") or "none: a format conversion by lidr_jax, no training"
+    languages = [str(lang) for lang in card.get("languages") or []]
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    front += _yaml_list("language", languages)
+    if _hub_id(base):
+        front.append(f"base_model: {json.dumps(base)}")
+    trained = bool(card.get("iteration"))  # iteration 0 is a run's starting model
+    front += _yaml_list("tags", ["lidr_jax", *(["dpo"] if trained else [])])
+    front.append("---")
+    iteration = card.get("iteration")
+    title = f"{Path(base).name} (lidr_jax" + (f", iteration {iteration})" if iteration is not None else " export)")
+    rows = [("Base model", f"`{base}`"), ("Method", method)]
+    if iteration is not None:
+        rows.append(("Iteration", _fmt(iteration)))
+    if languages:
+        rows.append(("Languages", ", ".join(languages)))
+    if card.get("training_pairs") is not None:
+        rows.append(("Training data", f"{_fmt(card['training_pairs'])} preference pairs"))
+    if card.get("run"):
+        rows.append(("Run directory", f"`{card['run']}`"))
+    rows.append(
+        (
+            "Architecture",
+            f"{config.model_type}, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+            f"{num_params:,} parameters",
+        )
+    )
+    rows.append(("Weights", f"{dtype} safetensors"))
+    body = [f"# {title}", "", f"Exported by lidr_jax from `{source}`.", "", "| | |", "|---|---|"]
+    body += [f"| {k} | {v} |" for k, v in rows]
+    per_language: Mapping[str, Mapping[str, Any]] = card.get("per_language") or {}
+    if per_language:
+        columns = list(dict.fromkeys(c for numbers in per_language.values() for c in numbers))
+        where = f" of iteration {iteration}" if iteration is not None else ""
+        body += ["", f"## Per-language numbers{where}", ""]
+        body += ["| language | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for lang, numbers in per_language.items():
+            body.append(f"| {lang} | " + " | ".join(_fmt(numbers.get(c)) for c in columns) + " |")
+    body += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+        "The chat template and every end-of-turn id are in the tokenizer and generation config files.",
+    ]
+    return "\n".join(front + [""] + body) + "\n"
+
+
+# ------------------------------------------------------------------------------------ writing
 
 
 def _shards(tensors: Mapping[str, np.ndarray], order: list[str], max_bytes: int) -> list[list[str]]:
@@ -131,20 +330,27 @@ def export_hf(
     dtype: str = "bfloat16",
     max_shard_size: int | str = "2GB",
     generation_config: Mapping[str, Any] | None = None,
+    card: Mapping[str, Any] | None = None,
+    replace: bool = True,
 ) -> Path:
-    """Write a Hugging Face model directory to `out_dir` (replacing one already there); returns its path.
+    """Write a Hugging Face model directory to `out_dir`; returns its path.
 
-    `model_or_params` is a `lidr_jax.formats.load.Model` (config, tokenizer and generation config come from it
-    unless given) or a params pytree, which then needs `config` (e.g. from
-    `lidr_jax.train.checkpoint.restore_params`). `tokenizer` is a `ChatTokenizer`; without one the directory
-    has no tokenizer files. `dtype`: "bfloat16" (half the size; what vLLM serves) or "float32" (exact).
-    On several hosts every process must call this (sharded params are gathered); process 0 writes.
+    `model_or_params` is a `lidr_jax.formats.load.Model` (config, tokenizer and generation config come
+    from it unless given) or a params pytree, which then needs `config` (e.g. from
+    `lidr_jax.train.checkpoint.restore_params`). `tokenizer` is a `ChatTokenizer`; without one the
+    directory has no tokenizer files. `dtype`: "bfloat16" (half the size; what vLLM serves) or
+    "float32" (exact). `card`: what the model card says (`model_card`). `out_dir` is checked by
+    `check_destination` (an earlier lidr_jax export there is replaced only if `replace`), also
+    against the model's source when that is a path. On several hosts every process must call this
+    (sharded params are gathered); process 0 writes.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {EXPORT_DTYPES}")
+    source = "params"
     if hasattr(model_or_params, "params") and hasattr(model_or_params, "config"):
         model = model_or_params
         params, config = model.params, config or model.config
+        source = str(model.source)
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if generation_config is None:
             generation_config = getattr(model, "generation_config", None)
@@ -155,27 +361,42 @@ def export_hf(
                 "export_hf(params, ...) needs config=ModelConfig (restore_params returns it with the params)"
             )
     max_bytes = parse_size(max_shard_size)
+    sources = [source] if source != "params" and Path(source).exists() else []
+    out_dir = check_destination(out_dir, sources=sources, replace=replace)
+    model_card(card, config=config, source=source, dtype=dtype, num_params=0)  # a bad card fails before any work
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     # Cast to the export dtype on the host first, so the layout changes below copy half as much.
-    host = jax.tree.map(lambda x: _to_host(x, np_dtype), params)
-    out_dir = Path(out_dir).absolute()
+    host = jax.tree.map(lambda x: to_host(x).astype(np_dtype, copy=False), params)
     if jax.process_index() != 0:
         return out_dir
     tensors = hf_from_params(host, config)
     order = hf_names(config)
     assert sorted(order) == sorted(tensors), "weights table and hf_from_params disagree"
+    num_params = int(sum(t.size for t in tensors.values()))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        _write_weights(tmp, tensors, order, max_bytes)
-        (tmp / "config.json").write_text(json.dumps(_hf_config(config, tokenizer, dtype), indent=2) + "\n")
-        gen = _generation_config(config, tokenizer, generation_config)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)
+        tmp = out_dir.parent / f"{_temp_prefix(out_dir)}{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(
+            f"cannot create the export beside {out_dir}: {e.strerror or e}; choose a folder you can write to"
+        ) from None
+    try:
+        written = _write_weights(tmp, tensors, order, max_bytes)
+        atomic_write_json(tmp / "config.json", _hf_config(config, tokenizer, dtype))
+        atomic_write_json(tmp / "generation_config.json", _generation_config(config, tokenizer, generation_config))
         if tokenizer is not None:
             tokenizer.hf.save_pretrained(str(tmp))
+        text = model_card(card, config=config, source=source, dtype=dtype, num_params=num_params)
+        atomic_write_text(tmp / MODEL_CARD, text)
+        files = sorted(p.name for p in tmp.iterdir())
+        mark = {"written_by": "lidr_jax", "source": source, "dtype": dtype, "weights": written, "files": files}
+        atomic_write_json(tmp / EXPORT_MARK, mark)  # last: a directory with the mark is complete
+        # Checked again just before the swap: a file put there while the weights were written is not lost.
+        check_destination(out_dir, sources=sources, replace=replace)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,98 +404,43 @@ def export_hf(
     return out_dir
 
 
-def _write_weights(directory: Path, tensors: Mapping[str, np.ndarray], order: list[str], max_bytes: int) -> None:
-    from safetensors.numpy import save_file
-
+def _write_weights(directory: Path, tensors: Mapping[str, np.ndarray], order: list[str], max_bytes: int) -> list[str]:
+    """The safetensors file(s) (and index) in `directory`; returns the weight file names."""
     groups = _shards(tensors, order, max_bytes)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without a known format
+
+    def write(file: str, names: list[str]) -> None:
+        # Serialised in memory (one shard at a time) and written through the one atomic writer, which
+        # gives the file the umask's permissions (safetensors' own save_file leaves it 0600).
+        atomic_write_bytes(directory / file, safetensors_bytes({n: tensors[n] for n in names}, metadata=metadata))
+
     if len(groups) == 1:
-        save_file({n: tensors[n] for n in groups[0]}, str(directory / "model.safetensors"), metadata=metadata)
-        return
+        write("model.safetensors", groups[0])
+        return ["model.safetensors"]
     weight_map = {}
     for i, names in enumerate(groups, start=1):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(directory / file), metadata=metadata)
+        write(file, names)
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_json(directory / "model.safetensors.index.json", index)
+    return sorted(set(weight_map.values()))
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` to `out_dir`; an existing `out_dir` is swapped out, then deleted."""
+    """Move the finished `tmp` to `out_dir`. An earlier export there is first renamed aside (a name
+    `remove_stale_temps` recognises if this process dies before deleting it), then deleted; an empty
+    folder is replaced by the rename itself."""
     old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = out_dir.parent / f"{_temp_prefix(out_dir)}{os.getpid()}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:  # put the earlier export back
+            os.replace(old, out_dir)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def model_from_run(run_path: str | os.PathLike, iteration: int | None = None):
-    """The `Model` a run produced: iteration K's trained policy (default: the last trained one) with
-    the run's base model tokenizer and generation config. Iteration 0 is the base model itself."""
-    from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.pipeline.run_dir import RunDir
-    from lidr_jax.train.checkpoint import restore_params
-
-    run = RunDir(run_path)
-    k = run.last_iteration_with("train") if iteration is None else iteration
-    if k is None:
-        raise SystemExit(
-            f"{run.path} has no finished training stage yet; nothing to export "
-            "(pass --iteration 0 to export the run's starting model)"
-        )
-    base_name = run.config.get("model") or run.iteration_start_model(min(run.iterations()))
-    base = load_pretrained(base_name)
-    if k == 0:
-        return base
-    policy = run.outputs(k, "train")["policy"]  # raises StageNotDoneError naming the stage
-    params, config = restore_params(policy)
-    return dataclasses.replace(base, params=params, config=config, source=f"{run.path} iteration {k}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lidr_jax.export",
-        description="Export a model to a Hugging Face directory (safetensors, config, generation config, "
-        "tokenizer with chat template) that transformers and vLLM load.",
-    )
-    p.add_argument(
-        "source",
-        help="a run directory (has manifest.json), a Hugging Face model directory, "
-        "a .gguf file, or an embedded model name (smollm2-135m-instruct)",
-    )
-    p.add_argument(
-        "--iteration",
-        type=int,
-        default=None,
-        help="run directories only: the iteration whose trained policy to export "
-        "(default: the last trained; 0 = the run's starting model)",
-    )
-    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
-    args = p.parse_args(argv)
-
-    from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.pipeline.run_dir import MANIFEST
-
-    if (Path(args.source) / MANIFEST).exists():
-        model = model_from_run(args.source, args.iteration)
-    else:
-        if args.iteration is not None:
-            p.error("--iteration applies only to a run directory (one with manifest.json)")
-        model = load_pretrained(args.source)
-    out = export_hf(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    files = sorted(f.name for f in out.iterdir())
-    print(f"exported {model.source} ({args.dtype}) to {out}: {', '.join(files)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

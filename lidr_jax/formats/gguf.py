@@ -20,7 +20,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lidr_jax.formats.hf_table import params_from_hf
 from lidr_jax.formats.tokenizer import ChatTokenizer
@@ -77,25 +80,41 @@ class GGUFImportError(ValueError):
     """The GGUF file describes something lidr_jax cannot load."""
 
 
-def _reader(path: Path):
+class _Reader(gguf.GGUFReader):
     """A `gguf.GGUFReader` whose buffer is a plain ndarray over the memory map.
 
     The stock reader slices an `np.memmap` once per metadata string (~100k for a 49k vocabulary), and
     every memmap slice pays a Python `__array_finalize__`; over a plain ndarray view of the same mapping
     the same parse is several times faster. Nothing is copied: the tensors stay lazy.
     """
-    import gguf
 
-    class _Reader(gguf.GGUFReader):
-        @property
-        def data(self):
-            return self._buffer
+    @property
+    def data(self):
+        return self._buffer
 
-        @data.setter
-        def data(self, value):
-            self._buffer = value.view(np.ndarray)
+    @data.setter
+    def data(self, value):
+        self._buffer = value.view(np.ndarray)
 
-    return _Reader(path)
+
+def _open_gguf(path: Path):
+    """The file's reader; a file that is not a complete GGUF raises `GGUFImportError` naming it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if len(magic) < 4 and b"GGUF".startswith(magic):
+        raise GGUFImportError(f"{path}: the GGUF file is truncated ({len(magic)} bytes); download or copy it again")
+    if magic != b"GGUF":
+        raise GGUFImportError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a llama.cpp .gguf model file"
+        )
+    try:
+        return _Reader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, EOFError) as e:
+        # gguf's reader fails on a short buffer with numpy errors that do not name the file.
+        raise GGUFImportError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "it is truncated or damaged: download or copy it again"
+        ) from None
 
 
 def _fields(reader) -> dict[str, Any]:
@@ -222,11 +241,14 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
     Tensors are dequantized one at a time as `params_from_hf` asks for them, so peak host memory is the
     float32 params plus one tensor.
     """
-    from gguf.quants import dequantize
-
     path = Path(path)
-    reader = _reader(path)
-    meta = _fields(reader)
+    reader = _open_gguf(path)
+    try:
+        meta = _fields(reader)
+    except UnicodeDecodeError as e:
+        raise GGUFImportError(
+            f"{path}: a metadata string is not UTF-8 ({e.reason}); the file is damaged: download or copy it again"
+        ) from None
     tensors = {t.name: t for t in reader.tensors}
     tokens = _array(reader, "tokenizer.ggml.tokens")
     embed = tensors.get("token_embd.weight")
@@ -260,8 +282,6 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
 
 def _pre_tokenizer(pre: str | None):
     """(normalizer, pre-tokenizer) of the original tokenizer that `tokenizer.ggml.pre` names."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in _SMOLLM_PRES:
         # SmolLM2's tokenizer.json: every digit its own piece, then GPT-2's regex.
@@ -285,8 +305,6 @@ def _pre_tokenizer(pre: str | None):
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], meta: dict[str, Any]):
     """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`): tokens are spelled in GPT-2's byte alphabet."""
-    from tokenizers import Tokenizer, decoders, models
-
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(
         models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False, byte_fallback=False)
@@ -315,8 +333,6 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[
 def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: list[str] | None, meta):
     """Sentencepiece BPE (`tokenizer.ggml.model == "llama"`: Llama 2, TinyLlama, Mistral v0.1), as the
     tokenizer.json transformers writes for them: "▁" for spaces, a leading "▁", byte fallback."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     if merges:
         pairs = [tuple(m.split(" ", 1)) for m in merges]
     elif scores is not None:
@@ -343,7 +359,7 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: li
 
 def gguf_tokenizer(reader, meta: dict[str, Any], tokens: list[str] | None) -> ChatTokenizer:
     """The file's tokenizer rebuilt with `tokenizers`, with its special tokens and chat template."""
-    from tokenizers import AddedToken, processors
+    # transformers is a heavy import, paid only when a GGUF's tokenizer is built.
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")

@@ -13,10 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import param_specs
 
 
 class WeightsMismatchError(ValueError):
     """The checkpoint's tensors do not match the architecture its config describes."""
+
+
+class ModelFileError(ValueError):
+    """A model file cannot be read: truncated or damaged weights, a JSON file that is not UTF-8 or not
+    JSON, or a directory without the tokenizer files a model needs. The message names the file."""
 
 
 # (params path, HF name with {i} for the layer, to_ours(hf_array, config), to_hf(our_array, config))
@@ -110,8 +116,6 @@ def params_from_hf(
     `get(name)` returns one tensor; `names` is every tensor the checkpoint has. A checkpoint of a tied
     model may still carry `lm_head.weight` (a copy of the embedding); it is accepted and ignored.
     """
-    from lidr_jax.model.llama import param_specs
-
     specs = param_specs(config)
     expected = set(hf_names(config))
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
