@@ -1,0 +1,129 @@
+"""The held-out measurement: bootstrap intervals and in-language shares on scripted answers (exact
+values for a fixed seed), and the reference log-likelihood of a tiny random model checked by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from eval_helpers import tiny_random_model
+
+from lidr_jax.eval.heldout import (
+    Estimate,
+    bootstrap_mean,
+    format_estimate,
+    in_language,
+    in_language_by_id,
+    paired_change,
+    reference_logliks,
+    summarize_language,
+    summarize_rows,
+)
+from lidr_jax.methods.lidr import chat_prompt
+from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.model.llama import forward
+
+# 48 prompts: 30 answered in the asked language before, 39 after (every earlier hit kept).
+BEFORE = [1.0] * 30 + [0.0] * 18
+AFTER = [1.0] * 39 + [0.0] * 9
+
+SCRIPTED = {
+    "es": [
+        "Hoy hace muy buen tiempo y vamos a pasear por el parque.",
+        "The weather is very nice today and we are going for a walk.",
+        "La capital de Italia es Roma, una ciudad muy antigua.",
+        "12",
+    ],
+    "en": [
+        "The capital of Italy is Rome, a very old city.",
+        "Drink water every day and sleep at least seven hours.",
+        "Die Hauptstadt von Italien ist Rom.",
+        "A triangle has three sides.",
+    ],
+}
+
+
+def test_bootstrap_mean_exact_values_for_a_fixed_seed():
+    est = bootstrap_mean(BEFORE, seed=0)
+    assert est == Estimate(0.625, 0.5, 0.75, 48)
+    assert bootstrap_mean(BEFORE, seed=0) == est  # same seed, same interval
+    assert bootstrap_mean(BEFORE, seed=1) == Estimate(0.625, 0.4791666666666667, 0.7708333333333334, 48)
+    assert bootstrap_mean(AFTER, seed=0, resamples=500, level=0.9) == Estimate(
+        0.8125, 0.7083333333333334, 0.8958333333333334, 48
+    )
+    # no spread, no interval; no prompts, no number
+    assert bootstrap_mean([1.0] * 10) == Estimate(1.0, 1.0, 1.0, 10)
+    nan = bootstrap_mean([])
+    assert nan.n == 0 and all(v != v for v in (nan.value, nan.low, nan.high))
+    with pytest.raises(ValueError, match="level must be in"):
+        bootstrap_mean(BEFORE, level=95)
+
+
+def test_paired_change_is_the_interval_of_the_difference():
+    change = paired_change(BEFORE, AFTER, seed=0)
+    assert change == Estimate(0.1875, 0.08333333333333333, 0.3125, 48)
+    # the unpaired intervals overlap although every prompt moved one way: pairing is what shows the effect
+    assert bootstrap_mean(AFTER, seed=0).low < bootstrap_mean(BEFORE, seed=0).high and change.low > 0
+    assert paired_change(BEFORE, BEFORE) == Estimate(0.0, 0.0, 0.0, 48)
+    with pytest.raises(ValueError, match="aligned per prompt"):
+        paired_change(BEFORE, AFTER[:-1])
+
+
+def test_in_language_share_on_scripted_answers():
+    assert in_language(SCRIPTED["es"], "es").tolist() == [True, False, True, False]  # "12" has no language
+    assert in_language(SCRIPTED["en"], "en").tolist() == [True, True, False, True]
+    s = summarize_language(SCRIPTED["es"], "es", tokens=[14, 13, 12, 1], logliks=[-1.0, -2.0, -1.5, -0.5], seed=0)
+    assert s == {
+        "in_language": {"value": 0.5, "low": 0.0, "high": 1.0, "n": 4},
+        "mean_chars": 42.5,  # (56 + 59 + 53 + 2) / 4
+        "mean_tokens": 10.0,
+        "ref_loglik": {"value": -1.25, "low": -1.75, "high": -0.75, "n": 4},
+    }
+    assert format_estimate(s["in_language"]) == "0.50 [0.00, 1.00]" and format_estimate(bootstrap_mean([])) == "-"
+
+
+def test_summarize_rows_skips_translation_tasks_and_reads_logliks():
+    rows = [
+        {"lang": lang, "id": f"p{i}", "outputs": [text], "tokens": [len(text) // 4]}
+        for lang, texts in SCRIPTED.items()
+        for i, text in enumerate(texts)
+    ]
+    logliks = {"en": {"p0": -0.5, "p1": -1.0, "p2": -2.0, "p3": -0.5}}
+    out = summarize_rows(rows, skip_ids={"p3"}, logliks=logliks, seed=0, resamples=1000)
+    assert set(out) == {"es", "en"}
+    assert out["es"]["in_language"] == {"value": 2 / 3, "low": 0.0, "high": 1.0, "n": 3}
+    assert out["es"]["mean_chars"] == (56 + 59 + 53) / 3
+    assert out["en"]["in_language"]["value"] == 2 / 3 and out["en"]["mean_tokens"] == (11 + 13 + 8) / 3
+    assert out["en"]["ref_loglik"] == {"value": -1.0, "low": -1.625, "high": -0.5, "n": 4}
+    assert "ref_loglik" not in out["es"]
+    assert in_language_by_id(rows, "es", skip_ids={"p3"}) == {"p0": 1.0, "p1": 0.0, "p2": 1.0}
+
+
+def test_reference_logliks_equal_a_forward_pass_by_hand():
+    model = tiny_random_model(seed=0, max_len=256)
+    prompts = PromptSet(
+        ("en", "fr"),
+        ("a", "b", "c"),
+        {
+            "en": ("Name a colour.", "How many days are in a week?", "Say hi."),
+            "fr": ("Une couleur ?", "Jours ?", "Salut."),
+        },
+        references={"en": {"a": "Blue.", "b": "Seven days."}, "fr": {"c": "Bonjour !"}},
+    )
+    got = reference_logliks(model, prompts, batch_size=4)
+    assert list(got) == ["en", "fr"] and list(got["en"]) == ["a", "b"] and list(got["fr"]) == ["c"]
+    tok = model.tokenizer
+    eot = tok.hf.convert_tokens_to_ids("<|im_end|>")
+    fwd = jax.jit(lambda params, t: forward(params, t, model.config))
+    for lang, pid, instruction, answer in [
+        ("en", "a", "Name a colour.", "Blue."),
+        ("en", "b", "How many days are in a week?", "Seven days."),
+        ("fr", "c", "Salut.", "Bonjour !"),
+    ]:
+        prompt = tok.chat_ids(chat_prompt(instruction), add_generation_prompt=True)
+        # one id per character, then the template's end of turn "<|im_end|>\n", scored as in DPO training
+        answer_ids = tok.encode(answer) + [eot] + tok.encode("\n")
+        tokens = np.asarray([list(prompt) + answer_ids], np.int32)
+        logits = np.asarray(fwd(model.params, jnp.asarray(tokens))).astype(np.float64)[0]
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        want = np.mean([logp[t - 1, tokens[0, t]] for t in range(len(prompt), tokens.shape[1])])
+        assert abs(got[lang][pid] - want) <= 1e-5 * max(1.0, abs(want))
