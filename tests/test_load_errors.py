@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from lidr_jax.formats.gguf import GGUFImportError
-from lidr_jax.formats.hf_table import WeightsMismatchError
-from lidr_jax.formats.load import ModelNotFoundError, load_pretrained
+from lidr_jax.formats.hf_table import ModelFileError, WeightsMismatchError
+from lidr_jax.formats.load import LOAD_ERRORS, ModelNotFoundError, RemoteCodeError, load_pretrained
 from lidr_jax.model.config import UnsupportedConfigError
 
 LLAMA = {
@@ -156,3 +156,68 @@ def test_non_gguf_file(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ModelNotFoundError, match=r"not a \.gguf"):
         load_pretrained(tmp_path / "weights.npz")
+
+
+# Typed errors of the library (the export command's one-line messages: tests/test_export_safety.py).
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_safetensors_is_a_model_file_error(tiny_llama_dir, tmp_path):
+    path = _copy(tiny_llama_dir, tmp_path / "m")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelFileError, match=rf"^{weights}: not a readable safetensors file \(.*truncated or damaged"):
+        load_pretrained(path)
+
+
+def test_truncated_gguf_is_a_gguf_import_error(tmp_path):
+    file = _write_gguf(tmp_path / "m.gguf")
+    for size in (2, 64, len(file.read_bytes()) - 8):
+        file.write_bytes(_write_gguf(tmp_path / "full.gguf").read_bytes()[:size])
+        with pytest.raises(GGUFImportError, match=rf"^{file}: (the GGUF file is truncated|not a readable GGUF file)"):
+            load_pretrained(file)
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(GGUFImportError, match=r"not a GGUF file \(it starts with b'PK\\x03\\x04', not b'GGUF'\)"):
+        load_pretrained(tmp_path / "m.gguf")
+
+
+def test_config_without_required_fields(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    with pytest.raises(UnsupportedConfigError, match=r"config.json lacks \['hidden_size', 'intermediate_size',"):
+        load_pretrained(tmp_path)
+
+
+def test_malformed_json_names_file_and_line(tiny_llama_dir, tmp_path):
+    path = _copy(tiny_llama_dir, tmp_path / "m")
+    (path / "generation_config.json").write_text('{\n  "eos_token_id": 2,\n')
+    with pytest.raises(ModelFileError, match=rf"^{path / 'generation_config.json'}:3: malformed JSON"):
+        load_pretrained(path)
+
+
+def test_auto_map_is_refused_before_any_weights_are_read(tiny_llama_dir, tmp_path, monkeypatch):
+    import lidr_jax.formats.load as load
+
+    path = _copy(tiny_llama_dir, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    monkeypatch.setattr(load, "_read_safetensors", lambda *a: pytest.fail("weights read"))
+    with pytest.raises(RemoteCodeError, match=r"auto_map \(AutoModelForCausalLM\).*never runs remote code"):
+        load_pretrained(path)
+
+
+def test_missing_tokenizer_is_found_before_weights_are_read(tiny_llama_dir, tmp_path, monkeypatch):
+    import lidr_jax.formats.load as load
+
+    path = _copy(tiny_llama_dir, tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    monkeypatch.setattr(load, "_read_safetensors", lambda *a: pytest.fail("weights read"))
+    with pytest.raises(ModelFileError, match=r"has no tokenizer files"):
+        load_pretrained(path)
+    assert ModelFileError in LOAD_ERRORS and RemoteCodeError in LOAD_ERRORS

@@ -138,6 +138,7 @@ def _llama3_inv_freq(inv: np.ndarray, s: dict[str, float]) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -188,6 +189,12 @@ def config_from_hf(hf: dict[str, Any], **dtype_policy: str) -> ModelConfig:
         sliding = hf.get("sliding_window")
     if sliding is not None:
         raise UnsupportedConfigError(f"sliding_window={sliding} is not supported (attention is always full)")
+    missing = [k for k in _REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise UnsupportedConfigError(
+            f"config.json lacks {missing}, which a {model_type} config always has; the file is incomplete: "
+            "copy it again from the model's source"
+        )
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedConfigError(f"partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
     N = hf["num_attention_heads"]
@@ -224,4 +231,10 @@ def load_hf_config(path: str | Path, **dtype_policy: str) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist: a Hugging Face model directory has a config.json")
-    return config_from_hf(json.loads(file.read_text()), **dtype_policy)
+    try:
+        hf = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnsupportedConfigError(
+            f"{file}: not a UTF-8 JSON file ({e}); copy it again from the model's source"
+        ) from None
+    return config_from_hf(hf, **dtype_policy)
