@@ -7,7 +7,7 @@ import pytest
 
 from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import (
-    ICRSettings,
+    ICRSelectionConfig,
     answer_logprobs,
     icr_pairs,
     icr_scoring_prompt,
@@ -118,7 +118,7 @@ def test_scoring_prompt_conditions():
     with pytest.raises(ValueError, match="unknown language code 'fra'"):
         icr_scoring_prompt(en, "fra")
     with pytest.raises(ValueError, match="condition must be one of"):
-        ICRSettings(condition="x")
+        ICRSelectionConfig(condition="x")
     assert implicit_rewards([1.0, -2.0], [0.5, -1.0]).tolist() == [0.5, -1.0]
 
 
@@ -127,7 +127,9 @@ def test_icr_pairs_from_answers():
     answers = {"q0": ["a" * 300, "b" * 100, "c" * 50], "q1": ["d" * 100, "e" * 40, "f" * 200], "q2": ["", "only"]}
     rewards = {"q0": R[0], "q1": R[1], "q2": [9.0, 1.0]}
     no_language = PairFilterConfig(language=False)
-    pairs, _sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(system_prompt="Sys"), no_language)
+    pairs, _sel, stats = icr_pairs(
+        instructions, "fr", answers, rewards, ICRSelectionConfig(system_prompt="Sys"), no_language
+    )
     assert stats == {
         "prompts": 3,
         "pairs": 2,
@@ -162,15 +164,17 @@ def test_icr_never_chooses_a_wrong_language_answer():
     # q1: only English/German answers: no pair, reason "language"; q2: same text twice: "identical"
     answers = {"q0": [EN, FR, FR + " Voilà."], "q1": [EN, DE], "q2": [FR, FR, FR]}
     rewards = {"q0": [9.0, 2.0, 1.0], "q1": [3.0, 1.0], "q2": [2.0, 1.0, 2.0]}
-    pairs, sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(alpha_max=0.001))
+    pairs, sel, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSelectionConfig(alpha_max=0.001))
     assert [(p.id, p.chosen, p.rejected) for p in pairs] == [("q0", FR, FR + " Voilà.")]
     assert stats["dropped"] == {"language": 1, "identical": 1}
     assert pairs[0].meta["chosen_detected"] == "fr" and pairs[0].meta["rejected_detected"] == "fr"
     # the rejected may be in the wrong language: q0 with a low-reward English answer
-    pairs, _, _ = icr_pairs({"q0": "x"}, "fr", {"q0": [FR, EN]}, {"q0": [2.0, 1.0]}, ICRSettings(alpha_max=0.001))
+    pairs, _, _ = icr_pairs(
+        {"q0": "x"}, "fr", {"q0": [FR, EN]}, {"q0": [2.0, 1.0]}, ICRSelectionConfig(alpha_max=0.001)
+    )
     assert (pairs[0].chosen, pairs[0].rejected, pairs[0].meta["rejected_detected"]) == (FR, EN, "en")
     # the papers' setting chooses the English answer
-    pairs, _, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSettings(alpha_max=0.001), PAPER)
+    pairs, _, stats = icr_pairs(instructions, "fr", answers, rewards, ICRSelectionConfig(alpha_max=0.001), PAPER)
     assert pairs[0].chosen == EN and stats["pairs"] == 3 and stats["dropped"] == {}  # q2's identical pair kept
     # length_cut (when on): a cut answer is not chosen either
     cut_on = PairFilterConfig(length_cut=True)
@@ -179,7 +183,7 @@ def test_icr_never_chooses_a_wrong_language_answer():
         "fr",
         {"q0": [FR, FR + " Voilà."]},
         {"q0": [2.0, 1.0]},
-        ICRSettings(alpha_max=0.001),
+        ICRSelectionConfig(alpha_max=0.001),
         cut_on,
         length_cut={"q0": [True, False]},
     )

@@ -4,7 +4,7 @@ import pytest
 
 from lidr_jax.methods.filters import DROP_REASONS, PairFilterConfig
 from lidr_jax.methods.lidr import (
-    LIDRPairSettings,
+    LIDRPairConfig,
     TranslationPrompt,
     build_pairs,
     chat_prompt,
@@ -76,7 +76,7 @@ def test_parse_translation_failures():
 
 
 def test_target_and_dominant_pairs_all_directions_exact():
-    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="all"), PAPER)
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairConfig(english_pairs="all"), PAPER)
     expected = [
         # target pairs: prompt x_X, chosen y_en->X, rejected y_X
         ("target", "fr", "a", "x_fr[a]", _fwd("fr", "a"), "y_fr[a]", "translation:en->fr", "generation:fr"),
@@ -112,7 +112,7 @@ def test_target_and_dominant_pairs_all_directions_exact():
 
 
 def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
-    settings = LIDRPairSettings(english_pairs="sample_one", seed=3)
+    settings = LIDRPairConfig(english_pairs="sample_one", seed=3)
     pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings, PAPER)
     english = [p for p in pairs if p.kind == "dominant"]
     assert sorted(p.id for p in english) == ["a", "b", "c", "t"]  # exactly one per prompt
@@ -122,7 +122,7 @@ def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     assert sum(stats.dominant_pairs.values()) == 4
     assert [p for p in pairs if p.kind == "target"] == [
         p
-        for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings("en", "all"), PAPER)[0]
+        for p in build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairConfig("en", "all"), PAPER)[0]
         if p.kind == "target"
     ]
     again, _ = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, settings, PAPER)
@@ -131,7 +131,7 @@ def test_english_pairs_sample_one_is_seeded_and_draws_only_valid_languages():
     drawn = set()
     for seed in range(20):
         ps, _ = build_pairs(
-            _prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(english_pairs="sample_one", seed=seed), PAPER
+            _prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairConfig(english_pairs="sample_one", seed=seed), PAPER
         )
         drawn |= {p.rejected_from for p in ps if p.kind == "dominant" and p.id == "a"}
     assert drawn == {"translation:fr->en", "translation:de->en"}
@@ -154,7 +154,7 @@ def test_identical_pairs_dropped_by_default_counted_and_kept_as_the_papers_do():
 
 def test_system_prompt_and_trl_record():
     pairs, _ = build_pairs(
-        _prompts(("en", "fr")), GEN, TO_TARGET, TO_DOMINANT, LIDRPairSettings(system_prompt="Be brief."), PAPER
+        _prompts(("en", "fr")), GEN, TO_TARGET, TO_DOMINANT, LIDRPairConfig(system_prompt="Be brief."), PAPER
     )
     rec = pairs[0].as_trl()
     assert rec["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x_fr[a]"}]
@@ -187,7 +187,7 @@ def test_incomplete_stage_outputs_raise():
     with pytest.raises(ValueError, match="dominant language 'en' is not among"):
         build_pairs(_prompts(("fr", "de")), GEN, TO_TARGET, TO_DOMINANT)
     with pytest.raises(ValueError, match="english_pairs must be one of"):
-        LIDRPairSettings(english_pairs="first")
+        LIDRPairConfig(english_pairs="first")
 
 
 def test_translation_jobs_skip_en_to_x_for_translation_tasks():

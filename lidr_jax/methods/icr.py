@@ -7,7 +7,7 @@ Per prompt, K sampled answers are ranked by r − α·len(y) (len in characters)
 language so that chosen and rejected have, on average, the same length.
 
 Here:
-- `ICRSettings`: selection, the texts ICR sends (the language prefix, system prompts, the
+- `ICRSelectionConfig`: selection, the texts ICR sends (the language prefix, system prompts, the
   translate-the-answer baseline's request), and how answers are scored;
 - `icr_scoring_prompt`: x̃ for the paper's method and its two baselines (`condition`);
 - `scoring_pairs` / `answer_logprobs`: answers tokenized and scored by the DPO training code itself
@@ -174,7 +174,7 @@ def select_pairs(
 
 
 @dataclass(frozen=True)
-class ICRSettings:
+class ICRSelectionConfig:
     """ICR settings (a config section). The paper uses no system prompt anywhere.
 
     generation_system_prompt / scoring_system_prompt / system_prompt: the system turn when sampling,
@@ -225,7 +225,7 @@ def icr_pairs(
     lang: str,
     answers: Mapping[str, Sequence[str]],
     rewards: Mapping[str, Sequence[float]],
-    settings: ICRSettings = ICRSettings(),
+    settings: ICRSelectionConfig = ICRSelectionConfig(),
     filters: PairFilterConfig | None = None,
     *,
     length_cut: Mapping[str, Sequence[bool]] | None = None,

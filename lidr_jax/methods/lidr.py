@@ -96,7 +96,7 @@ class TranslationPrompt:
 
 @dataclass(frozen=True)
 class LIDRPrompts:
-    """The texts LIDR's generation sends (the pairs' system prompt is LIDRPairSettings.system_prompt).
+    """The texts LIDR's generation sends (the pairs' system prompt is LIDRPairConfig.system_prompt).
 
     generation_system_prompt: a system turn when answering the prompts (None = none; the LIDR paper's
       generation used the chat template's usual one).
@@ -278,7 +278,7 @@ ENGLISH_PAIRS = ("sample_one", "all", "last")
 
 
 @dataclass(frozen=True)
-class LIDRPairSettings:
+class LIDRPairConfig:
     """How LIDR pairs are built.
 
     english_pairs: which dominant (English) pairs to keep. Each X gives one candidate per prompt,
@@ -333,7 +333,7 @@ def build_pairs(
     generations: Mapping[str, Mapping[str, str]],
     to_target: Mapping[str, Mapping[str, str | None]],
     to_dominant: Mapping[str, Mapping[str, str | None]],
-    settings: LIDRPairSettings = LIDRPairSettings(),
+    settings: LIDRPairConfig = LIDRPairConfig(),
     filters: PairFilterConfig | None = None,
     *,
     length_cut: Mapping[str, Collection[str]] | None = None,
@@ -442,7 +442,7 @@ def build_pairs(
     return pairs, stats
 
 
-def _english_sources(ids, valid: dict[str, list[str]], targets: list[str], settings: LIDRPairSettings):
+def _english_sources(ids, valid: dict[str, list[str]], targets: list[str], settings: LIDRPairConfig):
     """(X, id) of the English pairs to build, grouped by X in target order."""
     picked: dict[str, list[str]] = {lang: [] for lang in targets}
     for pid in ids:
