@@ -11,7 +11,7 @@ from lidr_jax.methods.prompt_sets import (
     DEFAULT_PROMPTS_DIR,
     SPLITS,
     PromptSetError,
-    PromptSource,
+    PromptSourceConfig,
     iteration_slice,
     load_default_prompts,
     load_id_list,
@@ -87,7 +87,7 @@ def test_default_prompts_splits():
 
 
 def test_default_source_and_language_subset():
-    ps = load_prompts(PromptSource(languages=("en", "ru")))
+    ps = load_prompts(PromptSourceConfig(languages=("en", "ru")))
     assert ps.languages == ("en", "ru") and len(ps) == 216
     assert ps.by_id("ru")["p000"] == ps.instructions["ru"][0]
     sub = load_default_prompts().with_languages(["en", "zh"])
@@ -115,7 +115,9 @@ def test_lidr_layout_with_translation_task_ids():
 @needs_shared
 def test_icr_layout():
     ps = load_prompts(
-        PromptSource(path=str(SHARED_DATA / "ultrafeedback" / "random_1000"), languages=("en", "es", "ru", "de", "fr"))
+        PromptSourceConfig(
+            path=str(SHARED_DATA / "ultrafeedback" / "random_1000"), languages=("en", "es", "ru", "de", "fr")
+        )
     )
     assert len(ps) == 1000
     assert ps.ids[0] == "e3de3869be2af2ce60ef6ddaf76bcf998195f464a230886aef6789c627b9a845"
@@ -251,7 +253,7 @@ def test_split_heldout_follows_the_labels():
     with pytest.raises(PromptSetError, match="held-out size 49 must be in \\[0, 48\\]: .* labels 48 prompts 'heldout'"):
         split_heldout(ps, 49)
     # while choosing settings the check answers dev prompts; the held-out ones are neither trained on nor seen
-    dev = load_prompts(PromptSource(languages=("en", "fr"), check_split="dev"))
+    dev = load_prompts(PromptSourceConfig(languages=("en", "fr"), check_split="dev"))
     assert dev.check_split == "dev"
     train_d, held_d = split_heldout(dev, 36, seed=0)
     assert train_d.ids == train.ids and held_d.ids == ps.split("dev").ids
@@ -309,7 +311,7 @@ def test_datasets_source_with_language_column(tmp_path):
     ]
     path = tmp_path / "all.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    src = PromptSource(
+    src = PromptSourceConfig(
         path=str(path), languages=("en", "fr"), id_column="uid", instruction_column="prompt", language_column="lang"
     )
     ps = load_prompts(src)
@@ -317,7 +319,7 @@ def test_datasets_source_with_language_column(tmp_path):
     assert ps.translation_task == {"2"}
     with pytest.raises(PromptSetError, match=r"no column 'prompt_text'"):
         load_prompts(
-            PromptSource(
+            PromptSourceConfig(
                 path=str(path),
                 languages=("en",),
                 id_column="uid",
@@ -326,7 +328,7 @@ def test_datasets_source_with_language_column(tmp_path):
             )
         )
     with pytest.raises(PromptSetError, match="cannot tell languages apart"):
-        load_prompts(PromptSource(path=str(path), languages=("en",), format="datasets"))
+        load_prompts(PromptSourceConfig(path=str(path), languages=("en",), format="datasets"))
 
 
 def test_datasets_source_one_file_per_language(tmp_path):
@@ -338,12 +340,12 @@ def test_datasets_source_one_file_per_language(tmp_path):
             tmp_path / f"{lang}.parquet"
         )
     pd.DataFrame({"id": ["x", "y"], "instruction": ["de x", "de y"]}).to_csv(tmp_path / "de.csv", index=False)
-    ps = load_prompts(PromptSource(path=str(tmp_path), data_files="{lang}.parquet", languages=("en", "es")))
+    ps = load_prompts(PromptSourceConfig(path=str(tmp_path), data_files="{lang}.parquet", languages=("en", "es")))
     assert ps.ids == ("x", "y") and ps.instructions["es"] == ("es x", "es y")
-    ps = load_prompts(PromptSource(path=str(tmp_path / "{lang}.csv"), languages=("de",)))
+    ps = load_prompts(PromptSourceConfig(path=str(tmp_path / "{lang}.csv"), languages=("de",)))
     assert ps.instructions["de"] == ("de x", "de y")
     with pytest.raises(PromptSetError, match=r"no prompt file for language 'fr': .*fr\.csv does not exist"):
-        load_prompts(PromptSource(path=str(tmp_path / "{lang}.csv"), languages=("de", "fr")))
+        load_prompts(PromptSourceConfig(path=str(tmp_path / "{lang}.csv"), languages=("de", "fr")))
 
 
 def test_missing_datasets_package_is_a_clear_error(tmp_path, monkeypatch):
@@ -360,4 +362,4 @@ def test_missing_datasets_package_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(
         PromptSetError, match=r"needs the optional package `datasets`: pip install 'lidr_jax\[datasets\]'"
     ):
-        load_prompts(PromptSource(path=str(tmp_path / "{lang}.parquet"), languages=("en",)))
+        load_prompts(PromptSourceConfig(path=str(tmp_path / "{lang}.parquet"), languages=("en",)))

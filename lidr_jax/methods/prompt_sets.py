@@ -12,7 +12,7 @@ Both methods need the same prompts in every language, matched by id (METHOD.md 1
 Splits. A set whose rows carry `split` labels is split by them and by nothing else: "train" prompts
 (and unlabelled ones) are the only ones trained on; "heldout" prompts are the final before/after
 measurement and are never used to choose settings; "dev" prompts are the measurement to use while
-choosing settings (`PromptSource.check_split = "dev"`). The labels live in the data, so the split is
+choosing settings (`PromptSourceConfig.check_split = "dev"`). The labels live in the data, so the split is
 the same for every seed, every run size and every reader. A set without labels falls back to a
 seeded draw of held-out prompts (`split_heldout`). The packaged default set: ids p000-p131 train,
 p132-p167 dev, p168-p215 heldout (its README).
@@ -405,7 +405,7 @@ def load_default_prompts(languages: Iterable[str] = DEFAULT_LANGUAGES) -> Prompt
 
 
 @dataclass(frozen=True)
-class PromptSource:
+class PromptSourceConfig:
     """Where prompts come from (a config section).
 
     path: "default" (the project's prompts), a folder of {lang}.jsonl, a local JSON/JSONL/Parquet/CSV
@@ -432,12 +432,16 @@ class PromptSource:
     check_split: Literal["heldout", "dev"] = "heldout"
 
 
-def load_prompts(source: PromptSource) -> PromptSet:
-    """Load and validate the prompt set a `PromptSource` describes."""
+# The name before the configuration classes took the `*Config` suffix; kept while callers move over.
+PromptSource = PromptSourceConfig
+
+
+def load_prompts(source: PromptSourceConfig) -> PromptSet:
+    """Load and validate the prompt set a `PromptSourceConfig` describes."""
     return replace(_load_source(source), check_split=source.check_split)
 
 
-def _load_source(source: PromptSource) -> PromptSet:
+def _load_source(source: PromptSourceConfig) -> PromptSet:
     languages = check_languages(source.languages)
     if source.path == "default":
         return load_jsonl_dir(DEFAULT_PROMPTS_DIR, languages, translation_task_ids=source.translation_task_ids)
@@ -474,7 +478,7 @@ def _import_datasets():
     return datasets
 
 
-def _load_one(datasets, source: PromptSource, lang: str | None):
+def _load_one(datasets, source: PromptSourceConfig, lang: str | None):
     def sub(s):
         return s.replace("{lang}", lang) if (s is not None and lang is not None) else s
 
@@ -506,7 +510,7 @@ def _load_one(datasets, source: PromptSource, lang: str | None):
         raise PromptSetError(f"could not load prompts from {label}: {type(e).__name__}: {e}") from e
 
 
-def _load_datasets_source(source: PromptSource, languages: tuple[str, ...]) -> PromptSet:
+def _load_datasets_source(source: PromptSourceConfig, languages: tuple[str, ...]) -> PromptSet:
     datasets = _import_datasets()
     per_language = any("{lang}" in (s or "") for s in (source.path, source.data_files, source.name, source.split))
     if not per_language and source.language_column is None:
