@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from lidr_jax.files import atomic_write_text
+from lidr_jax.methods.filters import format_table
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.run_dir import RunDir
 
@@ -121,6 +122,17 @@ def summary_rows(cfg: RunConfig, run: RunDir) -> list[list[str]]:
     return rows
 
 
+def pair_table_lines(cfg: RunConfig, run: RunDir) -> list[str]:
+    """Per iteration, the pair table of the pairs stage: candidates, kept and dropped by reason per
+    language (lidr_jax.methods.filters; for LIDR the dominant language's row counts the English pairs)."""
+    lines = []
+    for k in range(1, cfg.iterations + 1):
+        table = _out(run, k, "pairs").get("stats", {}).get("table")
+        if table:
+            lines += [f"Iteration {k}:", "", *format_table(table), ""]
+    return lines
+
+
 def _table_md(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -160,6 +172,14 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
         "",
         _table_md(summary_rows(cfg, run)),
         "",
+        "## Pairs kept and dropped",
+        "",
+        "candidates: pairs the method proposed; kept: pairs trained on; the other columns: pairs dropped, by "
+        "reason (translation_failed: a needed translation failed; language: the chosen answer is not in the "
+        "pair's language; empty, identical, length_cut, repetition, no_pair, upper_bound: "
+        "lidr_jax/methods/filters.py).",
+        "",
+        *pair_table_lines(cfg, run),
         "## Training",
         "",
     ]
@@ -191,3 +211,7 @@ def print_summary(cfg: RunConfig, run: RunDir) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    tables = pair_table_lines(cfg, run)
+    if tables:
+        print("\npairs kept and dropped, by language and reason:")
+        print("\n".join(tables).rstrip())
