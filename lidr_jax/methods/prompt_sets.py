@@ -294,6 +294,11 @@ def _row_from_record(rec, where: str, f: _Fields) -> _Row:
     text = rec[f.instruction]
     if not isinstance(text, str) or not text.strip():
         raise PromptSetError(f"{where}: {f.instruction!r} must be a non-empty string, got {text!r}")
+    extra = rec.get("input")  # Alpaca layout: the input follows the instruction on a new line
+    if extra is not None and not isinstance(extra, str):
+        raise PromptSetError(f"{where}: 'input' must be a string, got {extra!r}")
+    if extra:
+        text = text + "\n" + extra
     flag = rec.get(f.flag)
     if flag is not None and not isinstance(flag, bool):
         raise PromptSetError(f"{where}: {f.flag!r} must be true or false, got {flag!r}")
