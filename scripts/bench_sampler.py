@@ -9,7 +9,8 @@ copy), FLOPs / measured matmul rate (jax matmul)), so the fraction of the bound 
     python scripts/bench_sampler.py                     # batch 1, 8, 32; 128 new tokens; median of 3 runs
     python scripts/bench_sampler.py --batch-sizes 8 --new-tokens 32
     python scripts/bench_sampler.py --gpu               # random Llama-3-8B in bf16, batch 1 and 64, vs HBM bound
-    python scripts/bench_sampler.py --gpu --dry-run     # the same code path on a tiny config on CPU (+ eval_shape of 8B)
+    python scripts/bench_sampler.py --gpu --dry-run     # the same code path, tiny config on CPU (+ eval_shape of 8B)
+    python scripts/bench_sampler.py --layouts --batch-sizes 16   # decode layer layouts, stacked vs unstacked
 
 Tokens/s counts generated tokens (rows that end early count only their own tokens) over the wall time
 of the timed call, prefill included. Other processes sharing the CPU make every number here a lower bound.
@@ -151,7 +152,10 @@ def cpu_benchmark(args):
             ref_ids, tps = run_transformers(hf, model.tokenizer, prompts, args.new_tokens, eos)
             hf_runs.append(tps)
         ours_tps, hf_tps = float(np.median(ours_runs)), float(np.median(hf_runs))
-        spread = lambda runs: f" [{min(runs):.0f}-{max(runs):.0f}]" if len(runs) > 1 else ""
+
+        def spread(runs):
+            return f" [{min(runs):.0f}-{max(runs):.0f}]" if len(runs) > 1 else ""
+
         same = sum(r.token_ids == ids for r, ids in zip(ours, ref_ids))
         context = max(len(model.tokenizer.prompt_ids(p)) for p in prompts) + args.new_tokens // 2
         bound_s, _, _ = step_bound(model.config, model.params, batch, context, bandwidth, flops)
@@ -164,6 +168,34 @@ def cpu_benchmark(args):
             f"{same}/{batch} |",
             flush=True,
         )
+
+
+def layout_benchmark(args):
+    """SmolLM2 greedy generation with the layer weights read as slices of the stacked arrays and as an
+    unstacked per-layer copy (SamplingConfig.layer_layout), alternating, in one process."""
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.generate.sampler import decode_layers
+
+    model = load_pretrained("smollm2-135m-instruct")
+    copy_s = [_timed(lambda: jax.block_until_ready(decode_layers(model.params, "unstacked"))) for _ in range(3)]
+    print(f"unstacking the layers (per generate call): median {np.median(copy_s) * 1e3:.0f} ms")
+    print(f"tok/s: median of {args.repeats} timed runs per layout, alternating, [min-max] beside it")
+    print("| batch | new tokens | stacked tok/s | unstacked tok/s | unstacked / stacked | identical rows |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        prompts = chat_prompts(batch)
+        base = SamplingConfig(max_new_tokens=args.new_tokens, batch_size=batch, progress=False)
+        runs, outs = {"stacked": [], "unstacked": []}, {}
+        for layout in runs:  # compile both first
+            generate(model, prompts, dataclasses.replace(base, layer_layout=layout))
+        for _ in range(args.repeats):
+            for layout in runs:
+                outs[layout], tps = run_ours(model, prompts, dataclasses.replace(base, layer_layout=layout))
+                runs[layout].append(tps)
+        med = {k: float(np.median(v)) for k, v in runs.items()}
+        same = sum(a.token_ids == b.token_ids for a, b in zip(outs["stacked"], outs["unstacked"]))
+        cells = " | ".join(f"{med[k]:.1f} [{min(v):.1f}-{max(v):.1f}]" for k, v in runs.items())
+        print(f"| {batch} | {args.new_tokens} | {cells} | {med['unstacked'] / med['stacked']:.2f}x | {same}/{batch} |")
 
 
 def tiny_tokenizer():
@@ -237,7 +269,7 @@ def gpu_benchmark(args):
         abstract = jax.eval_shape(lambda: init_params(LLAMA3_8B, jax.random.key(0)))
         tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)
         logits, cache = jax.eval_shape(
-            lambda p, t: prefill_logits(p, t, jnp.ones(t.shape, bool), LLAMA3_8B, 128), abstract, tokens
+            lambda p, t: prefill_logits(p, None, t, jnp.ones(t.shape, bool), LLAMA3_8B, 128), abstract, tokens
         )
         print(
             f"eval_shape Llama-3-8B: {count_params(abstract) / 1e9:.2f}B params, prefill logits {logits.shape}, "
@@ -270,8 +302,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch size (median)")
     parser.add_argument("--gpu", action="store_true", help="random Llama-3-8B (bf16) decode vs the HBM bound")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny config on CPU, same code path")
+    parser.add_argument("--layouts", action="store_true", help="stacked vs unstacked decode layers (SmolLM2, CPU)")
     args = parser.parse_args()
-    gpu_benchmark(args) if args.gpu else cpu_benchmark(args)
+    gpu_benchmark(args) if args.gpu else layout_benchmark(args) if args.layouts else cpu_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import numpy as np
 
 from lidr_jax.dist.sharding import MeshConfig, make_mesh, state_shardings
 from lidr_jax.model.config import ModelConfig
-from lidr_jax.model.llama import abstract_params, count_params
-from lidr_jax.train.dpo import DPOConfig, pair_logprobs
+from lidr_jax.model.llama import abstract_params, count_params, param_specs
+from lidr_jax.model.logprobs import pair_logprobs
+from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.trainer import init_state, make_optimizer
 
 GiB = 2**30
@@ -71,7 +72,7 @@ def state_bytes_per_device(config: ModelConfig, mesh) -> dict[str, float]:
     """Bytes on the busiest device of params, AdamW moments and gradients (float32)."""
     optimizer = make_optimizer(DPOConfig(), 100)
     state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params(config))
-    shardings = state_shardings(state, config, mesh)
+    shardings = state_shardings(state, param_specs(config), mesh)
 
     def per_device(tree, sh):
         return sum(

@@ -125,8 +125,8 @@ def forward_logits(model):
 
 
 def meshes() -> dict:
-    from lidr_jax.dist.sharding import MeshConfig, init_sharded_params, make_mesh, place_params, use_mesh
-    from lidr_jax.model.llama import init_params
+    from lidr_jax.dist.sharding import MeshConfig, make_mesh, param_shardings, place_params, use_mesh
+    from lidr_jax.model.llama import init_params, param_specs
     from lidr_jax.train.pairs import encode_pairs
 
     assert jax.device_count() == 8, jax.devices()
@@ -137,7 +137,7 @@ def meshes() -> dict:
     out = {"base_losses": base_losses, "meshes": {}}
     for shape in MESHES:
         mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
-        sharded = dataclasses.replace(model, params=place_params(model.params, model.config, mesh))
+        sharded = dataclasses.replace(model, params=place_params(model.params, model.param_specs, mesh))
         flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
         shards = {jax.tree_util.keystr(p): [list(s.data.shape) for s in x.addressable_shards] for p, x in flat}
         with use_mesh(mesh):
@@ -156,7 +156,9 @@ def meshes() -> dict:
             "seconds": [round(t1 - t0, 1), round(t2 - t1, 1)],
         }
     mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
-    created = init_sharded_params(model.config, jax.random.key(3), mesh)
+    # Random parameters created already sharded: each device computes only its own shards.
+    shardings = param_shardings(param_specs(model.config), mesh)
+    created = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(model.config, jax.random.key(3))
     plain = init_params(model.config, jax.random.key(3))
     out["init_sharded"] = {
         "wq_shard": list(created["layers"]["wq"].addressable_shards[0].data.shape),
@@ -178,7 +180,7 @@ def multiprocess() -> dict | None:
 
     from lidr_jax.dist.multihost import generate_across_processes, global_batch, process_shard
     from lidr_jax.dist.sharding import MeshConfig, make_mesh, place_params, use_mesh
-    from lidr_jax.train.dpo import pair_logprobs
+    from lidr_jax.model.logprobs import pair_logprobs
     from lidr_jax.train.pairs import encode_pairs, pair_batch
 
     assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
@@ -204,7 +206,7 @@ def multiprocess() -> dict | None:
     )
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1))
-    sharded = dataclasses.replace(model, params=place_params(model.params, model.config, mesh))
+    sharded = dataclasses.replace(model, params=place_params(model.params, model.param_specs, mesh))
     with use_mesh(mesh):
         local_enc = encode_pairs(process_shard(all_pairs), model.tokenizer, 64, 32)  # only this process's pairs
         logp = logp_fn(sharded.params, global_batch(rows(local_enc)))

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.train.dpo import LOSS_TYPES, DPOConfig, dpo_loss
+from lidr_jax.train.dpo import LOSS_TYPES, DPOConfig, dpo_terms
+
+
+def dpo_loss(logp_c, logp_r, count_c, ref_c, ref_r, cfg, weight=None):
+    """(mean loss, metrics) over the pairs of `dpo_terms`, each pair weighted by `weight` (default 1):
+    what the trainer's step computes for one micro-batch (lidr_jax.train.trainer.accumulated_grads)."""
+    w = jnp.ones_like(logp_c) if weight is None else weight
+    total = jnp.maximum(jnp.sum(w), 1e-9)
+    loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg)
+    return jnp.sum(w * loss_B) / total, {k: jnp.sum(w * v) / total for k, v in per_pair.items()}
 
 
 def _log_sigmoid(x):
@@ -26,7 +35,10 @@ def numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, beta, eps, lam):
     else:  # hinge, SLiC: max(0, 1 - beta h)
         pref = np.maximum(0.0, 1 - beta * h)
     nll = -lc / nc
-    mean = lambda x: float(np.sum(w * x) / np.sum(w))
+
+    def mean(x):
+        return float(np.sum(w * x) / np.sum(w))
+
     rc_, rr_ = beta * (lc - rc), beta * (lr - rr)
     return mean(pref + lam * nll), {
         "nll_loss": mean(nll),

@@ -10,7 +10,7 @@ from dpo_helpers import PAIRS, tiny_model
 
 from lidr_jax.methods.icr import scoring_batch
 from lidr_jax.model.llama import forward
-from lidr_jax.train.dpo import pair_logprobs, sequence_logprobs
+from lidr_jax.model.logprobs import pair_logprobs, sequence_logprobs
 from lidr_jax.train.pairs import PreferencePair, encode_pairs, pair_batch
 
 TOL = 1e-5  # float32, sums of ~20 log-probs
@@ -136,7 +136,10 @@ def _max_close(a, b, rel=1e-5):
 def test_chunked_and_unchunked_gradients_match(setup):
     config, params, _, enc = setup
     batch = pair_batch(enc, [0, 1, 2], pad_id=0)
-    loss = lambda p, c: jnp.sum(jnp.stack(pair_logprobs(p, batch, config, chunk=c)[:2]) * jnp.array([[1.0], [-0.5]]))
+
+    def loss(p, c):
+        return jnp.sum(jnp.stack(pair_logprobs(p, batch, config, chunk=c)[:2]) * jnp.array([[1.0], [-0.5]]))
+
     grads = [jax.jit(jax.grad(lambda p, c=c: loss(p, c)))(params) for c in (0, 8)]
     _max_close(grads[0], grads[1])
 

@@ -13,18 +13,19 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.generate import sampler
 from lidr_jax.generate.sampler import (
+    NEW_TOKEN_BUCKETS,
+    PROMPT_BUCKETS,
     GenerationStats,
     SamplingConfig,
-    bucket,
-    decode_params,
+    decode_layers,
     eos_ids,
     generate,
     prefill_logits,
     step_logits,
 )
-from lidr_jax.model.llama import forward, init_cache, unstack_layers
+from lidr_jax.model.llama import forward, unstack_layers
+from lidr_jax.shapes import bucket
 
 CHATS = [
     [{"role": "user", "content": "Say hello."}],
@@ -53,32 +54,31 @@ def tiny_model(model_dir):
 
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])
 def test_cached_decode_equals_full_forward(tiny_model, layout):
-    """Every decode step's logits [V] equal the uncached forward of the same prefix (left-padded batch),
-    then a 3-token chunk fed into the filled cache; with the layers stacked (a scan, as on GPU/TPU and
-    meshes) and unstacked (an unrolled loop, as the sampler runs on one CPU device)."""
+    """Every decode step's logits [V] equal the uncached forward of the same prefix (right-padded batch),
+    then a 3-token chunk fed into the filled cache; with the layers sliced from the stacked weights (as
+    on GPU/TPU and meshes) and unstacked (a per-layer copy, as the sampler runs on one CPU device)."""
     m, tol, steps = tiny_model, 1e-4, 6
-    params = m.params if layout == "stacked" else unstack_layers(m.params)
+    params, layers = m.params, (None if layout == "stacked" else unstack_layers(m.params))
     prompts = [m.tokenizer.prompt_ids(c) for c in CHATS[:3]]
-    T = bucket(max(map(len, prompts)))
+    T = bucket(max(map(len, prompts)), **PROMPT_BUCKETS)
     tokens_BT = np.zeros((len(prompts), T), np.int32)
     mask_BT = np.zeros((len(prompts), T), bool)
     for r, p in enumerate(prompts):
-        tokens_BT[r, T - len(p) :], mask_BT[r, T - len(p) :] = p, True
+        tokens_BT[r, : len(p)], mask_BT[r, : len(p)] = p, True
     # Teacher-force tokens that are not simply the argmax, so a wrong slot or position cannot hide.
     fed_BS = np.asarray([[(7 * t + 11 * r + 5) % 150 for t in range(steps)] for r in range(len(prompts))], np.int32)
     prefill = jax.jit(prefill_logits, static_argnames=("config", "max_new"))
-    logits_BV, cache = prefill(params, tokens_BT, mask_BT, config=m.config, max_new=32)
-    assert isinstance(cache["k"], list) == (layout == "unstacked")
+    logits_BV, cache = prefill(params, layers, tokens_BT, mask_BT, config=m.config, max_new=32)
+    assert len(cache["k"]) == m.config.num_hidden_layers and cache["end_B"].tolist() == list(map(len, prompts))
     cached = [np.asarray(logits_BV)]
     step = jax.jit(step_logits, static_argnames="config")
     for t in range(steps):
-        positions_B = np.asarray([len(p) + t for p in prompts], np.int32)
-        logits_BV, cache = step(params, fed_BS[:, t], positions_B, cache, config=m.config)
+        logits_BV, cache = step(params, layers, fed_BS[:, t], cache, config=m.config)
         cached.append(np.asarray(logits_BV))
     chunk_BC = fed_BS[:, :3][:, ::-1].copy()  # three more tokens at once, attending to cache and each other
     positions_BC = np.asarray([[len(p) + steps + c for c in range(3)] for p in prompts], np.int32)
     chunk_BCV, _ = jax.jit(forward, static_argnames="config")(
-        params, chunk_BC, config=m.config, positions_BT=positions_BC, cache=cache
+        params, chunk_BC, config=m.config, positions_BT=positions_BC, cache=cache, layers=layers
     )
     # The uncached reference: each full sequence right-padded into one batch (causal attention makes
     # trailing padding invisible to earlier positions), one forward, no cache.
@@ -94,21 +94,23 @@ def test_cached_decode_equals_full_forward(tiny_model, layout):
             np.testing.assert_allclose(chunk_BCV[r, c], full_BTV[r, len(p) + steps + c], atol=tol, rtol=0)
 
 
-def test_decode_params_unstack_once_on_one_cpu_device(tiny_model):
+def test_decode_layers_chosen_explicitly(tiny_model):
+    """The layer layout is the caller's choice: "auto" copies the layers per layer on one CPU device,
+    "stacked" reads the stacked params; both generate the same tokens."""
     m = tiny_model
-    first = decode_params(m.params)
-    assert isinstance(first["layers"], list) and len(first["layers"]) == m.config.num_hidden_layers
-    np.testing.assert_array_equal(first["layers"][1]["wq"], m.params["layers"]["wq"][1])
-    assert decode_params(m.params) is first  # kept for the next call with the same params
-    assert decode_params(first) is first
-    copy = jax.tree.map(lambda a: a + 0, m.params)  # other params: a new copy, and it goes with them
-    assert decode_params(copy) is not first
-    del copy
-    assert not sampler._UNSTACKED
-    with pytest.raises(ValueError, match="per_layer=True"):
-        step_logits(first, np.zeros(2, np.int32), np.zeros(2, np.int32), init_cache(m.config, 2, 8), m.config)
-    with pytest.raises(ValueError, match="remat applies to stacked layers"):
-        forward(first, np.zeros((1, 4), np.int32), m.config, remat="full")
+    layers = decode_layers(m.params, "auto")
+    assert isinstance(layers, list) and len(layers) == m.config.num_hidden_layers
+    np.testing.assert_array_equal(layers[1]["wq"], m.params["layers"]["wq"][1])
+    assert decode_layers(m.params, "stacked") is None
+    outs = {
+        layout: [r.token_ids for r in generate(m, CHATS[:2], dataclasses.replace(GREEDY, layer_layout=layout))]
+        for layout in ("stacked", "unstacked")
+    }
+    assert outs["stacked"] == outs["unstacked"]
+    with pytest.raises(ValueError, match="layer_layout must be auto, stacked or unstacked"):
+        SamplingConfig(layer_layout="rows")
+    with pytest.raises(ValueError, match="remat applies to the layer scan"):
+        forward(m.params, np.zeros((1, 4), np.int32), m.config, cache={"end_B": 0}, remat="full")
 
 
 def test_generate_logprobs_match_full_forward(tiny_model):
@@ -154,7 +156,10 @@ def test_batch_invariance_and_seed_determinism(tiny_model, sampling):
     together = generate(tiny_model, CHATS, sampling)
     alone = [generate(tiny_model, [c], dataclasses.replace(sampling, batch_size=1))[0] for c in CHATS[:3]]
     reordered = generate(tiny_model, CHATS[::-1] + CHATS[:1], sampling)[::-1][1:]
-    flat = lambda rs: [x.token_ids for r in rs for x in (r if isinstance(r, list) else [r])]
+
+    def flat(rs):
+        return [x.token_ids for r in rs for x in (r if isinstance(r, list) else [r])]
+
     assert flat(alone) == flat(together[:3])
     assert flat(reordered) == flat(together)
     assert flat(generate(tiny_model, CHATS, sampling)) == flat(together)
@@ -281,5 +286,5 @@ def test_bad_settings_and_prompts_fail_clearly(tiny_model):
 
 
 def test_bucket_rule():
-    assert [bucket(n) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 768]
-    assert [bucket(n, minimum=32) for n in (1, 33, 128)] == [32, 64, 128]
+    assert [bucket(n, **PROMPT_BUCKETS) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 768]
+    assert [bucket(n, **NEW_TOKEN_BUCKETS) for n in (1, 33, 128)] == [32, 64, 128]

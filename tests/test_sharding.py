@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -24,12 +25,12 @@ from lidr_jax.dist.sharding import (
     DEFAULT_RULES,
     MeshConfig,
     ShardingRulesError,
-    fallbacks,
     mesh_shape,
     parse_rules,
     spec_for,
 )
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import param_specs
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 L, D, N, K, H, F, V = 2, 64, 4, 2, 16, 128, 256  # the worker's tiny model
@@ -50,6 +51,17 @@ def _result(stdout: str, stderr: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"worker printed no result; stderr tail:\n{stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def fallbacks(specs, mesh, rules) -> list[str]:
+    """Parameter dimensions the divisibility rule replicated, as "path name=size: want -> got" lines."""
+    lines = []
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: hasattr(x, "axes"))[0]:
+        full, got = spec_for(spec.axes, rules), spec_for(spec.axes, rules, mesh, spec.shape)
+        for name, size, want, have in zip(spec.axes, spec.shape, full, got):
+            if want != have:
+                lines.append(f"{jax.tree_util.keystr(path)} {name}={size}: {want} -> {have or 'replicated'}")
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +186,7 @@ def test_divisibility_falls_back_to_replication():
     assert spec_for(("batch", "seq"), rules, mesh8, (2, 16)) == P("data", None)
     assert spec_for(("batch", "seq"), rules, mesh8, (8, 16)) == P(("data", "fsdp"), None)
     assert spec_for(("batch", "seq"), rules, mesh8, (3, 16)) == P(None, None)
-    lines = fallbacks(smol, mesh, rules)
+    lines = fallbacks(param_specs(smol), mesh, rules)
     assert sorted(line.split(" ")[0] for line in lines) == [
         "['layers']['wk']",
         "['layers']['wo']",

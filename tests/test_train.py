@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, tiny_model
 
-from lidr_jax.train.dpo import DPOConfig, dpo_loss
+from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.pairs import PreferencePair, encode_pairs
 from lidr_jax.train.trainer import (
     NonFiniteLossError,
@@ -97,7 +97,7 @@ def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
     def evaluate(p):
         pol = reference_logprobs(p, config, enc, cfg, progress=False)
         count = jnp.asarray([len(c) for c in enc.chosen_ids], jnp.float32)
-        loss, m = dpo_loss(
+        loss_B, m = dpo_terms(
             jnp.asarray(pol["chosen"]),
             jnp.asarray(pol["rejected"]),
             count,
@@ -105,7 +105,7 @@ def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
             jnp.asarray(ref["rejected"]),
             cfg,
         )
-        return float(loss), float(m["rewards/accuracies"])
+        return float(jnp.mean(loss_B)), float(jnp.mean(m["rewards/accuracies"]))
 
     loss0, acc0 = evaluate(params)
     metrics_file = tmp_path / "metrics.jsonl"

@@ -203,7 +203,7 @@ def generation_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, dict]:
     return Mesh(np.asarray(mine).reshape(1, len(mine) // tensor, tensor), MESH_AXES), ctx.rules
 
 
-def local_params(params, config, mesh: Mesh, rules):
+def local_params(params, specs, mesh: Mesh, rules):
     """`params` placed on `mesh`; a leaf split across processes is first gathered (a collective),
     one leaf at a time, so at most one whole leaf is on the host at once. A leaf already on `mesh`
     stays where it is."""
@@ -212,14 +212,14 @@ def local_params(params, config, mesh: Mesh, rules):
         spans_processes = isinstance(x, jax.Array) and not x.is_fully_addressable
         return place(to_host(x) if spans_processes else x, sharding)
 
-    return jax.tree.map(one, params, param_shardings(config, mesh, rules))
+    return jax.tree.map(one, params, param_shardings(specs, mesh, rules))
 
 
 @contextlib.contextmanager
 def on_this_process(model, cfg: MeshConfig | None = None):
     """`model` with its params on this process's own devices (`generation_mesh`), that mesh active."""
     mesh, rules = generation_mesh(cfg)
-    local = dataclasses.replace(model, params=local_params(model.params, model.config, mesh, rules))
+    local = dataclasses.replace(model, params=local_params(model.params, model.param_specs, mesh, rules))
     with use_mesh(mesh, rules):
         yield local
 

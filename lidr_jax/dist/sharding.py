@@ -1,8 +1,8 @@
 """Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.dist.multihost).
 
 Sharding is data (DESIGN.md principle 2). Every parameter, optimizer-state leaf, activation and KV
-cache dimension carries a *logical* axis name (`model.param_specs` declares the parameters'); one
-rules table maps logical names to the mesh axes ("data", "fsdp", "tensor"):
+cache dimension carries a *logical* axis name; one rules table maps logical names to the mesh axes
+("data", "fsdp", "tensor"):
 
     batch -> (data, fsdp)   embed -> fsdp   vocab, q_heads, kv_heads, mlp -> tensor
     layers, head_dim, norm, seq, act_embed -> replicated
@@ -14,7 +14,10 @@ Rules (stated once, enforced by `spec_for`):
   size divides it; the remaining axes are replicated for that dimension. SmolLM2's 9 query heads on
   tensor=2 are therefore replicated (the mlp and vocab dimensions are still split), and a decode
   batch of 2 rows on data=2, fsdp=4 is split over data only. Results never change, only memory.
-  `fallbacks()` lists every dimension this rule replicated, so a plan can say so.
+
+The parameters' logical axes come from the caller as *specs*: a pytree shaped like the params with,
+at every leaf, an object with `.shape` and `.axes` (lidr_jax.model.llama.param_specs). This module
+knows no model.
 
 Activations and the KV cache are constrained inside the model through `constrain`, a no-op unless
 a mesh is active (`use_mesh`), so single-device code pays nothing and tests need no mesh.
@@ -39,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    # parameters (model.param_specs)
+    # parameters (lidr_jax.model.llama.param_specs)
     "layers": (),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -71,7 +74,9 @@ def parse_rules(overrides: Sequence[str] = ()) -> Rules:
         parts = () if axes.lower() in ("", "none", "null") else tuple(a.strip() for a in axes.split("+"))
         unknown = [a for a in parts if a not in MESH_AXES]
         if not name or unknown:
-            raise ShardingRulesError(f"mesh.rules entry {item!r}: unknown mesh axis {unknown}; mesh axes are {MESH_AXES}")
+            raise ShardingRulesError(
+                f"mesh.rules entry {item!r}: unknown mesh axis {unknown}; mesh axes are {MESH_AXES}"
+            )
         rules[name] = parts
     return rules
 
@@ -80,7 +85,9 @@ def parse_rules(overrides: Sequence[str] = ()) -> Rules:
 class MeshConfig:
     """Device mesh ("data", "fsdp", "tensor") and sharding-rule overrides."""
 
-    preset: Literal["fsdp", "single", "fsdp_tensor"] = "fsdp"  # fsdp: all devices on fsdp; single: one device; fsdp_tensor: tensor = devices per host, fsdp = the rest
+    preset: Literal["fsdp", "single", "fsdp_tensor"] = (
+        "fsdp"  # fsdp: all devices on fsdp; single: one device; fsdp_tensor: tensor = devices per host, fsdp = the rest
+    )
     data: int | None = None  # None: the preset's size; -1: all devices not used by the other axes
     fsdp: int | None = None
     tensor: int | None = None
@@ -108,7 +115,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, local_devices: int | None = No
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
-            raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a multiple of {fixed}")
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a multiple of {fixed}"
+            )
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ValueError(
@@ -178,37 +187,17 @@ def sharding_for(axes, shape, mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, spec_for(axes, rules, mesh, shape))
 
 
-def fallbacks(config, mesh: Mesh, rules: Rules) -> list[str]:
-    """Parameter dimensions the divisibility rule replicated, as readable lines."""
-    from lidr_jax.model.llama import ParamSpec, param_specs
-
-    lines = []
-    flat = jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
-    for path, spec in flat:
-        full, got = spec_for(spec.axes, rules), spec_for(spec.axes, rules, mesh, spec.shape)
-        for name, size, want, have in zip(spec.axes, spec.shape, full, got):
-            if want != have:
-                lines.append(f"{jax.tree_util.keystr(path)} {name}={size}: {want} -> {have or 'replicated'}")
-    return lines
-
-
 # --------------------------------------------------------------------------- parameters and state
 
 
-def param_shardings(config, mesh: Mesh, rules: Rules | None = None):
-    """A NamedSharding per parameter (same tree as the params)."""
-    from lidr_jax.model.llama import ParamSpec, param_specs
+def _is_spec(x) -> bool:
+    return hasattr(x, "axes") and hasattr(x, "shape")
 
+
+def param_shardings(specs, mesh: Mesh, rules: Rules | None = None):
+    """A NamedSharding per parameter (same tree as the params) from their `specs`."""
     rules = rules or parse_rules()
-    return jax.tree.map(lambda s: sharding_for(s.axes, s.shape, mesh, rules), param_specs(config),
-                        is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
-def init_sharded_params(config, key, mesh: Mesh, rules: Rules | None = None):
-    """Random parameters created already sharded: each device computes only its own shards."""
-    from lidr_jax.model.llama import init_params
-
-    return jax.jit(init_params, static_argnums=0, out_shardings=param_shardings(config, mesh, rules))(config, key)
+    return jax.tree.map(lambda s: sharding_for(s.axes, s.shape, mesh, rules), specs, is_leaf=_is_spec)
 
 
 def place(tree, shardings):
@@ -229,19 +218,18 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def place_params(params, config, mesh: Mesh, rules: Rules | None = None):
-    return place(params, param_shardings(config, mesh, rules))
+def place_params(params, specs, mesh: Mesh, rules: Rules | None = None):
+    """`params` placed on `mesh` by their `specs`' logical axes."""
+    return place(params, param_shardings(specs, mesh, rules))
 
 
-def state_shardings(state, config, mesh: Mesh, rules: Rules | None = None):
+def state_shardings(state, specs, mesh: Mesh, rules: Rules | None = None):
     """Shardings for a pytree that holds the params and param-shaped leaves (TrainState, optimizer
     state): a leaf whose dict-key path ends with a parameter's path and has its shape gets that
     parameter's sharding (Adam's mu/nu follow their weight); every other leaf is replicated."""
-    from lidr_jax.model.llama import ParamSpec, param_specs
-
     rules = rules or parse_rules()
     by_path = {}
-    for path, spec in jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))[0]:
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]:
         by_path[tuple(k.key for k in path)] = (spec.shape, sharding_for(spec.axes, spec.shape, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -318,10 +306,10 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def train_state_shardings(state, config):
+def train_state_shardings(state, specs):
     """Shardings of a TrainState under the active mesh, or None without one."""
     ctx = _ACTIVE.get()
-    return None if ctx is None else state_shardings(state, config, ctx.mesh, ctx.rules)
+    return None if ctx is None else state_shardings(state, specs, ctx.mesh, ctx.rules)
 
 
 def describe_mesh(mesh: Mesh) -> str:

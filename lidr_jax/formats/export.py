@@ -43,6 +43,7 @@ from safetensors.numpy import save as safetensors_bytes
 from lidr_jax.dist.sharding import to_host
 from lidr_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lidr_jax.formats.hf_table import hf_from_params, hf_names
+from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.config import ModelConfig
 
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -289,14 +290,9 @@ def _shards(tensors: Mapping[str, np.ndarray], order: list[str], max_bytes: int)
 
 def _generation_config(config: ModelConfig, tokenizer, base: Mapping[str, Any] | None) -> dict[str, Any]:
     gen = {k: v for k, v in dict(base or {}).items() if not k.startswith("_") and k != "transformers_version"}
-    eos = set(config.eos_token_ids)
-    old = gen.get("eos_token_id")
-    eos |= set(old if isinstance(old, (list, tuple)) else [] if old is None else [old])
-    if tokenizer is not None:
-        eos |= set(tokenizer.eos_token_ids)
-    eos_list = sorted(int(i) for i in eos)
+    eos_list = end_of_sequence_ids(tokenizer, config.eos_token_ids, gen.get("eos_token_id"))
     if eos_list:
-        gen["eos_token_id"] = eos_list if len(eos_list) > 1 else eos_list[0]
+        gen["eos_token_id"] = list(eos_list) if len(eos_list) > 1 else eos_list[0]
     if config.bos_token_id is not None:
         gen["bos_token_id"] = config.bos_token_id
     if tokenizer is not None:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from lidr_jax.formats.gguf import GGUFImportError, load_gguf
 from lidr_jax.formats.hf_table import ModelFileError, WeightsMismatchError, params_from_hf
-from lidr_jax.formats.tokenizer import ChatTokenizer
+from lidr_jax.formats.tokenizer import ChatTokenizer, end_of_sequence_ids
 from lidr_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedConfigError, config_from_hf
 from lidr_jax.model.llama import param_specs
 
@@ -181,12 +181,6 @@ def _generation_config(directory: Path) -> dict[str, Any]:
     return read_json(file) if file.exists() else {}
 
 
-def _eos_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
 def _safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's safetensors files: one `model.safetensors`, or the shards an index names."""
     single = directory / "model.safetensors"
@@ -263,7 +257,7 @@ def _tokenizer_files(directory: Path) -> list[Path]:
     return files
 
 
-def _load_tokenizer(directory: Path, files: list[Path], extra_eos: list[int]) -> ChatTokenizer:
+def _load_tokenizer(directory: Path, files: list[Path], extra_eos: tuple[int, ...]) -> ChatTokenizer:
     # transformers is imported only where a directory's tokenizer is read (a heavy import).
     from transformers import AutoTokenizer
 
@@ -292,7 +286,7 @@ def _load_hf_dir(directory: Path, dtype_policy: dict[str, str]) -> Model:
     generation_config = _generation_config(directory)
     weight_files = _safetensors_files(directory)
     tokenizer_files = _tokenizer_files(directory)
-    extra_eos = _eos_list(generation_config.get("eos_token_id")) + list(config.eos_token_ids)
+    extra_eos = end_of_sequence_ids(None, generation_config.get("eos_token_id"), config.eos_token_ids)
     tokenizer = _load_tokenizer(directory, tokenizer_files, extra_eos)
     params = _read_safetensors(weight_files, config, str(directory))
     return Model(config, jax.device_put(params), tokenizer, str(directory), generation_config)

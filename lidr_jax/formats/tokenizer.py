@@ -2,7 +2,9 @@
 
 `ChatTokenizer` wraps a transformers `PreTrainedTokenizerFast` (from a model directory, or built from
 GGUF metadata by lidr_jax.formats.gguf) and adds what the pipeline needs on top: chat messages to
-token ids with an optional assistant-turn prefill, and every token id that ends a turn.
+token ids with an optional assistant-turn prefill, and every token id that ends a turn
+(`end_of_sequence_ids`, the one place that set is worked out: the loaders, the sampler and the export's
+generation_config.json all ask it).
 """
 
 from __future__ import annotations
@@ -16,13 +18,32 @@ Message = dict[str, str]
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
 
 
+def eos_id_list(value) -> list[int]:
+    """An `eos_token_id` field as config.json and generation_config.json write it (one id, a list of
+    ids, or null) as a list of ids."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def end_of_sequence_ids(tokenizer: ChatTokenizer | None, *eos_fields) -> tuple[int, ...]:
+    """Every id that ends a turn, sorted: the tokenizer's EOS and end-of-turn tokens (none without a
+    tokenizer) and each of `eos_fields` (`eos_token_id` values, see `eos_id_list`)."""
+    ids = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
+    for field in eos_fields:
+        ids.update(eos_id_list(field))
+    return tuple(sorted(ids))
+
+
 class ChatTokenizer:
     """The model's tokenizer with its chat template. `.hf` is the underlying transformers tokenizer."""
 
     def __init__(self, hf_tokenizer, extra_eos_ids: Sequence[int] = ()):
+        """`extra_eos_ids`: ids besides the tokenizer's EOS and the end-of-turn tokens that end a turn
+        (the model config's and generation config's `eos_token_id`)."""
         self.hf = hf_tokenizer
         vocab = hf_tokenizer.get_vocab()
-        eos = set(int(i) for i in extra_eos_ids)
+        eos = set(eos_id_list(list(extra_eos_ids)))
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
         eos |= {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}

@@ -12,23 +12,27 @@ How a call runs (the rules, stated once):
 - Rows (prompt, sample index) are sorted by prompt length, longest first, and cut into batches of
   `batch_size`; results come back in input order. Batch sizes are bucketed to powers of two (capped by
   `batch_size`), prompt lengths to powers of two from 64 up to 256 and multiples of 256 above, and the
-  new-token buffer likewise from 32, so a call compiles a handful of shapes. Each shape compiles two executables (prefill,
-  decode), counted in `GenerationStats.compilations` and shown in the progress bar.
-- Prompts are left-padded; padding slots are invalid in the cache, and positions count real tokens only.
+  new-token buffer likewise from 32 (lidr_jax.shapes.bucket), so a call compiles a handful of shapes.
+  Each shape compiles two executables (prefill, decode), counted in `GenerationStats.compilations` and
+  shown in the progress bar.
+- Prompts are right-padded (the cache protocol of lidr_jax.model.llama: each row's tokens from slot 0,
+  its padding overwritten by its next tokens); positions count real tokens only.
 - Truncation: a prompt longer than `max_prompt_tokens` (default and at most: the model's context - 1)
   keeps its LAST tokens (the chat generation prompt and the prefill live at the end); the new-token
   budget is clipped so prompt + output fit the context. Both are counted and reported in a warning.
-- A row stops at an end-of-sequence id (the tokenizer's EOS and chat end-of-turn tokens, the model
-  config's and generation config's `eos_token_id`), at `max_new_tokens`, or at a stop string. Stop
+- A row stops at an end-of-sequence id (lidr_jax.formats.tokenizer.end_of_sequence_ids: the tokenizer's
+  EOS and end-of-turn tokens, the model config's and generation config's `eos_token_id`), at
+  `max_new_tokens`, or at a stop string. Stop
   strings are checked on the decoded text between decode chunks (a stopped row leaves the loop at the
   next chunk) and finally on the whole output; the text is cut before the earliest stop string and the
   token ids / logprobs after the token that completed it.
 - Randomness: the key of row (prompt, sample j) at step t is fold_in(seed, hash(prompt tokens), j, t),
   so a prompt's samples do not depend on the batch size, the batch order or the other prompts.
-- Layers: on one CPU device generation runs on an unstacked copy of the layer weights (`decode_params`,
-  made once per params and kept: memory for a second copy of the layers while generating), as an
-  unrolled loop; elsewhere on the stacked weights with a layer scan. Both give the same logits
-  (tests/test_sampler.py).
+- Layers (`SamplingConfig.layer_layout`, `decode_layers`): "unstacked" decodes on a copy of the layer
+  weights as per-layer arrays, made at the start of each call and dropped at its end (memory for a
+  second copy of the layers while generating); "stacked" reads slices of the stacked weights, which
+  XLA:CPU copies at every decode step (BENCHMARKS.md). "auto" (the default) is "unstacked" when the
+  params live on one CPU device, else "stacked". Both give the same logits (tests/test_sampler.py).
 """
 
 from __future__ import annotations
@@ -37,9 +41,8 @@ import dataclasses
 import hashlib
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +50,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lidr_jax.dist.sharding import put_batch
+from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.generate.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.model.config import ModelConfig
-from lidr_jax.model.llama import hidden_states, init_cache, is_unstacked, unembed, unstack_layers
+from lidr_jax.model.llama import hidden_states, init_cache, unembed, unstack_layers
+from lidr_jax.shapes import bucket
+
+PROMPT_BUCKETS = dict(minimum=64, knee=256, step=256)  # prompt lengths (lidr_jax.shapes.bucket)
+NEW_TOKEN_BUCKETS = dict(minimum=32, knee=256, step=256)  # new-token buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,7 @@ class SamplingConfig:
     max_prompt_tokens: int | None = None  # longer prompts keep their last tokens; None = context - 1
     decode_chunk: int = 64  # decode steps between host checks (stop strings, progress bar)
     progress: bool = True  # tqdm progress bar with generated tokens/s
+    layer_layout: Literal["auto", "stacked", "unstacked"] = "auto"  # the layer weights decoding reads (module doc)
 
     def __post_init__(self):
         checks = [
@@ -82,6 +91,7 @@ class SamplingConfig:
             (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
             (not isinstance(self.stop, str), "stop must be a list of strings, not one string"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.layer_layout in ("auto", "stacked", "unstacked"), "layer_layout must be auto, stacked or unstacked"),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,28 +160,26 @@ def _sample_step(state, logits_BV, sp, eos_E):
     )
 
 
-def prefill_logits(params, tokens_BT, mask_BT, config: ModelConfig, max_new: int):
-    """Left-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
-    prompt's last token, and the cache."""
+def prefill_logits(params, layers, tokens_BT, mask_BT, config: ModelConfig, max_new: int):
+    """Right-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
+    prompt's last token, and the cache. `layers`: per-layer weights or None (`decode_layers`)."""
     B, T = tokens_BT.shape
-    cache = init_cache(config, B, T + max_new, per_layer=is_unstacked(params))
-    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    h_BTD, cache = hidden_states(
-        params, tokens_BT, config, positions_BT=positions_BT, attention_mask_BT=mask_BT, cache=cache
-    )
-    # Left padding puts every row's last prompt token in the last column: unembed only that one.
-    return unembed(params, h_BTD[:, -1], config), cache
+    cache = init_cache(config, B, T + max_new)
+    h_BTD, cache = hidden_states(params, tokens_BT, config, attention_mask_BT=mask_BT, cache=cache, layers=layers)
+    # Unembed only each row's last prompt token.
+    last_B = jnp.maximum(jnp.sum(mask_BT, axis=1) - 1, 0)
+    return unembed(params, h_BTD[jnp.arange(B), last_B], config), cache
 
 
-def step_logits(params, tokens_B, positions_B, cache, config: ModelConfig):
-    """One decode step: feed one token per row at its position (written at slot cache["index"])."""
-    h_B1D, cache = hidden_states(params, tokens_B[:, None], config, positions_BT=positions_B[:, None], cache=cache)
+def step_logits(params, layers, tokens_B, cache, config: ModelConfig):
+    """One decode step: one token per row, written at the row's next cache slot (its position)."""
+    h_B1D, cache = hidden_states(params, tokens_B[:, None], config, cache=cache, layers=layers)
     return unembed(params, h_B1D[:, 0], config), cache
 
 
-def _prefill(params, tokens_BT, mask_BT, rows, *, config: ModelConfig, max_new: int):
+def _prefill(params, layers, tokens_BT, mask_BT, rows, *, config: ModelConfig, max_new: int):
     """Run the prompts through the model into a fresh cache; the decode loop samples from the logits."""
-    logits_BV, cache = prefill_logits(params, tokens_BT, mask_BT, config, max_new)
+    logits_BV, cache = prefill_logits(params, layers, tokens_BT, mask_BT, config, max_new)
     B, V = logits_BV.shape
     seen_BV = (
         jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(mask_BT, tokens_BT, V)].set(True, mode="drop")
@@ -190,7 +198,7 @@ def _prefill(params, tokens_BT, mask_BT, rows, *, config: ModelConfig, max_new: 
     return state, cache
 
 
-def _decode(params, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
+def _decode(params, layers, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
     """Sample and decode until every row is done or `chunk_end` steps are reached (traced: a new chunk
     end does not recompile). The sampling rules live only here, so they compile once per shape."""
 
@@ -201,10 +209,9 @@ def _decode(params, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
     def body(carry):
         state, cache = carry
         state = _sample_step(state, state["logits_BV"], sp, eos_E)
-        # The token sampled at step t goes in at position prompt_len + t (cache slot T + t). After the
+        # The token sampled at step t goes in at position (and cache slot) prompt_len + t. After the
         # last step this forward is wasted (one step per batch), which keeps the loop a single body.
-        positions_B = state["plen_B"] + state["step"] - 1
-        logits_BV, cache = step_logits(params, state["last_B"], positions_B, cache, config)
+        logits_BV, cache = step_logits(params, layers, state["last_B"], cache, config)
         return dict(state, logits_BV=logits_BV), cache
 
     return jax.lax.while_loop(cond, body, (state, cache))
@@ -216,9 +223,10 @@ _decode_jit = jax.jit(_decode, static_argnames=("config",), donate_argnames=("st
 _EXECUTABLES: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, stats: GenerationStats):
+def _executables(params, layers, arrays, sp, eos_E, config: ModelConfig, max_new: int, stats: GenerationStats):
     # Shardings are part of the key: an executable compiled for one mesh rejects arrays of another.
-    avals = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
+    leaves = jax.tree.leaves((params, layers))
+    avals = (layers is None,) + tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
     key = (
         config,
         avals,
@@ -230,10 +238,10 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
     )
     if key not in _EXECUTABLES:
         start = time.perf_counter()
-        prefill = _prefill_jit.lower(params, *arrays, config=config, max_new=max_new).compile()
+        prefill = _prefill_jit.lower(params, layers, *arrays, config=config, max_new=max_new).compile()
         state, cache = prefill.out_info  # shapes and shardings of the prefill's outputs
         chunk = jax.ShapeDtypeStruct((), jnp.int32)
-        decode = _decode_jit.lower(params, state, cache, sp, eos_E, chunk, config=config).compile()
+        decode = _decode_jit.lower(params, layers, state, cache, sp, eos_E, chunk, config=config).compile()
         _EXECUTABLES[key] = (prefill, decode)
         stats.compilations += 2
         stats.compile_seconds += time.perf_counter() - start
@@ -243,59 +251,30 @@ def _executables(params, arrays, sp, eos_E, config: ModelConfig, max_new: int, s
 # -------------------------------------------------------------------------------------------- host side
 
 
-_UNSTACKED: dict[str, Any] = {}  # the last params unstacked for generation: {"source": weakref, "params": ...}
-
-
-def _release(ref):
-    """The source params of the unstacked copy died: the copy goes too (no stale second copy of the
-    weights held while training)."""
-    if _UNSTACKED.get("source") is ref:
-        _UNSTACKED.clear()
-
-
-def decode_params(params):
-    """The params generation runs on. On a single CPU device: the layers unstacked (a copy of the layer
-    weights, kept for the next call with the same params), so the forward pass is an unrolled loop
-    that reads each layer's weights where they are; a scan copies them out of the stacked arrays at
-    every decode step, which measured 15-20% of a SmolLM2 decode step (BENCHMARKS.md). Elsewhere (a
-    GPU, a TPU, a mesh) the stacked params as they are."""
-    if is_unstacked(params):
-        return params
-    leaf = params["layers"]["wq"]
-    devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
-    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
-        return params
-    cached = _UNSTACKED.get("source")
-    if cached is None or cached() is not leaf:
-        _UNSTACKED.clear()  # drop the previous copy before making the next
-        _UNSTACKED.update(source=weakref.ref(leaf, _release), params=unstack_layers(params))
-    return _UNSTACKED["params"]
-
-
-def bucket(n: int, minimum: int = 64, step: int = 256) -> int:
-    """Powers of two from `minimum` up to `step`, then multiples of `step`."""
-    if n > step:
-        return -(-n // step) * step
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
+def decode_layers(params, layout: str = "auto") -> list | None:
+    """The layer weights decoding reads: a list of per-layer dicts (a copy, `unstack_layers`) for
+    "unstacked", None (slices of the stacked params) for "stacked"; "auto" picks "unstacked" when the
+    params live on one CPU device (where slicing copies every layer's weights at every decode step)."""
+    if layout == "auto":
+        leaf = params["layers"]["wq"]
+        devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
+        layout = "unstacked" if len(devices) == 1 and next(iter(devices)).platform == "cpu" else "stacked"
+    return unstack_layers(params) if layout == "unstacked" else None
 
 
 def batch_bucket(rows: int, batch_size: int) -> int:
     """Powers of two, capped at `batch_size` (a full batch is always exactly `batch_size`)."""
-    return min(bucket(rows, minimum=1, step=1 << 30), batch_size)
+    return min(bucket(rows, minimum=1, knee=batch_size, step=batch_size), batch_size)
 
 
 def eos_ids(model) -> tuple[int, ...]:
-    """Every id that ends a row: the tokenizer's EOS and end-of-turn tokens, the model config's and
-    the generation config's `eos_token_id`."""
-    ids = set(model.tokenizer.eos_token_ids) | set(getattr(model.config, "eos_token_ids", ()))
+    """Every id that ends a row (lidr_jax.formats.tokenizer.end_of_sequence_ids of the model's
+    tokenizer, config and generation config)."""
     gen = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
-    ids |= set(gen if isinstance(gen, (list, tuple)) else ([] if gen is None else [gen]))
+    ids = end_of_sequence_ids(model.tokenizer, getattr(model.config, "eos_token_ids", ()), gen)
     if not ids:
         raise ValueError("the model names no end-of-sequence token; generation would only stop at max_new_tokens")
-    return tuple(sorted(int(i) for i in ids))
+    return ids
 
 
 def _prompt_hash(ids: Sequence[int]) -> int:
@@ -376,22 +355,23 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         seed=np.uint32(s.seed & 0xFFFFFFFF),
     )
     eos_E = np.asarray(eos, np.int32)
-    params = decode_params(model.params)
+    params = model.params
+    layers = decode_layers(params, s.layer_layout)
     hashes = [_prompt_hash(p) for p in ids]
     outputs: dict[tuple[int, int], GenerationResult] = {}
     bar = tqdm(total=len(rows), unit="seq", desc="generate", disable=not s.progress)
     for start in range(0, len(rows), s.batch_size):
         batch = rows[start : start + s.batch_size]
         B = batch_bucket(len(batch), s.batch_size)
-        T = bucket(max(len(ids[i]) for i, _ in batch))
-        N = bucket(max(budgets[i] for i, _ in batch), minimum=32)
+        T = bucket(max(len(ids[i]) for i, _ in batch), **PROMPT_BUCKETS)
+        N = bucket(max(budgets[i] for i, _ in batch), **NEW_TOKEN_BUCKETS)
         tokens_BT = np.full((B, T), tok.pad_token_id, np.int32)
         mask_BT = np.zeros((B, T), bool)
         cols = {k: np.zeros((B,), np.int32) for k in ("plen_B", "budget_B", "pid_B", "sid_B")}
-        mask_BT[len(batch) :, -1] = True  # filler rows: one token, no budget, done from the start
+        mask_BT[len(batch) :, 0] = True  # filler rows: one token, no budget, done from the start
         for r, (i, j) in enumerate(batch):
-            tokens_BT[r, T - len(ids[i]) :] = ids[i]
-            mask_BT[r, T - len(ids[i]) :] = True
+            tokens_BT[r, : len(ids[i])] = ids[i]
+            mask_BT[r, : len(ids[i])] = True
             cols["plen_B"][r], cols["budget_B"][r], cols["pid_B"][r], cols["sid_B"][r] = (
                 len(ids[i]),
                 budgets[i],
@@ -400,16 +380,16 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
             )
         cols["pid_B"] = cols["pid_B"].astype(np.uint32)
         arrays = put_batch((tokens_BT, mask_BT, cols))  # rows over the active mesh's batch axes, if any
-        prefill_exe, decode_exe = _executables(params, arrays, sp, eos_E, config, N, stats)
+        prefill_exe, decode_exe = _executables(params, layers, arrays, sp, eos_E, config, N, stats)
         bar.set_postfix(compiles=stats.compilations, shape=f"{B}x{T}+{N}", refresh=False)
         stats.shapes.append((B, T, N))
         stats.batches += 1
         t0 = time.perf_counter()
-        state, cache = prefill_exe(params, *arrays)
+        state, cache = prefill_exe(params, layers, *arrays)
         done_B, counted = np.asarray(state["done_B"]), 0
         while not done_B.all():
             chunk_end = np.int32(min(int(state["step"]) + s.decode_chunk, N))
-            state, cache = decode_exe(params, state, cache, sp, eos_E, chunk_end)
+            state, cache = decode_exe(params, layers, state, cache, sp, eos_E, chunk_end)
             done_B, count_B = np.array(state["done_B"]), np.asarray(state["count_B"])
             if s.stop:  # a row whose text holds a stop string is done: take it out of the loop
                 tokens_BN = np.asarray(state["tokens_BN"])

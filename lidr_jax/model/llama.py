@@ -1,24 +1,29 @@
 """The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2) as pure functions.
 
-Parameters are a plain nested dict of arrays. Layer weights are stacked on a leading layer axis and
-the forward pass `lax.scan`s over them, so compile time does not grow with depth. `unstack_layers`
-gives the other layout, a list of per-layer weight dicts, which the forward pass runs as an unrolled
-Python loop: on XLA:CPU the scan copies every layer's weights out of the stacked arrays at every
-step (a dynamic-slice is not fused into a library GEMM), which is a quarter of a decode step there, so
-the sampler decodes with unstacked layers on a single CPU device (lidr_jax.generate.sampler.decode_params).
-
-Shape key (used in names and einsum strings):
+Shape key, used in every name and einsum string of the package (`x_BTD`, `wq_DNH`):
     B batch        T query positions   S key/value positions (cache slots)
     D model width  F mlp width         V vocabulary          L layers
     N query heads  K key/value heads   G = N // K (GQA group) H head dim
 
-Every weight is declared once in `param_specs` with its shape, logical axis names and initializer;
-sharding (lidr_jax.dist.sharding) maps the logical names to mesh axes.
+Parameters are a plain nested dict of arrays; every weight is declared once in `param_specs` (shape,
+logical axes, initializer) and lidr_jax.dist.sharding maps the logical axes to mesh axes. Layer
+weights are stacked on a leading layer axis.
 
-Attention always runs against a key/value buffer of S slots with a validity mask. Without a cache the
-buffer is the T tokens themselves; with a cache (`init_cache`) the T new tokens are written at slot
-`cache["index"]` and attend to every valid earlier slot. Prefill and one-token decode are therefore the
-same code, and a left-padded batch is just a batch whose padding slots are invalid.
+`block` is one decoder layer, x + attn(norm(x)) then x + mlp(norm(x)). Two loops call it:
+- without a KV cache (training, scoring), a `lax.scan` over the stacked layers: compile time flat in
+  depth, with optional activation recomputation (`remat`);
+- with a KV cache (generation), an unrolled loop over the layers. Each layer's weights are either a
+  slice of the stacked arrays or, when the caller passes `layers` (`unstack_layers`, a copy), a
+  per-layer dict: on XLA:CPU slicing a stacked weight copies it at every decode step, because a
+  slice is not fused into a library GEMM (lidr_jax.generate chooses the layout; BENCHMARKS.md).
+
+The cache protocol (one, for every layer): a list of L per-layer buffers k, v [B, K, S, H] and
+`end_B`, the slots each row has filled. A call writes its T new keys/values of row b at slots
+end_B[b] .. end_B[b] + T - 1 (in place when the cache is donated), then attends over the buffer:
+query t of row b sees slot s iff s <= end_B[b] + t. A row's real tokens must therefore come first
+(right padding); `end_B` then grows by the row's real tokens, so the next call overwrites its padding.
+Writing before reading matters on XLA:CPU: attending to the old buffer and then updating it made XLA
+copy every layer's cache at every step.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from lidr_jax.dist.sharding import constrain
 from lidr_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]
 
 # A finite "minus infinity": a row whose keys are all masked (a padding query) then gets a uniform
 # softmax instead of NaN, and NaN never reaches the gradients.
 _MASKED = float(np.finfo(np.float32).min)
+_ACT = ("batch", "seq", "act_embed")
+_KV = ("batch", "kv_heads", "seq", "head_dim")  # a layer's cache buffer; sharded only under an active mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,7 @@ class ParamSpec:
 
 
 def param_specs(config: ModelConfig) -> Params:
-    """The params pytree, with a `ParamSpec` at every leaf."""
+    """The params pytree, with a `ParamSpec` at every leaf (what lidr_jax.dist.sharding is given)."""
     c = config
     L, D, F, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -70,40 +77,24 @@ def param_specs(config: ModelConfig) -> Params:
         layers["bq"] = ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
         layers["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
         layers["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
-    params = {
-        "embed": ParamSpec((V, D), ("vocab", "embed")),
-        "layers": layers,
-        "final_norm": ParamSpec((D,), ("norm",), "ones"),
-    }
+    params = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": layers}
+    params["final_norm"] = ParamSpec((D,), ("norm",), "ones")
     if not c.tie_word_embeddings:
         params["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
     return params
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, ParamSpec)
-
-
-def param_axes(config: ModelConfig) -> Params:
-    """The logical axis names of every parameter, as a pytree of tuples matching the params."""
-    return jax.tree.map(lambda s: s.axes, param_specs(config), is_leaf=_is_spec)
-
-
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
     """Random parameters (std 0.02 normal, norms one, biases zero) in `config.param_dtype`."""
-    specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    keys = jax.random.split(key, len(leaves))
+    leaves, treedef = jax.tree.flatten(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
     dtype = jnp.dtype(config.param_dtype)
 
     def make(spec: ParamSpec, k):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
+        if spec.init in ("ones", "zeros"):
+            return (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, dtype)
         return (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, jax.random.split(key, len(leaves)))])
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -115,34 +106,27 @@ def count_params(params_or_abstract: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_or_abstract))
 
 
-# --------------------------------------------------------------------------------------------- cache
+def unstack_layers(params: Params) -> list[Params]:
+    """The layer weights as a list of L per-layer dicts, for `hidden_states(..., layers=)`: a copy when
+    called outside jit, slices of the stacked arrays inside."""
+    stacked = params["layers"]
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
-def init_cache(
-    config: ModelConfig, batch: int, max_len: int, dtype: str | None = None, *, per_layer: bool = False
-) -> Cache:
-    """An empty KV cache of `max_len` slots: k/v [L, B, K, S, H], slot validity [B, S], next slot.
-    With `per_layer` (for unstacked params, see `unstack_layers`), k/v are lists of L [B, K, S, H].
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache of `max_len` slots per row (the protocol of the module docstring).
 
     Heads before slots: attention contracts over H with (B, K) as batch dimensions, so this layout
-    feeds the matmuls without a transpose of the cache (measured 1.6x faster decode attention on CPU
-    than [L, B, S, K, H])."""
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    kv_axes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # sharded only under an active mesh
-    if per_layer:
-        empty = lambda: [constrain(jnp.zeros(shape[1:], dtype), kv_axes[1:]) for _ in range(shape[0])]
-    else:
-        empty = lambda: constrain(jnp.zeros(shape, dtype), kv_axes)
-    return {
-        "k": empty(),
-        "v": empty(),
-        "valid_BS": constrain(jnp.zeros((batch, max_len), bool), ("batch", "seq")),
-        # A Python 0, not an array: inside a jitted prefill the cache is then statically empty and
-        # attention skips it (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
-        # time for a SmolLM2 prefill at B=32). Returned caches carry an int32 array.
-        "index": 0,
-    }
+    feeds the matmuls without a transpose of the cache."""
+    shape, dtype = (batch, config.num_key_value_heads, max_len, config.head_dim), jnp.dtype(dtype or config.dtype)
+
+    def empty():
+        return [constrain(jnp.zeros(shape, dtype), _KV) for _ in range(config.num_hidden_layers)]
+
+    # `end_B` a Python 0, not an array: a jitted prefill then knows the cache is empty and attends to
+    # its own tokens only (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
+    # time for a SmolLM2 prefill at B=32). Returned caches carry an int32 [B] array.
+    return {"k": empty(), "v": empty(), "end_B": 0}
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -167,115 +151,82 @@ def apply_rope(x_BTnH, cos_BTH, sin_BTH):
     x = x_BTnH.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
-    return out.astype(x_BTnH.dtype)
+    return (x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]).astype(x_BTnH.dtype)
 
 
-def attention(q_BTNH, blocks, config: ModelConfig):
-    """Grouped-query attention of T queries over one or more key/value blocks sharing one softmax.
-
-    blocks: (k_BKSH, v_BKSH, allowed_BTS) triples, e.g. the cache slots before this call and this
-    call's own keys: attending to them as two blocks reads the cache without copying it to append the
-    new tokens. Scores and softmax in float32."""
+def attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, config: ModelConfig):
+    """Grouped-query attention of T queries over S key/value slots; scores and softmax in float32."""
     B, T, N, H = q_BTNH.shape
     K, G = config.num_key_value_heads, config.num_groups
     q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4) * jnp.asarray(H**-0.5, q_BTNH.dtype)
-    scores = [
-        jnp.where(
-            allowed_BTS[:, None, None],
-            jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32),
-            _MASKED,
-        )
-        for k_BKSH, _, allowed_BTS in blocks
-    ]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q_BTNH.dtype)
-    out_BKGTH, start = 0, 0
-    for _, v_BKSH, _ in blocks:
-        S = v_BKSH.shape[2]
-        out_BKGTH = out_BKGTH + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., start : start + S], v_BKSH)
-        start += S
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], scores, _MASKED), axis=-1)
+    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(q_BTNH.dtype), v_BKSH)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _qkv(x_BTD, w, cos_sin, config: ModelConfig):
-    """A block's normed input projected to rotated q [B, T, N, H] and k, v [B, T, K, H]."""
-    h = rms_norm(x_BTD, w["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+def _write(buf_BKSH, new_BKTH, end_B):
+    """Row b's new entries into slots end_B[b].. (a Python 0: every row from slot 0)."""
+    new_BKTH = new_BKTH.astype(buf_BKSH.dtype)
+    if isinstance(end_B, int):
+        return jax.lax.dynamic_update_slice_in_dim(buf_BKSH, new_BKTH, end_B, axis=2)
+    return jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, axis=1))(
+        buf_BKSH, new_BKTH, end_B
+    )
+
+
+def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
+    """Attention of a normed input: the output [B, T, D] and the layer's updated cache buffers (k, v)
+    (None without a cache). `view` = (allowed_BTS, end_B, read_cache, kv_len), made once per call by
+    `_view`: with `read_cache` the new keys are written first and the first kv_len slots attended."""
+    allowed_BTS, end_B, read_cache, kv_len = view
+    q = jnp.einsum("BTD,DNH->BTNH", h_BTD, w["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wv"])
     if config.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    cos, sin = cos_sin
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _block_rest(x_BTD, attn_BTNH, w, config: ModelConfig):
-    """The rest of a block after attention: output projection, residual, MLP, residual."""
-    B, T, N, H = attn_BTNH.shape
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if kv is not None:
+        kv = (_write(kv[0], k_BKTH, end_B), _write(kv[1], v_BKTH, end_B))
+    if read_cache:
+        k_BKTH, v_BKTH = (buf[:, :, :kv_len].astype(h_BTD.dtype) for buf in kv)
+    out_BTNH = attention(q, k_BKTH, v_BKTH, allowed_BTS, config)
+    B, T, N, H = out_BTNH.shape
     # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
-    x_BTD = x_BTD + jnp.einsum("BTE,ED->BTD", attn_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1))
-    h = rms_norm(x_BTD, w["mlp_norm"], config.rms_norm_eps)
-    gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, w["w_gate"]))
-    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
-    return x_BTD + jnp.einsum("BTF,FD->BTD", gate * up, w["w_down"])
+    return jnp.einsum("BTE,ED->BTD", out_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1)), kv
 
 
-def _cast(tree, config: ModelConfig):
-    return jax.tree.map(lambda a: a.astype(config.dtype), tree)
+def mlp(h_BTD, w):
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+    gate_BTF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h_BTD, w["w_gate"]))
+    return jnp.einsum("BTF,FD->BTD", gate_BTF * jnp.einsum("BTD,DF->BTF", h_BTD, w["w_up"]), w["w_down"])
 
 
-def _layer(x_BTD, lp, old, cos_sin, new_allowed_BTT, config: ModelConfig):
-    """One decoder block. `old` is this layer's cache (k, v [B, K, S, H], allowed [B, T, S]) or None;
-    returns the new hidden states and this call's keys and values [B, T, K, H] (for the cache)."""
-    w = _cast(lp, config)
-    q, k, v = _qkv(x_BTD, w, cos_sin, config)
-    blocks = [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), new_allowed_BTT)]
-    if old is not None:
-        k_cache, v_cache, allowed_BTS = old
-        blocks.insert(0, (*_cast((k_cache, v_cache), config), allowed_BTS))
-    return _block_rest(x_BTD, attention(q, blocks, config), w, config), (k, v)
+def block(x_BTD, w, rope, kv, view, config: ModelConfig):
+    """One decoder layer over its weights `w` (cast to the compute dtype here) and its cache buffers
+    `kv` (or None): returns the new hidden states and the updated buffers."""
+    w = jax.tree.map(lambda a: a.astype(config.dtype), w)
+    eps = config.rms_norm_eps
+    attn_BTD, kv = self_attention(rms_norm(x_BTD, w["attn_norm"], eps), w, rope, kv, view, config)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + mlp(rms_norm(x_BTD, w["mlp_norm"], eps), w)
+    return constrain(x_BTD, _ACT), kv
 
 
-def is_unstacked(params: Params) -> bool:
-    """Whether `params["layers"]` is a list of per-layer dicts (`unstack_layers`), not stacked arrays."""
-    return isinstance(params["layers"], (list, tuple))
-
-
-def unstack_layers(params: Params) -> Params:
-    """The same params with `layers` as a list of per-layer weight dicts (a copy of the layer
-    weights), which `hidden_states` runs as an unrolled loop instead of a scan."""
-    layers = params["layers"]
-    L = jax.tree.leaves(layers)[0].shape[0]
-    return dict(params, layers=[jax.tree.map(lambda a: a[i], layers) for i in range(L)])
-
-
-def _unrolled_layers(layers, x_BTD, cos_sin, new_allowed_BTT, cache, config: ModelConfig):
-    """The layer loop over unstacked weights. With a non-empty cache (per-layer lists), each layer
-    first writes this call's keys/values into its cache slots (in place when the cache is donated),
-    then attends over the whole cache: reading a buffer after updating it needs no copy, whereas
-    attending to the old cache and then updating it made XLA copy every layer's cache."""
-    ks, vs = [], []
-    if cache is not None:
-        index, (B, T) = cache["index"], new_allowed_BTT.shape[:2]
-        empty = isinstance(index, int) and index == 0
-        S = cache["k"][0].shape[2]
-        old_BS = cache["valid_BS"] & (jnp.arange(S) < index)
-        new_BTS = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, T, S), bool), new_allowed_BTT, index, axis=2)
-        allowed_BTS = old_BS[:, None, :] | new_BTS
-    for i, lp in enumerate(layers):
-        w = _cast(lp, config)
-        q, k, v = _qkv(x_BTD, w, cos_sin, config)
-        k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if cache is not None:
-            ks.append(jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k_BKTH.astype(cache["k"][i].dtype), index, 2))
-            vs.append(jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v_BKTH.astype(cache["v"][i].dtype), index, 2))
-        if cache is None or empty:  # a fresh cache holds nothing but this call's tokens: attend to them
-            blocks = [(k_BKTH, v_BKTH, new_allowed_BTT)]
-        else:
-            blocks = [(*_cast((ks[-1], vs[-1]), config), allowed_BTS)]
-        x_BTD = _block_rest(x_BTD, attention(q, blocks, config), w, config)
-        x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
-    return x_BTD, (ks, vs)
+def _view(mask_BT, segments_BT, cache, kv_len):
+    """Which key slots each query sees, worked out once per call for every layer (see `self_attention`)."""
+    B, T = mask_BT.shape
+    # Without a cache (or with a fresh one) the keys are this call's T tokens: token i sees real token
+    # j <= i (within a packed row, the shared prefix and its own segment only).
+    allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
+    if segments_BT is not None:
+        seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
+        allowed_BTT &= (seg_j == 0) | (seg_j == seg_i)
+    if cache is None or isinstance(cache["end_B"], int):
+        return allowed_BTT, 0, False, T
+    last_BT = cache["end_B"][:, None] + jnp.arange(T)[None]  # the slot of each query's own token
+    return jnp.arange(kv_len)[None, None, :] <= last_BT[:, :, None], cache["end_B"], True, kv_len
 
 
 REMAT_POLICIES = {
@@ -294,93 +245,54 @@ def hidden_states(
     attention_mask_BT=None,
     segments_BT=None,
     cache: Cache | None = None,
+    layers: list[Params] | None = None,
+    kv_len: int | None = None,
     remat: str = "none",
 ):
     """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (None without one).
 
-    `attention_mask_BT` marks real tokens (1) and padding (0); positions default to the count of real
-    tokens before each one, so left padding does not shift positions. With a cache, positions must
-    continue from the tokens already cached (the sampler passes them).
+    `attention_mask_BT` marks real tokens (1) and padding (0). Positions default to the count of real
+    tokens before each one (plus `end_B` with a cache), so left padding (no cache) and right padding
+    (a cache) do not shift positions.
 
     `segments_BT` packs several sequences that share a prefix into one row (lidr_jax.train.pairs.pair_batch:
     a prompt, then its chosen and its rejected answer): segment 0 is the shared prefix, seen by every
     later token; a token of segment s > 0 sees only the prefix and its own segment. Positions must
-    then be given (each segment continues from the prefix's end).
+    then be given (each segment continues from the prefix's end). Not with a cache.
+
+    With a `cache` (module docstring) the layers run unrolled, on `layers` when given (per-layer
+    dicts, `unstack_layers`) or else on slices of `params["layers"]`; `kv_len` (static, default all
+    slots) limits attention to the first kv_len slots, which must hold every row's tokens.
     """
     B, T = tokens_BT.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
+    if segments_BT is not None and (positions_BT is None or cache is not None):
+        raise ValueError("packed segments need explicit positions and no KV cache (they are for scoring passes)")
     if positions_BT is None:
-        if segments_BT is not None:
-            raise ValueError("packed segments need explicit positions (each segment continues the prefix)")
-        positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    # New token i may see new token j <= i if j is real (cached slots: see the layer loops).
-    new_allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
-    if segments_BT is not None:
-        if cache is not None:
-            raise ValueError("packed segments are for training and scoring passes, not for a KV cache")
-        seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
-        new_allowed_BTT &= (seg_j == 0) | (seg_j == seg_i)
-    dt = jnp.dtype(config.dtype)
-    x_BTD = constrain(params["embed"].astype(dt)[tokens_BT], ("batch", "seq", "act_embed"))
-    cos_sin = rope_tables(positions_BT, config)
-    unstacked = is_unstacked(params)
-    if cache is not None and unstacked != isinstance(cache["k"], list):
-        raise ValueError("the cache layout must match the params: init_cache(..., per_layer=True) for unstacked layers")
-    if unstacked:
+        start_B1 = 0 if cache is None or isinstance(cache["end_B"], int) else cache["end_B"][:, None]
+        positions_BT = start_B1 + jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+    if cache is not None and remat != "none":
+        raise ValueError("remat applies to the layer scan of training passes, not to cached generation")
+    x_BTD = constrain(params["embed"].astype(config.dtype)[tokens_BT], _ACT)
+    rope = rope_tables(positions_BT, config)
+    view = _view(mask_BT, segments_BT, cache, kv_len or (cache["k"][0].shape[2] if cache else T))
+    if cache is None:
+
+        def body(x_BTD, w):
+            return block(x_BTD, w, rope, None, view, config)[0], None
+
         if remat != "none":
-            raise ValueError("remat applies to stacked layers (training); unstacked layers are for generation")
-        x_BTD, (k_new, v_new) = _unrolled_layers(params["layers"], x_BTD, cos_sin, new_allowed_BTT, cache, config)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+        new_cache = None
     else:
-        x_BTD, (k_new, v_new) = _scanned_layers(params["layers"], x_BTD, cos_sin, new_allowed_BTT, cache, config, remat)
-    h_BTD = rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
-    if cache is None:
-        return h_BTD, None
-    index = cache["index"]
-    new_cache = {
-        "k": k_new,
-        "v": v_new,
-        "valid_BS": jax.lax.dynamic_update_slice_in_dim(cache["valid_BS"], mask_BT, index, axis=1),
-        "index": jnp.asarray(index + T, jnp.int32),
-    }
-    return h_BTD, new_cache
-
-
-def _scanned_layers(layers, x_BTD, cos_sin, new_allowed_BTT, cache, config: ModelConfig, remat: str):
-    """The layer loop as a `lax.scan` over stacked weights; returns the hidden states and the updated
-    cache's k, v (None, None without a cache).
-
-    The cache enters the scan as per-layer slices (xs, read only); each layer returns only this call's
-    keys/values (ys, [L, B, T, K, H]), written into the cache once after the scan, in place when the
-    cache is donated. Carrying the whole [L, B, K, S, H] buffer through the scan and updating a layer
-    of it made XLA copy it every layer (1.5 s per SmolLM2 decode step at B=32, S=384) and made
-    backward save it once per layer."""
-    if cache is not None:
-        index, (B, T) = cache["index"], new_allowed_BTT.shape[:2]
-        empty = isinstance(index, int) and index == 0  # a fresh cache: nothing cached to attend to
-        S = cache["k"].shape[3]
-        # Cached slot s is visible if it holds a token and s < index (slots from `index` on are this
-        # call's own, attended through the new block).
-        allowed_BTS = jnp.broadcast_to((cache["valid_BS"] & (jnp.arange(S) < index))[:, None, :], (B, T, S))
-
-    def body(x, xs):
-        if cache is None:
-            lp, old = xs, None
-        else:
-            lp, old = xs[0], (None if empty else (xs[1], xs[2], allowed_BTS))
-        x, kv_new = _layer(x, lp, old, cos_sin, new_allowed_BTT, config)
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        return x, (kv_new if cache is not None else None)
-
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    xs = (layers, cache["k"], cache["v"]) if cache is not None else layers
-    x_BTD, kv_new = jax.lax.scan(body, x_BTD, xs)
-    if cache is None:
-        return x_BTD, (None, None)
-    k_LBKTH, v_LBKTH = (a.transpose(0, 1, 3, 2, 4).astype(cache["k"].dtype) for a in kv_new)
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_LBKTH, index, axis=3)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_LBKTH, index, axis=3)
-    return x_BTD, (k, v)
+        ks, vs = [], []
+        for w, k, v in zip(layers or unstack_layers(params), cache["k"], cache["v"], strict=True):
+            x_BTD, (k, v) = block(x_BTD, w, rope, (k, v), view, config)
+            ks.append(k)
+            vs.append(v)
+        new_cache = {"k": ks, "v": vs, "end_B": (cache["end_B"] + jnp.sum(mask_BT, axis=1)).astype(jnp.int32)}
+    return rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps), new_cache
 
 
 def unembed(params: Params, h_BTD, config: ModelConfig):
@@ -391,27 +303,9 @@ def unembed(params: Params, h_BTD, config: ModelConfig):
     return jnp.einsum("...D,DV->...V", h_BTD, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
 
 
-def forward(
-    params: Params,
-    tokens_BT,
-    config: ModelConfig,
-    *,
-    positions_BT=None,
-    attention_mask_BT=None,
-    segments_BT=None,
-    cache: Cache | None = None,
-    remat: str = "none",
-):
-    """Logits [B, T, V] in float32. With a `cache`, returns `(logits, updated_cache)`."""
-    h_BTD, new_cache = hidden_states(
-        params,
-        tokens_BT,
-        config,
-        positions_BT=positions_BT,
-        attention_mask_BT=attention_mask_BT,
-        segments_BT=segments_BT,
-        cache=cache,
-        remat=remat,
-    )
+def forward(params: Params, tokens_BT, config: ModelConfig, *, cache: Cache | None = None, **kwargs):
+    """Logits [B, T, V] in float32. With a `cache`, returns `(logits, updated_cache)`. Keyword
+    arguments as `hidden_states` (positions_BT, attention_mask_BT, segments_BT, layers, kv_len, remat)."""
+    h_BTD, new_cache = hidden_states(params, tokens_BT, config, cache=cache, **kwargs)
     logits = unembed(params, h_BTD, config)
     return logits if cache is None else (logits, new_cache)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lidr_jax.dist.multihost import maybe_initialize_distributed
 from lidr_jax.methods.prompt_sets import PromptSet, iteration_slice, load_prompts, split_heldout
+from lidr_jax.model.llama import param_specs
 from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, describe, to_dict
 
@@ -85,7 +86,7 @@ class Runner:
         compute dtype."""
         from lidr_jax.dist import sharding
 
-        params = sharding.place_params(params, config, self.mesh, self.rules)
+        params = sharding.place_params(params, param_specs(config), self.mesh, self.rules)
         return dataclasses.replace(model, params=params, config=config.replace(dtype=self.cfg.dtype))
 
     def policy(self, k: int):
@@ -102,7 +103,7 @@ class Runner:
         from lidr_jax.train.checkpoint import load_params_config, restore_params
 
         config = load_params_config(path)
-        shardings = sharding.param_shardings(config, self.mesh, self.rules)
+        shardings = sharding.param_shardings(param_specs(config), self.mesh, self.rules)
         params, config = restore_params(path, shardings=shardings)
         return self._placed(self.base, params, config)
 

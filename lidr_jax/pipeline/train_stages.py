@@ -18,6 +18,7 @@ import jax
 
 from lidr_jax.dist import sharding
 from lidr_jax.formats.load import Model
+from lidr_jax.model.llama import param_specs
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
@@ -68,7 +69,7 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
     state = None
     with TrainCheckpointer(d / "checkpoints", every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
         ctx = sharding.active()  # restore straight onto the mesh: nothing whole on one device
-        shardings = sharding.state_shardings(abstract, model.config, ctx.mesh, ctx.rules) if ctx else None
+        shardings = sharding.state_shardings(abstract, param_specs(model.config), ctx.mesh, ctx.rules) if ctx else None
         restored = ckpt.restore_latest(abstract, shardings)
         if restored is not None:
             state = restored[0]

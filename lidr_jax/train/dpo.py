@@ -1,6 +1,6 @@
-"""DPO: settings, chunked sequence log-probs, the preference losses and their metrics.
+"""DPO: settings, the preference losses and their metrics (sequence log-probs: lidr_jax.model.logprobs).
 
-Everything here is a pure function over arrays; lidr_jax.train wires it into the optimizer step.
+Everything here is a pure function over arrays; lidr_jax.train.trainer wires it into the optimizer step.
 Run `python -m lidr_jax.dpo --help` for the command line (lidr_jax.train.cli).
 
 Notation (per pair): c chosen, r rejected, logπ(y) the summed log-prob of the response tokens under
@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lidr_jax.model.llama import REMAT_POLICIES, hidden_states, unembed
+from lidr_jax.model.llama import REMAT_POLICIES
+from lidr_jax.model.logprobs import pair_logprobs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -82,72 +83,6 @@ class DPOConfig:
         return dataclasses.replace(self, **changes)
 
 
-# --------------------------------------------------------------------------------- sequence log-probs
-
-
-def target_logprobs(params, h_BTD, targets_BE, config, *, index_BE=None, chunk: int = 256):
-    """log p(target) [B, E] in float32: entry e is predicted by the hidden state at position
-    `index_BE[b, e]` (default: position e itself, so E = T).
-
-    Logits exist only for the E entries asked for (the vocabulary head is the largest matmul of a
-    small model). The log-softmax runs in float32 over chunks of `chunk` entries inside `lax.map`;
-    with more than one chunk each is `jax.checkpoint`ed, so the backward pass recomputes a chunk's
-    [B, chunk, V] logits instead of saving them and [B, E, V] float32 logits never exist at once (at
-    V = 128k and E = 4k they would be 2 GB per row). chunk = 0 or >= E is one chunk, whose logits
-    are kept for the backward pass (no recomputation).
-    """
-    h_BED = h_BTD if index_BE is None else jnp.take_along_axis(h_BTD, index_BE[..., None], axis=1)
-    B, E, D = h_BED.shape
-
-    def chunk_logp(args):
-        h_BCD, tgt_BC = args
-        logits = unembed(params, h_BCD, config)  # float32
-        # log p = logit − logsumexp: 15% faster on CPU than gathering from a full log_softmax.
-        return jnp.take_along_axis(logits, tgt_BC[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-
-    if chunk <= 0 or chunk >= E:
-        return chunk_logp((h_BED, targets_BE))
-    n = -(-E // chunk)
-    pad = n * chunk - E  # padded entries are dropped below
-
-    def split(x):  # [B, E, ...] -> [n, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-    per_chunk = jax.lax.map(jax.checkpoint(chunk_logp), (split(h_BED), split(targets_BE)))
-    return jnp.moveaxis(per_chunk, 0, 1).reshape(B, n * chunk)[:, :E]
-
-
-def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
-    """Summed log-prob of the target tokens where `target_mask` is set, and their count.
-
-    batch: tokens/targets/target_mask/attention_mask [B, T], targets being the next tokens
-    (lidr_jax.methods.icr.scoring_batch). Returns (logp_B float32, count_B float32).
-    """
-    h_BTD, _ = hidden_states(params, batch["tokens"], config, attention_mask_BT=batch["attention_mask"], remat=remat)
-    mask = batch["target_mask"].astype(bool)
-    tok = target_logprobs(params, h_BTD, batch["targets"], config, chunk=chunk)
-    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
-
-
-def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
-    """Summed response log-probs of packed pairs (lidr_jax.train.pairs.pair_batch: one row per pair, the
-    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32."""
-    h_BTD, _ = hidden_states(
-        params,
-        batch["tokens"],
-        config,
-        positions_BT=batch["positions"],
-        attention_mask_BT=batch["attention_mask"],
-        segments_BT=batch["segments"],
-        remat=remat,
-    )
-    tok = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
-    chosen, rejected = batch["chosen_mask"].astype(bool), batch["rejected_mask"].astype(bool)
-    total = lambda m: jnp.sum(jnp.where(m, tok, 0.0), axis=-1)
-    return total(chosen), total(rejected), jnp.sum(chosen, axis=-1).astype(jnp.float32)
-
-
 # ------------------------------------------------------------------------------------------- losses
 
 
@@ -201,15 +136,6 @@ def dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig):
         "logps/rejected": logp_r,
     }
     return per_pair["loss"], {k: jax.lax.stop_gradient(v) for k, v in per_pair.items()}
-
-
-def dpo_loss(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig, weight=None):
-    """(mean loss, metrics) over the pairs, each pair weighted by `weight` (default 1).
-    Metric names follow TRL (`rewards/chosen`, ..., `nll_loss`, `loss`)."""
-    w = jnp.ones_like(logp_c) if weight is None else weight
-    total = jnp.maximum(jnp.sum(w), 1e-9)
-    loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg)
-    return jnp.sum(w * loss_B) / total, {k: jnp.sum(w * v) / total for k, v in per_pair.items()}
 
 
 def batch_logprobs(params, batch, config, cfg: DPOConfig):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.dist.multihost import put_process_rows
 from lidr_jax.dist.sharding import place, to_host, train_state_shardings
+from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
 from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
 
@@ -260,7 +261,7 @@ def train(
     schedule = lr_schedule(cfg, num_steps)
     if state is None:
         state = init_state(params, optimizer)
-    shardings = train_state_shardings(state, model_config)  # None unless a mesh is active (sharding.use_mesh)
+    shardings = train_state_shardings(state, param_specs(model_config))  # None unless a mesh is active (sharding.use_mesh)
     state = state if shardings is None else place(state, shardings)
     step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
     start = int(state.step)
