@@ -1,5 +1,8 @@
 """The held-out measurement: bootstrap intervals and in-language shares on scripted answers (exact
-values for a fixed seed), and the reference log-likelihood of a tiny random model checked by hand."""
+values for a fixed seed), the reference log-likelihood of a tiny random model checked by hand, and the
+demonstration config (configs/demo.yaml) read by the run-config loader."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,8 @@ from lidr_jax.eval.heldout import (
 from lidr_jax.methods.lidr import chat_prompt
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.model.llama import forward
+from lidr_jax.pipeline.config import load_run_config
+from lidr_jax.pipeline.runner import plan_prompts
 
 # 48 prompts: 30 answered in the asked language before, 39 after (every earlier hit kept).
 BEFORE = [1.0] * 30 + [0.0] * 18
@@ -127,3 +132,39 @@ def test_reference_logliks_equal_a_forward_pass_by_hand():
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         want = np.mean([logp[t - 1, tokens[0, t]] for t in range(len(prompt), tokens.shape[1])])
         assert abs(got[lang][pid] - want) <= 1e-5 * max(1.0, abs(want))
+
+
+# ---------------------------------------------------------------- the demonstration config
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def test_demo_config_parses_and_plans_fresh_prompts_and_the_whole_heldout_split():
+    cfg = load_run_config(DEMO)
+    assert (cfg.reward, cfg.iterations, cfg.languages) == ("lidr", 2, ("en", "es", "de", "fr", "ru"))
+    assert cfg.prompts.check_split == "heldout" and cfg.export_dtype == "float32"
+    slices, held = plan_prompts(cfg)
+    assert [s.ids for s in slices] == [tuple(f"p{i:03d}" for i in r) for r in (range(32), range(32, 64))]
+    assert held.ids == tuple(f"p{i:03d}" for i in range(168, 216)) and held.languages == cfg.languages
+    assert all(len(held.references[lang]) == 48 for lang in cfg.languages)  # the likelihood signal's answers
+    # the second command: ICR from the LIDR policy, pi_DPO = the run's model (iteration 2), pi_ref = iteration 1
+    icr = load_run_config(
+        DEMO, ["reward=icr", "iterations=1", "model=runs/demo/iter_2/export/hf"], run_dir="runs/demo_icr"
+    )
+    assert (icr.reward, icr.iterations, icr.model, icr.run_dir) == (
+        "icr",
+        1,
+        "runs/demo/iter_2/export/hf",
+        "runs/demo_icr",
+    )
+    assert (icr.icr.scorer, icr.icr.dpo_model, icr.icr.reference_model) == (
+        "given",
+        None,
+        "runs/demo/iter_1/export/hf",
+    )
+    icr_slices, icr_held = plan_prompts(icr)
+    assert icr_held.ids == held.ids  # the same held-out prompts in both runs, whatever the seed
+    assert icr_slices[0].ids == slices[0].ids  # no plan offset: ICR's prompts are LIDR iteration 1's again
+    # while choosing settings the check answers the dev split instead
+    _, dev = plan_prompts(load_run_config(DEMO, ["prompts.check_split=dev", "plan.held_out=36"]))
+    assert dev.ids == tuple(f"p{i:03d}" for i in range(132, 168))
