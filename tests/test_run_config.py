@@ -81,11 +81,13 @@ def test_paper_configs_have_the_paper_settings():
         2400,
     )
     assert lidr.lidr.translation.repetition_penalty == 1.0 and lidr.plan.per_iteration == 1000
-    assert lidr.lidr.pairs.system_prompt == "You are a helpful assistant."
+    assert lidr.lidr.pairs.system_prompt is None  # the authors' pairs most likely have no system turn
+    assert lidr.lidr.translation.max_new_tokens == 4096  # the authors' translation limit
     icr = load_run_config(CONFIGS / "icr_llama3_8b.yaml")
     assert icr.reward == "icr" and icr.icr.samples == 10 and icr.plan.per_iteration == 3000
     assert (icr.icr.sampling.temperature, icr.icr.sampling.top_p) == (0.9, 1.0)
     assert icr.icr.selection.condition == "english" and icr.icr.reference == "original"
+    assert icr.icr.translation.max_new_tokens == 8192  # the authors' translate-the-answer limit
     for cfg in (lidr, icr):
         d = cfg.dpo
         assert (d.beta, d.nll_weight, d.batch_size * d.grad_accum, d.loss_type) == (0.1, 1.0, 32, "sigmoid")
