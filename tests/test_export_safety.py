@@ -354,13 +354,17 @@ def test_model_card_of_a_plain_export(tiny_model, tmp_path):
     card = (export_hf(tiny_model, tmp_path / "hf", dtype="float32") / MODEL_CARD).read_text()
     assert card.startswith('---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- "lidr_jax"\n---\n')
     assert f"| Base model | `{tiny_model.source}` |" in card
-    assert "| Method | none: a format conversion by lidr_jax, no training |" in card
+    assert "| Method | not recorded (the export was given no card information) |" in card
     n = sum(int(p.size) for p in jax.tree.leaves(tiny_model.params))
     assert f"| Architecture | llama, 2 layers, hidden size 64, {n:,} parameters |" in card
     assert "| Weights | float32 safetensors |" in card and "Per-language" not in card
     with pytest.raises(ValueError, match=r"model card keys \['langs'\] are not known"):
         export_hf(tiny_model, tmp_path / "bad", card={"langs": ["en"]})
     assert not (tmp_path / "bad").exists()
+    # The command converting a model directory says so.
+    assert export_run.main([tiny_model.source, "--out", str(tmp_path / "cli")]) == 0
+    card = (tmp_path / "cli" / MODEL_CARD).read_text()
+    assert "| Method | none: a format conversion by lidr_jax, no training |" in card
 
 
 def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):

@@ -49,6 +49,7 @@ from lidr_jax.model.config import ModelConfig
 EXPORT_DTYPES = ("bfloat16", "float32")
 EXPORT_MARK = "lidr_jax_export.json"  # written last: its presence says lidr_jax wrote the directory
 MODEL_CARD = "README.md"
+CONVERSION = "none: a format conversion by lidr_jax, no training"
 CARD_KEYS = ("base_model", "method", "iteration", "languages", "training_pairs", "per_language", "run")
 _UNITS = {
     "": 1,
@@ -208,14 +209,14 @@ def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: s
 
     `card` (all keys optional, `CARD_KEYS`): base_model, method, iteration, languages, training_pairs
     (preference pairs of the iteration), per_language ({language: {column: number}}), run (the run
-    directory). Without it the card describes a format conversion of `source`.
+    directory). Without them the card names `source` as the base model and says the method was not recorded.
     """
     card = dict(card or {})
     unknown = sorted(set(card) - set(CARD_KEYS))
     if unknown:
         raise ValueError(f"model card keys {unknown} are not known; the card takes {', '.join(CARD_KEYS)}")
     base = str(card.get("base_model") or source)
-    method = card.get("method") or "none: a format conversion by lidr_jax, no training"
+    method = card.get("method") or "not recorded (the export was given no card information)"
     languages = [str(lang) for lang in card.get("languages") or []]
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     front += _yaml_list("language", languages)

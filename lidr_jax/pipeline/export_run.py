@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.formats.export import EXPORT_DTYPES, ExportError, check_destination, export_hf, parse_size
+from lidr_jax.formats.export import CONVERSION, EXPORT_DTYPES, ExportError, check_destination, export_hf, parse_size
 from lidr_jax.formats.load import LOAD_ERRORS, Model, load_pretrained, model_path
 from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, StageNotDoneError
 from lidr_jax.train.checkpoint import restore_params
@@ -226,10 +226,11 @@ def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     else:
         if args.iteration is not None:
             parser.error("--iteration applies only to a run directory (one with manifest.json)")
-        protect, card = [model_path(args.source)], None
+        protect, card = [model_path(args.source)], {"base_model": args.source, "method": CONVERSION}
     check_destination(args.out, sources=protect, replace=args.force)
 
-    model = model_from_run(args.source, args.iteration) if card is not None else load_pretrained(args.source)
+    is_run = (Path(args.source) / MANIFEST).exists()
+    model = model_from_run(args.source, args.iteration) if is_run else load_pretrained(args.source)
     out = export_hf(
         model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, card=card, replace=args.force
     )

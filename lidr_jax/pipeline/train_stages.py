@@ -20,6 +20,7 @@ from lidr_jax.dist import sharding
 from lidr_jax.formats.load import Model
 from lidr_jax.model.llama import param_specs
 from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.export_run import card_info
 from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
@@ -144,5 +145,5 @@ def export_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
     from lidr_jax.formats.export import export_hf
 
     d = run.stage_dir(k, "export")
-    out = export_hf(model, d / "hf", dtype=cfg.export_dtype)
+    out = export_hf(model, d / "hf", dtype=cfg.export_dtype, card=card_info(run, k))
     return {"hf": str(out)}
