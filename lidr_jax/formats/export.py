@@ -359,13 +359,15 @@ def export_hf(
             )
     max_bytes = parse_size(max_shard_size)
     sources = [source] if source != "params" and Path(source).exists() else []
-    out_dir = check_destination(out_dir, sources=sources, replace=replace)
     model_card(card, config=config, source=source, dtype=dtype, num_params=0)  # a bad card fails before any work
+    if jax.process_count() == 1:  # several processes: checked after the gather, which every process must join
+        check_destination(out_dir, sources=sources, replace=replace)
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     # Cast to the export dtype on the host first, so the layout changes below copy half as much.
     host = jax.tree.map(lambda x: to_host(x).astype(np_dtype, copy=False), params)
     if jax.process_index() != 0:
-        return out_dir
+        return Path(out_dir).expanduser().absolute()
+    out_dir = check_destination(out_dir, sources=sources, replace=replace)  # only the writer's view counts
     tensors = hf_from_params(host, config)
     order = hf_names(config)
     assert sorted(order) == sorted(tensors), "weights table and hf_from_params disagree"
