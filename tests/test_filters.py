@@ -41,12 +41,16 @@ def test_scripts_of_languages():
 
 
 def test_short_answers_are_judged_by_script_only():
-    # Fewer than min_letters (10) letters: n-gram identification is unreliable, the script decides.
-    assert check_language("Rot.", "de") and check_language("Red.", "de")  # Latin cannot be told apart
+    # Fewer than min_letters (10) letters: n-gram identification is unreliable, the script decides; a
+    # short answer in the dominant language's script (Latin, for English) passes only in an English pair.
+    assert not check_language("Rot.", "de") and not check_language("Red.", "de")  # cannot be told from English
+    assert check_language("Red.", "en") and check_language("Yes", "en")
     assert not check_language("Red.", "ru") and check_language("Красный", "ru")
     assert check_language("红色", "zh") and not check_language("Rot", "zh")
     assert check_language("أحمر", "ar") and not check_language("Красный", "ar")
     assert check_language("สีแดง", "th") and not check_language("红色", "th")
+    assert check_language("Rot.", "de", dominant="ru")  # with Russian dominant, Latin is not ambiguous
+    assert not check_language("Красный", "ru", dominant="uk")  # Cyrillic under a Cyrillic dominant language
     assert detected_language("Rot.") == "short"
     # from 10 letters on, the identifier decides
     assert not check_language("Red and blue.", "de")  # 10 letters, English
@@ -64,8 +68,9 @@ def test_letterless_answers_and_code_pass():
 
 
 def test_a_copied_translation_fails_whatever_its_length():
-    assert not check_language("Red", "de", source="Red")  # the "Red" of a German pair
-    assert check_language("Rot", "de", source="Red")
+    assert not check_language("Rot und Blau und Gelb", "de", source="Rot und Blau und Gelb")
+    assert not check_language("Красный", "ru", source="Красный")  # even where the script would pass
+    assert check_language("Rot und Blau und Gelb", "de", source="Red, blue and yellow")
     assert check_language("42", "de", source="42")  # no letters: nothing to translate
 
 

@@ -15,9 +15,12 @@ Filters, in the order a pair is checked (the first that fails is the pair's reas
     2. what is left has no letters (numbers, symbols, code only): it PASSES, as nothing says which
        language it is in;
     3. fewer than `min_letters` letters (a word or two: n-gram identification is unreliable there,
-       py3langid calls "Red" Arabic): it passes when its letters are in the language's script(s)
-       (lidr_jax.methods.languages.scripts), so a short Latin-script answer fails a Russian pair
-       but cannot be told apart from German in a German pair;
+       py3langid calls "Red" Arabic): only the script is checked (lidr_jax.methods.languages.scripts).
+       It passes when its letters are in the pair language's script(s), except when that script is
+       also the dominant language's and the pair is not in the dominant language: a short Latin
+       answer in a German pair cannot be told apart from English, whose leakage is what this filter
+       guards against, so it fails ("Red", and also a genuine "Rot"); a short Cyrillic answer passes
+       in a Russian pair and fails in a German one; a short Latin answer passes in an English pair;
     4. otherwise the identified language (lidr_jax.methods.langid, among the project's 50 languages)
        must be the pair's language;
     and, whatever the length, a translation identical to the text it translates (with letters) fails:
@@ -94,9 +97,12 @@ def detected_language(text: str, min_letters: int = 10) -> str:
     return detect_language(rest, DEFAULT_CANDIDATES)
 
 
-def check_language(text: str, lang: str, min_letters: int = 10, source: str | None = None) -> bool:
+def check_language(
+    text: str, lang: str, min_letters: int = 10, source: str | None = None, dominant: str = "en"
+) -> bool:
     """True when `text` may stand as an answer in `lang` (the rule of the module docstring).
-    `source`: the text `text` was translated from, if it is a translation."""
+    `source`: the text `text` was translated from, if it is a translation; `dominant`: the run's
+    dominant language."""
     get_language(lang)
     rest = prose(text)
     letters = [ch for ch in rest if ch.isalpha()]
@@ -105,7 +111,7 @@ def check_language(text: str, lang: str, min_letters: int = 10, source: str | No
     if source is not None and prose(source).strip() == rest.strip():
         return False
     if len(letters) < min_letters:
-        allowed = scripts(lang)
+        allowed = set(scripts(lang)) - (set() if lang == dominant else set(scripts(dominant)))
         return all(letter_script(ch) in allowed for ch in letters)
     return detect_language(rest, DEFAULT_CANDIDATES) == lang
 
@@ -124,14 +130,21 @@ def repeated_ngram_share(text: str, n: int = 4) -> float:
 
 
 def answer_reason(
-    text: str, lang: str, cfg: PairFilterConfig, *, cut: bool = False, source: str | None = None, check_lang=True
+    text: str,
+    lang: str,
+    cfg: PairFilterConfig,
+    *,
+    cut: bool = False,
+    source: str | None = None,
+    check_lang: bool = True,
+    dominant: str = "en",
 ) -> str | None:
     """Why `text` cannot be a chosen answer in `lang` ("empty", "language", "length_cut",
     "repetition"), or None. `check_lang` False skips the language check (translation-task pairs,
     whose answer's language is set by the instruction)."""
     if cfg.empty and not text.strip():
         return "empty"
-    if cfg.language and check_lang and not check_language(text, lang, cfg.min_letters, source):
+    if cfg.language and check_lang and not check_language(text, lang, cfg.min_letters, source, dominant):
         return "language"
     if cfg.length_cut and cut:
         return "length_cut"
@@ -149,13 +162,14 @@ def pair_reason(
     chosen_cut: bool = False,
     source: str | None = None,
     check_lang: bool = True,
+    dominant: str = "en",
 ) -> str | None:
     """Why a pair is dropped (the first failing filter of the module docstring's order), or None."""
     if cfg.empty and not (chosen.strip() and rejected.strip()):
         return "empty"
     if cfg.identical and chosen.strip() == rejected.strip():
         return "identical"
-    return answer_reason(chosen, lang, cfg, cut=chosen_cut, source=source, check_lang=check_lang)
+    return answer_reason(chosen, lang, cfg, cut=chosen_cut, source=source, check_lang=check_lang, dominant=dominant)
 
 
 def provenance(chosen: str, rejected: str, cfg: PairFilterConfig) -> dict[str, str]:

@@ -229,12 +229,14 @@ def icr_pairs(
     filters: PairFilterConfig | None = None,
     *,
     length_cut: Mapping[str, Sequence[bool]] | None = None,
+    dominant: str = "en",
 ) -> tuple[list[Pair], Selection, dict]:
     """ICR pairs for one language: prompt = the raw instruction x_X, chosen/rejected from its K answers.
 
     instructions: {id: x_X}; answers: {id: [K answer texts]} (K may differ per prompt); rewards:
     {id: [K rewards]} aligned with answers (NaN: not scored); length_cut: {id: [K bools]}, answers
-    that stopped at the token limit. An empty answer can be neither chosen nor rejected (unless the
+    that stopped at the token limit; dominant: the run's dominant language (the language filter's
+    rule for short answers, lidr_jax.methods.filters). An empty answer can be neither chosen nor rejected (unless the
     `empty` filter is off); an answer failing another filter (language, length_cut, repetition) can
     be rejected but never chosen. Returns (pairs, selection, stats): stats = {"prompts", "pairs",
     "alpha", "length_gap", "dropped": {reason: prompts}}, reasons of lidr_jax.methods.filters.
@@ -260,7 +262,7 @@ def icr_pairs(
         for k, (text, rew) in enumerate(zip(answers[pid], rewards[pid])):
             r_PK[i, k], L_PK[i, k] = rew, len(text)
             valid[i, k] = bool(text.strip()) or not filters.empty
-            reason = answer_reason(text, lang, filters, cut=bool(cuts[k]))
+            reason = answer_reason(text, lang, filters, cut=bool(cuts[k]), dominant=dominant)
             choosable[i, k] = reason is None
             if reason is not None:
                 why[i][reason] += 1
