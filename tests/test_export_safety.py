@@ -234,9 +234,10 @@ def test_bad_max_shard_size_fails_before_the_model_loads(tiny_llama_dir, tmp_pat
     assert "max_shard_size='2 parsecs' is not a size; write e.g. 2GB" in capsys.readouterr().err
 
 
-def test_corrupt_manifest_is_one_line(tmp_path, capsys, no_model_work):
+@pytest.mark.parametrize("content", [b'{"config": ', b'{"config": "caf\xe9"}'])
+def test_corrupt_manifest_is_one_line(tmp_path, capsys, no_model_work, content):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "manifest.json").write_text('{"config": ')
+    (tmp_path / "run" / "manifest.json").write_bytes(content)
     err = _fail([tmp_path / "run", "--out", tmp_path / "out"], capsys)
     assert f"{tmp_path / 'run' / 'manifest.json'}: not a readable run manifest" in err
 

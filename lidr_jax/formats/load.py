@@ -258,9 +258,6 @@ def _tokenizer_files(directory: Path) -> list[Path]:
 
 
 def _load_tokenizer(directory: Path, files: list[Path], extra_eos: tuple[int, ...]) -> ChatTokenizer:
-    # transformers is imported only where a directory's tokenizer is read (a heavy import).
-    from transformers import AutoTokenizer
-
     for file in files:
         if file.suffix in (".json", ".jinja", ".txt"):
             if file.suffix == ".json" and file.name != "tokenizer.json":
@@ -269,6 +266,9 @@ def _load_tokenizer(directory: Path, files: list[Path], extra_eos: tuple[int, ..
                     _refuse_remote_code(file, settings)
             else:
                 _check_utf8(file)
+    # transformers is imported only where a directory's tokenizer is read (a heavy import).
+    from transformers import AutoTokenizer
+
     try:
         hf = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
     except (ValueError, ImportError, OSError) as e:
