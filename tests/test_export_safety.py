@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import yaml
 from test_load_errors import _write_gguf
 
 import lidr_jax.pipeline.export_run as export_run
@@ -388,7 +389,13 @@ def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):
     )
     assert export_run.main([str(run.path), "--out", str(tmp_path / "out")]) == 0
     card = (tmp_path / "out" / MODEL_CARD).read_text()
-    assert '\nlanguage:\n- "en"\n- "fr"\n- "ru"\n' in card and '- "dpo"' in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "language": ["en", "fr", "ru"],
+        "tags": ["lidr_jax", "dpo"],
+    }
     assert f"| Base model | `{tiny_llama_dir}` |" in card
     assert "| Method | LIDR (Language Imbalance Driven Rewarding): iterative DPO" in card
     assert "| Iteration | 1 |" in card and "| Languages | en, fr, ru |" in card
