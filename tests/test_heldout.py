@@ -13,9 +13,11 @@ from eval_helpers import tiny_random_model
 from lidr_jax.eval.heldout import (
     Estimate,
     bootstrap_mean,
+    checkpoint_metrics,
     format_estimate,
     in_language,
     in_language_by_id,
+    measure_table,
     paired_change,
     reference_logliks,
     summarize_language,
@@ -101,6 +103,53 @@ def test_summarize_rows_skips_translation_tasks_and_reads_logliks():
     assert out["en"]["ref_loglik"] == {"value": -1.0, "low": -1.625, "high": -0.5, "n": 4}
     assert "ref_loglik" not in out["es"]
     assert in_language_by_id(rows, "es", skip_ids={"p3"}) == {"p0": 1.0, "p1": 0.0, "p2": 1.0}
+
+
+def test_checkpoint_metrics_and_the_report_table():
+    """Flat {metric: {lang: value}} for the run report; the change since the start is paired by prompt id."""
+    held = PromptSet(
+        ("es", "en"),
+        ("p0", "p1", "p2", "p3"),
+        dict.fromkeys(("es", "en"), ("a", "b", "c", "d")),
+        translation_task=frozenset({"p3"}),  # left out of the answer measures
+    )
+    after = [
+        {"lang": lang, "id": f"p{i}", "outputs": [text], "tokens": [len(text) // 4]}
+        for lang, texts in SCRIPTED.items()
+        for i, text in enumerate(texts)
+    ]
+    start = [dict(r, outputs=["12"]) if r["lang"] == "es" else r for r in after]  # no Spanish answer at the start
+    logliks = {"en": {"p0": -0.5, "p1": -1.0, "p2": -2.0, "p3": -0.5}}
+    m0 = checkpoint_metrics(start, held, seed=0, resamples=1000)
+    m1 = checkpoint_metrics(after, held, logliks=logliks, start_rows=start, seed=0, resamples=1000)
+    assert m0 == {
+        "in_language": {"es": 0.0, "en": 2 / 3},
+        "in_language_low": {"es": 0.0, "en": 0.0},
+        "in_language_high": {"es": 0.0, "en": 1.0},
+        "n": {"es": 3.0, "en": 3.0},
+        "mean_tokens": {"es": 41 / 3, "en": 32 / 3},
+        "mean_chars": {"es": 2.0, "en": 134 / 3},
+    }
+    assert m1["change"] == {"es": 2 / 3, "en": 0.0} and m1["change_low"] == {"es": 0.0, "en": 0.0}
+    assert m1["change_high"] == {"es": 1.0, "en": 0.0}
+    assert (m1["ref_loglik"], m1["ref_loglik_low"], m1["ref_loglik_high"]) == (
+        {"en": -1.0},
+        {"en": -1.625},
+        {"en": -0.5},
+    )
+    assert measure_table([m0, m1], ["es", "en"]) == [
+        ["lang", "measure", "k=0", "k=1"],
+        ["es", "in-language share", "0.00 [0.00, 0.00]", "0.67 [0.00, 1.00]"],
+        ["es", "change since k=0", "-", "+0.67 [+0.00, +1.00]"],
+        ["es", "ref. log-lik / token", "-", "-"],
+        ["es", "mean answer tokens", "13.7", "13.7"],
+        ["en", "in-language share", "0.67 [0.00, 1.00]", "0.67 [0.00, 1.00]"],
+        ["en", "change since k=0", "-", "+0.00 [+0.00, +0.00]"],
+        ["en", "ref. log-lik / token", "-", "-1.000 [-1.625, -0.500]"],
+        ["en", "mean answer tokens", "10.7", "10.7"],
+    ]
+    prefixed = [{f"held_out/{k}": v for k, v in m.items()} for m in (m0, m1)]
+    assert measure_table(prefixed, ["es", "en"], prefix="held_out/") == measure_table([m0, m1], ["es", "en"])
 
 
 def test_reference_logliks_equal_a_forward_pass_by_hand():

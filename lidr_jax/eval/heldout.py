@@ -26,7 +26,8 @@ checkpoint, so two checkpoints answered on the same prompts are resampled the sa
 interval").
 
 Pure functions over answers (`bootstrap_mean`, `paired_change`, `in_language`, `summarize_language`,
-`summarize_rows`, `format_estimate`) and one function that needs a model (`reference_logliks`).
+`summarize_rows`, `checkpoint_metrics`, `measure_table`, `format_estimate`) and the functions that need
+a model (`reference_logliks`, `measure_checkpoint`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,74 @@ def format_estimate(est: Mapping | Estimate, digits: int = 2) -> str:
     return f"{e.value:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}]"
 
 
+# ---------------------------------------------------------------- one checkpoint, as the run report reads it
+
+
+def checkpoint_metrics(
+    rows: Sequence[Mapping],
+    held_out: PromptSet,
+    *,
+    logliks: Mapping[str, Mapping[str, float]] | None = None,
+    start_rows: Sequence[Mapping] | None = None,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+) -> dict[str, dict[str, float]]:
+    """One checkpoint's measurement as flat {metric: {lang: value}}, the shape the run report's history
+    and lidr_jax.eval.plots read: in_language, n, mean_tokens, mean_chars; with `logliks`, ref_loglik;
+    with `start_rows` (the starting model's answers to the same prompts), change = the paired change of
+    the in-language share since the start. in_language, ref_loglik and change come with _low and _high
+    (the interval). Translation tasks of `held_out` are left out of the answer measures."""
+    skip = held_out.translation_task
+    kw = {"seed": seed, "resamples": resamples, "level": level}
+    summary = summarize_rows(rows, skip_ids=skip, logliks=logliks, **kw)
+    out: dict[str, dict[str, float]] = {}
+
+    def put(metric: str, lang: str, est: Mapping) -> None:
+        out.setdefault(metric, {})[lang] = est["value"]
+        out.setdefault(f"{metric}_low", {})[lang] = est["low"]
+        out.setdefault(f"{metric}_high", {})[lang] = est["high"]
+
+    for lang, s in summary.items():
+        put("in_language", lang, s["in_language"])
+        out.setdefault("n", {})[lang] = float(s["in_language"]["n"])
+        out.setdefault("mean_tokens", {})[lang] = s["mean_tokens"]
+        out.setdefault("mean_chars", {})[lang] = s["mean_chars"]
+        if "ref_loglik" in s:
+            put("ref_loglik", lang, s["ref_loglik"])
+        if start_rows is not None:
+            now = in_language_by_id(rows, lang, skip_ids=skip)
+            then = in_language_by_id(start_rows, lang, skip_ids=skip)
+            ids = [pid for pid in now if pid in then]
+            put("change", lang, paired_change([then[i] for i in ids], [now[i] for i in ids], **kw).as_dict())
+    return out
+
+
+def measure_table(
+    history: Sequence[Mapping[str, Mapping[str, float]]], languages: Sequence[str], prefix: str = ""
+) -> list[list[str]]:
+    """Rows of a table (header first): per language, the in-language share, its change since k = 0 and the
+    reference log-likelihood with their intervals, and the mean answer tokens, one column per checkpoint
+    (k = position in `history`; metric keys as `checkpoint_metrics` names them, after `prefix`)."""
+
+    def cell(h: Mapping, metric: str, lang: str, digits: int, sign: bool = False) -> str:
+        v = h.get(prefix + metric, {}).get(lang)
+        if v is None or v != v:
+            return "-"
+        low, high = h.get(f"{prefix}{metric}_low", {}).get(lang), h.get(f"{prefix}{metric}_high", {}).get(lang)
+        f = f"{{:{'+' if sign else ''}.{digits}f}}"
+        return f.format(v) + ("" if low is None else f" [{f.format(low)}, {f.format(high)}]")
+
+    rows = [["lang", "measure"] + [f"k={k}" for k in range(len(history))]]
+    for lang in languages:
+        rows.append([lang, "in-language share"] + [cell(h, "in_language", lang, 2) for h in history])
+        rows.append([lang, "change since k=0"] + [cell(h, "change", lang, 2, sign=True) for h in history])
+        rows.append([lang, "ref. log-lik / token"] + [cell(h, "ref_loglik", lang, 3) for h in history])
+        tokens = [h.get(prefix + "mean_tokens", {}).get(lang) for h in history]
+        rows.append([lang, "mean answer tokens"] + ["-" if t is None or t != t else f"{t:.1f}" for t in tokens])
+    return rows
+
+
 # ---------------------------------------------------------------- with a model
 
 
@@ -200,3 +269,17 @@ def reference_logliks(
         counts = np.array([len(c) for c in enc.chosen_ids], np.float64)
         out[lang] = {pid: float(t / n) for pid, t, n in zip(ids, total, counts)}
     return out
+
+
+def measure_checkpoint(
+    model: Model,
+    held_out: PromptSet,
+    rows: Sequence[Mapping],
+    *,
+    start_rows: Sequence[Mapping] | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """`checkpoint_metrics` of the check's answer `rows`, with the reference log-likelihoods of `model`."""
+    logliks = reference_logliks(model, held_out, batch_size=batch_size)
+    return checkpoint_metrics(rows, held_out, logliks=logliks, start_rows=start_rows, seed=seed)
