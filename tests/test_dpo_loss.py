@@ -10,12 +10,12 @@ import pytest
 from lidr_jax.train.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 
 
-def dpo_loss(logp_c, logp_r, count_c, ref_c, ref_r, cfg, weight=None):
+def dpo_loss(logp_c, logp_r, count_c, ref_c, ref_r, cfg, weight=None, count_r=None):
     """(mean loss, metrics) over the pairs of `dpo_terms`, each pair weighted by `weight` (default 1):
     what the trainer's step computes for one micro-batch (lidr_jax.train.trainer.accumulated_grads)."""
     w = jnp.ones_like(logp_c) if weight is None else weight
     total = jnp.maximum(jnp.sum(w), 1e-9)
-    loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg)
+    loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg, count_r)
     return jnp.sum(w * loss_B) / total, {k: jnp.sum(w * v) / total for k, v in per_pair.items()}
 
 
@@ -23,15 +23,15 @@ def _log_sigmoid(x):
     return -np.logaddexp(0.0, -x)
 
 
-def numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, beta, eps, lam):
+def numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, beta, eps, lam, nr=None):
     """Per-pair losses from the formulas (float64), then the weighted means of loss and metrics."""
     h = (lc - rc) - (lr - rr)
     if loss_type == "sigmoid":  # Rafailov 2023; cDPO label smoothing, Mitchell 2023
         pref = -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
     elif loss_type == "robust":  # Chowdhury et al. 2024
         pref = (-(1 - eps) * _log_sigmoid(beta * h) + eps * _log_sigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17
-        pref = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo":  # Azar et al. 2023, eq. 17, on length-averaged log-probs (TRL, LLaMA-Factory)
+        pref = ((lc - rc) / nc - (lr - rr) / nr - 1 / (2 * beta)) ** 2
     else:  # hinge, SLiC: max(0, 1 - beta h)
         pref = np.maximum(0.0, 1 - beta * h)
     nll = -lc / nc
@@ -67,9 +67,12 @@ def _random_logps(seed, B=16):
 def test_losses_match_numpy_formulas(loss_type, eps):
     cfg = DPOConfig(loss_type=loss_type, beta=0.3, label_smoothing=eps, nll_weight=0.7)
     lc, lr, nc, rc, rr, w = _random_logps(seed=LOSS_TYPES.index(loss_type) * 10 + int(eps * 10))
-    want_loss, want = numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, 0.3, eps, 0.7)
+    nr = nc[::-1].copy()  # the rejected answers' token counts (averaged IPO)
+    want_loss, want = numpy_dpo(lc, lr, nc, rc, rr, w, loss_type, 0.3, eps, 0.7, nr)
     with jax.enable_x64(True):  # compare formulas, not float32 rounding
-        loss, metrics = dpo_loss(*map(jnp.asarray, (lc, lr, nc, rc, rr)), cfg, weight=jnp.asarray(w))
+        loss, metrics = dpo_loss(
+            *map(jnp.asarray, (lc, lr, nc, rc, rr)), cfg, weight=jnp.asarray(w), count_r=jnp.asarray(nr)
+        )
         loss, metrics = float(loss), {k: float(v) for k, v in metrics.items()}
     assert abs(loss - want_loss) <= 1e-6 * max(1.0, abs(want_loss))
     for name, value in want.items():

@@ -29,6 +29,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the KL anchor to the reference (β in every loss)
     loss_type: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge
     label_smoothing: float = 0.0  # ε: assumed probability that a pair's label is flipped (sigmoid, robust)
+    ipo_average: bool = True  # ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)
     nll_weight: float = 1.0  # λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)
     learning_rate: float = 5e-7
     warmup: float = 0.1  # < 1: fraction of the optimizer steps; >= 1: a number of steps
@@ -86,8 +87,9 @@ class DPOConfig:
 # ------------------------------------------------------------------------------------------- losses
 
 
-def preference_losses(logp_c, logp_r, ref_c, ref_r, cfg: DPOConfig):
-    """Per-pair preference loss [B] (without the NLL term) from summed response log-probs.
+def preference_losses(logp_c, logp_r, ref_c, ref_r, cfg: DPOConfig, count_c=None, count_r=None):
+    """Per-pair preference loss [B] (without the NLL term) from summed response log-probs (and, for
+    averaged IPO, the answers' token counts).
 
     With h the margin of the module docstring and ε = label_smoothing:
     - sigmoid, DPO (Rafailov et al. 2023, arXiv 2305.18290), with conservative label smoothing
@@ -97,7 +99,9 @@ def preference_losses(logp_c, logp_r, ref_c, ref_r, cfg: DPOConfig):
           [−(1 − ε)·log σ(βh) + ε·log σ(−βh)] / (1 − 2ε)
     - ipo (Azar et al. 2023, arXiv 2310.12036, eq. 17; regression of h onto 1/(2β)):
           (h − 1/(2β))²
-      on summed log-probs as in the paper (TRL and LLaMA-Factory length-average them for IPO).
+      with `ipo_average` (default) on length-averaged log-probs, as TRL and LLaMA-Factory compute it:
+          h = (logπ(c) − logπ_ref(c))/|c| − (logπ(r) − logπ_ref(r))/|r|;
+      `ipo_average: false` keeps the paper's summed log-probs.
     - hinge, SLiC-HF calibration loss (Zhao et al. 2023, arXiv 2305.10425) with margin 1/β:
           max(0, 1 − βh)
     """
@@ -108,19 +112,24 @@ def preference_losses(logp_c, logp_r, ref_c, ref_r, cfg: DPOConfig):
     if cfg.loss_type == "robust":
         return (-(1 - eps) * jax.nn.log_sigmoid(b * h) + eps * jax.nn.log_sigmoid(-b * h)) / (1 - 2 * eps)
     if cfg.loss_type == "ipo":
+        if cfg.ipo_average:
+            if count_c is None or count_r is None:
+                raise ValueError("loss_type ipo with ipo_average needs the token counts of both answers")
+            h = (logp_c - ref_c) / jnp.maximum(count_c, 1.0) - (logp_r - ref_r) / jnp.maximum(count_r, 1.0)
         return (h - 1 / (2 * b)) ** 2
     if cfg.loss_type == "hinge":
         return jax.nn.relu(1 - b * h)
     raise ValueError(f"loss_type={cfg.loss_type!r}; choose one of {LOSS_TYPES}")
 
 
-def dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig):
-    """Per-pair total loss [B] and the per-pair quantities the metrics average.
+def dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig, count_r=None):
+    """Per-pair total loss [B] and the per-pair quantities the metrics average. `count_c` / `count_r`:
+    the answers' token counts (`count_r` is needed by averaged IPO only).
 
     The NLL term is LLaMA-Factory's `pref_ftx` (the objective of both LIDR and ICR): the chosen
     response's mean token NLL, −logπ(c)/|c|, times `nll_weight`, added to each pair's loss.
     """
-    pref = preference_losses(logp_c, logp_r, ref_c, ref_r, cfg)
+    pref = preference_losses(logp_c, logp_r, ref_c, ref_r, cfg, count_c, count_r)
     nll = -logp_c / jnp.maximum(count_c, 1.0)
     reward_c = cfg.beta * jax.lax.stop_gradient(logp_c - ref_c)
     reward_r = cfg.beta * jax.lax.stop_gradient(logp_r - ref_r)

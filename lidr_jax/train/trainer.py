@@ -159,7 +159,8 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
 
     def micro_loss(p, mb):
         logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
-        loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg)
+        count_r = jnp.sum(mb["rejected_mask"], axis=-1).astype(jnp.float32)  # averaged IPO
+        loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg, count_r)
         w = mb["weight"]
         sums = {k: jnp.sum(w * v) for k, v in per_pair.items()}
         sums["weight"] = jnp.sum(w)
