@@ -414,3 +414,25 @@ def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):
     base_card = (tmp_path / "base" / MODEL_CARD).read_text()
     assert "| Method | none: the run's starting model (iteration 0) |" in base_card
     assert "Training data" not in base_card and "| Iteration | 0 |" in base_card
+
+
+def test_the_command_itself_refuses_quickly(tiny_llama_dir, tmp_path):
+    """`python -m lidr_jax.export` as a user runs it: exit code 2, one line, the file kept, in seconds."""
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"someone's weights")
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "lidr_jax.export", str(tiny_llama_dir), "--out", str(target)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - t0
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        f"error: export destination {target} is a file, not a folder; nothing was written: "
+        "choose a folder that does not exist yet (or an empty one)\n"
+    )
+    assert target.read_bytes() == b"someone's weights"
+    assert seconds < 30  # imports only (measured ~3 s); loading and exporting would add the model's time
