@@ -44,6 +44,7 @@ PAPER_LANGUAGES = ("en", "es", "ru", "de", "fr")
 DECODING = {  # name -> SamplingConfig fields
     "lidr": dict(temperature=0.0, repetition_penalty=1.1),
     "icr": dict(temperature=0.6, top_p=0.9),
+    "greedy": dict(temperature=0.0),
 }
 
 
@@ -60,6 +61,7 @@ class EvalConfig:
     mgsm_few_shot_k: int = 0  # solved examples shown before each question (0 = zero-shot)
     mgsm_few_shot_dir: str | None = None  # folder of mgsm_{lang}.tsv to take them from (not the test file)
     mgsm_max_new_tokens: int = 512
+    mgsm_decoding: str = "greedy"  # see DECODING; "lidr" (repetition penalty 1.1) is the LIDR authors' preset
     alpaca_decoding: str = "lidr"  # "lidr" or "icr", see DECODING
     alpaca_max_new_tokens: int = 2048
     system_prompt: str | None = None  # e.g. "You are a helpful assistant." (LIDR with Llama-3)
@@ -77,8 +79,9 @@ class EvalConfig:
         unknown = set(self.benchmarks) - set(BENCHMARKS)
         if unknown:
             raise ValueError(f"EvalConfig.benchmarks: unknown {sorted(unknown)}; choose from {BENCHMARKS}")
-        if self.alpaca_decoding not in DECODING:
-            raise ValueError(f"EvalConfig.alpaca_decoding={self.alpaca_decoding!r}; choose from {sorted(DECODING)}")
+        for name in ("alpaca_decoding", "mgsm_decoding"):
+            if getattr(self, name) not in DECODING:
+                raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}; choose from {sorted(DECODING)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError("EvalConfig.limit must be >= 1, or None for every item")
         if self.mgsm_few_shot_k and not self.mgsm_few_shot_dir:
@@ -96,7 +99,8 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 
 def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
-    """Generate (greedy) and score MGSM for every language of `cfg`: {lang: score_mgsm(...)}.
+    """Generate (`cfg.mgsm_decoding`, greedy by default) and score MGSM for every language of `cfg`:
+    {lang: score_mgsm(...)}.
     `generate_fn` (default `sampler.generate`) generates, e.g. `multihost.generate_across_processes`."""
     if not cfg.mgsm_dir:
         raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
@@ -108,7 +112,7 @@ def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
         for item in lang_items:
             chats.append(_with_system(mgsm_messages(item.question, lang, shots), cfg.system_prompt))
             owners.append(lang)
-    sampling = _sampling({}, cfg.mgsm_max_new_tokens, cfg.batch_size, cfg.seed, cfg.progress)
+    sampling = _sampling(DECODING[cfg.mgsm_decoding], cfg.mgsm_max_new_tokens, cfg.batch_size, cfg.seed, cfg.progress)
     results = generate(model, chats, sampling)  # every language in one call: fuller batches
     outputs = {lang: [] for lang in items}
     for lang, r in zip(owners, results):
