@@ -202,6 +202,22 @@ def test_a_killed_exports_temp_folder_is_removed_by_the_next_export(tiny_llama_d
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", alive.name])
 
 
+def test_an_export_set_aside_by_a_killed_swap_is_put_back(tiny_llama_dir, tmp_path, capsys):
+    """Killed between moving the earlier export aside and renaming the new one in: the next call puts
+    the earlier export back and removes the unfinished one."""
+    out = tmp_path / "hf"
+    assert export_run.main([str(tiny_llama_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    prefix = f".hf.lidr-export-{socket.gethostname()}-{pid}"
+    out.rename(tmp_path / f"{prefix}.old")
+    (tmp_path / f"{prefix}.tmp").mkdir()
+    err = _fail([tiny_llama_dir, "--out", out], capsys)
+    assert f"export destination {out} holds an earlier lidr_jax export; nothing was written: pass --force" in err
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_check_destination_is_a_library_function(tmp_path):
     (tmp_path / "x").write_text("x")
     with pytest.raises(ExportError, match="is a file, not a folder"):

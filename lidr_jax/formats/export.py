@@ -109,11 +109,13 @@ def check_destination(
 
     Refused: a file; a folder that is, or holds, one of `sources` (what is being exported: a model
     directory or file, a run directory); a non-empty folder without lidr_jax's export mark; an earlier
-    export that holds files it did not write; an earlier export when `replace` is False. Reads only
-    the destination's listing, so a command runs it before loading anything.
+    export that holds files it did not write; an earlier export when `replace` is False. First
+    clears what killed exports left beside the destination (`remove_stale_temps`); reads only
+    listings and the export mark, so a command runs it before loading anything.
     """
     out = Path(out_dir).expanduser().absolute()
     real = out.resolve()
+    remove_stale_temps(real)
     for src in sources:
         src_real = Path(src).expanduser().absolute().resolve()
         if real == src_real or real in src_real.parents:
@@ -168,16 +170,22 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:
     """Remove the temporary folders of exports to `out_dir` from this host whose process is gone (a
-    killed export leaves one); returns what was removed. Another host's folders are left alone."""
+    killed export leaves one); returns what was removed. An earlier export set aside by an export
+    killed just before its final rename is put back where it was, if nothing took its place. Another
+    host's folders are left alone."""
     prefix = _temp_prefix(out_dir)
     removed = []
     if not out_dir.parent.is_dir():
         return removed
-    for p in out_dir.parent.iterdir():
+    for p in sorted(out_dir.parent.iterdir()):
         m = re.fullmatch(r"(\d+)\.(tmp|old)", p.name[len(prefix) :]) if p.name.startswith(prefix) else None
-        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if not m or not p.is_dir() or p.is_symlink() or _alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old" and not out_dir.exists():
+            os.replace(p, out_dir)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 
@@ -375,7 +383,6 @@ def export_hf(
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_dir)
         tmp = out_dir.parent / f"{_temp_prefix(out_dir)}{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
