@@ -2,6 +2,10 @@
 values for a fixed seed), the reference log-likelihood of a tiny random model checked by hand, and the
 demonstration config (configs/demo.yaml) read by the run-config loader."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -217,3 +221,32 @@ def test_demo_config_parses_and_plans_fresh_prompts_and_the_whole_heldout_split(
     # while choosing settings the check answers the dev split instead
     _, dev = plan_prompts(load_run_config(DEMO, ["prompts.check_split=dev", "plan.held_out=36"]))
     assert dev.ids == tuple(f"p{i:03d}" for i in range(132, 168))
+
+
+def test_demo_config_first_stages_run_on_a_tiny_model(make_hf_model, tmp_path):
+    """The demo config as written (only the model, the run directory and the token limits changed):
+    the starting model answers all 48 held-out prompts in every language, then the first chunk of
+    LIDR's generation runs on the first training prompts; the process is stopped there (the
+    pipeline's fault injection), since the whole run is measured, not tested."""
+    model_dir = make_hf_model("llama", max_position_embeddings=1024)
+    run_dir = tmp_path / "demo"
+    sets = [
+        f"model={model_dir}",
+        "generation.max_new_tokens=2",
+        "generation.progress=false",
+        "check.sampling.max_new_tokens=2",
+        "check.sampling.progress=false",
+    ]
+    args = ["--config", str(DEMO), "--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, PYTHONPATH=str(DEMO.parents[1]), JAX_PLATFORMS="cpu", LIDR_JAX_CRASH_AT="generate:1")
+    res = subprocess.run(
+        [sys.executable, "-m", "lidr_jax.iterate", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == -9, res.stderr[-3000:]  # killed at the fault-injection point, nothing failed
+    check = [json.loads(line) for line in (run_dir / "iter_0" / "check" / "held_out.jsonl").read_text().splitlines()]
+    assert len(check) == 48 * 5 and {r["lang"] for r in check} == {"en", "es", "de", "fr", "ru"}
+    assert {r["id"] for r in check} == {f"p{i:03d}" for i in range(168, 216)}
+    partial = run_dir / "iter_1" / "generate" / "generations.partial.jsonl"
+    chunks = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    ids = {row["id"] for chunk in chunks for row in chunk["rows"]}
+    assert ids and ids <= {f"p{i:03d}" for i in range(32)}
