@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from dpo_helpers import PAIRS, write_tiny_hf_dir
@@ -58,11 +59,23 @@ def test_trl_file_trains_and_writes_model_and_metrics(trl_run, model_dir):
     trained, start = load_pretrained(out / "model"), load_pretrained(model_dir)
     delta = max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max())
-        for a, b in zip(*(map(lambda m: __import__("jax").tree.leaves(m.params), (trained, start))))
+        for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(start.params))
     )
     assert 1e-4 < delta < 0.1  # two Adam steps of lr 1e-3
     assert trained.tokenizer.hf.chat_template == start.tokenizer.hf.chat_template
-    assert json.loads((out / "dpo_config.json").read_text())["batch_size"] == 2
+    assert json.loads((out / "dpo_config.json").read_text())["dpo"]["batch_size"] == 2
+    assert _safetensors_dtypes(out / "model") == {"BF16"}  # bfloat16 export unless float32 is asked for
+    assert (out / "tensorboard").is_dir() and (out / "checkpoints" / "2").is_dir()
+
+
+def _safetensors_dtypes(model_dir: Path) -> set[str]:
+    """The dtypes in the safetensors headers (8-byte little-endian length, then JSON)."""
+    dtypes = set()
+    for f in model_dir.glob("*.safetensors"):
+        data = f.read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return dtypes
 
 
 def test_alpaca_file_gives_the_same_pairs(trl_run, model_dir, tmp_path):

@@ -1,25 +1,81 @@
-"""`python -m lidr_jax.dpo`: DPO-train a model on a user's preference-pair file.
+"""`python -m lidr_jax.dpo`: DPO-train a model on a user's preference-pair file, with the pipeline's trainer.
 
-    python -m lidr_jax.dpo --model PATH --pairs FILE --out DIR [--set key=value ...] [--reference PATH]
+    python -m lidr_jax.dpo --model PATH --pairs FILE --out DIR [--config FILE.yaml] [--set key=value ...]
 
-Writes into DIR: `model/` (a Hugging Face directory of the trained policy), `metrics.jsonl` (one line
-per optimizer step, TRL metric names), `reference_logps.npz` (the reference pass, reused by a rerun
-on the same pairs and settings) and `dpo_config.json` (the settings used).
+Settings (`DPORunConfig`) come from an optional YAML file, then `--set` items: `dpo.beta=0.2`,
+`mesh.preset=fsdp`, `metrics.report_to=[tensorboard,wandb]`, `checkpoint_every=20`. A bare DPO setting
+(`beta=0.2`) means `dpo.beta`. The YAML uses the same groups as the pipeline's config (`dpo:`, `mesh:`),
+so a pipeline config's groups can be copied as they are.
+
+Writes into DIR: `model/` (a Hugging Face directory of the trained policy, bfloat16 unless
+`export_dtype: float32`), `metrics.jsonl` (one line per optimizer step, TRL metric names),
+`tensorboard/` (scalars written every step while training runs; W&B too when asked for),
+`checkpoints/` (Orbax, every `checkpoint_every` steps), `reference_logps.npz` (the reference pass,
+reused by a rerun on the same pairs and settings) and `dpo_config.json` (the settings used).
+
+Killed and rerun with the same command, training continues from the last checkpoint and ends with the
+parameters an uninterrupted run reaches (the data order is a function of the step). A rerun with
+other settings on the same DIR is refused, so two runs' steps never mix.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
-from lidr_jax.settings import SettingsError, apply_overrides, describe, from_dict
-from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_pairs
+import jax
 
-EPILOG = """settings (--set key=value; values parse as YAML):
+from lidr_jax.dist import sharding
+from lidr_jax.dist.multihost import maybe_initialize_distributed
+from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.files import atomic_write_json, plain
+from lidr_jax.formats.export import export_hf
+from lidr_jax.formats.load import load_pretrained
+from lidr_jax.model.llama import param_specs
+from lidr_jax.settings import SettingsError, apply_overrides, describe, from_dict, load_yaml
+from lidr_jax.train.checkpoint import TrainCheckpointer
+from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
+from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_pairs
+from lidr_jax.train.trainer import (
+    NonFiniteLossError,
+    init_state,
+    load_reference,
+    make_optimizer,
+    reference_logprobs,
+    save_reference,
+    total_steps,
+    train,
+)
+
+EXPORT_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORunConfig:
+    """Everything `python -m lidr_jax.dpo` runs with (YAML groups and `--set` keys)."""
+
+    dpo: DPOConfig = DPOConfig()
+    mesh: MeshConfig = MeshConfig()  # fsdp over every device (one device: no sharding)
+    metrics: MetricsConfig = MetricsConfig()  # live TensorBoard (and W&B when asked for)
+    checkpoint_every: int = 50  # optimizer steps between Orbax checkpoints (and one at the end)
+    checkpoint_keep: int = 2  # the newest checkpoints kept
+    export_dtype: str = "bfloat16"  # bfloat16 (what vLLM serves, half the size) | float32 (exact)
+
+    def __post_init__(self):
+        if self.checkpoint_every < 1 or self.checkpoint_keep < 1:
+            raise ValueError("checkpoint_every and checkpoint_keep must be >= 1")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype={self.export_dtype!r}; choose one of {EXPORT_DTYPES}")
+
+
+EPILOG = """settings (YAML groups or --set key=value; values parse as YAML; a bare DPO key means dpo.KEY):
 {settings}
 
 pair files: JSONL or a JSON list; TRL records (prompt/chosen/rejected, strings or chat message lists;
@@ -31,115 +87,206 @@ pair files: JSONL or a JSON list; TRL records (prompt/chosen/rejected, strings o
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         prog="python -m lidr_jax.dpo",
-        description="DPO (+ length-averaged NLL on chosen) training of a model on preference pairs. The "
-        "reference is the starting model unless --reference names another.",
-        epilog=EPILOG.format(settings=describe(DPOConfig)),
+        description="DPO (+ length-averaged NLL on chosen) training of a model on preference pairs, with the "
+        "pipeline's trainer: device mesh, Orbax checkpoints with exact resume, live metrics. The reference is "
+        "the starting model unless --reference names another.",
+        epilog=EPILOG.format(settings=describe(DPORunConfig)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory, .gguf file or 'smollm2-135m-instruct'")
     parser.add_argument("--pairs", required=True, help="preference pairs (.jsonl or .json)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     parser.add_argument("--reference", default=None, help="reference model (default: --model)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a DPOConfig setting")
+    parser.add_argument("--config", default=None, help="YAML file of settings (groups dpo, mesh, metrics, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, e.g. dpo.beta=0.2")
     parser.add_argument(
         "--export-dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="dtype of the written weights (float32 keeps updates smaller than bf16 resolution)",
+        default=None,
+        choices=EXPORT_DTYPES,
+        help="dtype of the written weights (default: the export_dtype setting, bfloat16)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
-def settings_from_overrides(overrides: list[str]) -> DPOConfig:
-    """DPOConfig from `key=value` items; an unknown key or a bad value raises SettingsError naming it.
+def load_settings(config_path: str | None, overrides: list[str]) -> DPORunConfig:
+    """DPORunConfig from a YAML file and `key=value` items; an unknown key or a bad value raises
+    SettingsError naming it.
 
     YAML 1.1 reads `5e-7` (no dot) as a string; for float settings such a string is read as a number.
     """
-    data = apply_overrides({}, overrides)
-    float_fields = {f.name for f in dataclasses.fields(DPOConfig) if f.type in (float, "float")}
-    for key, value in data.items():
-        if key in float_fields and isinstance(value, str):
-            try:
-                data[key] = float(value)
-            except ValueError:
-                pass  # from_dict names the key and the bad value
-    return from_dict(DPOConfig, data)
+    data = load_yaml(config_path) if config_path else {}
+    run_fields = {f.name for f in dataclasses.fields(DPORunConfig)}
+    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    items = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        items.append(f"dpo.{item.strip()}" if key in dpo_fields and key not in run_fields else item)
+    data = apply_overrides(data, items)
+    dpo = data.get("dpo")
+    if isinstance(dpo, dict):
+        floats = {f.name for f in dataclasses.fields(DPOConfig) if f.type in (float, "float")}
+        for key, value in dpo.items():
+            if key in floats and isinstance(value, str):
+                with contextlib.suppress(ValueError):  # else from_dict names the key and the bad value
+                    dpo[key] = float(value)
+    return from_dict(DPORunConfig, data)
 
 
-def _write_model(model, params, out_dir: Path, dtype: str) -> Path:
-    from lidr_jax.formats.export import export_hf
+def settings_from_overrides(overrides: list[str]) -> DPOConfig:
+    """The DPO settings of `key=value` items alone (no YAML file)."""
+    return load_settings(None, overrides).dpo
 
-    return export_hf(dataclasses.replace(model, params=params), out_dir, dtype=dtype)
+
+def _crash_point(step: int) -> None:
+    """Fault injection for the kill-and-resume test: `LIDR_JAX_CRASH_AT=dpo:<step>` makes the process
+    SIGKILL itself after that step's checkpoint, as a preempted machine stops (no cleanup)."""
+    if os.environ.get("LIDR_JAX_CRASH_AT") == f"dpo:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_same_run(path: Path, saved_for: dict) -> None:
+    """A DIR whose checkpoints were made with other settings or data is refused (resuming would mix two
+    runs' steps)."""
+    if not path.exists():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(before) | set(saved_for) if k != "run" and before.get(k) != saved_for.get(k))
+    if changed:
+        raise SettingsError(
+            f"{path.parent} holds checkpoints of a run with other {', '.join(changed)}; rerun with the same "
+            f"settings to resume, use another --out, or delete {path.parent / 'checkpoints'} to start over"
+        )
+
+
+def _card(args, cfg: DPORunConfig, pairs) -> dict:
+    languages = sorted({str(p.extra.get("language") or p.extra.get("lang")) for p in pairs} - {"None"})
+    return dict(
+        base_model=args.model,
+        method=f"DPO ({cfg.dpo.loss_type}, beta {cfg.dpo.beta}) + NLL on chosen (weight {cfg.dpo.nll_weight}), "
+        "python -m lidr_jax.dpo",
+        training_pairs=len(pairs),
+        languages=languages,
+    )
 
 
 def run(args) -> int:
-    import jax
-
-    from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.train.trainer import (
-        NonFiniteLossError,
-        load_reference,
-        reference_logprobs,
-        save_reference,
-        total_steps,
-        train,
-    )
-
-    cfg = settings_from_overrides(args.set)
-    pairs = read_pairs(args.pairs)
+    cfg = load_settings(args.config, args.set)
+    export_dtype = args.export_dtype or cfg.export_dtype
+    pairs = read_pairs(args.pairs)  # every input is checked before any model loads
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    model = load_pretrained(args.model)
-    enc = encode_pairs(pairs, model.tokenizer, cfg.max_prompt_len, cfg.max_response_len)
-    print(f"pairs: {enc.summary()}; {total_steps(len(enc), cfg)} optimizer steps", file=sys.stderr)
+    writer = jax.process_index() == 0
+    identity = {
+        "model": args.model,
+        "reference": args.reference,
+        "pairs": str(Path(args.pairs).absolute()),
+        "dpo": plain(cfg.dpo),
+        "run": plain(cfg),
+    }
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        _check_same_run(out / "dpo_config.json", identity)
+    if writer:
+        atomic_write_json(out / "dpo_config.json", identity)
 
-    ref_file = out / "reference_logps.npz"
-    ref = None
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.parse_rules(cfg.mesh.rules)
+    with sharding.use_mesh(mesh, rules):
+        model = load_pretrained(args.model)
+        specs = param_specs(model.config)
+        model = dataclasses.replace(model, params=sharding.place_params(model.params, specs, mesh, rules))
+        enc = encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
+        num_steps = total_steps(len(enc), cfg.dpo)
+        print(f"pairs: {enc.summary()}; {num_steps} optimizer steps; {sharding.describe_mesh(mesh)}", file=sys.stderr)
+        ref = _reference(args, cfg, model, enc, out / "reference_logps.npz", mesh, rules, writer)
+
+        optimizer = make_optimizer(cfg.dpo, num_steps)
+        abstract = jax.eval_shape(lambda p: init_state(p, optimizer), model.params)
+        metrics_file = out / "metrics.jsonl"
+        state = None
+        with TrainCheckpointer(ckpt_dir, every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
+            restored = ckpt.restore_latest(abstract, sharding.state_shardings(abstract, specs, mesh, rules))
+            start = 0
+            if restored is not None:
+                state, start = restored[0], int(restored[0].step)
+                print(f"resuming from the checkpoint at step {start} of {num_steps}", file=sys.stderr)
+            if writer:
+                truncate_metrics(metrics_file, start)  # lines logged after the checkpoint are logged again
+
+            def save(st, metrics):
+                step = int(metrics["step"])
+                if ckpt.save(step, st, data_position={"step": step}):
+                    ckpt.wait()
+                    _crash_point(step)
+
+            sink = MetricsSink(
+                cfg.metrics if writer else MetricsConfig(report_to=()),
+                jsonl_path=metrics_file if writer else None,
+                tensorboard_dir=out / "tensorboard",
+                run_name=out.name,
+                run_config=identity["run"],
+                purge_step=start + 1 if start else None,
+            )
+            try:
+                with sink:
+                    state = train(
+                        model.params,
+                        model.config,
+                        enc,
+                        ref,
+                        cfg.dpo,
+                        state=state,
+                        callback=save,
+                        sink=sink,
+                        pad_id=model.tokenizer.pad_token_id,
+                        progress=not args.quiet,
+                    )
+            except NonFiniteLossError as e:
+                print(
+                    f"error: {e}\nNo model was written; the last good checkpoint is in {ckpt_dir} and the metrics "
+                    f"up to the failure in {metrics_file}. Rerun with e.g. --set dpo.learning_rate="
+                    f"{cfg.dpo.learning_rate / 10:g} on a new --out, or fix the data.",
+                    file=sys.stderr,
+                )
+                return 3
+            ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
+        final = dataclasses.replace(model, params=state.params)
+        written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs))
+    print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}", file=sys.stderr)
+    return 0
+
+
+def _reference(args, cfg: DPORunConfig, model, enc, ref_file: Path, mesh, rules, writer: bool):
+    """Reference log-probs: reused from `ref_file` when they belong to these pairs, else computed (with
+    --reference's weights, or the starting model's) and stored."""
     if ref_file.exists():
         try:
             ref = load_reference(ref_file, enc)
             print(f"reference log-probs: reusing {ref_file}", file=sys.stderr)
+            return ref
         except ValueError as e:
             print(f"reference log-probs: recomputing ({e})", file=sys.stderr)
-    if ref is None:
-        if args.reference:
-            reference = load_pretrained(args.reference)
-            if reference.config.vocab_size != model.config.vocab_size:
-                raise ValueError(
-                    f"--reference {args.reference} has vocabulary {reference.config.vocab_size}, "
-                    f"the model {model.config.vocab_size}: the reference must share the tokenizer"
-                )
-            ref = reference_logprobs(reference.params, reference.config, enc, cfg, progress=not args.quiet)
-            del reference  # one model resident during training
-        else:
-            ref = reference_logprobs(model.params, model.config, enc, cfg, progress=not args.quiet)
+    progress = not args.quiet
+    if args.reference:
+        reference = load_pretrained(args.reference)
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"--reference {args.reference} has vocabulary {reference.config.vocab_size}, "
+                f"the model {model.config.vocab_size}: the reference must share the tokenizer"
+            )
+        params = sharding.place_params(reference.params, param_specs(reference.config), mesh, rules)
+        ref = reference_logprobs(params, reference.config, enc, cfg.dpo, progress=progress)
+        del reference, params  # one model resident during training
+    else:
+        ref = reference_logprobs(model.params, model.config, enc, cfg.dpo, progress=progress)
+    if writer:
         save_reference(ref_file, ref, enc)
-
-    metrics_file = out / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
-    try:
-        state = train(
-            model.params,
-            model.config,
-            enc,
-            ref,
-            cfg,
-            metrics_path=metrics_file,
-            pad_id=model.tokenizer.pad_token_id,
-            progress=not args.quiet,
-        )
-    except NonFiniteLossError as e:
-        print(f"error: {e}\nNo model was written; metrics up to the failure are in {metrics_file}.", file=sys.stderr)
-        return 3
-    written = _write_model(model, jax.device_get(state.params), out / "model", args.export_dtype)
-    print(f"trained model: {written}\nmetrics: {metrics_file}", file=sys.stderr)
-    return 0
+    return ref
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    maybe_initialize_distributed()  # several hosts: before anything touches a device
     try:
         return run(args)
     except (SettingsError, PairFormatError, FileNotFoundError) as e:

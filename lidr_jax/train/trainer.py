@@ -5,7 +5,8 @@ Phases of a run (each a plain function, no trainer class):
    beside the pairs (`save_reference` / `load_reference`), so training holds only the policy.
 2. `make_optimizer`: AdamW after global-norm clipping, warmup then cosine/linear decay.
 3. `make_train_step`: one jitted step over `grad_accum` micro-batches (a `lax.scan`), state donated.
-4. `train`: plain Python loop with a tqdm bar; metrics every step to JSONL.
+4. `train`: plain Python loop with a tqdm bar; metrics every step to a `MetricsSink` (JSONL, and live
+   TensorBoard / W&B scalars: lidr_jax.train.metrics).
 
 Several processes (lidr_jax.dist.multihost): every process builds the same host batch (same pairs, same
 (seed, step) order) and hands the global mesh only the rows its own devices hold (`put_process_rows`).
@@ -17,7 +18,6 @@ function of `step` alone (`step_indices`: epoch order is seeded by (seed, epoch)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,6 +35,7 @@ from lidr_jax.dist.multihost import put_process_rows
 from lidr_jax.dist.sharding import place, to_host, train_state_shardings
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
+from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
 
 
@@ -192,7 +193,10 @@ def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule, state_sha
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        def keep(new, old):  # the old values wherever the step was not finite
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
         new_state = TrainState(
             keep(params, state.params), keep(opt_state, state.opt_state), state.step + ok.astype(jnp.int32)
         )
@@ -245,6 +249,7 @@ def train(
     state: TrainState | None = None,
     callback: Callable[[TrainState, dict[str, float]], None] | None = None,
     metrics_path: str | os.PathLike | None = None,
+    sink: MetricsSink | None = None,
     pad_id: int = 0,
     progress: bool = True,
 ) -> TrainState:
@@ -252,8 +257,9 @@ def train(
 
     `state`: resume from this TrainState (its step picks the data position). `callback(state,
     metrics)` runs after every step (save a checkpoint there; the state's buffers are donated to the
-    next step, so finish writing before returning). Metrics are appended to `metrics_path` (JSONL),
-    one line per step. Raises `NonFiniteLossError` (holding the last good state) on NaN/inf.
+    next step, so finish writing before returning). Every step's metrics go to `sink` (the caller
+    opens and closes it), or, without a sink, are appended to `metrics_path` (JSONL), one line per step.
+    Raises `NonFiniteLossError` (holding the last good state) on NaN/inf; that step is logged first.
     """
     if len(ref["chosen"]) != len(enc):
         raise ValueError(f"{len(ref['chosen'])} reference log-probs for {len(enc)} pairs")
@@ -262,12 +268,15 @@ def train(
     schedule = lr_schedule(cfg, num_steps)
     if state is None:
         state = init_state(params, optimizer)
-    shardings = train_state_shardings(state, param_specs(model_config))  # None unless a mesh is active (sharding.use_mesh)
+    # None unless a mesh is active (sharding.use_mesh)
+    shardings = train_state_shardings(state, param_specs(model_config))
     state = state if shardings is None else place(state, shardings)
     step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
     start = int(state.step)
     spe = steps_per_epoch(len(enc), cfg)
-    out = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    own_sink = sink is None and metrics_path is not None
+    if own_sink:
+        sink = MetricsSink(MetricsConfig(report_to=()), jsonl_path=metrics_path)
     bar = tqdm(total=num_steps, initial=start, desc="DPO", unit="step", disable=not progress)
     try:
         for k in range(start, num_steps):
@@ -287,9 +296,8 @@ def train(
                 tokens_per_s=tokens / dt,
                 pairs_per_s=len(idx) / dt,
             )
-            if out:
-                out.write(json.dumps(metrics) + "\n")
-                out.flush()
+            if sink is not None:
+                sink.log(metrics, step=k + 1)
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise NonFiniteLossError(
                     f"step {k + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
@@ -308,6 +316,6 @@ def train(
                 callback(state, metrics)
     finally:
         bar.close()
-        if out:
-            out.close()
+        if own_sink:
+            sink.close()
     return state
