@@ -13,16 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from lidr_jax.generate.engine import OUTPUT_BUCKETS, PREFILL_BUCKETS, prefill_logits, step_logits
 from lidr_jax.generate.sampler import (
-    NEW_TOKEN_BUCKETS,
-    PROMPT_BUCKETS,
     GenerationStats,
     SamplingConfig,
     decode_layers,
     eos_ids,
     generate,
-    prefill_logits,
-    step_logits,
 )
 from lidr_jax.model.llama import forward, unstack_layers
 from lidr_jax.shapes import bucket
@@ -60,7 +57,7 @@ def test_cached_decode_equals_full_forward(tiny_model, layout):
     m, tol, steps = tiny_model, 1e-4, 6
     params, layers = m.params, (None if layout == "stacked" else unstack_layers(m.params))
     prompts = [m.tokenizer.prompt_ids(c) for c in CHATS[:3]]
-    T = bucket(max(map(len, prompts)), **PROMPT_BUCKETS)
+    T = bucket(max(map(len, prompts)), **PREFILL_BUCKETS)
     tokens_BT = np.zeros((len(prompts), T), np.int32)
     mask_BT = np.zeros((len(prompts), T), bool)
     for r, p in enumerate(prompts):
@@ -263,13 +260,38 @@ def test_new_sampling_values_do_not_recompile(tiny_model):
 
 
 def test_bucketing_keeps_compilations_few(tiny_model):
+    """Seven prompts through 4 slots: the engine shape is (4 slots, 128 + 32 cache slots); prefills of
+    1 to 4 prompts at lengths 32/64/128, an insert per prefill shape, one decode window."""
     prompts = ["a" * n for n in (1, 3, 60, 62, 64, 65, 100)]
     stats = GenerationStats()
     out = generate(tiny_model, prompts, dataclasses.replace(GREEDY, max_new_tokens=3, batch_size=4), stats=stats)
     assert [r.prompt_tokens for r in out] == [len(p) for p in prompts]  # input order kept
-    # Longest first: [100, 65, 64, 62] -> 4 x 128, then [60, 3, 1] -> batch 4 x 64; 3 new tokens -> 32.
-    assert stats.shapes == [(4, 128, 32), (4, 64, 32)]
-    assert stats.compilations <= 2 * len(set(stats.shapes))
+    assert stats.shapes == [(4, 100, 3)] and stats.prefilled_prompts == 7
+    assert 0 < stats.compilations <= 2 * stats.batches + 2  # + decode windows 128 and 160
+
+
+def test_refills_never_recompile(tiny_model):
+    """Prompts whose answers end at different steps refill slots many times; a second call of the same
+    shapes (other prompts, more refills) compiles nothing (JAX's compile events)."""
+    from jax import monitoring
+
+    sampling = dataclasses.replace(GREEDY, max_new_tokens=20, batch_size=2, decode_chunk=4)
+    first = GenerationStats()
+    generate(tiny_model, [c[-1]["content"][:8] for c in CHATS], sampling, stats=first)
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = GenerationStats()
+        out = generate(tiny_model, [c[-1]["content"][-8:] for c in CHATS] * 2, sampling, stats=again)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert len(out) == 10 and again.batches >= 5  # at least five refills of the two slots
+    assert again.compilations == 0 and compiles == []
 
 
 def test_bad_settings_and_prompts_fail_clearly(tiny_model):
@@ -286,5 +308,42 @@ def test_bad_settings_and_prompts_fail_clearly(tiny_model):
 
 
 def test_bucket_rule():
-    assert [bucket(n, **PROMPT_BUCKETS) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 768]
-    assert [bucket(n, **NEW_TOKEN_BUCKETS) for n in (1, 33, 128)] == [32, 64, 128]
+    # Prompts: powers of two from 32 to 128, then multiples of 64 (a 130-token prompt is prefilled as 192).
+    assert [bucket(n, **PREFILL_BUCKETS) for n in (1, 32, 33, 100, 128, 130, 200, 600)] == [
+        32,
+        32,
+        64,
+        128,
+        128,
+        192,
+        256,
+        640,
+    ]
+    assert [bucket(n, **OUTPUT_BUCKETS) for n in (1, 33, 128, 300)] == [32, 64, 128, 512]
+
+
+def test_samples_do_not_depend_on_slots_batch_or_other_prompts(tiny_model):
+    """temperature 0.9, n = 4: the same samples whatever the slot count, the prompt order (so the slot
+    each row lands in) and the other prompts of the call."""
+    sampling = dataclasses.replace(GREEDY, temperature=0.9, n=4, max_new_tokens=12, seed=3)
+
+    def ids(results):
+        return [[x.token_ids for x in samples] for samples in results]
+
+    base = ids(generate(tiny_model, CHATS, sampling))
+    assert len({tuple(x) for x in base[0]}) > 1  # the samples differ from each other
+    for batch_size in (1, 3, 8):
+        assert ids(generate(tiny_model, CHATS, dataclasses.replace(sampling, batch_size=batch_size))) == base
+    assert ids(generate(tiny_model, CHATS[::-1], sampling))[::-1] == base
+    assert ids(generate(tiny_model, [CHATS[2]], dataclasses.replace(sampling, batch_size=3))) == [base[2]]
+
+
+def test_shared_prefix_prefilled_once(tiny_model):
+    """n samples of a prompt prefill it once and copy its cache into n slots; at temperature 0 the n
+    samples are identical."""
+    stats = GenerationStats()
+    out = generate(tiny_model, CHATS[:3], dataclasses.replace(GREEDY, n=4, batch_size=8), stats=stats)
+    assert stats.prefilled_prompts == 3 and stats.rows == 12
+    for samples in out:
+        assert len(samples) == 4 and all(x == samples[0] for x in samples)
+    assert 0 < stats.slot_utilisation <= 1

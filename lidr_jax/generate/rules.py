@@ -71,14 +71,15 @@ def token_logprobs(logits_BV, tokens_B):
 
 
 def row_keys(seed, prompt_ids_B, sample_ids_B, step):
-    """Per-row PRNG keys for one decode step: fold_in(seed, prompt id, sample index, step).
+    """Per-row PRNG keys for one decode step: fold_in(seed, prompt id, sample index, step), `step`
+    being the row's own step (one for all rows, or one per row [B]).
 
     The prompt id is a hash of the prompt's content, so a row's randomness depends on what it is, not
     on where it sits: samples do not change with batch size, batch order or the other prompts.
     """
     base = jax.random.key(seed)
 
-    def one(pid, sid):
-        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, pid), sid), step)
+    def one(pid, sid, t):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, pid), sid), t)
 
-    return jax.vmap(one)(prompt_ids_B, sample_ids_B)
+    return jax.vmap(one)(prompt_ids_B, sample_ids_B, jnp.broadcast_to(step, jnp.shape(prompt_ids_B)))

@@ -1,4 +1,4 @@
-"""Batched text generation: prefill, then a jitted `lax.while_loop` decode over a donated KV cache.
+"""Text generation for lists of prompts, over the continuous-batching engine (lidr_jax.generate.engine).
 
     results = generate(model, prompts, SamplingConfig(max_new_tokens=128, repetition_penalty=1.1))
     results = generate(model, chats, SamplingConfig(...), prefill=["<translation>", ...])
@@ -9,25 +9,21 @@ the generation prompt). `prefill` is text that opens the assistant turn; generat
 `results[i]`, a `GenerationResult`; with `n` > 1 it is a list of `n` of them.
 
 How a call runs (the rules, stated once):
-- Rows (prompt, sample index) are sorted by prompt length, longest first, and cut into batches of
-  `batch_size`; results come back in input order. Batch sizes are bucketed to powers of two (capped by
-  `batch_size`), prompt lengths to powers of two from 64 up to 256 and multiples of 256 above, and the
-  new-token buffer likewise from 32 (lidr_jax.shapes.bucket), so a call compiles a handful of shapes.
-  Each shape compiles two executables (prefill, decode), counted in `GenerationStats.compilations` and
-  shown in the progress bar.
-- Prompts are right-padded (the cache protocol of lidr_jax.model.llama: each row's tokens from slot 0,
-  its padding overwritten by its next tokens); positions count real tokens only.
+- Rows (prompt, sample index) go through `batch_size` slots (fewer when there are fewer rows: a power
+  of two), longest prompts first; a slot whose row ends is refilled at once with the next prompt
+  (engine docstring: shapes, shared prefixes, compilations). Results come back in input order.
+  Executables compiled are counted in `GenerationStats.compilations`; the progress bar shows tokens/s,
+  slot utilisation (generated tokens / (slots x decode steps)) and compilations.
 - Truncation: a prompt longer than `max_prompt_tokens` (default and at most: the model's context - 1)
   keeps its LAST tokens (the chat generation prompt and the prefill live at the end); the new-token
   budget is clipped so prompt + output fit the context. Both are counted and reported in a warning.
 - A row stops at an end-of-sequence id (lidr_jax.formats.tokenizer.end_of_sequence_ids: the tokenizer's
   EOS and end-of-turn tokens, the model config's and generation config's `eos_token_id`), at
-  `max_new_tokens`, or at a stop string. Stop
-  strings are checked on the decoded text between decode chunks (a stopped row leaves the loop at the
-  next chunk) and finally on the whole output; the text is cut before the earliest stop string and the
-  token ids / logprobs after the token that completed it.
+  `max_new_tokens`, or at a stop string. Stop strings are checked on the decoded text between decode
+  chunks (a stopped row leaves its slot at the next chunk) and finally on the whole output; the text
+  is cut before the earliest stop string and the token ids / logprobs after the token that completed it.
 - Randomness: the key of row (prompt, sample j) at step t is fold_in(seed, hash(prompt tokens), j, t),
-  so a prompt's samples do not depend on the batch size, the batch order or the other prompts.
+  so a prompt's samples do not depend on the slot count, the slot it lands in or the other prompts.
 - Layers (`SamplingConfig.layer_layout`, `decode_layers`): "unstacked" decodes on a copy of the layer
   weights as per-layer arrays, made at the start of each call and dropped at its end (memory for a
   second copy of the layers while generating); "stacked" reads slices of the stacked weights, which
@@ -42,22 +38,17 @@ import hashlib
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lidr_jax.dist.sharding import put_batch
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
-from lidr_jax.generate.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
-from lidr_jax.model.config import ModelConfig
-from lidr_jax.model.llama import hidden_states, init_cache, unembed, unstack_layers
+from lidr_jax.generate.engine import EngineStats, Request
+from lidr_jax.generate.engine import run as run_engine
+from lidr_jax.model.llama import unstack_layers
 from lidr_jax.shapes import bucket
-
-PROMPT_BUCKETS = dict(minimum=64, knee=256, step=256)  # prompt lengths (lidr_jax.shapes.bucket)
-NEW_TOKEN_BUCKETS = dict(minimum=32, knee=256, step=256)  # new-token buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +63,9 @@ class SamplingConfig:
     n: int = 1  # samples per prompt
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one found
-    batch_size: int = 32  # rows decoded together (a row is one sample of one prompt)
+    batch_size: int = 32  # engine slots: rows decoded together (a row is one sample of one prompt)
     max_prompt_tokens: int | None = None  # longer prompts keep their last tokens; None = context - 1
-    decode_chunk: int = 64  # decode steps between host checks (stop strings, progress bar)
+    decode_chunk: int = 64  # decode steps between host checks (stop strings, refills, progress bar) at most
     progress: bool = True  # tqdm progress bar with generated tokens/s
     layer_layout: Literal["auto", "stacked", "unstacked"] = "auto"  # the layer weights decoding reads (module doc)
 
@@ -117,135 +108,24 @@ class GenerationStats:
     batches: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    compilations: int = 0  # executables compiled by this call (prefill + decode per new shape)
+    compilations: int = 0  # executables compiled by this call (prefill, insert, decode per new shape)
     compile_seconds: float = 0.0
     run_seconds: float = 0.0  # wall time excluding compilation
     truncated_prompts: int = 0
     clipped_budgets: int = 0
-    shapes: list = dataclasses.field(default_factory=list)  # (batch, prompt len, new-token buffer) per batch
+    prefilled_prompts: int = 0  # prompt prefills (once per prompt, whatever its n)
+    decode_steps: int = 0
+    slot_steps: int = 0  # slots x decode steps
+    shapes: list = dataclasses.field(default_factory=list)  # (slots, longest prompt, largest budget) per call
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.run_seconds if self.run_seconds else 0.0
 
-
-# ------------------------------------------------------------------------------------------ device side
-
-
-def _sample_step(state, logits_BV, sp, eos_E):
-    """Pick the token of step `state["step"]` for every live row and record it."""
-    t = state["step"]
-    keys_B = row_keys(sp["seed"], state["pid_B"], state["sid_B"], t)
-    penalized_BV = jax.lax.cond(
-        sp["penalty"] != 1.0,
-        lambda x: apply_repetition_penalty(x, state["seen_BV"], sp["penalty"]),
-        lambda x: x,
-        logits_BV,
-    )
-    live_B = ~state["done_B"]
-    tok_B = jnp.where(live_B, sample_logits(keys_B, penalized_BV, sp["temperature"], sp["top_k"], sp["top_p"]), 0)
-    lp_B = token_logprobs(logits_BV, tok_B)
-    count_B = state["count_B"] + live_B
-    is_eos_B = jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
-    B, V = logits_BV.shape
-    return dict(
-        state,
-        tokens_BN=jax.lax.dynamic_update_slice_in_dim(state["tokens_BN"], tok_B[:, None], t, axis=1),
-        logprobs_BN=jax.lax.dynamic_update_slice_in_dim(state["logprobs_BN"], lp_B[:, None], t, axis=1),
-        count_B=count_B,
-        done_B=state["done_B"] | (live_B & (is_eos_B | (count_B >= state["budget_B"]))),
-        seen_BV=state["seen_BV"].at[jnp.arange(B), jnp.where(live_B, tok_B, V)].set(True, mode="drop"),
-        last_B=tok_B,
-        step=t + 1,
-    )
-
-
-def prefill_logits(params, layers, tokens_BT, mask_BT, config: ModelConfig, max_new: int):
-    """Right-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
-    prompt's last token, and the cache. `layers`: per-layer weights or None (`decode_layers`)."""
-    B, T = tokens_BT.shape
-    cache = init_cache(config, B, T + max_new)
-    h_BTD, cache = hidden_states(params, tokens_BT, config, attention_mask_BT=mask_BT, cache=cache, layers=layers)
-    # Unembed only each row's last prompt token.
-    last_B = jnp.maximum(jnp.sum(mask_BT, axis=1) - 1, 0)
-    return unembed(params, h_BTD[jnp.arange(B), last_B], config), cache
-
-
-def step_logits(params, layers, tokens_B, cache, config: ModelConfig):
-    """One decode step: one token per row, written at the row's next cache slot (its position)."""
-    h_B1D, cache = hidden_states(params, tokens_B[:, None], config, cache=cache, layers=layers)
-    return unembed(params, h_B1D[:, 0], config), cache
-
-
-def _prefill(params, layers, tokens_BT, mask_BT, rows, *, config: ModelConfig, max_new: int):
-    """Run the prompts through the model into a fresh cache; the decode loop samples from the logits."""
-    logits_BV, cache = prefill_logits(params, layers, tokens_BT, mask_BT, config, max_new)
-    B, V = logits_BV.shape
-    seen_BV = (
-        jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(mask_BT, tokens_BT, V)].set(True, mode="drop")
-    )
-    state = dict(
-        logits_BV=logits_BV,
-        tokens_BN=jnp.zeros((B, max_new), jnp.int32),
-        logprobs_BN=jnp.zeros((B, max_new), jnp.float32),
-        count_B=jnp.zeros((B,), jnp.int32),
-        done_B=rows["budget_B"] <= 0,
-        seen_BV=seen_BV,
-        last_B=jnp.zeros((B,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        **rows,
-    )
-    return state, cache
-
-
-def _decode(params, layers, state, cache, sp, eos_E, chunk_end, *, config: ModelConfig):
-    """Sample and decode until every row is done or `chunk_end` steps are reached (traced: a new chunk
-    end does not recompile). The sampling rules live only here, so they compile once per shape."""
-
-    def cond(carry):
-        state, _ = carry
-        return (state["step"] < chunk_end) & ~jnp.all(state["done_B"])
-
-    def body(carry):
-        state, cache = carry
-        state = _sample_step(state, state["logits_BV"], sp, eos_E)
-        # The token sampled at step t goes in at position (and cache slot) prompt_len + t. After the
-        # last step this forward is wasted (one step per batch), which keeps the loop a single body.
-        logits_BV, cache = step_logits(params, layers, state["last_B"], cache, config)
-        return dict(state, logits_BV=logits_BV), cache
-
-    return jax.lax.while_loop(cond, body, (state, cache))
-
-
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "max_new"))
-_decode_jit = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state", "cache"))
-# Compiled executables by shape: an explicit cache so compilations are counted and timed exactly.
-_EXECUTABLES: dict[tuple, tuple[Any, Any]] = {}
-
-
-def _executables(params, layers, arrays, sp, eos_E, config: ModelConfig, max_new: int, stats: GenerationStats):
-    # Shardings are part of the key: an executable compiled for one mesh rejects arrays of another.
-    leaves = jax.tree.leaves((params, layers))
-    avals = (layers is None,) + tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
-    key = (
-        config,
-        avals,
-        arrays[0].shape,
-        getattr(arrays[0], "sharding", None),
-        max_new,
-        eos_E.shape,
-        jax.default_backend(),
-    )
-    if key not in _EXECUTABLES:
-        start = time.perf_counter()
-        prefill = _prefill_jit.lower(params, layers, *arrays, config=config, max_new=max_new).compile()
-        state, cache = prefill.out_info  # shapes and shardings of the prefill's outputs
-        chunk = jax.ShapeDtypeStruct((), jnp.int32)
-        decode = _decode_jit.lower(params, layers, state, cache, sp, eos_E, chunk, config=config).compile()
-        _EXECUTABLES[key] = (prefill, decode)
-        stats.compilations += 2
-        stats.compile_seconds += time.perf_counter() - start
-    return _EXECUTABLES[key]
+    @property
+    def slot_utilisation(self) -> float:
+        """Generated tokens / (slots x decode steps): the share of slot steps that produced a token."""
+        return self.generated_tokens / self.slot_steps if self.slot_steps else 0.0
 
 
 # -------------------------------------------------------------------------------------------- host side
@@ -260,11 +140,6 @@ def decode_layers(params, layout: str = "auto") -> list | None:
         devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
         layout = "unstacked" if len(devices) == 1 and next(iter(devices)).platform == "cpu" else "stacked"
     return unstack_layers(params) if layout == "unstacked" else None
-
-
-def batch_bucket(rows: int, batch_size: int) -> int:
-    """Powers of two, capped at `batch_size` (a full batch is always exactly `batch_size`)."""
-    return min(bucket(rows, minimum=1, knee=batch_size, step=batch_size), batch_size)
 
 
 def eos_ids(model) -> tuple[int, ...]:
@@ -345,8 +220,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
     stats.prompts += len(ids)
     stats.truncated_prompts += truncated
     stats.clipped_budgets += clipped
-    rows = sorted(((i, j) for i in range(len(ids)) for j in range(s.n)), key=lambda r: (-len(ids[r[0]]), r))
-    stats.rows += len(rows)
+    stats.rows += len(ids) * s.n
     sp = dict(
         temperature=np.float32(s.temperature),
         top_k=np.int32(s.top_k),
@@ -354,68 +228,55 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         penalty=np.float32(s.repetition_penalty),
         seed=np.uint32(s.seed & 0xFFFFFFFF),
     )
-    eos_E = np.asarray(eos, np.int32)
-    params = model.params
-    layers = decode_layers(params, s.layer_layout)
-    hashes = [_prompt_hash(p) for p in ids]
-    outputs: dict[tuple[int, int], GenerationResult] = {}
-    bar = tqdm(total=len(rows), unit="seq", desc="generate", disable=not s.progress)
-    for start in range(0, len(rows), s.batch_size):
-        batch = rows[start : start + s.batch_size]
-        B = batch_bucket(len(batch), s.batch_size)
-        T = bucket(max(len(ids[i]) for i, _ in batch), **PROMPT_BUCKETS)
-        N = bucket(max(budgets[i] for i, _ in batch), **NEW_TOKEN_BUCKETS)
-        tokens_BT = np.full((B, T), tok.pad_token_id, np.int32)
-        mask_BT = np.zeros((B, T), bool)
-        cols = {k: np.zeros((B,), np.int32) for k in ("plen_B", "budget_B", "pid_B", "sid_B")}
-        mask_BT[len(batch) :, 0] = True  # filler rows: one token, no budget, done from the start
-        for r, (i, j) in enumerate(batch):
-            tokens_BT[r, : len(ids[i])] = ids[i]
-            mask_BT[r, : len(ids[i])] = True
-            cols["plen_B"][r], cols["budget_B"][r], cols["pid_B"][r], cols["sid_B"][r] = (
-                len(ids[i]),
-                budgets[i],
-                hashes[i],
-                j,
-            )
-        cols["pid_B"] = cols["pid_B"].astype(np.uint32)
-        arrays = put_batch((tokens_BT, mask_BT, cols))  # rows over the active mesh's batch axes, if any
-        prefill_exe, decode_exe = _executables(params, layers, arrays, sp, eos_E, config, N, stats)
-        bar.set_postfix(compiles=stats.compilations, shape=f"{B}x{T}+{N}", refresh=False)
-        stats.shapes.append((B, T, N))
-        stats.batches += 1
-        t0 = time.perf_counter()
-        state, cache = prefill_exe(params, layers, *arrays)
-        done_B, counted = np.asarray(state["done_B"]), 0
-        while not done_B.all():
-            chunk_end = np.int32(min(int(state["step"]) + s.decode_chunk, N))
-            state, cache = decode_exe(params, layers, state, cache, sp, eos_E, chunk_end)
-            done_B, count_B = np.array(state["done_B"]), np.asarray(state["count_B"])
-            if s.stop:  # a row whose text holds a stop string is done: take it out of the loop
-                tokens_BN = np.asarray(state["tokens_BN"])
-                for r in np.flatnonzero(~done_B[: len(batch)]):
-                    done_B[r] = _first_stop(tok.decode(tokens_BN[r, : count_B[r]]), s.stop) >= 0
-                state = dict(state, done_B=jax.device_put(done_B, state["done_B"].sharding))
-            new = int(count_B.sum()) - counted
-            counted += new
-            stats.generated_tokens += new
-            stats.run_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            bar.set_postfix(
-                tok_s=f"{stats.tokens_per_second:.1f}", compiles=stats.compilations, shape=f"{B}x{T}+{N}", refresh=False
-            )
-        tokens_BN, logprobs_BN = np.asarray(state["tokens_BN"]), np.asarray(state["logprobs_BN"])
-        count_B = np.asarray(state["count_B"])
-        stats.generated_tokens += int(count_B.sum()) - counted
-        stats.prompt_tokens += sum(len(ids[i]) for i, _ in batch)
-        for r, (i, j) in enumerate(batch):
-            n_r = int(count_B[r])
-            outputs[(i, j)] = _finish(
-                tok, tokens_BN[r, :n_r].tolist(), logprobs_BN[r, :n_r].tolist(), eos, s.stop, len(ids[i])
-            )
-        stats.run_seconds += time.perf_counter() - t0
-        bar.update(len(batch))
+    requests = [Request(p, s.n, b, _prompt_hash(p)) for p, b in zip(ids, budgets)]
+    slots = min(s.batch_size, bucket(len(ids) * s.n, minimum=1, knee=s.batch_size, step=s.batch_size))
+    engine = EngineStats()
+    bar = tqdm(total=len(ids) * s.n, unit="seq", desc="generate", disable=not s.progress)
+    start, generated = time.perf_counter(), 0
+
+    def progress(new_tokens: int, finished: int):
+        nonlocal generated
+        generated += new_tokens
+        wall = time.perf_counter() - start - engine.compile_seconds
+        bar.set_postfix(
+            tok_s=f"{generated / max(wall, 1e-9):.1f}",
+            slots=f"{engine.utilisation(generated):.0%}",
+            compiles=engine.compilations,
+            refresh=False,
+        )
+        bar.update(finished)
+
+    def stop_check(out_ids: list[int]) -> bool:
+        return _first_stop(tok.decode(out_ids), s.stop) >= 0
+
+    raw = run_engine(
+        model.params,
+        decode_layers(model.params, s.layer_layout),
+        config,
+        requests,
+        sp,
+        eos,
+        slots=slots,
+        chunk=s.decode_chunk,
+        pad_id=tok.pad_token_id,
+        stats=engine,
+        stop_check=stop_check if s.stop else None,
+        on_progress=progress,
+    )
     bar.close()
+    stats.run_seconds += time.perf_counter() - start - engine.compile_seconds
+    stats.compilations += engine.compilations
+    stats.compile_seconds += engine.compile_seconds
+    stats.generated_tokens += generated
+    stats.prompt_tokens += sum(len(p) * s.n for p in ids)
+    stats.prefilled_prompts += engine.prefilled_prompts
+    stats.batches += engine.prefill_calls
+    stats.decode_steps += engine.decode_steps
+    stats.slot_steps += engine.slot_steps
+    stats.shapes.append((slots, max(map(len, ids)), max(budgets)))
+    outputs = {
+        key: _finish(tok, out_ids, logprobs, eos, s.stop, len(ids[key[0]])) for key, (out_ids, logprobs) in raw.items()
+    }
     if s.n == 1:
         return [outputs[(i, 0)] for i in range(len(ids))]
     return [[outputs[(i, j)] for j in range(s.n)] for i in range(len(ids))]
