@@ -362,6 +362,19 @@ def _load(path: str):
     return load_pretrained(path)
 
 
+def _eval_config(args, benchmark: str, **fields) -> EvalConfig:
+    """A command's EvalConfig: the settings every generating command shares, then its own."""
+    shared = dict(limit=args.limit, system_prompt=args.system_prompt, batch_size=args.batch_size)
+    langs = {"mgsm": "mgsm_languages", "alpaca": "alpaca_languages"}[benchmark]
+    return EvalConfig(benchmarks=(benchmark,), progress=not args.no_progress, **{langs: args.langs}, **shared, **fields)
+
+
+def _alpaca_config(args, **extra) -> EvalConfig:
+    """The X-AlpacaEval generation settings of the alpaca-outputs and head-to-head commands."""
+    fields = dict(alpaca_dir=args.data, alpaca_decoding=args.decoding, alpaca_max_new_tokens=args.max_new_tokens)
+    return _eval_config(args, "alpaca", **fields, **extra)
+
+
 def _print_commands(commands: dict[str, str]) -> None:
     print("judge each language against its references (OPENAI_API_KEY must be set for alpaca_eval):")
     for lang, command in commands.items():
@@ -374,36 +387,24 @@ def run_command(args) -> int:
         return 0
     out = Path(args.out)
     if args.command == "mgsm":
-        cfg = EvalConfig(
-            benchmarks=("mgsm",),
-            mgsm_languages=args.langs,
-            limit=args.limit,
+        cfg = _eval_config(
+            args,
+            "mgsm",
             mgsm_dir=args.data,
             mgsm_few_shot_k=args.few_shot_k,
             mgsm_few_shot_dir=args.few_shot_data,
             mgsm_max_new_tokens=args.max_new_tokens,
-            system_prompt=args.system_prompt,
-            batch_size=args.batch_size,
             seed=args.seed,
-            progress=not args.no_progress,
         )
         metrics = evaluate_model(_load(args.model), cfg, out)
         print(format_table({"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}))
     elif args.command == "alpaca-outputs":
-        cfg = EvalConfig(
-            benchmarks=("alpaca",),
-            alpaca_languages=args.langs,
-            limit=args.limit,
-            alpaca_dir=args.data,
-            alpaca_decoding=args.decoding,
-            alpaca_max_new_tokens=args.max_new_tokens,
-            system_prompt=args.system_prompt,
+        cfg = _alpaca_config(
+            args,
             generator=args.generator,
             alpaca_reference=args.reference,
             alpaca_judge=args.annotator_model,
-            batch_size=args.batch_size,
             seed=args.seed,
-            progress=not args.no_progress,
         )
         for lang in cfg.alpaca_languages:  # data and references are checked before the model loads
             read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
@@ -456,17 +457,7 @@ def _head_to_head_command(args, out: Path) -> None:
     dirs = []
     for i, (given, model) in enumerate(plan, start=1):
         if model:
-            cfg = EvalConfig(
-                benchmarks=("alpaca",),
-                alpaca_languages=args.langs,
-                limit=args.limit,
-                alpaca_dir=args.data,
-                alpaca_decoding=args.decoding,
-                alpaca_max_new_tokens=args.max_new_tokens,
-                system_prompt=args.system_prompt,
-                batch_size=args.batch_size,
-                progress=not args.no_progress,
-            )
+            cfg = _alpaca_config(args)
             given = out / f"outputs_{i}"
             run_alpaca_outputs(_load(model), cfg, given)  # one model resident at a time
         dirs.append(given)

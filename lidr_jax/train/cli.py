@@ -39,20 +39,11 @@ from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import load_pretrained
 from lidr_jax.model.llama import param_specs
 from lidr_jax.settings import SettingsError, apply_overrides, describe, from_dict, load_yaml
+from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_pairs
-from lidr_jax.train.trainer import (
-    NonFiniteLossError,
-    init_state,
-    load_reference,
-    make_optimizer,
-    reference_logprobs,
-    save_reference,
-    total_steps,
-    train,
-)
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 
@@ -196,12 +187,12 @@ def run(args) -> int:
         specs = param_specs(model.config)
         model = dataclasses.replace(model, params=sharding.place_params(model.params, specs, mesh, rules))
         enc = encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
-        num_steps = total_steps(len(enc), cfg.dpo)
+        num_steps = trainer.total_steps(len(enc), cfg.dpo)
         print(f"pairs: {enc.summary()}; {num_steps} optimizer steps; {sharding.describe_mesh(mesh)}", file=sys.stderr)
         ref = _reference(args, cfg, model, enc, out / "reference_logps.npz", mesh, rules, writer)
 
-        optimizer = make_optimizer(cfg.dpo, num_steps)
-        abstract = jax.eval_shape(lambda p: init_state(p, optimizer), model.params)
+        optimizer = trainer.make_optimizer(cfg.dpo, num_steps)
+        abstract = jax.eval_shape(lambda p: trainer.init_state(p, optimizer), model.params)
         metrics_file = out / "metrics.jsonl"
         state = None
         with TrainCheckpointer(ckpt_dir, every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
@@ -229,7 +220,7 @@ def run(args) -> int:
             )
             try:
                 with sink:
-                    state = train(
+                    state = trainer.train(
                         model.params,
                         model.config,
                         enc,
@@ -241,7 +232,7 @@ def run(args) -> int:
                         pad_id=model.tokenizer.pad_token_id,
                         progress=not args.quiet,
                     )
-            except NonFiniteLossError as e:
+            except trainer.NonFiniteLossError as e:
                 print(
                     f"error: {e}\nNo model was written; the last good checkpoint is in {ckpt_dir} and the metrics "
                     f"up to the failure in {metrics_file}. Rerun with e.g. --set dpo.learning_rate="
@@ -261,7 +252,7 @@ def _reference(args, cfg: DPORunConfig, model, enc, ref_file: Path, mesh, rules,
     --reference's weights, or the starting model's) and stored."""
     if ref_file.exists():
         try:
-            ref = load_reference(ref_file, enc)
+            ref = trainer.load_reference(ref_file, enc)
             print(f"reference log-probs: reusing {ref_file}", file=sys.stderr)
             return ref
         except ValueError as e:
@@ -275,12 +266,12 @@ def _reference(args, cfg: DPORunConfig, model, enc, ref_file: Path, mesh, rules,
                 f"the model {model.config.vocab_size}: the reference must share the tokenizer"
             )
         params = sharding.place_params(reference.params, param_specs(reference.config), mesh, rules)
-        ref = reference_logprobs(params, reference.config, enc, cfg.dpo, progress=progress)
+        ref = trainer.reference_logprobs(params, reference.config, enc, cfg.dpo, progress=progress)
         del reference, params  # one model resident during training
     else:
-        ref = reference_logprobs(model.params, model.config, enc, cfg.dpo, progress=progress)
+        ref = trainer.reference_logprobs(model.params, model.config, enc, cfg.dpo, progress=progress)
     if writer:
-        save_reference(ref_file, ref, enc)
+        trainer.save_reference(ref_file, ref, enc)
     return ref
 
 

@@ -146,9 +146,9 @@ class _TensorBoard:
 
     @classmethod
     def open(cls, logdir: str | os.PathLike, purge_step: int | None) -> _TensorBoard | None:
-        try:  # optional dependency: TensorBoard event files need tensorboardX
-            from tensorboardX.event_file_writer import EventsWriter
-            from tensorboardX.proto import event_pb2, summary_pb2
+        try:
+            from tensorboardX.event_file_writer import EventsWriter  # optional dependency (TensorBoard files)
+            from tensorboardX.proto import event_pb2, summary_pb2  # optional dependency, as above
         except ImportError:
             print("metrics: tensorboardX is not installed; no TensorBoard events (pip install tensorboardX)")
             return None
