@@ -15,7 +15,7 @@ from lidr_jax.train.pairs import (
     encode_pairs,
     pair_batch,
     read_pairs,
-    write_alpaca_jsonl,
+    write_llamafactory,
     write_trl_jsonl,
 )
 
@@ -86,7 +86,7 @@ def test_alpaca_ranking_old_and_new_forms_json_list(tmp_path):
         {"role": "user", "content": "Greet"},
     ]
     assert b.extra == {"lang": "es"}
-    write_alpaca_jsonl([a, b], tmp_path / "a2.jsonl")
+    write_llamafactory([a, b], tmp_path / "a2.jsonl", "a2")
     back = read_pairs(tmp_path / "a2.jsonl")
     assert back[1] == b and back[0].chosen == "cat" and back[0].prompt == "Translate\nchat"
 

@@ -198,11 +198,6 @@ def alpaca_record(p: PreferencePair) -> dict[str, Any]:
     return {**rec, **p.extra}
 
 
-def write_alpaca_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:
-    """LLaMA-Factory alpaca ranking JSONL (`alpaca_record` per line), written atomically."""
-    return atomic_write_jsonl(path, (alpaca_record(p) for p in pairs))
-
-
 def llamafactory_records(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     """`alpaca_record` of every pair with the same keys in every row: `system` ("") and `history` ([])
     are filled in everywhere when any pair has them, because LLaMA-Factory loads the file with
