@@ -164,3 +164,55 @@ def test_annotator_config_is_yaml_for_every_paper_language():
         text, prompt = annotator_config(lang, "m")
         assert yaml.safe_load(text)[f"lidr_jax_judge_{lang}"]["prompt_template"] == f"lidr_jax_judge_{lang}/prompt.txt"
         assert prompt.count("{instruction}") == prompt.count("{output_1}") == prompt.count("{output_2}") == 1
+
+
+def test_alpaca_outputs_command_end_to_end(tmp_path, monkeypatch, capsys):
+    """The command line with a tiny random model: outputs, references, annotator and the printed command."""
+    from eval_helpers import tiny_random_model
+
+    from lidr_jax.eval import evaluate
+
+    data = tmp_path / "data"
+    (data / "ref" / "fr").mkdir(parents=True)
+    items = [
+        {"instruction": "Dis bonjour.", "dataset": "oasst"},
+        {"instruction": "Compte jusqu'à 3.", "dataset": "koala"},
+    ]
+    (data / "fr.json").write_text(json.dumps(items))
+    (data / "ref" / "fr" / "model_outputs.json").write_text(
+        json.dumps(alpaca_records(items, ["Bonjour !", "1 2 3"], "ref"))
+    )
+    monkeypatch.setattr(evaluate, "_load", lambda path: tiny_random_model())
+    argv = [
+        "alpaca-outputs",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--langs",
+        "fr",
+        "--reference",
+        str(data / "ref"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    d = (tmp_path / "out" / "fr").absolute()
+    command = (d / "alpaca_eval_command.txt").read_text().strip()
+    assert command in printed and command.startswith(f"alpaca_eval evaluate --model_outputs {d / 'model_outputs.json'}")
+    outputs = json.loads((d / "model_outputs.json").read_text())
+    refs = json.loads((d / "reference_outputs.json").read_text())
+    assert [r["instruction"] for r in outputs] == [r["instruction"] for r in refs] == [i["instruction"] for i in items]
+    assert [r["output"] for r in refs] == ["Bonjour !", "1 2 3"]
+    assert outputs[0]["generator"] == "lidr_jax-tiny-random-0-lidr"
+    # a reference folder without this language is refused before the model loads
+    monkeypatch.setattr(evaluate, "_load", lambda path: pytest.fail("the model must not load"))
+    argv[argv.index("--reference") + 1] = str(tmp_path)
+    assert main(argv) == 2
+    assert "fr: reference outputs" in capsys.readouterr().err
