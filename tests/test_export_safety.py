@@ -256,7 +256,7 @@ def test_corrupt_manifest_is_one_line(tmp_path, capsys, no_model_work, content):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_bytes(content)
     err = _fail([tmp_path / "run", "--out", tmp_path / "out"], capsys)
-    assert f"{tmp_path / 'run' / 'manifest.json'}: not a readable run manifest" in err
+    assert f"error: {tmp_path / 'run' / 'manifest.json'}" in err and "run manifest" in err
 
 
 def test_missing_model_is_one_line(tmp_path, capsys, no_model_work):
@@ -392,9 +392,10 @@ def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):
         "translate",
         {"stats": {"failed": {"en->fr": 3, "fr->en": 1, "en->ru": 0, "ru->en": 2}, "total": {"en->fr": 40}}},
     )
-    run.mark_done(
-        1, "pairs", {"stats": {"pairs": 150, "pairs_per_language": {"en": 70, "fr": 42, "ru": 38}, "dropped": {}}}
-    )
+    pairs = {"pairs": 150, "pairs_per_language": {"en": 70, "fr": 42, "ru": 38}, "dropped": {}}
+    pairs["table"] = {"fr": {"candidates": 45, "kept": 42, "dropped": {"identical": 2, "language": 1}}}
+    run.mark_done(1, "pairs", {"stats": pairs})
+    run.mark_done(1, "generate", {"stats": {"en": {"answers": 40, "mean_tokens": 120.5}, "ru": {"answers": 40}}})
     run.mark_done(
         1,
         "check",
@@ -416,14 +417,16 @@ def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):
     assert "| Method | LIDR (Language Imbalance Driven Rewarding): iterative DPO" in card
     assert "| Iteration | 1 |" in card and "| Languages | en, fr, ru |" in card
     assert "| Training data | 150 preference pairs |" in card and f"| Run directory | `{run.path}` |" in card
+    assert f"Exported by lidr_jax from the run `{run.path}`, iteration 1." in card
     table = card[card.index("## Per-language numbers of iteration 1") :].split("\n\n")[1].splitlines()
     assert table == [
-        "| language | pairs | failed translations en->X | failed translations X->en | held-out in-language share "
-        "| held-out mean tokens | mgsm_accuracy |",
-        "|---|---|---|---|---|---|---|",
-        "| en | 70 | - | - | 1 | - | - |",
-        "| fr | 42 | 3 | 1 | 0.875 | 51.5 | 0.125 |",
-        "| ru | 38 | 0 | 2 | 0.75 | - | - |",
+        "| language | pairs | failed translations en->X | failed translations X->en | candidates | kept | dropped "
+        "| generate answers | generate mean tokens | held-out in-language share | held-out mean tokens "
+        "| mgsm_accuracy |",
+        "|---" * 12 + "|",
+        "| en | 70 | - | - | - | - | - | 40 | 120.5 | 1 | - | - |",
+        "| fr | 42 | 3 | 1 | 45 | 42 | 3 | - | - | 0.875 | 51.5 | 0.125 |",
+        "| ru | 38 | 0 | 2 | - | - | - | 40 | - | 0.75 | - | - |",
     ]
     # Iteration 0 is the starting model: no method, no training data.
     assert export_run.main([str(run.path), "--iteration", "0", "--out", str(tmp_path / "base")]) == 0

@@ -252,7 +252,10 @@ def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: s
         )
     )
     rows.append(("Weights", f"{dtype} safetensors"))
-    body = [f"# {title}", "", f"Exported by lidr_jax from `{source}`.", "", "| | |", "|---|---|"]
+    origin = f"`{source}`"
+    if card.get("run"):  # a run's model has its base's source; the run says where it came from
+        origin = f"the run `{card['run']}`" + (f", iteration {iteration}" if iteration is not None else "")
+    body = [f"# {title}", "", f"Exported by lidr_jax from {origin}.", "", "| | |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
     per_language: Mapping[str, Mapping[str, Any]] = card.get("per_language") or {}
     if per_language:

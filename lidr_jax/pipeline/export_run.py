@@ -45,6 +45,8 @@ def open_run(path: str | os.PathLike) -> RunDir:
     try:
         return RunDir(path)
     except (ValueError, KeyError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        if str(Path(path).absolute() / MANIFEST) in str(e):  # the run directory's own message names the file
+            raise ExportError(str(e)) from None
         raise ExportError(
             f"{Path(path) / MANIFEST}: not a readable run manifest ({type(e).__name__}: {e}); restore it from a "
             "backup, or export the policy checkpoint's run again"
@@ -109,10 +111,27 @@ def _stats(run: RunDir, k: int, stage: str) -> Mapping[str, Any]:
     return stats if isinstance(stats, Mapping) else {}
 
 
+def _language_tables(stats: Mapping[str, Any], languages: set[str]):
+    """(key, {language: value}) for every part of a stage's stats keyed by language: the stats
+    themselves (key ""), a `{lang: number}` entry (its key), or a `{lang: {name: number}}` entry
+    (key "": its names become the columns)."""
+
+    def by_language(m: Any) -> bool:
+        return isinstance(m, Mapping) and bool(m) and set(m) <= languages
+
+    if by_language(stats):
+        yield "", stats
+    for key, value in stats.items():
+        if by_language(value) and key != "pairs_per_language":  # that one is the "pairs" column already
+            numbers = all(_is_number(v) for v in value.values())
+            yield (key if numbers else ""), value
+
+
 def per_language_numbers(run: RunDir, k: int) -> dict[str, dict[str, Any]]:
     """{language: {column: number}} for iteration k from what its stages recorded in the manifest:
-    pairs per language, failed translations each way, every stage's `per_language` stats, and the
-    check stage's held-out measurements and evaluation metrics."""
+    pairs per language, failed translations each way, every other table of numbers by language in a
+    stage's stats (a stage other than pairs names its columns), and the check stage's held-out
+    measurements and evaluation metrics (None where a language has no value)."""
     config = run.config
     dominant = config.get("dominant", "en")
     table: dict[str, dict[str, Any]] = {lang: {} for lang in config.get("languages", [])}
@@ -134,10 +153,18 @@ def per_language_numbers(run: RunDir, k: int) -> dict[str, dict[str, Any]]:
             put(target, f"failed translations {dominant}->X", n)
         elif target == dominant:
             put(source, f"failed translations X->{dominant}", n)
-    for stage in run.done_stages(k):
-        for lang, numbers in (_stats(run, k, stage).get("per_language") or {}).items():
-            for name, value in (numbers if isinstance(numbers, Mapping) else {}).items():
-                put(lang, name, value)
+    languages = set(table)
+    for stage in run.done_stages(k):  # then every table of numbers by language a stage recorded
+        prefix = "" if stage == "pairs" else f"{stage} "
+        for key, by_lang in _language_tables(_stats(run, k, stage), languages):
+            for lang, value in by_lang.items():
+                if key:  # {lang: number}
+                    put(lang, prefix + key.replace("_", " "), value)
+                    continue
+                for name, v in (value if isinstance(value, Mapping) else {}).items():
+                    if isinstance(v, Mapping):  # e.g. drops by reason: their total
+                        v = sum(x for x in v.values() if _is_number(x))
+                    put(lang, prefix + name.replace("_", " "), v)
     if run.is_done(k, "check"):
         check = run.outputs(k, "check")
         held = check.get("held_out") or {}
