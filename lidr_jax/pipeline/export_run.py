@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Every check first (no model is loaded until all pass), then the one slow part.
-    if (Path(args.source) / MANIFEST).exists():
+    is_run = (Path(args.source) / MANIFEST).exists()
+    if is_run:
         run = open_run(args.source)
         k = trained_iteration(run, args.iteration)
         protect = [run.path]
@@ -256,7 +257,6 @@ def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         protect, card = [model_path(args.source)], {"base_model": args.source, "method": CONVERSION}
     check_destination(args.out, sources=protect, replace=args.force)
 
-    is_run = (Path(args.source) / MANIFEST).exists()
     model = model_from_run(args.source, args.iteration) if is_run else load_pretrained(args.source)
     out = export_hf(
         model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, card=card, replace=args.force
