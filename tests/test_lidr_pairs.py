@@ -5,10 +5,12 @@ import pytest
 from lidr_jax.methods.filters import DROP_REASONS, PairFilterConfig
 from lidr_jax.methods.lidr import (
     LIDRPairConfig,
+    LIDRPrompts,
     TranslationPrompt,
     build_pairs,
     chat_prompt,
     parse_translation,
+    styled_prompts,
     translation_jobs,
     translation_request,
 )
@@ -208,3 +210,78 @@ def test_translation_jobs_skip_en_to_x_for_translation_tasks():
         ("de->en", "c", "y_de[c]"),
         ("de->en", "t", "y_de[t]"),
     ]
+
+
+def test_english_pairs_last_keeps_only_the_last_target_languages_back_translations():
+    # targets in order fr, de: "last" is de; every prompt's de translations succeeded (a, b, c, t)
+    pairs, stats = build_pairs(_prompts(), GEN, TO_TARGET, TO_DOMINANT, LIDRPairConfig(english_pairs="last"), PAPER)
+    english = [p for p in pairs if p.kind == "dominant"]
+    assert [(p.id, p.rejected_from) for p in english] == [(pid, "translation:de->en") for pid in ("a", "b", "c", "t")]
+    assert stats.dominant_pairs == {"fr": 0, "de": 4}
+    # a prompt whose last-language translation failed gets no English pair (as in the authors' script)
+    back = {**TO_DOMINANT, "de": {**TO_DOMINANT["de"], "b": None}}
+    pairs, _ = build_pairs(_prompts(), GEN, TO_TARGET, back, LIDRPairConfig(english_pairs="last"), PAPER)
+    assert [p.id for p in pairs if p.kind == "dominant"] == ["a", "c", "t"]
+
+
+GERMAN = "Die drei Grundfarben sind Rot, Blau und Gelb."
+FRENCH = "Les trois couleurs primaires sont le rouge, le bleu et le jaune."
+ENGLISH = "The three primary colours are red, blue and yellow."
+
+
+def test_language_filter_counts_every_reason_in_the_table():
+    ids = ("a", "b", "c", "d", "t")
+    prompts = PromptSet(
+        ("en", "de"), ids, {lang: tuple(f"x_{lang}[{p}]" for p in ids) for lang in ("en", "de")}, frozenset({"t"})
+    )
+    gens = {
+        "en": {"a": ENGLISH, "b": ENGLISH + " Red.", "c": "Red", "d": ENGLISH + " Yes.", "t": FRENCH},
+        "de": {"a": "Rot.", "b": GERMAN, "c": "Rot", "d": "Farben: Rot.", "t": "Rot."},
+    }
+    to_target = {"de": {"a": GERMAN, "b": ENGLISH, "c": "Red", "d": None}}  # b: an English "translation"; c: a copy
+    to_dominant = {"de": {"a": ENGLISH + " Really.", "b": ENGLISH + " Blue.", "c": "Red", "d": ENGLISH, "t": ENGLISH}}
+    pairs, stats = build_pairs(prompts, gens, to_target, to_dominant, LIDRPairConfig(english_pairs="all"))
+    assert [(p.kind, p.id) for p in pairs] == [("target", "a"), ("target", "t"), ("dominant", "a"), ("dominant", "b")]
+    # de: a kept; b English chosen; c copied "Red"; d failed translation; t a translation task (chosen y_en
+    # in French, as its instruction asks: not language-checked). en: a, b kept; c identical ("Red" ==
+    # "Red"); t's English pair has the French y_en as chosen: language.
+    assert stats.table["de"] == {
+        "candidates": 5,
+        "kept": 2,
+        "dropped": {**NONE, "translation_failed": 1, "language": 2},
+    }
+    assert stats.table["en"] == {"candidates": 4, "kept": 2, "dropped": {**NONE, "identical": 1, "language": 1}}
+    assert pairs[0].meta == {"chosen_detected": "de", "rejected_detected": "short", "translator": "policy"}
+    assert pairs[1].meta["translator"] == "none" and pairs[1].meta["chosen_detected"] == "fr"
+
+
+def test_prompt_texts_are_settings():
+    prompt = TranslationPrompt(
+        template="Render {text} in {language}.", result_open="[", result_close="]", prefill="[", system_prompt="S"
+    )
+    messages, prefill = translation_request("Hi", "fr", prompt)
+    assert messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Render Hi in French."}]
+    assert prefill == "["
+    assert parse_translation("Salut]", prompt) == "Salut"
+    with pytest.raises(ValueError, match=r"translation template: .*\['\{txt\}'\] is not; \['\{text\}'\] is required"):
+        TranslationPrompt(template="Translate {txt}")
+    # the arithmetic style wraps every instruction in its own language's request, for generation and pairs
+    style = LIDRPrompts(style="arithmetic", arithmetic_template="{instruction} (answer in {language})")
+    wrapped = styled_prompts(_prompts(("en", "fr")), style)
+    assert (
+        wrapped.by_id("fr")["a"] == "x_fr[a] (answer in French)"
+        and wrapped.by_id("en")["a"] == "x_en[a] (answer in English)"
+    )
+    assert styled_prompts(_prompts(("en", "fr")), LIDRPrompts()) == _prompts(("en", "fr"))
+    with pytest.raises(ValueError, match="prompt style must be 'plain' or 'arithmetic'"):
+        LIDRPrompts(style="math")
+
+
+def test_unclosed_translations_for_the_icr_baseline():
+    # the ICR authors' translate-the-answer baseline keeps an unclosed translation; an empty one is invalid
+    assert parse_translation("Hello world, and then the text was cu", keep_unclosed=True) == (
+        "Hello world, and then the text was cu"
+    )
+    assert parse_translation("<translation>Hello</translation>", keep_unclosed=True) == "Hello"
+    assert parse_translation("   ", keep_unclosed=True) is None
+    assert parse_translation("Hello world", keep_unclosed=False) is None  # LIDR: a failure
