@@ -97,6 +97,10 @@ class _Reader(gguf.GGUFReader):
         self._buffer = value.view(np.ndarray)
 
 
+def _reader(path: Path) -> _Reader:
+    return _Reader(path)
+
+
 def _open_gguf(path: Path):
     """The file's reader; a file that is not a complete GGUF raises `GGUFImportError` naming it."""
     with open(path, "rb") as f:
@@ -108,7 +112,7 @@ def _open_gguf(path: Path):
             f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a llama.cpp .gguf model file"
         )
     try:
-        return _Reader(path)
+        return _reader(path)
     except (ValueError, IndexError, KeyError, OverflowError, EOFError) as e:
         # gguf's reader fails on a short buffer with numpy errors that do not name the file.
         raise GGUFImportError(
