@@ -89,6 +89,7 @@ def test_annotator_config_resolves_as_alpaca_eval_reads_it(tmp_path, echo_genera
     # relative to the folder above the annotator's folder.
     args = shlex.split(summary["es"]["alpaca_eval_command"])
     assert args[:2] == ["alpaca_eval", "evaluate"]
+    assert args[-4:] == ["--fn_metric", "get_winrate", "--sort_by", "win_rate"]  # LC fits are for English only
     config_dir = Path(args[args.index("--annotators_config") + 1])
     assert config_dir.is_absolute()
     configs = yaml.safe_load((config_dir / "configs.yaml").read_text())

@@ -12,9 +12,10 @@ unless the instruction asks otherwise. For every language this module writes, be
 - `lidr_jax_judge_{lang}/configs.yaml` and `prompt.txt`: an alpaca_eval annotator config (our own
   prompt, with the same-language rule naming the language) that parses "Output (a)" / "Output (b)";
 - `alpaca_eval_command.txt`: the exact command, with absolute paths (alpaca_eval resolves a relative
-  annotator path against its own config folder).
+  annotator path against its own config folder), reporting the plain win rate against the references.
 
-alpaca_eval itself is not a dependency: the files are plain JSON/YAML and the command runs it.
+alpaca_eval itself is not a dependency: the files are plain JSON/YAML and the command runs it (checked
+with alpaca_eval 0.6.6 against a local OpenAI-compatible server: OPENAI_BASE_URL selects the endpoint).
 """
 
 from __future__ import annotations
@@ -128,6 +129,12 @@ def alpaca_eval_command(lang_dir: Path, lang: str) -> str:
         str(d / f"lidr_jax_judge_{lang}"),
         "--output_path",
         str(d / "alpaca_eval"),
+        # The plain win rate: alpaca_eval 2's default, the length-controlled one, downloads per-instruction
+        # fits of its own English instruction set, which neither exist for nor match X-AlpacaEval's.
+        "--fn_metric",
+        "get_winrate",
+        "--sort_by",
+        "win_rate",
     ]
     return " ".join(shlex.quote(p) for p in parts)
 
