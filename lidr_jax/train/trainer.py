@@ -18,11 +18,11 @@ function of `step` alone (`step_indices`: epoch order is seeded by (seed, epoch)
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.dist.multihost import put_process_rows
 from lidr_jax.dist.sharding import place, to_host, train_state_shardings
+from lidr_jax.files import atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
@@ -84,10 +85,9 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
 
 def save_reference(path: str | os.PathLike, ref: dict[str, np.ndarray], enc: EncodedPairs):
     """Reference log-probs as .npz with the pairs' token fingerprint (written atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, chosen=ref["chosen"], rejected=ref["rejected"], fingerprint=np.array(enc.fingerprint()))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, chosen=ref["chosen"], rejected=ref["rejected"], fingerprint=np.array(enc.fingerprint()))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_reference(path: str | os.PathLike, enc: EncodedPairs) -> dict[str, np.ndarray]:
