@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README):
-#   make run    set up .venv and run the main job (configs/default.yaml, the embedded SmolLM2)
+#   make run    set up .venv and run the main job (lidr_jax/pipeline/default.yaml, the embedded SmolLM2)
 #   make test   set up .venv with the test extras, check lint and format (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv

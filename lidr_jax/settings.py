@@ -1,15 +1,25 @@
 """Typed settings from YAML and `--set key=value` overrides, for any tree of frozen dataclasses.
 
-Every run setting lives in a frozen dataclass owned by the module that uses it (`SamplingConfig` in
-sampler.py, `DPOConfig` in train.py, ...); `lidr_jax.pipeline.config.RunConfig` nests them. This module
-turns a plain dict (parsed YAML) into that tree, checking every key and every value's type *before* any
-work starts, so a typo fails in a second with the key's dotted name instead of an hour into a run.
+Every run setting lives in a frozen `*Config` dataclass owned by the module that uses it
+(`SamplingConfig` in generate/sampler.py, `DPOConfig` in train/dpo.py, ...);
+`lidr_jax.pipeline.config.RunConfig` nests them. This module turns a plain dict (parsed YAML) into that
+tree, checking every key and every value's type *before* any work starts, so a typo fails in a second
+with the key's dotted name instead of an hour into a run.
+
+An enumeration is a `Literal[...]` annotation, checked one way (`check_choice`) whether the value comes
+from YAML, `--set` or Python (a dataclass calls `check_choices(self)` in `__post_init__`). YAML is read
+with YAML 1.2 booleans: only true/false are booleans, so `no`, `yes`, `on`, `off` stay strings (the
+language code `no` is Norwegian) and become booleans only where a boolean is expected.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
+import operator
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,7 +29,43 @@ import yaml
 
 
 class SettingsError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown, its value has the wrong type or range, or a config file cannot be
+    read; the message names the key or file and what to write instead."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (true/false only)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python values (safe: no objects), with YAML 1.2 booleans (module docstring)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def check_choice(value: Any, choices: tuple, key: str) -> None:
+    """`value` is one of `choices` (a `Literal`'s arguments), else SettingsError naming `key`."""
+    if value not in choices:
+        raise SettingsError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_choices(obj) -> None:
+    """Every `Literal[...]` field of dataclass `obj` holds one of its choices (call it in `__post_init__`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        optional, tp = _is_optional(hints[f.name])
+        value = getattr(obj, f.name)
+        if typing.get_origin(tp) is typing.Literal and not (optional and value is None):
+            check_choice(value, typing.get_args(tp), f.name)
 
 
 def _is_optional(tp) -> tuple[bool, Any]:
@@ -27,7 +73,7 @@ def _is_optional(tp) -> tuple[bool, Any]:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) < len(typing.get_args(tp)):
-            return True, args[0] if len(args) == 1 else Union[tuple(args)]
+            return True, functools.reduce(operator.or_, args)
     return False, tp
 
 
@@ -43,9 +89,7 @@ def _coerce(value: Any, tp, key: str):
     tp = inner
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise SettingsError(f"{key}: {value!r} is not one of {list(choices)}")
+        check_choice(value, typing.get_args(tp), key)
         return value
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -85,6 +129,8 @@ def _coerce(value: Any, tp, key: str):
             raise SettingsError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # yes/no/on/off where a boolean is expected
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise SettingsError(f"{key}: expected true or false, got {value!r}")
         return value
@@ -121,21 +167,6 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
         raise SettingsError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
-def to_dict(obj) -> dict[str, Any]:
-    """A dataclass tree as plain YAML/JSON-friendly data (tuples become lists)."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(obj)
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 0.1, true, [en, fr] work)."""
     if "=" not in item:
@@ -145,7 +176,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise SettingsError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -167,15 +198,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; a missing, unreadable, empty or malformed file raises
+    SettingsError naming it (an empty file would otherwise run on every default)."""
     path = Path(path)
     if not path.exists():
-        raise SettingsError(f"config file {path} does not exist")
+        raise SettingsError(f"config file {path} does not exist; pass --config an existing YAML file")
+    if path.is_dir():
+        raise SettingsError(f"config file {path} is a folder; pass --config a YAML file (e.g. {path}/NAME.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: not UTF-8 text ({e.reason}); save the config file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise SettingsError(f"{path}: not valid YAML: {e}") from e
+        where = getattr(e, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise SettingsError(f"{path}{line}: not valid YAML ({problem}); fix the file's syntax") from None
+    if data is None:
+        raise SettingsError(f"{path} is empty; write the settings to change (or pass no --config for the defaults)")
     if not isinstance(data, dict):
-        raise SettingsError(f"{path}: the top level must be a mapping of settings")
+        raise SettingsError(f"{path}: the top level must be a mapping of settings (key: value lines)")
     return data
 
 
@@ -210,8 +252,6 @@ def describe(obj, prefix: str = "", indent: int = 2) -> str:
 
 def _field_docs(cls) -> dict[str, str]:
     """Trailing `# comment` of each field in the class source: the docs live next to the field."""
-    import inspect
-
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

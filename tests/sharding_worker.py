@@ -171,16 +171,17 @@ def meshes() -> dict:
 
 
 def multiprocess() -> dict | None:
-    """One of two processes (2 local devices each): DPO on the global (data=2, fsdp=2) mesh, process-
-    local pair rows through `global_batch`, and data-parallel greedy generation."""
+    """One of two processes (2 local devices each): DPO on the global (data=2, fsdp=2) mesh, each
+    process's rows of the global batch through `put_process_rows`, and data-parallel greedy generation."""
     from lidr_jax.dist.multihost import maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
     from jax.experimental import multihost_utils
 
-    from lidr_jax.dist.multihost import generate_across_processes, global_batch, process_shard
+    from lidr_jax.dist.multihost import process_shard, put_process_rows
     from lidr_jax.dist.sharding import MeshConfig, make_mesh, place_params, use_mesh
     from lidr_jax.model.logprobs import pair_logprobs
+    from lidr_jax.pipeline.resumable import generate_across_processes
     from lidr_jax.train.pairs import encode_pairs, pair_batch
 
     assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
@@ -209,7 +210,7 @@ def multiprocess() -> dict | None:
     sharded = dataclasses.replace(model, params=place_params(model.params, model.param_specs, mesh))
     with use_mesh(mesh):
         local_enc = encode_pairs(process_shard(all_pairs), model.tokenizer, 64, 32)  # only this process's pairs
-        logp = logp_fn(sharded.params, global_batch(rows(local_enc)))
+        logp = logp_fn(sharded.params, put_process_rows(rows(enc)))
         logp = np.asarray(multihost_utils.process_allgather(logp, tiled=True))
         losses, _ = dpo_run(sharded, enc)  # last: train donates (deletes) the params it was given
     tokens = greedy(model, generate_across_processes, prompts=PROMPTS[:4])

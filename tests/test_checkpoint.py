@@ -7,6 +7,7 @@ pytest process has already started it): one process saves on N devices, another 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,14 +19,13 @@ import numpy as np
 import optax
 import pytest
 
-from lidr_jax.files import atomic_write_jsonl
+from lidr_jax.files import atomic_write_jsonl, plain
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params
 from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train.checkpoint import (
     TrainCheckpointer,
     config_from_json,
-    config_to_json,
     load_params_config,
     restore_params,
     save_params,
@@ -158,6 +158,23 @@ def test_every_must_be_positive(tmp_path):
 # ---------------------------------------------------------------------------------- params only
 
 
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A kill can cut the last line of metrics.jsonl; resuming drops it with a warning (and the lines past
+    the restored step), while a damaged line before the last is an error naming file and line."""
+    from lidr_jax.pipeline.train_stages import MetricsFileError, _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3))
+    path.write_text(rows + '{"step": 4, "lo')
+    with pytest.warns(UserWarning, match="dropped a last line cut by a kill"):
+        _truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(MetricsFileError, match=f"{path}:2: not JSON, and not a last line cut by a kill"):
+        _truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n'  # nothing lost
+
+
 def test_params_checkpoint_round_trip(tmp_path):
     config = tiny_config(
         attention_bias=True,
@@ -192,7 +209,7 @@ def test_params_checkpoint_round_trip(tmp_path):
 def test_params_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a lidr_jax params checkpoint"):
         load_params_config(tmp_path)
-    d = config_to_json(tiny_config())
+    d = plain(tiny_config())
     d["sliding_window"] = 4
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['sliding_window'\]"):
         config_from_json(d)
@@ -298,9 +315,11 @@ def _train_worker(run_path: str, model_dir: str) -> None:
     process mid-run; the sleep changes timing only, never what is computed."""
     import time
 
+    from lidr_jax.dist.sharding import make_mesh, parse_rules
     from lidr_jax.formats.load import load_pretrained
     from lidr_jax.pipeline import train_stages
-    from lidr_jax.settings import to_dict
+    from lidr_jax.pipeline.iteration import Iteration
+    from lidr_jax.pipeline.models import RunModels
 
     class SlowCheckpointer(TrainCheckpointer):
         def save(self, *args, **kwargs):
@@ -311,11 +330,12 @@ def _train_worker(run_path: str, model_dir: str) -> None:
 
     train_stages.TrainCheckpointer = SlowCheckpointer
     cfg = _train_config(run_path, model_dir)
-    run = RunDir(run_path, config=to_dict(cfg), seed=cfg.seed)
-    model = load_pretrained(model_dir)
+    run = RunDir(run_path, config=plain(cfg), seed=cfg.seed)
+    models = RunModels(model_dir, cfg.dtype, make_mesh(cfg.mesh), parse_rules(), base=load_pretrained(model_dir))
+    it = Iteration(cfg, run, 1, models)
     if not run.is_done(1, "reference"):
-        run.mark_done(1, "reference", train_stages.reference_stage(cfg, run, 1, model))
-    run.mark_done(1, "train", train_stages.train_stage(cfg, run, 1, model))
+        run.mark_done(1, "reference", train_stages.reference_stage(it))
+    run.mark_done(1, "train", train_stages.train_stage(it))
     print("TRAINED", flush=True)
 
 
@@ -353,13 +373,11 @@ def test_killed_training_resumes_to_the_same_parameters(make_hf_model, tmp_path)
     import signal
     import time
 
-    from lidr_jax.settings import to_dict
-
     model_dir = make_hf_model("llama", seed=7)
     runs = {}
     for name in ("killed", "uninterrupted"):
         cfg = _train_config(str(tmp_path / name), str(model_dir))
-        runs[name] = RunDir(tmp_path / name, config=to_dict(cfg), seed=cfg.seed)
+        runs[name] = RunDir(tmp_path / name, config=plain(cfg), seed=cfg.seed)
         _write_pairs(runs[name])
 
     # 1. Start, SIGKILL once the KILL_AFTER_CHECKPOINTS-th checkpoint is finalised.

@@ -179,15 +179,16 @@ def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, 
     by_kind = {}
     for p in pairs:
         by_kind.setdefault((p["kind"], p["language"]), []).append(p)
-    # Two prompts x two targets: 4 target pairs; English pairs: one sampled X per prompt -> 2.
-    assert {k: len(v) for k, v in by_kind.items()} == {("target", "es"): 2, ("target", "fr"): 2, ("dominant", "en"): 2}
+    # Two prompts x two targets: 4 target pairs, less q1's: a translation task, whose chosen is the
+    # untranslated English answer, here equal to the rejected one (the `identical` filter drops it).
+    # English pairs: one sampled X per prompt -> 2.
+    assert {k: len(v) for k, v in by_kind.items()} == {("target", "es"): 1, ("target", "fr"): 1, ("dominant", "en"): 2}
+    table = json.loads((it / "pairs" / "stats.json").read_text())["table"]
+    assert all(table[lang]["dropped"]["identical"] == 1 and table[lang]["kept"] == 1 for lang in ("es", "fr"))
     answer = GLYPH * 6
     for p in by_kind[("target", "es")]:
         assert p["rejected"][0]["content"] == answer and p["rejected_from"] == "generation:es"
-        if p["id"] == "q1":  # a translation task: chosen is the untranslated English answer
-            assert p["chosen"][0]["content"] == answer and p["chosen_from"] == "generation:en"
-        else:
-            assert p["chosen"][0]["content"] == TRANSLATED and p["chosen_from"] == "translation:en->es"
+        assert p["chosen"][0]["content"] == TRANSLATED and p["chosen_from"] == "translation:en->es"
     for p in by_kind[("dominant", "en")]:
         assert p["chosen"][0]["content"] == answer and p["rejected"][0]["content"] == TRANSLATED
     metrics = read_jsonl(it / "train" / "metrics.jsonl")
@@ -241,6 +242,7 @@ def test_icr_iteration_produces_every_artifact(make_hf_model, tiny_llama_dir, tm
     run_dir = tmp_path / "run"
     args = base_args(tiny_llama_dir, prompt_dir, run_dir, reward="icr")
     args += ["--set", f"icr.reference_model={reference}", "--set", "icr.sampling.temperature=1.0"]
+    args += ["--set", "pair_filters.language=false"]  # a random model writes in no language
     res = run_cli(args)
     assert res.returncode == 0, res.stderr[-3000:]
     it = run_dir / "iter_1"
@@ -311,3 +313,101 @@ def test_misaligned_and_malformed_prompt_files(prompt_dir, tmp_path):
     (bad / "fr.jsonl").write_text("")
     res = run_cli(base_args(tmp_path / "m", bad, tmp_path / "r3"))
     assert res.returncode == 2 and "fr.jsonl" in res.stderr
+
+
+def test_lidr_with_another_model_as_translator(scripted_model_dir, prompt_dir, tiny_llama_dir, tmp_path):
+    """lidr.translator.kind=model: the policy (a random tiny model) is released while the scripted model
+    translates; every translation is the scripted one, and the pairs and stats name the translator."""
+    run_dir = tmp_path / "run"
+    args = base_args(tiny_llama_dir, prompt_dir, run_dir)
+    args += ["--set", "lidr.translator.kind=model", "--set", f"lidr.translator.model={scripted_model_dir}"]
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    it = run_dir / "iter_1"
+    assert f"loading the translator {scripted_model_dir}" in res.stdout
+    translations = read_jsonl(it / "translate" / "translations.jsonl")
+    assert translations and all(t["translation"] == TRANSLATED for t in translations)
+    name = f"model:{scripted_model_dir}"
+    assert json.loads((it / "translate" / "stats.json").read_text())["translator"] == name
+    targets = [p for p in read_jsonl(it / "pairs" / "pairs.jsonl") if p["kind"] == "target" and p["id"] != "q1"]
+    assert targets and all(p["chosen"][0]["content"] == TRANSLATED for p in targets)
+    assert all(p["meta"]["translator"] == name and p["meta"]["chosen_detected"] == "" for p in targets)
+    table = json.loads((it / "pairs" / "stats.json").read_text())["table"]
+    assert set(table) == {"es", "fr", "en"} and all(
+        row["candidates"] == 2 for lang, row in table.items() if lang != "en"
+    )
+    assert (it / "train" / "policy").exists()  # the policy was loaded again after the translator
+
+
+def test_missing_outputs_rerun_and_redo_a_stage(scripted_model_dir, prompt_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = base_args(scripted_model_dir, prompt_dir, run_dir)
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    it = run_dir / "iter_1"
+    pairs = (it / "pairs" / "pairs.jsonl").read_text()
+    before = policy_params(run_dir)
+
+    # A finished stage's file deleted by hand is noticed, and that stage alone runs again.
+    (it / "pairs" / "pairs.jsonl").unlink()
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"[iteration 1] pairs: recorded as done but {it / 'pairs' / 'pairs.jsonl'} is gone" in res.stdout
+    assert (it / "pairs" / "pairs.jsonl").read_text() == pairs
+    assert "[iteration 1] train\n" not in res.stdout and "[iteration 1] generate\n" not in res.stdout
+
+    # --redo: the stage and the ones after it run again, from scratch, and nothing else is recorded.
+    res = run_cli(args + ["--redo", "iter_1/train"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in ("train", "export", "check"):
+        assert f"[iteration 1] {stage}\n" in res.stdout
+    assert "[iteration 1] pairs\n" not in res.stdout and "resuming from the checkpoint" not in res.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config_changes"] == []
+    assert [r["stages"] for r in manifest["redone"]] == [["iter_1/train", "iter_1/export", "iter_1/check"]]
+    assert set(manifest["iterations"]["1"]["stages"]) >= {"pairs", "train", "export", "check"}
+    import jax
+
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(policy_params(run_dir))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lidr_with_an_endpoint_as_translator(scripted_model_dir, prompt_dir, tmp_path, monkeypatch):
+    """lidr.translator.kind=endpoint: an OpenAI-compatible server on 127.0.0.1 translates (no prefill is
+    sent; the reply is parsed from its first opening tag); every answer is cached in the stage directory,
+    so running the stage again sends nothing."""
+    from chat_server import serve
+
+    servers = serve()
+    make = next(servers)
+    srv = make(reply=lambda content: "Here you go: <translation>Übersetzt</translation>")
+    try:
+        run_dir = tmp_path / "run"
+        args = base_args(scripted_model_dir, prompt_dir, run_dir)
+        args += ["--set", "lidr.translator.kind=endpoint", "--set", f"lidr.translator.endpoint.url={srv.url}"]
+        args += ["--set", "lidr.translator.endpoint.model=mt", "--set", "lidr.translator.endpoint.api_key_env=MT_KEY"]
+        monkeypatch.setenv("MT_KEY", "sk-test-key")
+        res = run_cli(args)
+        monkeypatch.delenv("MT_KEY")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "sk-test-key" not in res.stdout + res.stderr
+        it = run_dir / "iter_1"
+        translations = read_jsonl(it / "translate" / "translations.jsonl")
+        # 2 prompts: en->es and en->fr skip the translation task q1; es->en and fr->en take both. The four
+        # X->en requests are equal (every answer is "◊◊◊◊◊◊"): sent once. So 3 requests for 6 translations.
+        assert len(translations) == 6 and len(srv.requests) == 3
+        assert all(t["translation"] == "Übersetzt" for t in translations)
+        assert all(r["headers"]["Authorization"] == "Bearer sk-test-key" for r in srv.requests)
+        assert all(r["body"]["model"] == "mt" and len(r["body"]["messages"]) == 1 for r in srv.requests)
+        assert len(list((it / "translate" / "endpoint_cache").glob("*.json"))) == 3
+        name = f"endpoint:mt@{srv.url}/chat/completions"
+        targets = [p for p in read_jsonl(it / "pairs" / "pairs.jsonl") if p["kind"] == "target"]
+        assert targets and all(p["meta"]["translator"] == name for p in targets)
+        # the translate stage again (its output deleted), without the key: answered from the cache, nothing sent
+        (it / "translate" / "translations.jsonl").unlink()
+        res = run_cli(args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "translate" in res.stdout and (it / "translate" / "translations.jsonl").exists()
+        assert len(srv.requests) == 3
+    finally:
+        next(servers, None)

@@ -43,7 +43,7 @@ def test_overrides_are_typed():
         ("nonsense=1", "unknown setting 'nonsense'"),
         ("dpo.beta=high", "dpo.beta: expected a number"),
         ("iterations=two", "iterations: expected an integer"),
-        ("reward=ppo", "reward: 'ppo' is not one of"),
+        ("reward=ppo", "reward must be one of ['lidr', 'icr'], got 'ppo'"),
         ("languages=[en,klingon]", "klingon"),
         ("dominant=zh", "dominant language 'zh'"),
         ("check.enabled=maybe", "check.enabled: expected true or false"),
@@ -54,6 +54,45 @@ def test_overrides_are_typed():
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_run_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=-1", "seed must be >= 0"),
+        ("checkpoint_every=0", "checkpoint_every must be >= 1 training step, got 0"),
+        ("checkpoint_keep=0", "checkpoint_keep must be >= 1"),
+        ("reward=icr", "icr.reference_model is required with reward=icr"),
+        ("icr.scorer=everyone", "scorer must be one of ['given', 'policy'], got 'everyone'"),
+    ],
+)
+def test_ranges_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_run_config(overrides=[override])
+
+
+def test_norwegian_no_stays_a_language_code(tmp_path):
+    """YAML 1.1 reads `no` as false; the loader keeps yes/no/on/off strings unless a boolean is expected."""
+    assert load_run_config(overrides=["languages=[en,no]"]).languages == ("en", "no")
+    config = tmp_path / "nb.yaml"
+    config.write_text("languages: [en, no]\ncheck:\n  enabled: no\n")
+    cfg = load_run_config(config)
+    assert cfg.languages == ("en", "no") and cfg.prompts.languages == ("en", "no")
+    assert cfg.check.enabled is False  # where a boolean is expected, `no` is still false
+    assert load_run_config(overrides=["check.enabled=yes"]).check.enabled is True
+
+
+def test_config_files_that_cannot_be_settings(tmp_path):
+    with pytest.raises(SettingsError, match=f"config file {tmp_path} is a folder; pass --config a YAML file"):
+        load_run_config(tmp_path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(SettingsError, match=f"{empty} is empty; write the settings to change"):
+        load_run_config(empty)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dpo:\n  beta: [0.1\n")
+    with pytest.raises(SettingsError, match=f"{broken}:3: not valid YAML"):
+        load_run_config(broken)
 
 
 def test_override_syntax():

@@ -6,11 +6,11 @@ The rules, stated once:
 - Generation and scoring are data parallel: each process takes its contiguous `process_shard` of
   the work, runs it on its own devices (`on_this_process`: the params gathered onto a host-local
   mesh) and `gather_objects` hands every process all results, in order. `generate_resumable`
-  (lidr_jax.pipeline.stages) distributes whole chunks instead, one per process per round.
+  (lidr_jax.pipeline.resumable) distributes whole chunks instead, one per process per round.
 - Training uses one global mesh; each process hands JAX only the rows of a batch its own devices
-  hold (`put_process_rows`; `global_batch` when a process holds only its own rows to begin with).
+  hold (`put_process_rows`).
 - One writer: process 0 writes the run directory. `run_processes()` gives `RunDir` that role, a
-  barrier and a broadcast (lidr_jax.pipeline.run_dir.Processes); the other processes write nothing, and
+  barrier and a broadcast (`Processes`); the other processes write nothing, and
   `RunDir.mark_done` waits for everyone, so no process reads a stage's files before they exist.
   Orbax checkpoints are written collectively by every process (Orbax coordinates them itself).
 - Collectives (`gather_objects`, `broadcast`, `barrier`, `to_host`) must be called by every process
@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lidr_jax.dist.sharding import (
@@ -44,6 +45,7 @@ from lidr_jax.dist.sharding import (
     to_host,
     use_mesh,
 )
+from lidr_jax.settings import SettingsError
 
 # ---------------------------------------------------------------------------------------- processes
 
@@ -62,10 +64,12 @@ def maybe_initialize_distributed() -> bool:
     if env.get("LIDR_COORDINATOR"):
         missing = [k for k in ("LIDR_NUM_PROCESSES", "LIDR_PROCESS_ID") if not env.get(k)]
         if missing:
-            raise ValueError(f"LIDR_COORDINATOR is set but {missing} are not: set all three on every process")
-        jax.distributed.initialize(coordinator_address=env["LIDR_COORDINATOR"],
-                                   num_processes=int(env["LIDR_NUM_PROCESSES"]),
-                                   process_id=int(env["LIDR_PROCESS_ID"]))
+            raise SettingsError(f"LIDR_COORDINATOR is set but {missing} are not: set all three on every process")
+        jax.distributed.initialize(
+            coordinator_address=env["LIDR_COORDINATOR"],
+            num_processes=int(env["LIDR_NUM_PROCESSES"]),
+            process_id=int(env["LIDR_PROCESS_ID"]),
+        )
         return True
     pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
     if env.get("LIDR_DISTRIBUTED", "") in ("1", "true", "auto") or pod:
@@ -93,8 +97,6 @@ def gather_objects(items: Sequence) -> list:
     """Every process's JSON-serialisable `items`, concatenated in process order, on every process."""
     if jax.process_count() == 1:
         return list(items)
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(list(items)).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -116,15 +118,30 @@ def broadcast(obj: Any) -> Any:
 def barrier(name: str) -> None:
     """Wait until every process has reached the barrier called `name`."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
-def run_processes():
-    """The `lidr_jax.pipeline.run_dir.Processes` of this run: process 0 writes; barrier and broadcast above."""
-    from lidr_jax.pipeline.run_dir import Processes
+def _no_barrier(name: str) -> None:
+    return None
 
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """How the processes of one run share its directory (lidr_jax.pipeline.run_dir). The default is a
+    lone process: it writes, and there is nobody to wait for. `barrier(name)` returns once every process
+    has called it; `broadcast(obj)` returns the writer's JSON value on every process."""
+
+    writer: bool = True
+    barrier: Callable[[str], None] = _no_barrier
+    broadcast: Callable[[Any], Any] = _same
+
+
+def run_processes() -> Processes:
+    """The `Processes` of this run: process 0 writes; `barrier` and `broadcast` above."""
     if jax.process_count() == 1:
         return Processes()
     return Processes(writer=jax.process_index() == 0, barrier=barrier, broadcast=broadcast)
@@ -165,22 +182,6 @@ def put_process_rows(tree, axis: int = 0):
     return jax.tree.map(one, tree)
 
 
-def global_batch(local_tree, axis: int = 0, mesh: Mesh | None = None, rules=None):
-    """A global batch from each process's own rows (`process_shard` of the pairs): dimension `axis`
-    of every leaf is concatenated across processes in process order. Needs equal shares and the
-    batch rule to split rows over the processes (the outer mesh axes cross hosts)."""
-    ctx = active()
-    mesh, rules = mesh or ctx.mesh, rules or ctx.rules
-
-    def one(x):
-        x = np.asarray(x)
-        shape = list(x.shape)
-        shape[axis] *= jax.process_count()
-        return jax.make_array_from_process_local_data(batch_sharding(shape, axis, mesh, rules), x, tuple(shape))
-
-    return jax.tree.map(one, local_tree)
-
-
 # ------------------------------------------------------------------------------ per-process models
 
 
@@ -198,8 +199,10 @@ def generation_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, dict]:
     mine = [d for d in ctx.mesh.devices.flat if d.process_index == jax.process_index()]
     tensor = ctx.mesh.shape["tensor"]
     if len(mine) % tensor:
-        raise ValueError(f"mesh.tensor={tensor} does not divide this host's {len(mine)} devices; generation runs "
-                         "on each host's own devices, so keep tensor within a host (mesh.preset=fsdp_tensor)")
+        raise ValueError(
+            f"mesh.tensor={tensor} does not divide this host's {len(mine)} devices; generation runs "
+            "on each host's own devices, so keep tensor within a host (mesh.preset=fsdp_tensor)"
+        )
     return Mesh(np.asarray(mine).reshape(1, len(mine) // tensor, tensor), MESH_AXES), ctx.rules
 
 
@@ -222,27 +225,3 @@ def on_this_process(model, cfg: MeshConfig | None = None):
     local = dataclasses.replace(model, params=local_params(model.params, model.param_specs, mesh, rules))
     with use_mesh(mesh, rules):
         yield local
-
-
-def generate_across_processes(model, prompts, sampling, cfg: MeshConfig | None = None, **kwargs) -> list:
-    """`sampler.generate` data parallel over processes: each generates its `process_shard` of the
-    prompts on its own devices, results gathered on every process in prompt order. With one process
-    this is `generate` on the active mesh (or on `cfg`'s mesh when none is active)."""
-    from lidr_jax.generate.sampler import GenerationResult, generate
-
-    prefill = kwargs.pop("prefill", None)
-    prefill = prefill if isinstance(prefill, (list, tuple)) else [prefill] * len(prompts)
-
-    def as_json(r):
-        return [dataclasses.asdict(x) for x in r] if isinstance(r, list) else dataclasses.asdict(r)
-
-    def from_json(r):
-        return [GenerationResult(**x) for x in r] if isinstance(r, list) else GenerationResult(**r)
-
-    with on_this_process(model, cfg) as local:
-
-        def run(share):
-            results = generate(local, [p for p, _ in share], sampling, prefill=[f for _, f in share], **kwargs)
-            return [as_json(r) for r in results]
-
-        return [from_json(r) for r in map_across_processes(run, list(zip(prompts, prefill)))]

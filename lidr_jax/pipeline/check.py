@@ -1,4 +1,5 @@
-"""The held-out language check: answer prompts never trained on, measure the share in the asked language."""
+"""The check stage: the held-out language check (answer prompts never trained on, measure the share
+answered in the asked language) and the configured benchmarks (lidr_jax.eval)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lidr_jax.eval.evaluate import evaluate_model
 from lidr_jax.formats.load import Model
 from lidr_jax.methods.langid import detect_language
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.pipeline.config import RunConfig
-from lidr_jax.pipeline.resumable import generate_resumable, prompt_jobs
+from lidr_jax.pipeline.iteration import Iteration
+from lidr_jax.pipeline.resumable import generate_across_processes, generate_resumable, prompt_jobs
 from lidr_jax.pipeline.run_dir import RunDir
 
 
@@ -26,3 +29,23 @@ def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSe
         result["in_language"][lang] = float(np.mean(hits)) if hits else float("nan")
         result["mean_tokens"][lang] = float(np.mean([r["tokens"][0] for r in mine])) if mine else float("nan")
     return result
+
+
+def check_stage(it: Iteration) -> dict:
+    """The held-out language check (check.enabled, with held-out prompts) and the configured
+    benchmarks (evaluation.benchmarks) of the model iteration k ends with (k = 0: the starting model)."""
+    cfg, run = it.cfg, it.run
+    out = {}
+    d = run.stage_dir(it.k, "check")
+    if cfg.check.enabled and it.held_out is not None:
+        out["held_out"] = language_check(cfg, run, it.trained, it.held_out, d / "held_out.jsonl", "check")
+    if cfg.evaluation.benchmarks:
+        out["evaluation"] = evaluate_model(
+            it.trained, cfg.evaluation, d / "evaluation", generate_fn=generate_across_processes, write=run.write_json
+        )
+    return out
+
+
+def has_checks(cfg: RunConfig, held_out: PromptSet | None) -> bool:
+    """Whether the check stage has anything to do (else the starting model is not checked)."""
+    return (cfg.check.enabled and held_out is not None) or bool(cfg.evaluation.benchmarks)

@@ -1,8 +1,10 @@
 """The settings of `python -m lidr_jax.iterate`: one frozen dataclass tree, read from YAML + `--set`.
 
-Each group belongs to the module that uses it (sampling to sampler.py, dpo to dpo.py, prompts to
-prompt_sets.py, lidr/icr pair settings to lidr.py/icr.py); this module only nests them and adds the
-run-level knobs. `load_run_config` checks every key and value before any model work.
+Each group belongs to the module that uses it (sampling to generate/sampler.py, dpo to train/dpo.py,
+prompts to methods/prompt_sets.py, the LIDR and ICR pair settings to methods/lidr.py and
+methods/icr.py, evaluation to eval/evaluate.py, the mesh to dist/sharding.py); this module only nests
+them and adds the run-level knobs. `load_run_config` checks every key, type and range, and
+`check_paths` every model and data path the run will read, before the run directory is created.
 """
 
 from __future__ import annotations
@@ -13,22 +15,22 @@ from typing import Literal
 
 from lidr_jax.dist.sharding import MeshConfig
 from lidr_jax.eval.evaluate import EvalConfig
+from lidr_jax.formats.load import EMBEDDED_MODELS, ModelNotFoundError, embedded_model_path
 from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.filters import PairFilterConfig
-from lidr_jax.methods.icr import ICRSettings
+from lidr_jax.methods.icr import ICRSelectionConfig
 from lidr_jax.methods.languages import language_name
-from lidr_jax.methods.lidr import LIDRPairSettings, LIDRPrompts
-from lidr_jax.methods.prompt_sets import PromptSource
+from lidr_jax.methods.lidr import LIDRPairConfig, LIDRPrompts
+from lidr_jax.methods.prompt_sets import PromptSourceConfig
 from lidr_jax.methods.translator import TranslatorConfig
-from lidr_jax.settings import SettingsError, apply_overrides, from_dict, load_yaml
+from lidr_jax.settings import SettingsError, apply_overrides, check_choices, from_dict, load_yaml
 from lidr_jax.train.dpo import DPOConfig
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG = PACKAGE_DIR.parent.parent / "configs" / "default.yaml"  # the repo's configs/ (editable install)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # package data: works from any install
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptPlan:
+class PromptPlanConfig:
     """Which prompts each iteration uses."""
 
     per_iteration: int | None = None  # prompts per iteration; None = all (minus the held-out ones)
@@ -37,22 +39,22 @@ class PromptPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class LIDRGroup:
+class LIDRConfig:
     """LIDR (reward: lidr): generation in every language, self-translation both ways, pairs."""
 
-    pairs: LIDRPairSettings = LIDRPairSettings()
+    pairs: LIDRPairConfig = LIDRPairConfig()
     translation: SamplingConfig = SamplingConfig(max_new_tokens=512, repetition_penalty=1.0)
     prompts: LIDRPrompts = LIDRPrompts()  # every text LIDR sends (docs/reproducing.md)
     translator: TranslatorConfig = TranslatorConfig()  # policy (the paper) | model | endpoint
 
 
 @dataclasses.dataclass(frozen=True)
-class ICRGroup:
+class ICRConfig:
     """ICR (reward: icr): K samples per prompt scored by a DPO model's implicit reward."""
 
     samples: int = 10  # K answers per prompt
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=2400, temperature=0.9, top_p=1.0)
-    selection: ICRSettings = ICRSettings()
+    selection: ICRSelectionConfig = ICRSelectionConfig()
     # Who scores. given: dpo_model and reference_model score iteration 1, the current policy later ones;
     # policy: pi_DPO = the current policy, pi_ref = the previous iteration's policy.
     scorer: Literal["given", "policy"] = "given"  # given: dpo_model vs reference_model | policy: pi_t vs pi_{t-1}
@@ -64,7 +66,7 @@ class ICRGroup:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeldOutCheck:
+class CheckConfig:
     """Before/after check on held-out prompts: answer them, measure the fraction in the asked language."""
 
     enabled: bool = True
@@ -83,14 +85,14 @@ class RunConfig:
     dominant: str = "en"  # the language the model is best in
     languages: tuple[str, ...] = ("en", "es", "de", "fr", "ru")  # dominant first, then targets
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype for generation and scoring
-    prompts: PromptSource = PromptSource()
-    plan: PromptPlan = PromptPlan()
+    prompts: PromptSourceConfig = PromptSourceConfig()
+    plan: PromptPlanConfig = PromptPlanConfig()
     generation: SamplingConfig = SamplingConfig(max_new_tokens=2400, repetition_penalty=1.1)
     pair_filters: PairFilterConfig = PairFilterConfig()  # quality filters of both strategies' pairs
-    lidr: LIDRGroup = LIDRGroup()
-    icr: ICRGroup = ICRGroup()
+    lidr: LIDRConfig = LIDRConfig()
+    icr: ICRConfig = ICRConfig()
     dpo: DPOConfig = DPOConfig()
-    check: HeldOutCheck = HeldOutCheck()
+    check: CheckConfig = CheckConfig()
     evaluation: EvalConfig = EvalConfig(benchmarks=())  # benchmarks run on the starting model and after each iteration
     mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.dist.sharding, docs/scaling.md)
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
@@ -98,6 +100,7 @@ class RunConfig:
     checkpoint_keep: int = 2
 
     def __post_init__(self):
+        check_choices(self)
         for code in self.languages:
             language_name(code)  # unknown codes fail here, naming the code
         if self.dominant not in self.languages:
@@ -106,6 +109,17 @@ class RunConfig:
             raise ValueError("languages: give the dominant language and at least one target language")
         if self.iterations < 1:
             raise ValueError("iterations must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds NumPy and JAX), got {self.seed}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 training step, got {self.checkpoint_every}")
+        if self.checkpoint_keep < 1:
+            raise ValueError(f"checkpoint_keep must be >= 1 checkpoint, got {self.checkpoint_keep}")
+        if self.reward == "icr" and self.icr.reference_model is None:
+            raise ValueError(
+                "icr.reference_model is required with reward=icr: the SFT reference of the DPO model "
+                "that scores iteration 1 (set icr.reference_model=PATH)"
+            )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -113,7 +127,7 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] = (), run_dir: str | None = None) -> RunConfig:
-    """YAML file (default: the packaged configs/default.yaml) + `--set` overrides -> RunConfig."""
+    """YAML file (default: the packaged default.yaml) + `--set` overrides -> RunConfig."""
     data = load_yaml(path or DEFAULT_CONFIG)
     data = apply_overrides(data, list(overrides))
     if run_dir is not None:
@@ -128,3 +142,38 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = (), r
         raise
     except (ValueError, KeyError) as e:
         raise SettingsError(str(e)) from e
+
+
+def check_model(spec: str, setting: str) -> None:
+    """Fail before any work if `spec` names no model lidr_jax can load: an embedded name whose package
+    is installed, a directory, or a .gguf file (what is inside is checked when it loads)."""
+    if spec in EMBEDDED_MODELS:
+        embedded_model_path(spec)
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return
+    raise ModelNotFoundError(
+        f"{setting}: model {spec!r} not found: it is not a model directory, a .gguf file or an embedded model "
+        f"name ({', '.join(EMBEDDED_MODELS)}); fix the path (lidr_jax never downloads models)"
+    )
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Every model and data path the run will read exists, checked before the run directory is created:
+    the model, ICR's scorer models, and the data folders of the evaluation benchmarks asked for."""
+    check_model(cfg.model, "model")
+    if cfg.reward == "icr":
+        for setting in ("dpo_model", "reference_model"):
+            spec = getattr(cfg.icr, setting)
+            if spec is not None:
+                check_model(spec, f"icr.{setting}")
+    ev = cfg.evaluation
+    folders = {"mgsm": ("mgsm_dir", ev.mgsm_dir), "alpaca": ("alpaca_dir", ev.alpaca_dir)}
+    for benchmark in ev.benchmarks:
+        setting, folder = folders.get(benchmark, (None, None))
+        if setting is not None and (folder is None or not Path(folder).is_dir()):
+            raise SettingsError(
+                f"evaluation.{setting}: {folder!r} is not a folder; evaluation.benchmarks lists {benchmark}, "
+                f"so set evaluation.{setting} to its data folder (or drop {benchmark} from the benchmarks)"
+            )

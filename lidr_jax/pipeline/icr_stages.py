@@ -11,58 +11,81 @@ from pathlib import Path
 
 import numpy as np
 
-from lidr_jax.dist import multihost
 from lidr_jax.files import read_jsonl
 from lidr_jax.formats.load import Model
 from lidr_jax.methods import icr, lidr
-from lidr_jax.methods.prompt_sets import PromptSet
-from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.methods.filters import PairTable
+from lidr_jax.pipeline.iteration import Iteration
 from lidr_jax.pipeline.pair_output import write_pairs
 from lidr_jax.pipeline.resumable import Job, finish_stats, generate_resumable, prompt_jobs
-from lidr_jax.pipeline.run_dir import RunDir
 
 
-def icr_sample(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: PromptSet) -> dict:
+def icr_sample(it: Iteration) -> dict:
     """K answers per prompt in its own language (paper: temperature 0.9, top-p 1.0, no system prompt)."""
+    cfg, run, k = it.cfg, it.run, it.k
     d = run.stage_dir(k, "sample")
     sampling = dataclasses.replace(cfg.icr.sampling, n=cfg.icr.samples, seed=cfg.seed * 1000 + k)
-    jobs = prompt_jobs(prompts)
-    rows = generate_resumable(run, model, jobs, sampling, d / "samples.jsonl", "sample")
+    jobs = prompt_jobs(it.prompts, cfg.icr.selection.generation_system_prompt)
+    rows = generate_resumable(run, it.policy, jobs, sampling, d / "samples.jsonl", "sample")
     stats = finish_stats(rows, "lang")
     run.write_json(d / "stats.json", stats)
     return {"samples": str(d / "samples.jsonl"), "stats": stats}
 
 
-def icr_score(
-    cfg: RunConfig, run: RunDir, k: int, scorers: tuple[Model, Model], prompts: PromptSet, policy: Model
-) -> dict:
+def scorer_models(it: Iteration) -> tuple[Model, Model]:
+    """(pi_DPO, pi_ref) of iteration k (METHOD.md 2.5). icr.scorer=given: icr.dpo_model (default: the
+    run's model) and icr.reference_model at iteration 1, then the current policy against the original
+    reference (icr.reference=original) or the previous iteration's start model (previous).
+    icr.scorer=policy: the current policy against the model the previous iteration started from
+    (icr.reference_model at iteration 1). RunConfig checks icr.reference_model is given."""
+    cfg, k = it.cfg.icr, it.k
+    if cfg.scorer == "policy":
+        ref = cfg.reference_model if k == 1 else it.run.iteration_start_model(k - 1)
+        return it.policy, it.models.load(ref)
+    if k == 1:
+        dpo = it.models.load(cfg.dpo_model) if cfg.dpo_model else it.policy
+        return dpo, it.models.load(cfg.reference_model)
+    ref = cfg.reference_model if cfg.reference == "original" else it.run.iteration_start_model(k - 1)
+    return it.policy, it.models.load(ref)
+
+
+def icr_score(it: Iteration) -> dict:
     """Implicit reward of every sample: log pi_DPO(y|x~) - log pi_ref(y|x~) under the English-conditioned
-    prompt (or a baseline condition). `scorers` = (pi_DPO, pi_ref), loaded one after the other."""
+    prompt (or a baseline condition); the scorers come from `scorer_models`. Answers are scored by the
+    DPO reference pass (lidr_jax.methods.icr.scoring_pairs / answer_logprobs): no prompt is cut, an
+    answer only past icr.selection.max_score_tokens (default: the sampling limit + 1, so never).
+    Empty answers are not scored (reward NaN) while the `empty` filter is on."""
+    cfg, run, k, prompts = it.cfg, it.run, it.k, it.prompts
+    scorers = scorer_models(it)
     d = run.stage_dir(k, "score")
     rows = read_jsonl(Path(run.outputs(k, "sample")["samples"]))
     sel = cfg.icr.selection
     english = prompts.by_id(cfg.dominant)
     answers = [(row, j, text) for row in rows for j, text in enumerate(row["outputs"])]
-    scored_texts = [text for _, _, text in answers]
+    scored_texts: list[str | None] = [text for _, _, text in answers]
+    limit = sel.max_score_tokens or cfg.icr.sampling.max_new_tokens + 1
     if sel.condition == "translate_answer":
         jobs = []
         for n, (row, j, text) in enumerate(answers):
             if row["lang"] == cfg.dominant:
                 continue
-            messages, prefill = lidr.translation_request(text, cfg.dominant)
-            jobs.append(Job(f"{row['lang']}/{row['id']}/{j}", messages, prefill, {"index": n}))
+            messages, prefill = lidr.translation_request(text, cfg.dominant, sel.translation)
+            jobs.append(Job(f"{row['lang']}/{row['id']}/{j}", messages, prefill or None, {"index": n}))
         out = generate_resumable(
             run,
-            policy,
+            it.policy,
             jobs,
             dataclasses.replace(cfg.icr.translation, seed=cfg.seed),
             d / "answer_translations.jsonl",
             "translate answers",
         )
-        for r in out:
-            scored_texts[r["index"]] = lidr.parse_translation(r["outputs"][0]) or ""
-    items = []
-    for (row, _, _), text in zip(answers, scored_texts):
+        for r in out:  # the authors' baseline: an unclosed translation keeps its text; an empty one is invalid
+            scored_texts[r["index"]] = lidr.parse_translation(r["outputs"][0], sel.translation, keep_unclosed=True)
+        limit = sel.max_score_tokens or max(cfg.icr.sampling.max_new_tokens, cfg.icr.translation.max_new_tokens) + 1
+    items, index = [], []
+    for n, ((row, _, _), text) in enumerate(zip(answers, scored_texts)):
+        if text is None or (cfg.pair_filters.empty and not text.strip()):
+            continue
         x_lang = prompts.by_id(row["lang"])[row["id"]]
         messages = icr.icr_scoring_prompt(
             english[row["id"]],
@@ -71,9 +94,17 @@ def icr_score(
             translated_instruction=x_lang,
             system_prompt=sel.scoring_system_prompt,
             dominant=cfg.dominant,
+            prefix_template=sel.language_prefix,
         )
         items.append((messages, text))
-    logps = [_answer_logprobs(cfg, m, items) for m in scorers]  # pi_DPO, then pi_ref
+        index.append(n)
+    enc = icr.scoring_pairs(scorers[0].tokenizer, items, limit, sel.score_first_token)
+    dpo = icr.scoring_dpo_config(cfg.dpo, cfg.icr.score_batch_size, cfg.dtype)
+    logps = []
+    for m in scorers:  # pi_DPO, then pi_ref
+        full = np.full(len(answers), np.nan)
+        full[index] = icr.answer_logprobs(m.params, m.config, enc, dpo)
+        logps.append(full)
     rewards = icr.implicit_rewards(logps[0], logps[1])
     scored, start = [], 0
     for row in rows:
@@ -84,47 +115,52 @@ def icr_score(
                 "id": row["id"],
                 "lang": row["lang"],
                 "answers": row["outputs"],
+                "finish_reasons": row["finish_reasons"],
                 "rewards": [float(rewards[n]) for n in idx],
                 "logp_dpo": [float(logps[0][n]) for n in idx],
                 "logp_ref": [float(logps[1][n]) for n in idx],
             }
         )
     run.write_jsonl(d / "scores.jsonl", scored)
-    return {"scores": str(d / "scores.jsonl")}
+    stats = {
+        "scored": len(items),
+        "not_scored": len(answers) - len(items),
+        "max_score_tokens": limit,
+        "truncated_answers": enc.truncated_responses,
+    }
+    run.write_json(d / "stats.json", stats)
+    return {"scores": str(d / "scores.jsonl"), "stats": stats}
 
 
-def _answer_logprobs(cfg: RunConfig, model: Model, items: list) -> np.ndarray:
-    """Summed log-prob of every (scoring messages, answer) item under `model`; each process scores its
-    share on its own devices (lidr_jax.dist.multihost)."""
-    inputs = icr.truncate_inputs(
-        icr.scoring_inputs(model.tokenizer, items), cfg.dpo.max_prompt_len, cfg.dpo.max_response_len
-    )
-    with multihost.on_this_process(model) as local:
-
-        def score(share):
-            part = icr.ScoringInputs([p for p, _ in share], [r for _, r in share], 0, 0)
-            logp = icr.answer_logprobs(
-                local.params,
-                local.config,
-                part,
-                local.tokenizer.pad_token_id,
-                batch_size=cfg.icr.score_batch_size,
-                chunk=cfg.dpo.logprob_chunk,
-            )
-            return logp.tolist()
-
-        return np.asarray(multihost.map_across_processes(score, list(zip(inputs.prompt_ids, inputs.response_ids))))
-
-
-def icr_pairs_stage(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> dict:
+def icr_pairs(it: Iteration) -> dict:
+    """Per language, the best and worst scored answers of each prompt (lidr_jax.methods.icr.icr_pairs),
+    through the quality filters: an answer that fails them is never chosen. The per-language table
+    of kept and dropped pairs goes to pairs/stats.json, the report and TensorBoard."""
+    cfg, run, k, prompts = it.cfg, it.run, it.k, it.prompts
     d = run.stage_dir(k, "pairs")
     rows = read_jsonl(Path(run.outputs(k, "score")["scores"]))
-    pairs, stats = [], {}
-    for lang in prompts.languages:
+    languages = [lang for lang in prompts.languages if cfg.icr.selection.english_pairs or lang != cfg.dominant]
+    pairs, stats, table = [], {}, PairTable(languages)
+    for lang in languages:
         mine = [r for r in rows if r["lang"] == lang]
         answers = {r["id"]: r["answers"] for r in mine}
         rewards = {r["id"]: r["rewards"] for r in mine}
-        lang_pairs, _, lang_stats = icr.icr_pairs(prompts.by_id(lang), lang, answers, rewards, cfg.icr.selection)
+        cut = {r["id"]: [f == "length" for f in r.get("finish_reasons", [])] for r in mine}
+        lang_pairs, _, lang_stats = icr.icr_pairs(
+            prompts.by_id(lang),
+            lang,
+            answers,
+            rewards,
+            cfg.icr.selection,
+            cfg.pair_filters,
+            length_cut=cut,
+            dominant=cfg.dominant,
+        )
         pairs += lang_pairs
         stats[lang] = lang_stats
-    return write_pairs(run, d, pairs, {"per_language": stats})
+        for _ in lang_pairs:
+            table.count(lang, None)
+        for reason, n in lang_stats["dropped"].items():
+            for _ in range(n):
+                table.count(lang, reason)
+    return write_pairs(run, d, pairs, {"per_language": stats, "table": table.to_dict()}, k)

@@ -1,7 +1,10 @@
 """The LIDR half of an iteration: generate -> translate -> pairs (METHOD.md).
 
-Every prompt is answered in its own language, the model self-translates the English answer into
-every target language and every target answer into English, and the pairs are built from both.
+Every prompt is answered in its own language (in the arithmetic style, wrapped in a request to answer
+in it), the translator (the policy by default, or another model, or an OpenAI-compatible endpoint:
+lidr_jax.methods.translator) translates the English answer into every target language and every target
+answer into English, and the pairs are built from both through the quality filters
+(lidr_jax.methods.filters).
 """
 
 from __future__ import annotations
@@ -10,22 +13,20 @@ import dataclasses
 from pathlib import Path
 
 from lidr_jax.files import read_jsonl
-from lidr_jax.formats.load import Model
-from lidr_jax.methods import lidr
-from lidr_jax.methods.prompt_sets import PromptSet
-from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.methods import lidr, translator
+from lidr_jax.pipeline.iteration import Iteration
 from lidr_jax.pipeline.pair_output import write_pairs
 from lidr_jax.pipeline.resumable import Job, finish_stats, generate_resumable, prompt_jobs
-from lidr_jax.pipeline.run_dir import RunDir
 
 
-def lidr_generate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: PromptSet) -> dict:
+def lidr_generate(it: Iteration) -> dict:
     """Answer every prompt in its own language (paper: greedy, repetition penalty 1.1)."""
+    cfg, run, k = it.cfg, it.run, it.k
     d = run.stage_dir(k, "generate")
-    system = cfg.lidr.pairs.system_prompt
-    jobs = prompt_jobs(prompts, system)
+    style = cfg.lidr.prompts
+    jobs = prompt_jobs(lidr.styled_prompts(it.prompts, style), style.generation_system_prompt)
     rows = generate_resumable(
-        run, model, jobs, dataclasses.replace(cfg.generation, seed=cfg.seed), d / "generations.jsonl", "generate"
+        run, it.policy, jobs, dataclasses.replace(cfg.generation, seed=cfg.seed), d / "generations.jsonl", "generate"
     )
     stats = finish_stats(rows, "lang")
     run.write_json(d / "stats.json", stats)
@@ -40,34 +41,58 @@ def generations_table(path: str | Path) -> dict[str, dict[str, str]]:
     return table
 
 
-def lidr_translate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: PromptSet) -> dict:
-    """Self-translate y_en into every X and every y_X into English with the same model."""
+def length_cut_ids(path: str | Path) -> dict[str, set[str]]:
+    """{lang: ids whose answer stopped at the token limit} from a generations file (first sample)."""
+    cut: dict[str, set[str]] = {}
+    for row in read_jsonl(Path(path)):
+        if row["finish_reasons"][0] == "length":
+            cut.setdefault(row["lang"], set()).add(row["id"])
+    return cut
+
+
+def lidr_translate(it: Iteration) -> dict:
+    """Translate y_en into every X and every y_X into English with the configured translator: the
+    policy (the paper), another model (loaded for this stage only, the policy released while it
+    runs), or an endpoint (answers cached in `translate/endpoint_cache`, so a resumed stage never
+    asks twice)."""
+    cfg, run, k = it.cfg, it.run, it.k
     d = run.stage_dir(k, "translate")
     gens = generations_table(run.outputs(k, "generate")["generations"])
-    tasks = lidr.translation_jobs(prompts, gens, cfg.dominant)
-    system = cfg.lidr.pairs.system_prompt
+    tasks = lidr.translation_jobs(it.prompts, gens, cfg.dominant)
+    prompt, who = cfg.lidr.prompts.translation, cfg.lidr.translator
     jobs = []
     for t in tasks:
-        messages, prefill = lidr.translation_request(t.text, t.target_lang, system)
+        messages, prefill = lidr.translation_request(t.text, t.target_lang, prompt)
         jobs.append(
             Job(
                 f"{t.direction}/{t.id}",
                 messages,
-                prefill,
+                prefill or None,
                 {"id": t.id, "source": t.source_lang, "target": t.target_lang},
             )
         )
-    rows = generate_resumable(
-        run,
-        model,
-        jobs,
-        dataclasses.replace(cfg.lidr.translation, seed=cfg.seed),
-        d / "raw_translations.jsonl",
-        "translate",
-    )
+    sampling = dataclasses.replace(cfg.lidr.translation, seed=cfg.seed)
+    raw = d / "raw_translations.jsonl"
+    if who.kind == "endpoint":
+        replies = run.from_writer(
+            translator.endpoint_translate, who, [(j.prompt, j.prefill) for j in jobs], sampling, d / "endpoint_cache"
+        )
+        rows = [
+            {"key": j.key, **j.meta, "outputs": [r], "finish_reasons": [None], "tokens": [None]}
+            for j, r in zip(jobs, replies)
+        ]
+        run.write_jsonl(raw, rows)
+    elif who.kind == "model":
+        it.release_policy()  # one model resident at a time; the next stage that needs it reloads it
+        print(f"  translate: loading the translator {who.model}")
+        model = it.models.load(who.model)
+        rows = generate_resumable(run, model, jobs, sampling, raw, "translate")
+        del model
+    else:
+        rows = generate_resumable(run, it.policy, jobs, sampling, raw, "translate")
     out, failed = [], {}
     for row in rows:
-        parsed = lidr.parse_translation(row["outputs"][0])
+        parsed = translator.parse_reply(row["outputs"][0], prompt, who)
         direction = f"{row['source']}->{row['target']}"
         failed.setdefault(direction, [0, 0])
         failed[direction][0] += parsed is None
@@ -82,12 +107,20 @@ def lidr_translate(cfg: RunConfig, run: RunDir, k: int, model: Model, prompts: P
             }
         )
     run.write_jsonl(d / "translations.jsonl", out)
-    stats = {"failed": {k_: v[0] for k_, v in failed.items()}, "total": {k_: v[1] for k_, v in failed.items()}}
+    stats = {
+        "translator": who.name,
+        "failed": {k_: v[0] for k_, v in failed.items()},
+        "total": {k_: v[1] for k_, v in failed.items()},
+    }
     run.write_json(d / "stats.json", stats)
     return {"translations": str(d / "translations.jsonl"), "stats": stats}
 
 
-def lidr_pairs(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> dict:
+def lidr_pairs(it: Iteration) -> dict:
+    """Preference pairs from the answers and their translations, through the quality filters
+    (lidr_jax.methods.lidr.build_pairs); the per-language table of kept and dropped pairs goes to
+    pairs/stats.json, the report and TensorBoard."""
+    cfg, run, k = it.cfg, it.run, it.k
     d = run.stage_dir(k, "pairs")
     gens = generations_table(run.outputs(k, "generate")["generations"])
     to_target: dict[str, dict] = {}
@@ -98,5 +131,15 @@ def lidr_pairs(cfg: RunConfig, run: RunDir, k: int, prompts: PromptSet) -> dict:
         else:
             to_dominant.setdefault(row["source"], {})[row["id"]] = row["translation"]
     settings = dataclasses.replace(cfg.lidr.pairs, dominant=cfg.dominant, seed=cfg.seed + k)
-    pairs, stats = lidr.build_pairs(prompts, gens, to_target, to_dominant, settings)
-    return write_pairs(run, d, pairs, stats.to_dict())
+    translated_by = run.outputs(k, "translate").get("stats", {}).get("translator", "policy")
+    pairs, stats = lidr.build_pairs(
+        lidr.styled_prompts(it.prompts, cfg.lidr.prompts),
+        gens,
+        to_target,
+        to_dominant,
+        settings,
+        cfg.pair_filters,
+        length_cut=length_cut_ids(run.outputs(k, "generate")["generations"]),
+        translator=translated_by,
+    )
+    return write_pairs(run, d, pairs, stats.to_dict(), k)

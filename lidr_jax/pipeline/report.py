@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from lidr_jax.eval.plots import _pyplot, plot_metrics
 from lidr_jax.files import atomic_write_text
 from lidr_jax.methods.filters import format_table
 from lidr_jax.pipeline.config import RunConfig
@@ -49,8 +50,6 @@ def _metrics_rows(run: RunDir, k: int) -> list[dict]:
 
 
 def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
-    from lidr_jax.eval.plots import _pyplot
-
     series = {k: _metrics_rows(run, k) for k in range(1, cfg.iterations + 1)}
     if not any(series.values()):
         return None
@@ -72,8 +71,6 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
 
 
 def _plot_pairs(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
-    from lidr_jax.eval.plots import _pyplot
-
     per_iter = {k: _out(run, k, "pairs").get("stats", {}) for k in range(1, cfg.iterations + 1)}
     per_iter = {k: s for k, s in per_iter.items() if s}
     if not per_iter:
@@ -141,8 +138,6 @@ def _table_md(rows: list[list[str]]) -> str:
 
 def write_report(cfg: RunConfig, run: RunDir) -> Path:
     """Write RUN_DIR/report.md and its plots; returns the report's path."""
-    from lidr_jax.eval.plots import plot_metrics
-
     plots = []
     for name, fn in (("training.png", _plot_training), ("pairs.png", _plot_pairs)):
         try:

@@ -5,7 +5,7 @@
 as an uninterrupted one and produces the same tokens), then writes the whole output file atomically.
 Several processes (lidr_jax.dist.multihost): each round hands every process one pending chunk on its
 own devices; the finished chunks are gathered to every process and the run directory's writer
-appends them.
+appends them. `generate_across_processes` is the same split for one call without a partial file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any
 import jax
 
 from lidr_jax.dist import multihost
+from lidr_jax.dist.sharding import MeshConfig
 from lidr_jax.formats.load import Model
-from lidr_jax.generate.sampler import SamplingConfig, generate
+from lidr_jax.generate.sampler import GenerationResult, SamplingConfig, generate
 from lidr_jax.methods import lidr
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.pipeline.run_dir import RunDir
@@ -111,6 +112,29 @@ def _chunk_rows(model: Model, batch: list[Job], sampling: SamplingConfig) -> lis
             }
         )
     return rows
+
+
+def generate_across_processes(model, prompts, sampling, cfg: MeshConfig | None = None, **kwargs) -> list:
+    """`sampler.generate` data parallel over processes (the check stage's `generate_fn` for lidr_jax.eval):
+    each process generates its `process_shard` of the prompts on its own devices, results gathered on
+    every process in prompt order. With one process this is `generate` on the active mesh (or on
+    `cfg`'s mesh when none is active)."""
+    prefill = kwargs.pop("prefill", None)
+    prefill = prefill if isinstance(prefill, (list, tuple)) else [prefill] * len(prompts)
+
+    def as_json(r):
+        return [dataclasses.asdict(x) for x in r] if isinstance(r, list) else dataclasses.asdict(r)
+
+    def from_json(r):
+        return [GenerationResult(**x) for x in r] if isinstance(r, list) else GenerationResult(**r)
+
+    with multihost.on_this_process(model, cfg) as local:
+
+        def run(share):
+            results = generate(local, [p for p, _ in share], sampling, prefill=[f for _, f in share], **kwargs)
+            return [as_json(r) for r in results]
+
+        return [from_json(r) for r in multihost.map_across_processes(run, list(zip(prompts, prefill)))]
 
 
 def prompt_jobs(prompts: PromptSet, system_prompt: str | None = None) -> list[Job]:

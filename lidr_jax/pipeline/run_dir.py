@@ -14,60 +14,46 @@ is not marked done.
 
 One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
 run for writing (other instances may read). Several processes share one run through `Processes`
-(lidr_jax.dist.multihost.run_processes): only the writer (process 0) writes, stages write through
+(lidr_jax.dist.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages write through
 `RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back what the
 writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
 records the writer's outputs everywhere) and `mark_done` is a barrier, so a stage's files exist
-before any process goes on to the next stage. This module does not import jax.
+before any process goes on to the next stage.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lidr_jax.dist.multihost import Processes
 from lidr_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text, plain
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+LONE_PROCESS = Processes()  # one process: it writes, and nobody to wait for
 
 
-class RunConfigMismatchError(ValueError):
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message names the path, the cause and the fix."""
+
+
+class RunConfigMismatchError(RunDirError):
     """The run directory was created with a different configuration than the one given now."""
+
+
+class NotARunDirError(RunDirError, FileNotFoundError):
+    """The directory has no manifest, so it is not a run directory (opening one to read it)."""
 
 
 class StageNotDoneError(LookupError):
     """A stage's outputs were asked for before the stage was marked done."""
-
-
-# ------------------------------------------------------------------------------------ atomic writes
-
-
-# --------------------------------------------------------------------------------------- processes
-
-
-def _no_barrier(name: str) -> None:
-    return None
-
-
-def _same(obj: Any) -> Any:
-    return obj
-
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """How the processes of one run share its directory. The default is a lone process: it writes,
-    and there is nobody to wait for. `barrier(name)` returns once every process has called it;
-    `broadcast(obj)` returns the writer's JSON value on every process."""
-
-    writer: bool = True
-    barrier: Callable[[str], None] = _no_barrier
-    broadcast: Callable[[Any], Any] = _same
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -117,12 +103,16 @@ class RunDir:
         *,
         seed: int | None = None,
         allow_config_change: bool = False,
-        processes: Processes = Processes(),
+        processes: Processes = LONE_PROCESS,
+        ignore: Sequence[str] = (),
     ):
         self.path = Path(path).absolute()  # stage paths stay valid if the caller changes directory
         self.manifest_path = self.path / MANIFEST
         self.processes = processes
-        existing = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        self.ignore = tuple(ignore)
+        if config is not None and processes.writer:
+            _check_writable(self.path)
+        existing = _read_manifest(self.manifest_path) if self.manifest_path.exists() else None
         processes.barrier("run directory read")  # every process has read it before the writer changes it
         if existing is not None:
             self._manifest = existing
@@ -139,7 +129,7 @@ class RunDir:
             }
             self._write()
         else:
-            raise FileNotFoundError(
+            raise NotARunDirError(
                 f"{self.manifest_path} does not exist: {self.path} is not a lidr_jax run directory "
                 "(one is created by `python -m lidr_jax.iterate`; pass a config to create one)"
             )
@@ -198,7 +188,7 @@ class RunDir:
     def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
         diffs = []
         if config is not None:
-            diffs += config_differences(self._manifest["config"], plain(config))
+            diffs += config_differences(self._compared(self._manifest["config"]), self._compared(config))
         if seed is not None and seed != self._manifest.get("seed"):
             diffs.append(f"seed: {self._manifest.get('seed')} -> {seed}")
         if not diffs:
@@ -216,6 +206,10 @@ class RunDir:
         if seed is not None:
             self._manifest["seed"] = seed
         self._write()
+
+    def _compared(self, config: Any) -> dict:
+        """The config as compared on resume: without the keys in `ignore` (where the run lives)."""
+        return {key: v for key, v in plain(config).items() if key not in self.ignore}
 
     def _iteration(self, k: int, create: bool = False) -> dict:
         iterations = self._manifest["iterations"]
@@ -270,6 +264,31 @@ class RunDir:
         self._write()
         self.processes.barrier(f"iteration {k} {stage} done")
 
+    def missing_outputs(self, k: int, stage: str) -> list[str]:
+        """The recorded output paths of a finished stage that no longer exist (inside the run only)."""
+        stages = self._iteration(k)["stages"]
+        values = stages[stage]["outputs"].values() if stage in stages else ()
+        paths = [self._abs(v) for v in values if isinstance(v, str) and v.startswith("./")]
+        return [p for p in paths if not os.path.exists(p)]
+
+    def forget(self, k: int, stage: str) -> None:
+        """Count `stage` of iteration `k` as not done (its files stay; the stage rewrites them)."""
+        self._iteration(k)["stages"].pop(stage, None)
+        self._write()
+
+    def redo(self, stages: Sequence[tuple[int, str]]) -> None:
+        """Forget every (iteration, stage) of `stages` and delete its directory (and a training stage's
+        TensorBoard events), so the next run does it again from the start; the manifest records what was
+        redone under "redone". Every process calls it."""
+        for k, name in stages:
+            self.on_writer(shutil.rmtree, self.stage_dir(k, name, create=False), ignore_errors=True)
+            if name == "train":
+                self.on_writer(shutil.rmtree, self.path / "tensorboard" / f"iter_{k}", ignore_errors=True)
+            self._iteration(k)["stages"].pop(name, None)
+        self._manifest.setdefault("redone", []).append({"at": _now(), "stages": [f"iter_{k}/{n}" for k, n in stages]})
+        self._write()
+        self.processes.barrier("redo")
+
     def outputs(self, k: int, stage: str) -> dict[str, Any]:
         """The outputs a finished stage recorded (paths made absolute)."""
         stages = self._iteration(k)["stages"]
@@ -310,6 +329,43 @@ class RunDir:
 
     def _abs_value(self, v: Any) -> Any:
         return self._abs(v) if isinstance(v, str) else v
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest, checked to be one; a damaged file raises `RunDirError` naming it."""
+    fix = (
+        "it records which stages are done; restore it from a backup, or start over in a new run directory "
+        "(--run-dir), keeping this one for its files"
+    )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: the run manifest is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}:{e.lineno}: the run manifest is not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("iterations"), dict) or "config" not in data:
+        raise RunDirError(f"{path}: not a lidr_jax run manifest (no config or iterations); {fix}")
+    return data
+
+
+def _check_writable(path: Path) -> None:
+    """A run directory must be a directory this process can write (or creatable in one)."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} is a file, not a run directory; pass --run-dir a new folder or an earlier run's")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{path} cannot be created: {existing} is a file; pass --run-dir a path under a folder")
+    try:  # a real write: os.access says yes to root and knows nothing of read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=existing)
+    except OSError as e:
+        raise RunDirError(
+            f"{existing} is not writable ({e.strerror}), so the run directory {path} cannot be written; "
+            f"make it writable (chmod u+w {existing}) or pass --run-dir a folder you can write"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_k(k: int) -> int:

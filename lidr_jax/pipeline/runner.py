@@ -1,14 +1,19 @@
 """`python -m lidr_jax.iterate`: LIDR or ICR self-improvement iterations, end to end, resumable.
 
-    python -m lidr_jax.iterate                                   # configs/default.yaml: embedded SmolLM2
+    python -m lidr_jax.iterate                                   # the packaged default.yaml: embedded SmolLM2
     python -m lidr_jax.iterate --config configs/lidr_llama3_8b_tpu.yaml --set dpo.beta=0.2
     python -m lidr_jax.iterate --run-dir runs/mine --set iterations=3
+    python -m lidr_jax.iterate --run-dir runs/mine --redo iter_1/train   # forget a stage and what follows
 
-Each iteration is a chain of stages (lidr_jax.pipeline.lidr_stages, icr_stages, train_stages, check)
-whose artifacts live in `RUN_DIR/iter_K/<stage>/` and whose completion is recorded in
-`RUN_DIR/manifest.json`. Rerunning the same command skips finished stages and resumes an unfinished
-one from its last chunk or checkpoint. All inputs (config, languages, prompt files) are checked
-before any model is loaded.
+Each reward strategy is a chain of stages, a list of `(name, stage)` in `CHAINS`; a stage is a function
+of the iteration (lidr_jax.pipeline.iteration) whose artifacts live in `RUN_DIR/iter_K/<name>/` and
+whose completion is recorded in `RUN_DIR/manifest.json`. Rerunning the same command skips finished
+stages (rerunning one whose recorded files are gone) and resumes an unfinished one from its last chunk
+or checkpoint. Everything that can be checked without a model (settings, prompt files, model paths,
+evaluation data, the run directory) is checked before the run directory is created or written.
+
+Errors a user can fix (`INPUT_ERRORS`) end the command with a one-line message on stderr and exit
+code 2; any other error is a bug and shows its traceback.
 
 Several processes (one per host) run the same command with the same config and seed; process 0
 writes the run directory and the others follow stage by stage (lidr_jax.dist.multihost, docs/scaling.md).
@@ -17,19 +22,61 @@ writes the run directory and the others follow stage by stage (lidr_jax.dist.mul
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from lidr_jax.dist.multihost import maybe_initialize_distributed
-from lidr_jax.methods.prompt_sets import PromptSet, iteration_slice, load_prompts, split_heldout
-from lidr_jax.model.llama import param_specs
-from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, load_run_config
-from lidr_jax.settings import SettingsError, describe, to_dict
+import yaml
 
-LIDR_STAGES = ("generate", "translate", "pairs", "reference", "train", "export")
-ICR_STAGES = ("sample", "score", "pairs", "reference", "train", "export")
+from lidr_jax.dist import sharding
+from lidr_jax.dist.multihost import maybe_initialize_distributed, run_processes
+from lidr_jax.files import plain
+from lidr_jax.formats.load import ModelNotFoundError
+from lidr_jax.methods.languages import UnknownLanguageError
+from lidr_jax.methods.prompt_sets import PromptSet, PromptSetError, iteration_slice, load_prompts, split_heldout
+from lidr_jax.pipeline.check import check_stage, has_checks
+from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, check_paths, load_run_config
+from lidr_jax.pipeline.icr_stages import icr_pairs, icr_sample, icr_score
+from lidr_jax.pipeline.iteration import Iteration, Stage, start_model
+from lidr_jax.pipeline.lidr_stages import lidr_generate, lidr_pairs, lidr_translate
+from lidr_jax.pipeline.models import RunModels
+from lidr_jax.pipeline.pair_output import NoPairsError
+from lidr_jax.pipeline.report import print_summary, write_report
+from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, RunDirError
+from lidr_jax.pipeline.train_stages import (
+    MetricsFileError,
+    TrainingDivergedError,
+    export_stage,
+    reference_stage,
+    train_stage,
+)
+from lidr_jax.settings import SettingsError, describe
+from lidr_jax.train.pairs import PairFormatError
+
+TRAINING: list[tuple[str, Stage]] = [
+    ("reference", reference_stage),
+    ("train", train_stage),
+    ("export", export_stage),
+    ("check", check_stage),
+]
+CHAINS: dict[str, list[tuple[str, Stage]]] = {
+    "lidr": [("generate", lidr_generate), ("translate", lidr_translate), ("pairs", lidr_pairs), *TRAINING],
+    "icr": [("sample", icr_sample), ("score", icr_score), ("pairs", icr_pairs), *TRAINING],
+}
+BASELINE: list[tuple[str, Stage]] = [("check", check_stage)]  # iteration 0: the starting model
+
+# Errors whose message names the cause and the fix: the command prints it and exits with code 2.
+INPUT_ERRORS = (
+    SettingsError,
+    PromptSetError,
+    UnknownLanguageError,
+    ModelNotFoundError,
+    RunDirError,
+    NoPairsError,
+    PairFormatError,
+    TrainingDivergedError,
+    MetricsFileError,
+)
 
 
 def plan_prompts(cfg: RunConfig) -> tuple[list[PromptSet], PromptSet | None]:
@@ -49,155 +96,91 @@ def plan_prompts(cfg: RunConfig) -> tuple[list[PromptSet], PromptSet | None]:
 
 
 class Runner:
-    """Holds the run directory and the base model; runs stages in order, skipping finished ones."""
+    """Runs the strategy's chain of stages for every iteration, skipping finished ones."""
 
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
-        from lidr_jax.dist.multihost import run_processes
-        from lidr_jax.pipeline.run_dir import RunDir
+    def __init__(
+        self, cfg: RunConfig, run: RunDir, models: RunModels, slices: list[PromptSet], held_out: PromptSet | None
+    ):
+        self.cfg, self.run, self.models = cfg, run, models
+        self.slices, self.held_out = slices, held_out
 
-        self.cfg = cfg
-        self.slices, self.held_out = plan_prompts(cfg)  # before any model work
-        self.run = RunDir(
-            cfg.run_dir,
-            config=to_dict(cfg),
-            seed=cfg.seed,
-            allow_config_change=allow_config_change,
-            processes=run_processes(),
-        )
-        from lidr_jax.dist import sharding
+    def run_chain(self, it: Iteration, chain: list[tuple[str, Stage]]) -> None:
+        """Each stage of `chain` not yet done (or done but with recorded files gone), in order."""
+        for name, stage in chain:
+            if self.run.is_done(it.k, name):
+                missing = self.run.from_writer(self.run.missing_outputs, it.k, name)  # as the writer sees it
+                if not missing:
+                    continue
+                print(f"[iteration {it.k}] {name}: recorded as done but {missing[0]} is gone; running it again")
+                self.run.forget(it.k, name)
+            print(f"[iteration {it.k}] {name}")
+            self.run.mark_done(it.k, name, stage(it))
 
-        self.mesh = sharding.make_mesh(cfg.mesh)
-        self.rules = sharding.parse_rules(cfg.mesh.rules)
-        self._base = None
-
-    # ----------------------------------------------------------------------------------- models
-    @property
-    def base(self):
-        if self._base is None:
-            from lidr_jax.formats.load import load_pretrained
-
-            print(f"loading {self.cfg.model}")
-            m = load_pretrained(self.cfg.model)
-            self._base = self._placed(m, m.params, m.config)
-        return self._base
-
-    def _placed(self, model, params, config):
-        """`model` with `params` placed per the mesh (each device gets only its shards) and the run's
-        compute dtype."""
-        from lidr_jax.dist import sharding
-
-        params = sharding.place_params(params, param_specs(config), self.mesh, self.rules)
-        return dataclasses.replace(model, params=params, config=config.replace(dtype=self.cfg.dtype))
-
-    def policy(self, k: int):
-        """The model iteration k starts from: the base model, or iteration k-1's trained policy."""
-        if k == 1:
-            self.run.set_iteration_start_model(k, self.cfg.model)
-            return self.base
-        prev = self.run.outputs(k - 1, "train")["policy"]
-        self.run.set_iteration_start_model(k, prev)
-        return self._load_params_into_base(prev)
-
-    def _load_params_into_base(self, path: str):
-        from lidr_jax.dist import sharding
-        from lidr_jax.train.checkpoint import load_params_config, restore_params
-
-        config = load_params_config(path)
-        shardings = sharding.param_shardings(param_specs(config), self.mesh, self.rules)
-        params, config = restore_params(path, shardings=shardings)
-        return self._placed(self.base, params, config)
-
-    def _load_any(self, spec: str):
-        """A scorer model: a params checkpoint of this run, an HF dir, a .gguf or an embedded name."""
-        from lidr_jax.formats.load import load_pretrained
-
-        if (Path(spec) / "model_config").exists():
-            return self._load_params_into_base(spec)
-        m = load_pretrained(spec)
-        return self._placed(m, m.params, m.config)
-
-    def icr_scorers(self, k: int, policy):
-        """(pi_DPO, pi_ref) for iteration k (METHOD.md 2.5)."""
-        icr = self.cfg.icr
-        if icr.scorer == "policy":
-            if k == 1:
-                if icr.reference_model is None:
-                    raise SettingsError("icr.scorer=policy needs icr.reference_model for iteration 1 (pi_{t-1})")
-                return policy, self._load_any(icr.reference_model)
-            return policy, self._load_any(self.run.iteration_start_model(k - 1))
-        if icr.reference_model is None:
-            raise SettingsError("icr.reference_model is required: the SFT reference of the DPO model")
-        if k == 1:
-            dpo = self._load_any(icr.dpo_model) if icr.dpo_model else policy
-            return dpo, self._load_any(icr.reference_model)
-        ref = icr.reference_model if icr.reference == "original" else self.run.iteration_start_model(k - 1)
-        return policy, self._load_any(ref)
-
-    # ----------------------------------------------------------------------------------- stages
-    def stage(self, k: int, name: str, fn, *args) -> dict:
-        if self.run.is_done(k, name):
-            return self.run.outputs(k, name)
-        print(f"[iteration {k}] {name}")
-        outputs = fn(self.cfg, self.run, k, *args)
-        self.run.mark_done(k, name, outputs)
-        return outputs
-
-    def iteration(self, k: int) -> None:
-        from lidr_jax.pipeline import icr_stages, lidr_stages, train_stages
-
-        prompts = self.slices[k - 1]
-        policy = self.policy(k)
-        if self.cfg.reward == "lidr":
-            self.stage(k, "generate", lidr_stages.lidr_generate, policy, prompts)
-            self.stage(k, "translate", lidr_stages.lidr_translate, policy, prompts)
-            self.stage(k, "pairs", lidr_stages.lidr_pairs, prompts)
-        else:
-            self.stage(k, "sample", icr_stages.icr_sample, policy, prompts)
-            if not self.run.is_done(k, "score"):
-                self.stage(k, "score", icr_stages.icr_score, self.icr_scorers(k, policy), prompts, policy)
-            self.stage(k, "pairs", icr_stages.icr_pairs_stage, prompts)
-        self.stage(k, "reference", train_stages.reference_stage, policy)
-        self.stage(k, "train", train_stages.train_stage, policy)
-        trained = self._load_params_into_base(self.run.outputs(k, "train")["policy"])
-        self.stage(k, "export", train_stages.export_stage, trained)
-        self.stage(k, "check", self._check, trained)
-
-    def _check(self, cfg, run, k, model) -> dict:
-        """Held-out language check (and the configured evaluation) of iteration k's trained model."""
-        from lidr_jax.pipeline.check import language_check
-
-        out = {}
-        d = run.stage_dir(k, "check")
-        if cfg.check.enabled and self.held_out is not None:
-            out["held_out"] = language_check(cfg, run, model, self.held_out, d / "held_out.jsonl", "check")
-        if cfg.evaluation.benchmarks:
-            from lidr_jax.dist.multihost import generate_across_processes
-            from lidr_jax.eval.evaluate import evaluate_model
-
-            out["evaluation"] = evaluate_model(
-                model, cfg.evaluation, d / "evaluation", generate_fn=generate_across_processes, write=run.write_json
-            )
-        return out
-
-    def baseline(self) -> None:
-        """Iteration 0: the starting model on the held-out prompts (the 'before' of before/after)."""
-        if (self.cfg.check.enabled and self.held_out is not None) or self.cfg.evaluation.benchmarks:
-            self.stage(0, "check", self._check, self.base)
+    def iteration(self, k: int) -> Iteration:
+        return Iteration(self.cfg, self.run, k, self.models, self.slices[k - 1] if k else None, self.held_out)
 
     def run_all(self) -> None:
-        from lidr_jax.dist import sharding
-
         t0 = time.perf_counter()
-        print(f"devices: {sharding.describe_mesh(self.mesh)}")
-        with sharding.use_mesh(self.mesh, self.rules):
-            self.baseline()
+        print(f"devices: {sharding.describe_mesh(self.models.mesh)}")
+        with sharding.use_mesh(self.models.mesh, self.models.rules):
+            if has_checks(self.cfg, self.held_out):
+                self.run_chain(self.iteration(0), BASELINE)
             for k in range(1, self.cfg.iterations + 1):
-                self.iteration(k)
-        from lidr_jax.pipeline.report import print_summary, write_report
-
+                self.run.set_iteration_start_model(k, start_model(self.cfg, self.run, k))
+                self.run_chain(self.iteration(k), CHAINS[self.cfg.reward])
         report = self.run.on_writer(write_report, self.cfg, self.run)
         self.run.on_writer(print_summary, self.cfg, self.run)
         print(f"\ndone in {time.perf_counter() - t0:.0f} s" + (f"; report: {report}" if report else ""))
+
+
+def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] = ()) -> Runner:
+    """Every check that needs no model, then the run directory (created or resumed), the stages to redo
+    forgotten, and the model loader; the models themselves load when a stage first needs them."""
+    slices, held_out = plan_prompts(cfg)
+    check_paths(cfg)
+    targets = [parse_redo(item, cfg) for item in redo]
+    if targets and not (Path(cfg.run_dir) / MANIFEST).is_file():
+        raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.parse_rules(cfg.mesh.rules)
+    run = RunDir(
+        cfg.run_dir,
+        config=plain(cfg),
+        seed=cfg.seed,
+        allow_config_change=allow_config_change,
+        processes=run_processes(),
+        ignore=("run_dir",),  # a moved run directory is the same run
+    )
+    for k, name in targets:
+        if not run.is_done(k, name):
+            raise SettingsError(
+                f"--redo iter_{k}/{name}: that stage is not done in {run.path} (done: {run.done_stages(k) or 'none'}); "
+                "rerun without --redo to finish it"
+            )
+        run.redo(redo_plan(cfg, run, k, name))
+    return Runner(cfg, run, RunModels(cfg.model, cfg.dtype, mesh, rules), slices, held_out)
+
+
+def parse_redo(item: str, cfg: RunConfig) -> tuple[int, str]:
+    """`iter_K/STAGE` -> (K, STAGE), checked against the run's chain."""
+    k, _, name = item.strip("/").partition("/")
+    stages = [n for n, _ in (BASELINE if k == "iter_0" else CHAINS[cfg.reward])]
+    if not k.startswith("iter_") or not k[5:].isdigit() or name not in stages or int(k[5:]) > cfg.iterations:
+        raise SettingsError(
+            f"--redo {item!r}: expected iter_K/STAGE with K in 0..{cfg.iterations} and STAGE one of {stages} "
+            f"(reward={cfg.reward}), e.g. --redo iter_1/train"
+        )
+    return int(k[5:]), name
+
+
+def redo_plan(cfg: RunConfig, run: RunDir, k: int, name: str) -> list[tuple[int, str]]:
+    """What redoing stage `name` of iteration `k` forgets: that stage, the later stages of its iteration,
+    and, when the iteration's trained policy changes (a stage up to train), every later iteration."""
+    chain = [n for n, _ in (BASELINE if k == 0 else CHAINS[cfg.reward])]
+    plan = [(k, n) for n in chain[chain.index(name) :] if run.is_done(k, n)]
+    if k >= 1 and chain.index(name) <= chain.index("train"):
+        plan += [(later, n) for later in run.iterations() if later > k for n in run.done_stages(later)]
+    return plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Settings (YAML keys; override any with --set group.key=value):\n" + settings_help,
     )
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", help=f"YAML config (default: the packaged {DEFAULT_CONFIG.name})")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -223,25 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume a run directory even though its recorded config differs",
     )
+    p.add_argument(
+        "--redo",
+        action="append",
+        default=[],
+        metavar="iter_K/STAGE",
+        help="run a finished stage again, and every stage after it (its files are deleted first)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    maybe_initialize_distributed()  # multi-host runs: before anything touches a device
     try:
+        maybe_initialize_distributed()  # multi-host runs: before anything touches a device
         cfg = load_run_config(args.config, args.overrides, args.run_dir)
         if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+            print(yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True))
             return 0
-        runner = Runner(cfg, allow_config_change=args.allow_config_change)
-    except (SettingsError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        open_run(cfg, allow_config_change=args.allow_config_change, redo=args.redo).run_all()
+    except INPUT_ERRORS as e:
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
-    runner.run_all()
     return 0
 
 

@@ -12,29 +12,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import jax
 
 from lidr_jax.dist import sharding
+from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import Model
 from lidr_jax.model.llama import param_specs
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.export_run import card_info
+from lidr_jax.pipeline.iteration import Iteration
 from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
+from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
+from lidr_jax.train.metrics import truncate_metrics
 from lidr_jax.train.pairs import encode_pairs, read_pairs
-from lidr_jax.train.trainer import (
-    NonFiniteLossError,
-    init_state,
-    load_reference,
-    make_optimizer,
-    reference_logprobs,
-    save_reference,
-    total_steps,
-    train,
-)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training met a non-finite loss; the message names the checkpoint kept and the setting to change."""
+
+
+class MetricsFileError(ValueError):
+    """A training metrics file is damaged other than by a kill (which can cut only its last line)."""
 
 
 def _encoded(cfg: RunConfig, run: RunDir, k: int, model: Model):
@@ -42,12 +45,13 @@ def _encoded(cfg: RunConfig, run: RunDir, k: int, model: Model):
     return encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
 
 
-def reference_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
+def reference_stage(it: Iteration) -> dict:
     """Summed response log-probs of every pair under the iteration's starting weights."""
+    cfg, run, k, model = it.cfg, it.run, it.k, it.policy
     d = run.stage_dir(k, "reference")
     enc = _encoded(cfg, run, k, model)
-    ref = reference_logprobs(model.params, model.config, enc, cfg.dpo)
-    run.on_writer(save_reference, d / "reference_logprobs.npz", ref, enc)
+    ref = trainer.reference_logprobs(model.params, model.config, enc, cfg.dpo)
+    run.on_writer(trainer.save_reference, d / "reference_logprobs.npz", ref, enc)
     stats = {
         "pairs": len(enc),
         "truncated_prompts": enc.truncated_prompts,
@@ -57,15 +61,16 @@ def reference_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
     return {"reference": str(d / "reference_logprobs.npz"), "stats": stats}
 
 
-def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
+def train_stage(it: Iteration) -> dict:
     """DPO + NLL from the iteration's starting policy; resumes from the last Orbax checkpoint."""
+    cfg, run, k, model = it.cfg, it.run, it.k, it.policy
     d = run.stage_dir(k, "train")
     enc = _encoded(cfg, run, k, model)
-    ref = load_reference(run.outputs(k, "reference")["reference"], enc)
+    ref = trainer.load_reference(run.outputs(k, "reference")["reference"], enc)
     dpo = dataclasses.replace(cfg.dpo, seed=cfg.seed + k)
-    num_steps = total_steps(len(enc), dpo)
-    optimizer = make_optimizer(dpo, num_steps)
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), model.params)
+    num_steps = trainer.total_steps(len(enc), dpo)
+    optimizer = trainer.make_optimizer(dpo, num_steps)
+    abstract = jax.eval_shape(lambda p: trainer.init_state(p, optimizer), model.params)
     metrics_path = d / "metrics.jsonl"
     state = None
     with TrainCheckpointer(d / "checkpoints", every=cfg.checkpoint_every, keep=cfg.checkpoint_keep) as ckpt:
@@ -85,7 +90,7 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
                 crash_point(f"train:{int(metrics['step'])}")
 
         try:
-            state = train(
+            state = trainer.train(
                 model.params,
                 model.config,
                 enc,
@@ -96,10 +101,10 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
                 metrics_path=metrics_path if run.writer else None,
                 pad_id=model.tokenizer.pad_token_id,
             )
-        except NonFiniteLossError as e:
-            raise SystemExit(
-                f"iteration {k}: {e}\nThe last good checkpoint is kept in {d / 'checkpoints'}; "
-                f"rerun with e.g. --set dpo.learning_rate={cfg.dpo.learning_rate / 10:g} to continue."
+        except trainer.NonFiniteLossError as e:
+            raise TrainingDivergedError(
+                f"iteration {k}: {e}; the last good checkpoint is kept in {d / 'checkpoints'}; rerun with "
+                f"e.g. --allow-config-change --set dpo.learning_rate={cfg.dpo.learning_rate / 10:g} to continue"
             ) from None
         ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
     policy_dir = save_params(d / "policy", state.params, model.config)
@@ -110,11 +115,17 @@ def train_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the restored step (they were logged after the last checkpoint)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    """The metrics file as of the restored step (lidr_jax.train.metrics.truncate_metrics: later lines and a
+    last line cut by a kill dropped), with a warning when a kill had cut the last line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    try:
+        truncate_metrics(path, step)
+    except ValueError as e:
+        raise MetricsFileError(f"{e}, or redo the stage (--redo iter_K/train)") from None
+    try:
+        json.loads(lines[-1] if lines else "{}")
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: dropped a last line cut by a kill ({lines[-1][:60]!r})", stacklevel=2)
 
 
 def _metrics_summary(path: Path) -> dict:
@@ -128,7 +139,7 @@ def _metrics_summary(path: Path) -> dict:
 
 def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
     """TensorBoard event files from the metrics JSONL (tensorboardX; skipped with a note if absent)."""
-    try:
+    try:  # optional dependency: a lazy import, so the run works without it
         from tensorboardX import SummaryWriter
     except ImportError:
         print("  (tensorboardX is not installed: no TensorBoard events; the metrics are in metrics.jsonl)")
@@ -141,9 +152,8 @@ def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
                     w.add_scalar(key, value, row["step"])
 
 
-def export_stage(cfg: RunConfig, run: RunDir, k: int, model: Model) -> dict:
-    from lidr_jax.formats.export import export_hf
-
-    d = run.stage_dir(k, "export")
-    out = export_hf(model, d / "hf", dtype=cfg.export_dtype, card=card_info(run, k))
+def export_stage(it: Iteration) -> dict:
+    """The trained policy as a Hugging Face directory (`iter_K/export/hf`) in `export_dtype`."""
+    d = it.run.stage_dir(it.k, "export")
+    out = export_hf(it.trained, d / "hf", dtype=it.cfg.export_dtype, card=card_info(it.run, it.k))
     return {"hf": str(out)}

@@ -30,7 +30,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lidr_jax.files import plain
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import abstract_params
 
 PyTree = Any
 
@@ -179,21 +181,8 @@ class TrainCheckpointer:
 # ------------------------------------------------------------------------------------ params only
 
 
-def config_to_json(config: ModelConfig) -> dict:
-    """Every `ModelConfig` field, JSON-compatible (tuples become lists)."""
-    return json_safe(dataclasses.asdict(config))
-
-
-def json_safe(x):
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
-
-
 def config_from_json(d: dict) -> ModelConfig:
-    """Inverse of `config_to_json`; unknown or missing fields are an error naming them."""
+    """Inverse of `files.plain(config)`; unknown or missing fields are an error naming them."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -215,7 +204,7 @@ def save_params(path: str | os.PathLike, params: PyTree, config: ModelConfig) ->
         ckptr.save(
             path,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(config_to_json(config))
+                params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(plain(config))
             ),
             force=True,
         )
@@ -244,8 +233,6 @@ def restore_params(
     """`(params, config)` from a params-only checkpoint, placed per `shardings` (a params-shaped tree
     of `jax.sharding.Sharding`; default: replicated on all current devices). `param_dtype` casts on
     restore (e.g. "bfloat16" for inference) and is recorded in the returned config."""
-    from lidr_jax.model.llama import abstract_params
-
     path = Path(path).absolute()
     config = load_params_config(path)
     if param_dtype is not None:
