@@ -220,9 +220,9 @@ def _view(mask_BT, segments_BT, cache, kv_len):
     # Without a cache (or with a fresh one) the keys are this call's T tokens: token i sees real token
     # j <= i (within a packed row, the shared prefix and its own segment only).
     allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
-    if segments_BT is not None:
+    if segments_BT is not None:  # segment s: sequence s // 3, part s % 3 (0 its shared prefix)
         seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
-        allowed_BTT &= (seg_j == 0) | (seg_j == seg_i)
+        allowed_BTT &= (seg_i // 3 == seg_j // 3) & ((seg_j % 3 == 0) | (seg_j == seg_i))
     if cache is None or isinstance(cache["end_B"], int):
         return allowed_BTT, 0, False, T
     last_BT = cache["end_B"][:, None] + jnp.arange(T)[None]  # the slot of each query's own token
@@ -255,10 +255,12 @@ def hidden_states(
     tokens before each one (plus `end_B` with a cache), so left padding (no cache) and right padding
     (a cache) do not shift positions.
 
-    `segments_BT` packs several sequences that share a prefix into one row (lidr_jax.train.pairs.pair_batch:
-    a prompt, then its chosen and its rejected answer): segment 0 is the shared prefix, seen by every
-    later token; a token of segment s > 0 sees only the prefix and its own segment. Positions must
-    then be given (each segment continues from the prefix's end). Not with a cache.
+    `segments_BT` packs sequences that share a prefix into one row (lidr_jax.train.pairs.pair_batch:
+    a prompt, then its chosen and its rejected answer), and several such groups into one row
+    (lidr_jax.train.packing): segment s belongs to group s // 3; s % 3 == 0 is the group's shared
+    prefix, seen by every later token of its group; a token of s % 3 in (1, 2) sees only its group's
+    prefix and its own segment; no token sees another group. Positions must then be given (each
+    segment continues from the prefix's end). Not with a cache.
 
     With a `cache` (module docstring) the layers run unrolled, on `layers` when given (per-layer
     dicts, `unstack_layers`) or else on slices of `params["layers"]`; `kv_len` (static, default all

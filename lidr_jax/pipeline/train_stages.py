@@ -42,7 +42,7 @@ class MetricsFileError(ValueError):
 
 def _encoded(cfg: RunConfig, run: RunDir, k: int, model: Model):
     pairs = read_pairs(run.outputs(k, "pairs")["pairs"])
-    return encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
+    return encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len, cfg.dpo.row_tokens)
 
 
 def reference_stage(it: Iteration) -> dict:

@@ -186,7 +186,7 @@ def run(args) -> int:
         model = load_pretrained(args.model)
         specs = param_specs(model.config)
         model = dataclasses.replace(model, params=sharding.place_params(model.params, specs, mesh, rules))
-        enc = encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len)
+        enc = encode_pairs(pairs, model.tokenizer, cfg.dpo.max_prompt_len, cfg.dpo.max_response_len, cfg.dpo.row_tokens)
         num_steps = trainer.total_steps(len(enc), cfg.dpo)
         print(f"pairs: {enc.summary()}; {num_steps} optimizer steps; {sharding.describe_mesh(mesh)}", file=sys.stderr)
         ref = _reference(args, cfg, model, enc, out / "reference_logps.npz", mesh, rules, writer)

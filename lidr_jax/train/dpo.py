@@ -45,6 +45,9 @@ class DPOConfig:
     max_prompt_len: int = 512  # longer prompts keep their last tokens (counted)
     max_response_len: int = 1024  # longer responses keep their first tokens (counted)
     bucket_multiple: int = 0  # 0: powers of two to 256, then multiples of 128; n: multiples of n
+    # 0: one row per pair, bucketed; n: several pairs per row of n tokens (lidr_jax.train.packing),
+    # batch_size then counts pairs per micro-batch as before, packed into a fixed number of rows
+    row_tokens: int = 0
     remat: str = "none"  # none | full | dots: activation recomputation in the layer scan
     compute_dtype: str = "float32"  # float32 | bfloat16 matmuls; weights and Adam state stay float32
     logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
@@ -66,6 +69,7 @@ class DPOConfig:
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
             "logprob_chunk": (self.logprob_chunk >= 0, ">= 0"),
             "bucket_multiple": (self.bucket_multiple >= 0, ">= 0"),
+            "row_tokens": (self.row_tokens == 0 or self.row_tokens >= 16, "0 (one row per pair) or >= 16"),
         }
         for field in (
             "epochs",

@@ -309,6 +309,7 @@ class EncodedPairs:
     rejected_ids: list[np.ndarray]
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    truncated_to_row: int = 0  # pairs cut to fit one packed row (`fit_pair`)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -334,7 +335,8 @@ class EncodedPairs:
     def summary(self) -> str:
         return (
             f"{len(self)} pairs; truncated: {self.truncated_prompts} prompts (kept their end), "
-            f"{self.truncated_responses} responses (kept their start)"
+            f"{self.truncated_responses} responses (kept their start), "
+            f"{self.truncated_to_row} pairs to fit a row"
         )
 
 
@@ -351,10 +353,31 @@ def response_ids(tokenizer, prompt: Turns, response: Turns) -> list[int]:
     return tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
 
 
+def fit_pair(p: np.ndarray, c: np.ndarray, r: np.ndarray, row_tokens: int):
+    """A pair cut to fit one packed row of `row_tokens` (prompt + chosen + rejected), and whether it was cut.
+
+    Rule: a prompt longer than half the row keeps its last row_tokens // 2 tokens; then, if the answers
+    do not fit the rest (A tokens), each keeps its start: the shorter answer keeps up to half of A
+    (at least 1 token), the longer one the remainder."""
+    if len(p) + len(c) + len(r) <= row_tokens:
+        return p, c, r, False
+    if row_tokens < 4:
+        raise ValueError(f"row_tokens={row_tokens} cannot hold a prompt and two answers")
+    p = p[-(row_tokens // 2) :] if len(p) > row_tokens // 2 else p
+    budget = row_tokens - len(p)
+    if len(c) + len(r) > budget:
+        short = min(len(c), len(r), max(1, budget // 2))
+        keep_c, keep_r = (short, budget - short) if len(c) <= len(r) else (budget - short, short)
+        c, r = c[: min(len(c), keep_c)], r[: min(len(r), keep_r)]
+    return p, c, r, True
+
+
 def encode_pairs(
-    pairs: Sequence[PreferencePair], tokenizer, max_prompt_len: int, max_response_len: int
+    pairs: Sequence[PreferencePair], tokenizer, max_prompt_len: int, max_response_len: int, row_tokens: int = 0
 ) -> EncodedPairs:
-    """Tokenize pairs with the model's chat template and apply the truncation rule (module docstring)."""
+    """Tokenize pairs with the model's chat template and apply the truncation rule (module docstring);
+    with `row_tokens` (several pairs per row, lidr_jax.train.packing) each pair is then cut to fit one
+    row (`fit_pair`, counted in `truncated_to_row`)."""
     enc = EncodedPairs([], [], [])
     for p in pairs:
         prompt = _turns(p.prompt, "user")
@@ -371,6 +394,10 @@ def encode_pairs(
             if not r:
                 raise ValueError("a response encodes to zero tokens; every pair needs a non-empty answer")
             out.append(np.asarray(r, np.int32))
+        if row_tokens:
+            *fitted, cut = fit_pair(enc.prompt_ids[-1], enc.chosen_ids[-1], enc.rejected_ids[-1], row_tokens)
+            enc.prompt_ids[-1], enc.chosen_ids[-1], enc.rejected_ids[-1] = fitted
+            enc.truncated_to_row += int(cut)
     return enc
 
 

@@ -37,6 +37,7 @@ from lidr_jax.files import atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
+from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing
 from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
 
 
@@ -159,8 +160,12 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
     config = model_config.replace(dtype=cfg.compute_dtype)
 
     def micro_loss(p, mb):
-        logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
-        count_r = jnp.sum(mb["rejected_mask"], axis=-1).astype(jnp.float32)  # averaged IPO
+        if cfg.row_tokens:  # several pairs per row (lidr_jax.train.packing): per-pair values [R * P]
+            logp_c, logp_r, count_c, count_r = packed_logprobs(p, mb, config, chunk=cfg.logprob_chunk, remat=cfg.remat)
+            mb = {k: mb[k].reshape(-1) for k in ("weight", "ref_chosen", "ref_rejected")}
+        else:
+            logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
+            count_r = jnp.sum(mb["rejected_mask"], axis=-1).astype(jnp.float32)  # averaged IPO
         loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg, count_r)
         w = mb["weight"]
         sums = {k: jnp.sum(w * v) for k, v in per_pair.items()}
@@ -220,9 +225,26 @@ def step_indices(step: int, num_pairs: int, cfg: DPOConfig) -> np.ndarray:
     return order[pos * per_step : (pos + 1) * per_step]
 
 
-def step_batch(enc: EncodedPairs, ref, idx: np.ndarray, cfg: DPOConfig, pad_id: int, length: int | None = None):
+def pack_plan(enc: EncodedPairs, cfg: DPOConfig) -> PackPlan:
+    """The fixed packed shape of a run with `row_tokens` (every step's pairs fit it: one compilation)."""
+    steps = (step_indices(k, len(enc), cfg) for k in range(total_steps(len(enc), cfg)))
+    return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum)
+
+
+def step_batch(
+    enc: EncodedPairs,
+    ref,
+    idx: np.ndarray,
+    cfg: DPOConfig,
+    pad_id: int,
+    length: int | None = None,
+    plan: PackPlan | None = None,
+):
     """Stacked micro-batches [A, b, ...] for one optimizer step; all share one bucketed T. Micro-batches
-    past the end of a short last step are filler with weight 0."""
+    past the end of a short last step are filler with weight 0. With `row_tokens`, packed rows
+    [A, R, row_tokens] of the run's `plan` (default: `pack_plan`)."""
+    if cfg.row_tokens:
+        return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, plan or pack_plan(enc, cfg))
     b = cfg.batch_size
     if length is None:
         length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
@@ -274,6 +296,8 @@ def train(
     step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
     start = int(state.step)
     spe = steps_per_epoch(len(enc), cfg)
+    plan = pack_plan(enc, cfg) if cfg.row_tokens else None
+    epoch_tokens = epoch_slots = 0  # padding share of the epoch so far (this process's steps)
     own_sink = sink is None and metrics_path is not None
     if own_sink:
         sink = MetricsSink(MetricsConfig(report_to=()), jsonl_path=metrics_path)
@@ -281,8 +305,10 @@ def train(
     try:
         for k in range(start, num_steps):
             idx = step_indices(k, len(enc), cfg)
-            batch = step_batch(enc, ref, idx, cfg, pad_id)
-            tokens = int((batch["attention_mask"].sum(-1) * batch["weight"]).sum())  # prompt counted once
+            batch = step_batch(enc, ref, idx, cfg, pad_id, plan=plan)
+            real = batch["attention_mask"].sum(-1)  # prompt counted once; filler rows (weight 0) are padding
+            tokens = int(real.sum() if cfg.row_tokens else (real * batch["weight"]).sum())
+            epoch_tokens, epoch_slots = epoch_tokens + tokens, epoch_slots + batch["attention_mask"].size
             t0 = time.perf_counter()
             state, metrics = step_fn(state, put_process_rows(batch, axis=1))
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
@@ -295,7 +321,11 @@ def train(
                 step_time_s=dt,
                 tokens_per_s=tokens / dt,
                 pairs_per_s=len(idx) / dt,
+                padding_share=1 - tokens / batch["attention_mask"].size,
             )
+            if (k + 1) % spe == 0 or k + 1 == num_steps:  # an epoch's last step
+                metrics["epoch_padding_share"] = 1 - epoch_tokens / epoch_slots
+                epoch_tokens = epoch_slots = 0
             if sink is not None:
                 sink.log(metrics, step=k + 1)
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
