@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lidr_jax"
 # Layers from the bottom up. A module may import modules of its own package and of lower layers only;
 # two packages on the same layer (generate, train) never import each other.
 LAYERS = [
-    {"files", "settings", "shapes", "endpoint"},
+    {"files"},
+    {"settings", "shapes", "endpoint"},
     {"dist"},
     {"model"},
     {"formats"},
