@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidr_jax.dist.sharding import constrain
+from lidr_jax.model.attention import fused_attention
 from lidr_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -177,9 +178,10 @@ def _write(buf_BKSH, new_BKTH, end_B):
 
 def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
     """Attention of a normed input: the output [B, T, D] and the layer's updated cache buffers (k, v)
-    (None without a cache). `view` = (allowed_BTS, end_B, read_cache, kv_len), made once per call by
-    `_view`: with `read_cache` the new keys are written first and the first kv_len slots attended."""
-    allowed_BTS, end_B, read_cache, kv_len = view
+    (None without a cache). `view` = (allowed_BTS, end_B, read_cache, kv_len, impl, segments_BT, mask_BT),
+    made once per call: with `read_cache` the new keys are written first and the first kv_len slots
+    attended; `impl` a resolved lidr_jax.model.attention implementation (xla: `attention` below)."""
+    allowed_BTS, end_B, read_cache, kv_len, impl, segments_BT, mask_BT = view
     q = jnp.einsum("BTD,DNH->BTNH", h_BTD, w["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wk"])
     v = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wv"])
@@ -191,7 +193,10 @@ def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
         kv = (_write(kv[0], k_BKTH, end_B), _write(kv[1], v_BKTH, end_B))
     if read_cache:
         k_BKTH, v_BKTH = (buf[:, :, :kv_len].astype(h_BTD.dtype) for buf in kv)
-    out_BTNH = attention(q, k_BKTH, v_BKTH, allowed_BTS, config)
+    if impl == "xla":
+        out_BTNH = attention(q, k_BKTH, v_BKTH, allowed_BTS, config)
+    else:
+        out_BTNH = fused_attention(impl, q, k_BKTH, v_BKTH, allowed_BTS, segments_BT, mask_BT)
     B, T, N, H = out_BTNH.shape
     # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
     return jnp.einsum("BTE,ED->BTD", out_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1)), kv
@@ -248,6 +253,7 @@ def hidden_states(
     layers: list[Params] | None = None,
     kv_len: int | None = None,
     remat: str = "none",
+    attention: str = "xla",
 ):
     """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (None without one).
 
@@ -265,6 +271,8 @@ def hidden_states(
     With a `cache` (module docstring) the layers run unrolled, on `layers` when given (per-layer
     dicts, `unstack_layers`) or else on slices of `params["layers"]`; `kv_len` (static, default all
     slots) limits attention to the first kv_len slots, which must hold every row's tokens.
+
+    `attention`: an implementation resolved by lidr_jax.model.attention.resolve (xla, cudnn, splash).
     """
     B, T = tokens_BT.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
@@ -278,6 +286,7 @@ def hidden_states(
     x_BTD = constrain(params["embed"].astype(config.dtype)[tokens_BT], _ACT)
     rope = rope_tables(positions_BT, config)
     view = _view(mask_BT, segments_BT, cache, kv_len or (cache["k"][0].shape[2] if cache else T))
+    view = (*view, attention, segments_BT, mask_BT)
     if cache is None:
 
         def body(x_BTD, w):

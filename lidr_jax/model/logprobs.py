@@ -58,9 +58,10 @@ def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "
     return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
 
 
-def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
+def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
     """Summed response log-probs of packed pairs (lidr_jax.train.pairs.pair_batch: one row per pair, the
-    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32."""
+    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32. `attention`: a
+    resolved lidr_jax.model.attention implementation."""
     h_BTD, _ = hidden_states(
         params,
         batch["tokens"],
@@ -69,6 +70,7 @@ def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none
         attention_mask_BT=batch["attention_mask"],
         segments_BT=batch["segments"],
         remat=remat,
+        attention=attention,
     )
     tok = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
     chosen, rejected = batch["chosen_mask"].astype(bool), batch["rejected_mask"].astype(bool)

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lidr_jax.model.attention import IMPLEMENTATIONS, resolve
 from lidr_jax.model.llama import REMAT_POLICIES
 from lidr_jax.model.logprobs import pair_logprobs
 
@@ -48,6 +49,9 @@ class DPOConfig:
     # 0: one row per pair, bucketed; n: several pairs per row of n tokens (lidr_jax.train.packing),
     # batch_size then counts pairs per micro-batch as before, packed into a fixed number of rows
     row_tokens: int = 0
+    share_prompt: bool = True  # packed rows run a pair's prompt once for both answers; false: once per answer
+    # auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)
+    attention: str = "auto"
     remat: str = "none"  # none | full | dots: activation recomputation in the layer scan
     compute_dtype: str = "float32"  # float32 | bfloat16 matmuls; weights and Adam state stay float32
     logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
@@ -59,6 +63,7 @@ class DPOConfig:
             "loss_type": (self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
             "schedule": (self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             "remat": (self.remat in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}"),
+            "attention": (self.attention in IMPLEMENTATIONS, f"one of {IMPLEMENTATIONS}"),
             "compute_dtype": (self.compute_dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
             "beta": (self.beta > 0, "> 0"),
             "label_smoothing": (0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
@@ -151,6 +156,13 @@ def dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig, count_r=Non
     return per_pair["loss"], {k: jax.lax.stop_gradient(v) for k, v in per_pair.items()}
 
 
+def attention_impl(cfg: DPOConfig, shared_prompt: bool) -> str:
+    """The attention implementation of a training pass (lidr_jax.model.attention.resolve) over rows where
+    a prompt is (pair_batch, packing with share_prompt) or is not seen by both answers."""
+    return resolve(cfg.attention, dtype=cfg.compute_dtype, shared_prompt=shared_prompt)
+
+
 def batch_logprobs(params, batch, config, cfg: DPOConfig):
-    """`pair_logprobs` of a packed pair batch with the settings' chunk and remat."""
-    return pair_logprobs(params, batch, config, chunk=cfg.logprob_chunk, remat=cfg.remat)
+    """`pair_logprobs` of a pair_batch (one row per pair) with the settings' chunk, remat and attention."""
+    impl = attention_impl(cfg, shared_prompt=True)
+    return pair_logprobs(params, batch, config, chunk=cfg.logprob_chunk, remat=cfg.remat, attention=impl)

@@ -7,6 +7,10 @@ A packed row holds whole pairs one after another, each laid out as in lidr_jax.t
 - positions restart at 0 for every pair (its rejected answer continuing from its prompt's end), so a
   pair's log-probs are those of its own row;
 - entries [R, E]: one per answer token of every pair in the row, `entry_slot` naming its pair's slot.
+With `share_prompt=False` a pair is written `prompt | chosen | prompt | rejected` instead, two groups
+(2j: prompt and chosen, 2j + 1: prompt and rejected), so no group holds two answers and attention is
+plain causal attention within a group: what splash attention's segment ids express
+(lidr_jax.model.attention); the prompt is then run twice.
 Per-pair quantities (`weight`, reference log-probs, the log-probs) are [R, P] (P slots per row, empty
 slots weight 0) and are flattened to [R * P] for the loss, so loss and metrics are per pair as with one
 row per pair.
@@ -36,6 +40,7 @@ class PackPlan:
     """The fixed shape of every packed micro-batch of a run: rows [R, row_tokens], entries [R, E], slots [R, P]."""
 
     row_tokens: int
+    share_prompt: bool
     rows: int  # R, rows per micro-batch
     slots: int  # P, most pairs in one row
     entries: int  # E, most answer tokens in one row
@@ -60,25 +65,35 @@ def first_fit(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def step_rows(enc: EncodedPairs, idx: Sequence[int], row_tokens: int, grad_accum: int) -> list[list[list[int]]]:
+def pair_tokens(enc: EncodedPairs, share_prompt: bool = True) -> np.ndarray:
+    """Tokens each pair takes in a packed row: prompt + chosen + rejected, plus the prompt again without
+    `share_prompt`."""
+    return enc.lengths() + (0 if share_prompt else np.array([len(p) for p in enc.prompt_ids], np.int64))
+
+
+def step_rows(
+    enc: EncodedPairs, idx: Sequence[int], row_tokens: int, grad_accum: int, share_prompt: bool = True
+) -> list[list[list[int]]]:
     """The pairs `idx` of one optimizer step as rows of pair indices, dealt to `grad_accum` micro-batches."""
     idx = np.asarray(idx)
-    rows = [[int(idx[j]) for j in row] for row in first_fit(enc.lengths()[idx], row_tokens)]
+    rows = [[int(idx[j]) for j in row] for row in first_fit(pair_tokens(enc, share_prompt)[idx], row_tokens)]
     return [rows[a::grad_accum] for a in range(grad_accum)]
 
 
-def plan_packing(enc: EncodedPairs, steps: Iterable[Sequence[int]], row_tokens: int, grad_accum: int) -> PackPlan:
+def plan_packing(
+    enc: EncodedPairs, steps: Iterable[Sequence[int]], row_tokens: int, grad_accum: int, share_prompt: bool = True
+) -> PackPlan:
     """The one shape that holds every step's packed micro-batches (`steps`: each step's pair indices)."""
-    lengths, answers = enc.lengths(), enc.answer_lengths()
+    lengths, answers = pair_tokens(enc, share_prompt), enc.answer_lengths()
     rows = slots = entries = 1
     for idx in steps:
-        for micro in step_rows(enc, idx, row_tokens, grad_accum):
+        for micro in step_rows(enc, idx, row_tokens, grad_accum, share_prompt):
             rows = max(rows, len(micro))
             for row in micro:
                 slots = max(slots, len(row))
                 entries = max(entries, int(answers[row].sum()))
                 assert int(lengths[row].sum()) <= row_tokens
-    return PackPlan(row_tokens, rows, slots, -(-entries // 16) * 16)
+    return PackPlan(row_tokens, share_prompt, rows, slots, -(-entries // 16) * 16)
 
 
 def packed_batch(
@@ -108,18 +123,29 @@ def packed_batch(
         for j, i in enumerate(row):
             p, c, r = enc.prompt_ids[i], enc.chosen_ids[i], enc.rejected_ids[i]
             n_p, n_c, n_r = len(p), len(c), len(r)
-            n, m = n_p + n_c + n_r, n_c + n_r
+            m = n_c + n_r
+            if plan.share_prompt:
+                n = n_p + n_c + n_r
+                ids = [p, c, r]
+                positions = [np.arange(n_p + n_c), n_p + np.arange(n_r)]
+                segments = np.repeat([3 * j, 3 * j + 1, 3 * j + 2], [n_p, n_c, n_r])
+                # As pair_batch, shifted to the pair's place: answer token k is predicted at its previous
+                # token; the first token of either answer at the prompt's last.
+                index = [n_p - 1 + np.arange(n_c), [n_p - 1], n_p + n_c + np.arange(n_r - 1)]
+            else:
+                n = 2 * n_p + n_c + n_r
+                ids = [p, c, p, r]
+                positions = [np.arange(n_p + n_c), np.arange(n_p + n_r)]
+                g = 2 * j  # groups g (prompt, chosen) and g + 1 (prompt, rejected)
+                segments = np.repeat([3 * g, 3 * g + 1, 3 * g + 3, 3 * g + 5], [n_p, n_c, n_p, n_r])
+                index = [n_p - 1 + np.arange(n_c), 2 * n_p + n_c - 1 + np.arange(n_r)]
             if t + n > T or e + m > E or j >= P:
                 raise ValueError(f"row {b} does not fit the plan {plan}")
-            out["tokens"][b, t : t + n] = np.concatenate([p, c, r])
-            out["positions"][b, t : t + n] = np.concatenate([np.arange(n_p + n_c), n_p + np.arange(n_r)])
-            out["segments"][b, t : t + n] = np.repeat([3 * j, 3 * j + 1, 3 * j + 2], [n_p, n_c, n_r])
+            out["tokens"][b, t : t + n] = np.concatenate(ids)
+            out["positions"][b, t : t + n] = np.concatenate(positions)
+            out["segments"][b, t : t + n] = segments
             out["attention_mask"][b, t : t + n] = True
-            # As pair_batch, shifted to the pair's place in the row: answer token k is predicted at its
-            # previous token; the first token of either answer at the prompt's last.
-            out["logit_index"][b, e : e + m] = t + np.concatenate(
-                [n_p - 1 + np.arange(n_c), [n_p - 1], n_p + n_c + np.arange(n_r - 1)]
-            )
+            out["logit_index"][b, e : e + m] = t + np.concatenate(index)
             out["targets"][b, e : e + m] = np.concatenate([c, r])
             out["chosen_mask"][b, e : e + n_c] = True
             out["rejected_mask"][b, e + n_c : e + m] = True
@@ -133,7 +159,7 @@ def packed_step_batch(enc: EncodedPairs, ref, idx: Sequence[int], grad_accum: in
     """Stacked packed micro-batches [A, R, ...] for one optimizer step, with the reference log-probs of
     each slot (`ref_chosen`, `ref_rejected` [A, R, P]; 0 for empty slots)."""
     micro = []
-    for rows in step_rows(enc, idx, plan.row_tokens, grad_accum):
+    for rows in step_rows(enc, idx, plan.row_tokens, grad_accum, plan.share_prompt):
         mb = packed_batch(enc, rows, pad_id, plan)
         pair = mb.pop("pair")
         safe = np.maximum(pair, 0)
@@ -143,9 +169,10 @@ def packed_step_batch(enc: EncodedPairs, ref, idx: Sequence[int], grad_accum: in
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
-def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
+def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
     """Per-pair summed answer log-probs of packed rows: (logp_chosen, logp_rejected, count_chosen,
-    count_rejected), each [R * P] float32 (slot j of row b at b * P + j)."""
+    count_rejected), each [R * P] float32 (slot j of row b at b * P + j). `attention`: a resolved
+    lidr_jax.model.attention implementation (splash only for rows packed without share_prompt)."""
     h_BTD, _ = hidden_states(
         params,
         batch["tokens"],
@@ -154,6 +181,7 @@ def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "no
         attention_mask_BT=batch["attention_mask"],
         segments_BT=batch["segments"],
         remat=remat,
+        attention=attention,
     )
     tok_BE = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
     in_slot_BEP = batch["entry_slot"][..., None] == jnp.arange(batch["weight"].shape[-1])

@@ -35,7 +35,7 @@ from lidr_jax.dist.multihost import put_process_rows
 from lidr_jax.dist.sharding import place, to_host, train_state_shardings
 from lidr_jax.files import atomic_write_bytes
 from lidr_jax.model.llama import param_specs
-from lidr_jax.train.dpo import DPOConfig, batch_logprobs, dpo_terms
+from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing
 from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
@@ -161,7 +161,10 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
 
     def micro_loss(p, mb):
         if cfg.row_tokens:  # several pairs per row (lidr_jax.train.packing): per-pair values [R * P]
-            logp_c, logp_r, count_c, count_r = packed_logprobs(p, mb, config, chunk=cfg.logprob_chunk, remat=cfg.remat)
+            impl = attention_impl(cfg, shared_prompt=cfg.share_prompt)
+            logp_c, logp_r, count_c, count_r = packed_logprobs(
+                p, mb, config, chunk=cfg.logprob_chunk, remat=cfg.remat, attention=impl
+            )
             mb = {k: mb[k].reshape(-1) for k in ("weight", "ref_chosen", "ref_rejected")}
         else:
             logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
@@ -228,7 +231,7 @@ def step_indices(step: int, num_pairs: int, cfg: DPOConfig) -> np.ndarray:
 def pack_plan(enc: EncodedPairs, cfg: DPOConfig) -> PackPlan:
     """The fixed packed shape of a run with `row_tokens` (every step's pairs fit it: one compilation)."""
     steps = (step_indices(k, len(enc), cfg) for k in range(total_steps(len(enc), cfg)))
-    return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum)
+    return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt)
 
 
 def step_batch(
