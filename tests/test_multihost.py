@@ -32,6 +32,7 @@ FAST = [
     "lidr.translation.batch_size=1",
     "check.sampling.batch_size=1",
     "dpo.epochs=1",
+    "dpo.grad_accum=1",  # 4 pairs pass the filters: two steps of 2
     "checkpoint_every=2",
 ]
 TEXTS = (

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from lidr_jax.eval.plots import _pyplot, plot_metrics
-from lidr_jax.files import atomic_write_text
+from lidr_jax.files import atomic_write_text, read_jsonl
 from lidr_jax.methods.filters import format_table
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.run_dir import RunDir
@@ -46,7 +46,7 @@ def _metrics_rows(run: RunDir, k: int) -> list[dict]:
     path = _out(run, k, "train").get("metrics")
     if not path or not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 
 from lidr_jax.dist import sharding
+from lidr_jax.files import read_jsonl
 from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import Model
 from lidr_jax.model.llama import param_specs
@@ -129,7 +130,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _metrics_summary(path: Path) -> dict:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         return {}
     first, last = rows[0], rows[-1]
@@ -144,7 +145,7 @@ def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
     except ImportError:
         print("  (tensorboardX is not installed: no TensorBoard events; the metrics are in metrics.jsonl)")
         return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     with SummaryWriter(str(logdir)) as w:
         for row in rows:
             for key, value in row.items():

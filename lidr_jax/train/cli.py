@@ -277,8 +277,8 @@ def _reference(args, cfg: DPORunConfig, model, enc, ref_file: Path, mesh, rules,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    maybe_initialize_distributed()  # several hosts: before anything touches a device
     try:
+        maybe_initialize_distributed()  # several hosts: before anything touches a device
         return run(args)
     except (SettingsError, PairFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
