@@ -30,6 +30,7 @@ import numpy as np
 from lidr_jax.methods.filters import PairFilterConfig, answer_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.lidr import Message, Pair, TranslationPrompt, chat_prompt, check_template
+from lidr_jax.settings import check_choices
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.pairs import EncodedPairs, PreferencePair, encode_pairs
 from lidr_jax.train.trainer import reference_logprobs
@@ -205,8 +206,7 @@ class ICRSelectionConfig:
     english_pairs: bool = True
 
     def __post_init__(self):
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        check_choices(self)
         if not (self.alpha_step > 0 and self.alpha_max > 0):
             raise ValueError(f"alpha_step ({self.alpha_step}) and alpha_max ({self.alpha_max}) must be > 0")
         check_template(self.language_prefix, (), ("language",), "ICR language prefix")

@@ -34,6 +34,7 @@ import numpy as np
 from lidr_jax.methods.filters import PairFilterConfig, PairTable, pair_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.settings import check_choices
 from lidr_jax.train.pairs import PreferencePair
 
 Message = dict[str, str]
@@ -274,9 +275,6 @@ class Pair:
         return PreferencePair(rec.pop("prompt"), rec.pop("chosen"), rec.pop("rejected"), extra=rec)
 
 
-ENGLISH_PAIRS = ("sample_one", "all", "last")
-
-
 @dataclass(frozen=True)
 class LIDRPairConfig:
     """How LIDR pairs are built.
@@ -300,8 +298,7 @@ class LIDRPairConfig:
     system_prompt: str | None = None
 
     def __post_init__(self):
-        if self.english_pairs not in ENGLISH_PAIRS:
-            raise ValueError(f"english_pairs must be one of {ENGLISH_PAIRS}, got {self.english_pairs!r}")
+        check_choices(self)
 
 
 @dataclass
