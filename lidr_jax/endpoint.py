@@ -141,7 +141,7 @@ class ChatClient:
     def complete(self, messages: Sequence[Message], **params: Any) -> str:
         """The assistant's reply to `messages`. `params` go into the request body as they are
         (max_tokens, temperature, top_p, stop, ...)."""
-        body = {"model": self.config.model, "messages": [dict(m) for m in messages], **params}
+        body = self._body(messages, params)
         path = self._cache_path(body)
         if path is not None and path.exists():
             try:
@@ -153,10 +153,19 @@ class ChatClient:
             atomic_write_json(path, {"request": body, "content": content})
         return content
 
+    def _body(self, messages: Sequence[Message], params: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.config.model, "messages": [dict(m) for m in messages], **params}
+
     def complete_many(self, chats: Sequence[Sequence[Message]], **params: Any) -> list[str]:
-        """`complete` for each chat, `concurrency` at a time, in order."""
+        """`complete` for each chat, `concurrency` at a time, in order. Equal requests are sent once and
+        share the answer (two equal requests in flight at once would both miss the cache)."""
+        keys = [request_key(self._body(m, params)) for m in chats]
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            return list(pool.map(lambda m: self.complete(m, **params), chats))
+            answers = dict(zip(first, pool.map(lambda i: self.complete(chats[i], **params), first.values())))
+        return [answers[key] for key in keys]
 
     def _post(self, body: dict[str, Any]) -> str:
         cfg, url = self.config, self.config.completions_url

@@ -7,9 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Server:
     """Answers POST /v1/chat/completions from a script: each entry is (status, headers, body) or
-    "echo" (a 200 whose content is "reply: " + the last message's content)."""
+    "echo"; once the script is used up, every request is answered by "echo": a 200 whose content is
+    `reply(last message's content)` ("reply: " + the content by default)."""
 
-    def __init__(self, script=()):
+    def __init__(self, script=(), reply=lambda content: "reply: " + content):
         self.script = list(script)
         self.requests = []
         outer = self
@@ -23,7 +24,7 @@ class Server:
                     step = (
                         200,
                         {},
-                        {"choices": [{"message": {"content": "reply: " + body["messages"][-1]["content"]}}]},
+                        {"choices": [{"message": {"content": reply(body["messages"][-1]["content"])}}]},
                     )
                 status, headers, payload = step
                 data = json.dumps(payload).encode()
@@ -61,8 +62,8 @@ def serve():
     """Body of a `server` fixture: yields a factory of scripted servers, closes them afterwards."""
     servers = []
 
-    def make(script=()):
-        servers.append(Server(script))
+    def make(script=(), **kw):
+        servers.append(Server(script, **kw))
         return servers[-1]
 
     yield make

@@ -44,6 +44,11 @@ def test_request_shape_key_header_and_cache(server, tmp_path, monkeypatch):
     assert len(srv.requests) == 2
     out = again.complete_many([[{"role": "user", "content": str(i)}] for i in range(5)], max_tokens=7)
     assert out == [f"reply: {i}" for i in range(5)]
+    # equal requests in one call are sent once, even when they would be in flight together
+    sent = len(srv.requests)
+    chats = [[{"role": "user", "content": c}] for c in "xyxyxx"]
+    assert again.complete_many(chats, max_tokens=7) == [f"reply: {c}" for c in "xyxyxx"]
+    assert len(srv.requests) == sent + 2
 
 
 def test_missing_key_variable_names_it_not_the_key(server, monkeypatch):

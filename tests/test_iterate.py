@@ -380,7 +380,17 @@ def test_lidr_with_an_endpoint_as_translator(scripted_model_dir, prompt_dir, tmp
 
     servers = serve()
     make = next(servers)
-    srv = make(reply=lambda content: "Here you go: <translation>Übersetzt</translation>")
+    sentences = {
+        "Spanish": "Los colores primarios son el rojo, el azul y el amarillo.",
+        "French": "Les couleurs primaires sont le rouge, le bleu et le jaune.",
+        "English": "The primary colours are red, blue and yellow.",
+    }
+
+    def reply(content):
+        language = next(name for name in sentences if f"into {name}" in content)
+        return f"Here you go: <translation>{sentences[language]}</translation>"
+
+    srv = make(reply=reply)
     try:
         run_dir = tmp_path / "run"
         args = base_args(scripted_model_dir, prompt_dir, run_dir)
@@ -396,7 +406,10 @@ def test_lidr_with_an_endpoint_as_translator(scripted_model_dir, prompt_dir, tmp
         # 2 prompts: en->es and en->fr skip the translation task q1; es->en and fr->en take both. The four
         # X->en requests are equal (every answer is "◊◊◊◊◊◊"): sent once. So 3 requests for 6 translations.
         assert len(translations) == 6 and len(srv.requests) == 3
-        assert all(t["translation"] == "Übersetzt" for t in translations)
+        assert all(
+            t["translation"] == sentences[{"es": "Spanish", "fr": "French", "en": "English"}[t["target"]]]
+            for t in translations
+        )
         assert all(r["headers"]["Authorization"] == "Bearer sk-test-key" for r in srv.requests)
         assert all(r["body"]["model"] == "mt" and len(r["body"]["messages"]) == 1 for r in srv.requests)
         assert len(list((it / "translate" / "endpoint_cache").glob("*.json"))) == 3
