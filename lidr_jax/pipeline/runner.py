@@ -30,8 +30,9 @@ import yaml
 
 from lidr_jax.dist import sharding
 from lidr_jax.dist.multihost import maybe_initialize_distributed, run_processes
+from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.files import plain
-from lidr_jax.formats.load import ModelNotFoundError
+from lidr_jax.formats.load import LOAD_ERRORS
 from lidr_jax.methods.languages import UnknownLanguageError
 from lidr_jax.methods.prompt_sets import PromptSet, PromptSetError, iteration_slice, load_prompts, split_heldout
 from lidr_jax.pipeline.check import check_stage, has_checks
@@ -70,7 +71,9 @@ INPUT_ERRORS = (
     SettingsError,
     PromptSetError,
     UnknownLanguageError,
-    ModelNotFoundError,
+    *LOAD_ERRORS,  # a model that cannot be loaded (each names its file)
+    EndpointUnreachableError,  # an endpoint translator that cannot be reached
+    EndpointRequestError,
     RunDirError,
     NoPairsError,
     PairFormatError,
