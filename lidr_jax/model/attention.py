@@ -94,7 +94,7 @@ def dot_product_attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, *, implementation
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, T: int, S: int, interpret: bool):
     mask = sm.MultiHeadMask([sm.CausalMask((T, S))] * num_heads)
-    block = min(512, T)
+    block = next((b for b in (512, 256, 128) if T % b == 0), T)  # the kernel's blocks must tile T
     sizes = sk.BlockSizes(
         block_q=block,
         block_kv=block,

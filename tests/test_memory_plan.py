@@ -1,0 +1,65 @@
+"""The memory plan (lidr_jax.train.memory): state bytes from shapes and shardings, activations per attention
+implementation, and the fit check that refuses a configuration that does not fit, naming the numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from lidr_jax.model.llama import abstract_params, count_params
+from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.train.memory import DoesNotFitError, GiB, MemoryPlan, check_fit, plan_memory, state_bytes
+from tests.dpo_helpers import tiny_config
+
+
+def test_state_bytes_follow_the_mesh():
+    config = tiny_config()
+    n = count_params(abstract_params(config))
+    params, adamw = state_bytes(config, (1, 1, 1))
+    assert params == 4 * n
+    assert adamw >= 2 * 4 * n  # mu and nu (float32) plus the step counters
+    sharded, sharded_adamw = state_bytes(config, (1, 4, 1))
+    assert sharded < params / 2 and sharded_adamw < adamw / 2
+
+
+def test_fused_attention_keeps_no_scores():
+    cfg = DPOConfig(row_tokens=256, batch_size=2, logprob_chunk=64)
+    xla = plan_memory(tiny_config(), cfg, (1, 1, 1))
+    fused = plan_memory(tiny_config(), cfg, (1, 1, 1), fused_attention=True)
+    # xla keeps the softmax probabilities [rows, K, G, T, T] float32 of both layers; fused kernels do not
+    probs = 2 * 2 * 4 * 256 * 256 * 4
+    assert xla.activations - fused.activations >= probs
+    assert (xla.params, xla.adamw, xla.grads) == (fused.params, fused.adamw, fused.grads)
+
+
+def test_fit_check_refuses_with_the_numbers():
+    plan = MemoryPlan(
+        mesh=(1, 8, 1),
+        rows=1,
+        row_tokens=4096,
+        attention="fused",
+        remat="full",
+        params=4 * GiB,
+        adamw=8 * GiB,
+        grads=8 * GiB,
+        activations=GiB // 2,
+        transient=GiB // 4,
+    )
+    check_fit(plan, 21 * GiB)  # 20.75 GiB fits
+    with pytest.raises(DoesNotFitError) as e:
+        check_fit(plan, 16 * GiB, "TPU v5e chip")
+    assert str(e.value) == (
+        "DPO training needs 20.75 GiB per device on a (data, fsdp, tensor) = (1, 8, 1) mesh (params 4.00 GiB, "
+        "adamw 8.00 GiB, grads 8.00 GiB, activations 0.50 GiB, transient 0.25 GiB; 1 row(s) of 4096 tokens per "
+        "device, attention fused, remat full), but each TPU v5e chip has 16.00 GiB: use more devices (a larger "
+        "fsdp axis), remat, a smaller batch_size or row_tokens, or bfloat16 compute"
+    )
+
+
+def test_fit_check_refuses_a_real_plan_on_a_smaller_mesh():
+    cfg = DPOConfig(row_tokens=128, batch_size=4)
+    big = plan_memory(tiny_config(), cfg, (1, 4, 1))
+    small = plan_memory(tiny_config(), cfg, (1, 1, 1))
+    assert small.total > big.total
+    check_fit(big, small.total - 1)
+    with pytest.raises(DoesNotFitError, match=r"needs \d+\.\d\d MiB per device on a .* = \(1, 1, 1\) mesh"):
+        check_fit(small, small.total - 1)
