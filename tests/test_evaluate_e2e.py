@@ -85,5 +85,6 @@ def test_cli_help_and_errors(capsys):
             evaluate.main([sub, "--help"])
         assert e.value.code == 0
         assert f"python -m lidr_jax.evaluate {sub}" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="give exactly one of --outputs-1 or --model-1"):
-        evaluate.main(["head-to-head", "--out", "/tmp/never-written-h2h", "--judge-url", "http://x"])
+    assert evaluate.main(["head-to-head", "--out", "/tmp/never-written-h2h", "--judge-url", "http://x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: head-to-head: give exactly one of --outputs-1 or --model-1\n"

@@ -434,9 +434,9 @@ def _head_to_head_command(args, out: Path) -> None:
     for i in (1, 2):
         given, model = getattr(args, f"outputs_{i}"), getattr(args, f"model_{i}")
         if bool(given) == bool(model):
-            raise SystemExit(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
+            raise ValueError(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
         if model and not args.data:
-            raise SystemExit(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
+            raise ValueError(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
         if given:
             for lang in args.langs:
                 read_model_outputs(given, lang)  # a language without outputs fails now, not after judging
@@ -445,11 +445,11 @@ def _head_to_head_command(args, out: Path) -> None:
                 read_x_alpacaeval(Path(args.data) / f"{lang}.json", 1)
         plan.append((given, model))
     if bool(args.judge_model) == bool(args.judge_url):
-        raise SystemExit("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
+        raise ValueError("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
     judge = None
     if args.judge_url:
         if not args.judge_name:
-            raise SystemExit("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
+            raise ValueError("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
         judge = EndpointJudge(
             args.judge_url, args.judge_name, api_key_env=args.api_key_env, cache_dir=out / "judge_cache"
         )
