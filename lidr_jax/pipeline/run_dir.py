@@ -6,17 +6,21 @@ Layout (docs/run_directory.md has the full picture):
       manifest.json            config, seed, per-iteration start model, finished stages and outputs
       iter_K/<stage>/...       everything stage <stage> of iteration K wrote
 
-Every file a stage writes goes through `atomic_write_text/json/jsonl/bytes` (temp file in the same
+Every file a stage writes goes through lidr_jax.files' atomic writers (temp file in the same
 directory, fsync, `os.replace`), so a process killed mid-write leaves either the old file or the new
 one, never half of one. A stage counts as done only once `RunDir.mark_done` has recorded it in the
 manifest (itself written atomically), so rerunning the same command resumes at the first stage that
-is not marked done.
+is not marked done. `missing_outputs` finds a done stage's recorded files that are gone (`forget`
+then lets it run again); `redo` forgets stages and deletes their directories (iterate's `--redo`).
+Opening a run for writing checks first that the directory can be written and that its manifest is one
+(`RunDirError` otherwise, naming the path and the fix); `ignore` names config keys not compared on
+resume (`run_dir`: a moved run is the same run).
 
 One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
 run for writing (other instances may read). Several processes share one run through `Processes`
-(lidr_jax.dist.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages write through
-`RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back what the
-writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
+(lidr_jax.dist.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages
+write through `RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back
+what the writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
 records the writer's outputs everywhere) and `mark_done` is a barrier, so a stage's files exist
 before any process goes on to the next stage.
 """
@@ -92,8 +96,10 @@ class RunDir:
     `RunDir(path)` opens an existing run (read-only use, e.g. export). `RunDir(path, config, seed=...)`
     creates the run if it has no manifest yet, or resumes it; resuming with a config or seed that
     differs from the recorded one raises `RunConfigMismatchError` naming every differing key, unless
-    `allow_config_change=True`, which adopts the new config and records the change in the manifest.
-    `processes` (default: one process) says whether this process is the writer (module docstring).
+    `allow_config_change=True`, which adopts the new config and records the change in the manifest;
+    top-level keys in `ignore` are not compared. `processes` (default: one process) says whether this
+    process is the writer (module docstring). A damaged manifest, or (when writing) a path that is a
+    file or cannot be written, raises `RunDirError` before anything is written.
     """
 
     def __init__(
