@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -64,10 +66,11 @@ def test_bad_settings_name_the_key(override, message):
         ("checkpoint_keep=0", "checkpoint_keep must be >= 1"),
         ("reward=icr", "icr.reference_model is required with reward=icr"),
         ("icr.scorer=everyone", "scorer must be one of ['given', 'policy'], got 'everyone'"),
+        ("icr.samples=1", "icr.samples must be >= 2 (a pair needs two answers), got 1"),
     ],
 )
 def test_ranges_are_checked_when_the_config_loads(override, message):
-    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         load_run_config(overrides=[override])
 
 

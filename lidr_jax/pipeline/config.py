@@ -64,6 +64,14 @@ class ICRConfig:
     translation: SamplingConfig = SamplingConfig(max_new_tokens=512)  # condition=translate_answer only
     score_batch_size: int = 8  # answers per forward when scoring
 
+    def __post_init__(self):
+        check_choices(self)
+        if self.samples < 2 or self.score_batch_size < 1:
+            raise ValueError(
+                f"icr.samples must be >= 2 (a pair needs two answers), got {self.samples}, and "
+                f"icr.score_batch_size >= 1, got {self.score_batch_size}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckConfig:
