@@ -89,7 +89,7 @@ def test_reasons_in_order_and_switches():
     assert pair_reason(de, de + " ", "de", on) == "identical"
     assert pair_reason(LONG["en"], de, "de", on) == "language"  # the chosen is checked ...
     assert pair_reason(de, LONG["en"], "de", on) is None  # ... the rejected is not
-    assert pair_reason(de, "x", "de", on, chosen_cut=True) == "length_cut"
+    assert pair_reason(de, "x", "de", on, cut=True) == "length_cut"
     loop = "Die Farbe ist Rot. Die Farbe ist Rot. Die Farbe ist Rot."  # 11 bigrams, 4 distinct: 7/11 > 0.5
     assert pair_reason(loop, "x", "de", on) == "repetition"
     assert pair_reason(LONG["en"], de, "de", on, check_lang=False) is None  # translation-task pairs

@@ -153,23 +153,14 @@ def answer_reason(
     return None
 
 
-def pair_reason(
-    chosen: str,
-    rejected: str,
-    lang: str,
-    cfg: PairFilterConfig,
-    *,
-    chosen_cut: bool = False,
-    source: str | None = None,
-    check_lang: bool = True,
-    dominant: str = "en",
-) -> str | None:
-    """Why a pair is dropped (the first failing filter of the module docstring's order), or None."""
+def pair_reason(chosen: str, rejected: str, lang: str, cfg: PairFilterConfig, **checks) -> str | None:
+    """Why a pair is dropped (the first failing filter of the module docstring's order), or None.
+    `checks`: `answer_reason`'s keywords for the chosen answer (cut, source, check_lang, dominant)."""
     if cfg.empty and not (chosen.strip() and rejected.strip()):
         return "empty"
     if cfg.identical and chosen.strip() == rejected.strip():
         return "identical"
-    return answer_reason(chosen, lang, cfg, cut=chosen_cut, source=source, check_lang=check_lang, dominant=dominant)
+    return answer_reason(chosen, lang, cfg, **checks)
 
 
 def provenance(chosen: str, rejected: str, cfg: PairFilterConfig) -> dict[str, str]:

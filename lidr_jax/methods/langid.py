@@ -43,9 +43,9 @@ _NOISE_RE = re.compile(r"[\d\W_]+", re.UNICODE)
 
 @functools.lru_cache(maxsize=8)
 def _identifier(candidates: tuple[str, ...]):
-    try:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-    except ImportError as e:  # a runtime dependency; only a broken install gets here
+    try:  # imported on first use: loading the identifier's model takes a moment
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier  # a runtime dependency, loaded on first use
+    except ImportError as e:  # only a broken install gets here
         raise ImportError("language identification needs py3langid: pip install py3langid") from e
     ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=False)
     unknown = sorted(set(candidates) - set(ident.nb_classes))

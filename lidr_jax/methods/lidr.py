@@ -391,7 +391,7 @@ def build_pairs(
                 y_x,
                 lang,
                 filters,
-                chosen_cut=pid in cut.get(dom, ()),
+                cut=pid in cut.get(dom, ()),
                 source=None if is_task else y_en,
                 check_lang=not is_task,
                 dominant=dom,
@@ -418,7 +418,7 @@ def build_pairs(
     stats.dominant_pairs = dict.fromkeys(targets, 0)
     for lang, pid in _english_sources(prompts.ids, valid, targets, settings):
         y_en, back = generations[dom][pid], to_dominant[lang][pid]
-        reason = pair_reason(y_en, back, dom, filters, chosen_cut=pid in cut.get(dom, ()), dominant=dom)
+        reason = pair_reason(y_en, back, dom, filters, cut=pid in cut.get(dom, ()), dominant=dom)
         counts.count(dom, reason)
         if reason is not None:
             continue

@@ -38,8 +38,8 @@ def write_pairs(run: RunDir, d: Path, pairs: Sequence[lidr.Pair], stats: dict, k
 
 def _pair_tensorboard(table: dict, logdir: Path, k: int) -> None:
     """`pairs/<lang>/kept` and `pairs/<lang>/dropped_<reason>` scalars at step k."""
-    try:  # optional dependency: a lazy import, so the run works without it
-        from tensorboardX import SummaryWriter
+    try:
+        from tensorboardX import SummaryWriter  # optional dependency: the run works without it
     except ImportError:
         return
     with SummaryWriter(str(logdir)) as w:
