@@ -11,8 +11,10 @@
   [B, K, G, T, S] probabilities; a fused kernel (cudnn, splash) saves q, k, v, its output and the
   log-sum-exp, traced here with splash in interpret mode (the same residuals). The trace is the
   unsharded program at the per-device rows, so a residual that is a whole weight copy is counted whole.
-- Transient peaks, analytic and stated as such: one layer's weights gathered in the compute dtype, and one
-  log-softmax chunk's float32 logits [rows, chunk, V] three times (logits, log-softmax, their gradient).
+- Transient peaks, analytic and stated as such: one layer's weights gathered in the compute dtype, one
+  log-softmax chunk's float32 logits [rows, chunk, V] three times (logits, log-softmax, their gradient),
+  and with xla attention under remat (full, dots) the recomputed layer's float32 scores and probabilities
+  [rows, N, T, T] twice (without remat they are among the saved residuals already).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def state_bytes(config: ModelConfig, mesh_shape: tuple[int, int, int]) -> tuple[
 def activation_bytes(config: ModelConfig, rows: int, row_tokens: int, remat: str, chunk: int, fused: bool) -> int:
     """Residuals kept for the backward pass (weights excluded) of `rows` packed rows of `row_tokens` tokens,
     every token but the first of each row scored (an upper bound on the answer entries)."""
-    T = row_tokens
+    T = -(-row_tokens // 128) * 128 if fused else row_tokens  # fused kernels tile rows in blocks of 128
     ints = {k: jax.ShapeDtypeStruct((rows, T), jnp.int32) for k in ("tokens", "positions", "segments")}
     entries = {k: jax.ShapeDtypeStruct((rows, T), jnp.int32) for k in ("logit_index", "targets", "entry_slot")}
     masks = {k: jax.ShapeDtypeStruct((rows, T), jnp.bool_) for k in ("chosen_mask", "rejected_mask")}
@@ -136,6 +138,7 @@ def plan_memory(
     layer = count_params(abstract_params(config)["layers"]) // config.num_hidden_layers * itemsize
     chunk = min(cfg.logprob_chunk or row_tokens, row_tokens)
     logits = 3 * rows * chunk * config.vocab_size * 4
+    scores = 0 if fused_attention or cfg.remat == "none" else 2 * rows * config.num_attention_heads * row_tokens**2 * 4
     return MemoryPlan(
         tuple(mesh_shape),
         rows,
@@ -146,7 +149,7 @@ def plan_memory(
         adamw,
         2 * params,
         acts,
-        layer + logits,
+        layer + logits + scores,
     )
 
 
