@@ -3,11 +3,21 @@ implementation, and the fit check that refuses a configuration that does not fit
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import pytest
 
 from lidr_jax.model.llama import abstract_params, count_params
 from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.memory import DoesNotFitError, GiB, MemoryPlan, check_fit, plan_memory, state_bytes
+from lidr_jax.train.memory import (
+    DoesNotFitError,
+    GiB,
+    MemoryPlan,
+    check_fit,
+    check_training_fits,
+    plan_memory,
+    state_bytes,
+)
 from tests.dpo_helpers import tiny_config
 
 
@@ -63,3 +73,32 @@ def test_fit_check_refuses_a_real_plan_on_a_smaller_mesh():
     check_fit(big, small.total - 1)
     with pytest.raises(DoesNotFitError, match=r"needs \d+\.\d\d MiB per device on a .* = \(1, 1, 1\) mesh"):
         check_fit(small, small.total - 1)
+
+
+class _Chip:
+    platform, device_kind = "tpu", "TPU v5 lite"
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit}
+
+
+class _Mesh:  # what check_training_fits reads of a jax Mesh: its devices and axis sizes
+    def __init__(self, limit, fsdp):
+        self.devices = np.array([_Chip(limit)] * fsdp)
+        self.shape = {"data": 1, "fsdp": fsdp, "tensor": 1}
+
+
+def test_training_on_a_smaller_mesh_is_refused_before_it_starts():
+    cfg = DPOConfig(row_tokens=128, batch_size=4, attention="xla")
+    needed = plan_memory(tiny_config(), cfg, (1, 4, 1)).total
+    assert check_training_fits(tiny_config(), cfg, _Mesh(needed, 4)).total == needed
+    with pytest.raises(DoesNotFitError, match=r"= \(1, 2, 1\) mesh .* but each TPU v5 lite has \d+\.\d\d MiB"):
+        check_training_fits(tiny_config(), cfg, _Mesh(needed, 2))
+
+
+def test_no_check_where_the_backend_reports_no_limit():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    assert check_training_fits(tiny_config(), DPOConfig(), mesh) is None

@@ -29,6 +29,7 @@ from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
+from lidr_jax.train.memory import check_training_fits
 from lidr_jax.train.metrics import truncate_metrics
 from lidr_jax.train.pairs import encode_pairs, read_pairs
 
@@ -69,6 +70,9 @@ def train_stage(it: Iteration) -> dict:
     enc = _encoded(cfg, run, k, model)
     ref = trainer.load_reference(run.outputs(k, "reference")["reference"], enc)
     dpo = dataclasses.replace(cfg.dpo, seed=cfg.seed + k)
+    if sharding.active():  # refuse before training, with the numbers, what the devices cannot hold
+        rows = trainer.pack_plan(enc, dpo).rows if dpo.row_tokens else None
+        check_training_fits(model.config, dpo, sharding.active().mesh, rows)
     num_steps = trainer.total_steps(len(enc), dpo)
     optimizer = trainer.make_optimizer(dpo, num_steps)
     abstract = jax.eval_shape(lambda p: trainer.init_state(p, optimizer), model.params)

@@ -28,6 +28,7 @@ from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.pri
 from jax.sharding import AbstractMesh
 
 from lidr_jax.dist.sharding import state_shardings
+from lidr_jax.model.attention import resolve
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
 from lidr_jax.train.dpo import DPOConfig
@@ -160,3 +161,26 @@ def check_fit(plan: MemoryPlan, device_bytes: int, device: str = "device") -> No
             f"DPO training needs {plan.describe()}, but each {device} has {size(device_bytes)}: use "
             f"more devices (a larger fsdp axis), remat, a smaller batch_size or row_tokens, or bfloat16 compute"
         )
+
+
+def device_memory(device) -> int | None:
+    """The memory a device offers to XLA (bytes), or None where the backend does not say (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def check_training_fits(model_config: ModelConfig, cfg: DPOConfig, mesh, rows_per_micro_batch: int | None = None):
+    """The fit check before training: the plan of `cfg` on `mesh` (a jax Mesh with data, fsdp and tensor
+    axes) against the memory of its first device; nothing is checked where the backend reports no limit
+    (CPU). Raises `DoesNotFitError` with the numbers. Returns the plan, or None when not checked."""
+    device = mesh.devices.flat[0]
+    limit = device_memory(device)
+    if limit is None:
+        return None
+    shape = tuple(int(mesh.shape.get(axis, 1)) for axis in ("data", "fsdp", "tensor"))
+    impl = resolve(cfg.attention, dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt or not cfg.row_tokens)
+    plan = plan_memory(
+        model_config, cfg, shape, rows_per_micro_batch=rows_per_micro_batch, fused_attention=impl != "xla"
+    )
+    check_fit(plan, limit, getattr(device, "device_kind", device.platform))
+    return plan
