@@ -106,6 +106,9 @@ class RunConfig:
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
     checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)
     checkpoint_keep: int = 2
+    # keep iter_K/train/checkpoints (weights + AdamW state) after the iteration's export; false deletes them
+    # once the params-only policy and the export are written (about 96 GB each at 8B)
+    keep_train_checkpoints: bool = False
 
     def __post_init__(self):
         check_choices(self)

@@ -185,6 +185,12 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
                 f"- iteration {k}: first step {json.dumps(stats.get('first'))}, last step "
                 f"{json.dumps(stats.get('last'))}"
             )
+        disk = _out(run, k, "export").get("disk")
+        if disk:
+            lines.append(
+                f"- iteration {k} disk: {disk['iteration_bytes'] / 1e9:.2f} GB in iter_{k}/ after the export "
+                f"(training checkpoints deleted: {disk['deleted_checkpoint_bytes'] / 1e9:.2f} GB)"
+            )
     evaluated = sorted({m for h in history for m in h if not m.startswith("held_out/")})
     if evaluated:
         lines += ["", "## Evaluation (k = 0: the starting model)", ""]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -157,8 +158,21 @@ def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
                     w.add_scalar(key, value, row["step"])
 
 
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
 def export_stage(it: Iteration) -> dict:
-    """The trained policy as a Hugging Face directory (`iter_K/export/hf`) in `export_dtype`."""
+    """The trained policy as a Hugging Face directory (`iter_K/export/hf`) in `export_dtype`; then, unless
+    `keep_train_checkpoints`, the training checkpoints (weights + AdamW state) are deleted: the params-only
+    policy (`iter_K/train/policy`) and the export hold everything later stages read. Records the disk
+    the iteration's directory uses (the run report shows it)."""
     d = it.run.stage_dir(it.k, "export")
     out = export_hf(it.trained, d / "hf", dtype=it.cfg.export_dtype, card=card_info(it.run, it.k))
-    return {"hf": str(out)}
+    checkpoints = it.run.stage_dir(it.k, "train", create=False) / "checkpoints"
+    deleted = 0
+    if not it.cfg.keep_train_checkpoints and checkpoints.exists():
+        deleted = _disk_bytes(checkpoints)
+        it.run.on_writer(shutil.rmtree, checkpoints)
+    disk = {"iteration_bytes": _disk_bytes(it.run.iter_dir(it.k)), "deleted_checkpoint_bytes": deleted}
+    return {"hf": str(out), "disk": disk}
