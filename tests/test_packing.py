@@ -164,3 +164,17 @@ def test_train_packed_compiles_once_and_reports_padding(model, monkeypatch):
         slots = sum(x["tokens"] / (1 - x["padding_share"]) for x in epoch)
         assert m["epoch_padding_share"] == pytest.approx(1 - sum(x["tokens"] for x in epoch) / slots)
         assert 0 <= m["epoch_padding_share"] < 1
+
+
+def test_encode_pairs_cuts_pairs_to_the_row_and_counts_them():
+    from lidr_jax.train.pairs import PreferencePair, encode_pairs
+    from tests.dpo_helpers import tiny_tokenizer
+
+    pairs = [PreferencePair("hi", "a" * 5, "b" * 6), PreferencePair("q" * 30, "c" * 40, "d" * 50)]
+    plain = encode_pairs(pairs, tiny_tokenizer(), 1000, 1000)
+    enc = encode_pairs(pairs, tiny_tokenizer(), 1000, 1000, row_tokens=64)
+    assert enc.truncated_to_row == 1 and plain.truncated_to_row == 0
+    assert enc.lengths()[1] == 64 and enc.lengths()[0] == plain.lengths()[0] <= 64
+    assert list(enc.prompt_ids[1]) == list(plain.prompt_ids[1][-32:])  # the prompt keeps its end
+    assert list(enc.chosen_ids[1]) == list(plain.chosen_ids[1][: len(enc.chosen_ids[1])])  # answers their start
+    assert "1 pairs to fit a row" in enc.summary()
