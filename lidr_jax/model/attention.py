@@ -95,16 +95,8 @@ def dot_product_attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, *, implementation
 def _splash_kernel(num_heads: int, T: int, S: int, interpret: bool):
     mask = sm.MultiHeadMask([sm.CausalMask((T, S))] * num_heads)
     block = next((b for b in (512, 256, 128) if T % b == 0), T)  # the kernel's blocks must tile T
-    sizes = sk.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
+    names = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+    sizes = sk.BlockSizes(**{f"block_{name}": block for name in names})
     return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 

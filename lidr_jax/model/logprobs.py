@@ -58,10 +58,9 @@ def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "
     return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
 
 
-def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
-    """Summed response log-probs of packed pairs (lidr_jax.train.pairs.pair_batch: one row per pair, the
-    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32. `attention`: a
-    resolved lidr_jax.model.attention implementation."""
+def answer_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+    """log p of every scored entry [B, E] of a batch of segmented rows (tokens, positions, segments,
+    attention_mask [B, T]; targets, logit_index [B, E]): pair_batch's and lidr_jax.train.packing's."""
     h_BTD, _ = hidden_states(
         params,
         batch["tokens"],
@@ -72,7 +71,14 @@ def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none
         remat=remat,
         attention=attention,
     )
-    tok = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
+    return target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
+
+
+def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+    """Summed response log-probs of packed pairs (lidr_jax.train.pairs.pair_batch: one row per pair, the
+    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32. `attention`: a
+    resolved lidr_jax.model.attention implementation."""
+    tok = answer_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
     chosen, rejected = batch["chosen_mask"].astype(bool), batch["rejected_mask"].astype(bool)
     logp_c, logp_r = (jnp.sum(jnp.where(m, tok, 0.0), axis=-1) for m in (chosen, rejected))
     return logp_c, logp_r, jnp.sum(chosen, axis=-1).astype(jnp.float32)

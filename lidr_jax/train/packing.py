@@ -30,8 +30,7 @@ from collections.abc import Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.model.llama import hidden_states
-from lidr_jax.model.logprobs import target_logprobs
+from lidr_jax.model.logprobs import answer_logprobs
 from lidr_jax.train.pairs import EncodedPairs
 
 
@@ -105,19 +104,13 @@ def packed_batch(
     R, T, E, P = plan.rows, plan.row_tokens, plan.entries, plan.slots
     if len(rows) > R:
         raise ValueError(f"{len(rows)} rows do not fit a micro-batch of {R}")
-    out = {
-        "tokens": np.full((R, T), pad_id, np.int32),
-        "positions": np.zeros((R, T), np.int32),
-        "segments": np.zeros((R, T), np.int32),
-        "attention_mask": np.zeros((R, T), bool),
-        "logit_index": np.zeros((R, E), np.int32),
-        "targets": np.full((R, E), pad_id, np.int32),
-        "chosen_mask": np.zeros((R, E), bool),
-        "rejected_mask": np.zeros((R, E), bool),
-        "entry_slot": np.zeros((R, E), np.int32),
-        "weight": np.zeros((R, P), np.float32),
-        "pair": np.full((R, P), -1, np.int64),
+    out = {k: np.full((R, T), pad_id if k == "tokens" else 0, np.int32) for k in ("tokens", "positions", "segments")}
+    out |= {
+        k: np.full((R, E), pad_id if k == "targets" else 0, np.int32) for k in ("logit_index", "targets", "entry_slot")
     }
+    out |= {k: np.zeros((R, E), bool) for k in ("chosen_mask", "rejected_mask")}
+    out |= {"attention_mask": np.zeros((R, T), bool), "weight": np.zeros((R, P), np.float32)}
+    out["pair"] = np.full((R, P), -1, np.int64)
     for b, row in enumerate(rows):
         t = e = 0
         for j, i in enumerate(row):
@@ -173,17 +166,7 @@ def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "no
     """Per-pair summed answer log-probs of packed rows: (logp_chosen, logp_rejected, count_chosen,
     count_rejected), each [R * P] float32 (slot j of row b at b * P + j). `attention`: a resolved
     lidr_jax.model.attention implementation (splash only for rows packed without share_prompt)."""
-    h_BTD, _ = hidden_states(
-        params,
-        batch["tokens"],
-        config,
-        positions_BT=batch["positions"],
-        attention_mask_BT=batch["attention_mask"],
-        segments_BT=batch["segments"],
-        remat=remat,
-        attention=attention,
-    )
-    tok_BE = target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
+    tok_BE = answer_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
     in_slot_BEP = batch["entry_slot"][..., None] == jnp.arange(batch["weight"].shape[-1])
 
     def per_pair(mask_BE, values_BE):
