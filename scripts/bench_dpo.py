@@ -3,6 +3,20 @@
     python scripts/bench_dpo.py                 # CPU: embedded SmolLM2-135M (float32), 4 pairs x 256 tokens
     python scripts/bench_dpo.py --gpu           # GPU: random Llama-3.2-1B and Llama-3-8B configs, bf16 compute
     python scripts/bench_dpo.py --gpu --dry-run # the GPU path on a tiny config (runs anywhere)
+    python scripts/bench_dpo.py --real 64       # real-length pairs from ../shared/data/llama3_m0, one epoch
+
+Real-length mode (`--real N`): the first N records of ../shared/data/llama3_m0/en_to_fr_translations.jsonl
+whose French translation succeeded (non-empty and not the English text): prompt = the instruction, chosen =
+the English answer, rejected = the French translation, tokenized once with the embedded SmolLM2's chat
+template (lidr_jax.train.pairs.encode_pairs, answers capped at 1,024 tokens) and handed as the same token
+ids to both sides. One epoch, 4 pairs per optimizer step on both sides in the same (seeded) order, reference
+log-probs precomputed by lidr_jax (not timed) and given to both. lidr_jax packs each step's pairs into rows
+of `row_tokens` (default: the longest pair rounded up to 128, so nothing is cut; `--row-tokens`); TRL's
+collator pads each step's 8 sequences (4 chosen, 4 rejected, each after its prompt) to the longest
+(max_length None: no truncation; `padding_free` is disabled in TRL 1.16, so padding is TRL's only option).
+lidr_jax runs with remat "dots" (without it the xla attention probabilities of 30 layers, kept for the
+backward pass, need 32 GB). The lidr_jax epoch is timed after its one compilation (reported apart).
+Sides run one after the other in separate processes, in the order of `--order` (default jax,trl,trl,jax).
 
 Bench-only dependency: TRL (`pip install trl`, tested with trl 1.16, transformers 5, torch 2.13 CPU).
 
@@ -45,7 +59,10 @@ def synthetic_pairs(vocab: int, pairs: int = PAIRS, seed: int = 0):
     from lidr_jax.train.pairs import EncodedPairs
 
     rng = np.random.default_rng(seed)
-    ids = lambda n: rng.integers(10, vocab, n).astype(np.int32)
+
+    def ids(n):
+        return rng.integers(10, vocab, n).astype(np.int32)
+
     return EncodedPairs(
         [ids(PROMPT) for _ in range(pairs)],
         [ids(RESPONSE) for _ in range(pairs)],
@@ -203,6 +220,220 @@ def side_trl(out: Path, steps: int, warmup: int):
     }
 
 
+# -------------------------------------------------------------------------------- real-length mode
+
+REAL_DATA = REPO.parent / "shared" / "data" / "llama3_m0" / "en_to_fr_translations.jsonl"
+REAL_BATCH = 4
+
+
+def real_pairs(n: int):
+    """The first n (instruction, English answer, French translation) pairs whose translation succeeded."""
+    from lidr_jax.files import read_jsonl
+    from lidr_jax.train.pairs import PreferencePair
+
+    pairs = []
+    for rec in read_jsonl(REAL_DATA):
+        fr = rec.get("en2fr_reponse") or ""
+        if fr.strip() and fr != rec["response"]:
+            pairs.append(PreferencePair(rec["instruction"], rec["response"], fr, {"id": rec["id"]}))
+        if len(pairs) == n:
+            return pairs
+    raise SystemExit(f"only {len(pairs)} usable pairs in {REAL_DATA}")
+
+
+def real_prepare(out: Path, n: int, row_tokens: int):
+    """Tokenize the pairs, compute the reference log-probs (lidr_jax), write both and the step order."""
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.train.dpo import DPOConfig
+    from lidr_jax.train.pairs import encode_pairs
+    from lidr_jax.train.trainer import reference_logprobs, step_indices, steps_per_epoch
+
+    model = load_pretrained(out / "hf")
+    enc = encode_pairs(real_pairs(n), model.tokenizer, 1 << 20, 1024)
+    lengths = enc.lengths()
+    row_tokens = row_tokens or int(-(-lengths.max() // 128) * 128)
+    cfg = DPOConfig(batch_size=REAL_BATCH, reference_batch_size=REAL_BATCH)
+    ref = reference_logprobs(model.params, model.config, enc, cfg, progress=False)
+    steps = [step_indices(k, n, cfg).tolist() for k in range(steps_per_epoch(n, cfg))]
+    data = {
+        "prompt": [a.tolist() for a in enc.prompt_ids],
+        "chosen": [a.tolist() for a in enc.chosen_ids],
+        "rejected": [a.tolist() for a in enc.rejected_ids],
+        "ref_chosen": ref["chosen"].tolist(),
+        "ref_rejected": ref["rejected"].tolist(),
+        "steps": steps,
+        "row_tokens": row_tokens,
+        "truncated_responses": enc.truncated_responses,
+    }
+    (out / "real.json").write_text(json.dumps(data))
+    answers = np.array([len(c) for c in enc.chosen_ids]), np.array([len(r) for r in enc.rejected_ids])
+    return {
+        "pairs": n,
+        "row_tokens": row_tokens,
+        "answers_capped": enc.truncated_responses,
+        "prompt_median": float(np.median([len(p) for p in enc.prompt_ids])),
+        "chosen_median": float(np.median(answers[0])),
+        "rejected_median": float(np.median(answers[1])),
+        "pair_max": int(lengths.max()),
+    }
+
+
+def _real_data(out: Path):
+    from lidr_jax.train.pairs import EncodedPairs
+
+    d = json.loads((out / "real.json").read_text())
+    enc = EncodedPairs(*([np.asarray(x, np.int32) for x in d[k]] for k in ("prompt", "chosen", "rejected")))
+    ref = {"chosen": np.asarray(d["ref_chosen"], np.float32), "rejected": np.asarray(d["ref_rejected"], np.float32)}
+    return d, enc, ref
+
+
+def real_side_jax(out: Path, row_tokens: int):
+    import jax
+
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.train.dpo import DPOConfig
+    from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, pack_plan, step_batch
+
+    d, enc, ref = _real_data(out)
+    model = load_pretrained(out / "hf")
+    cfg = DPOConfig(
+        batch_size=REAL_BATCH,
+        nll_weight=0.0,
+        learning_rate=1e-6,
+        warmup=0,
+        schedule="constant",
+        row_tokens=row_tokens or d["row_tokens"],
+        remat="dots",  # xla attention keeps [rows, K, G, T, T] probabilities per layer otherwise (30 GB here)
+    )
+    steps = [np.asarray(s) for s in d["steps"]]
+    opt = make_optimizer(cfg, len(steps))
+    step_fn = make_train_step(model.config, cfg, opt, lr_schedule(cfg, len(steps)))
+    state = init_state(model.params, opt)
+    t = time.perf_counter()
+    plan = pack_plan(enc, cfg)
+    first = step_batch(enc, ref, steps[0], cfg, 0, plan=plan)
+    compiled = step_fn.lower(state, first).compile()
+    compile_s = time.perf_counter() - t
+    real = slots = 0
+    t = time.perf_counter()
+    for idx in steps:
+        batch = step_batch(enc, ref, idx, cfg, 0, plan=plan)
+        real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].size
+        state, m = compiled(state, batch)
+        float(m["loss"])
+    epoch_s = time.perf_counter() - t
+    return {
+        "epoch_s": epoch_s,
+        "compile_s": compile_s,
+        "pairs_per_s": len(enc) / epoch_s,
+        "padding_share": 1 - real / slots,
+        "rows_per_step": plan.rows,
+        "row_tokens": cfg.row_tokens,
+        "tokens_per_step": plan.rows * cfg.row_tokens,
+        "peak_mb": _peak_mb(),
+        "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
+    }
+
+
+def real_side_trl(out: Path):
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, enc, ref = _real_data(out)
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    args = trl.DPOConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=REAL_BATCH,
+        learning_rate=1e-6,
+        beta=0.1,
+        precompute_ref_log_probs=True,
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=10**6,
+    )
+    dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * REAL_BATCH)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
+    trainer.create_optimizer_and_scheduler(num_training_steps=len(d["steps"]))
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we replace
+    model.train()
+    real = slots = 0
+    t = time.perf_counter()
+    for idx in d["steps"]:
+        batch = trainer.data_collator(
+            [
+                {
+                    "prompt_ids": d["prompt"][i],
+                    "chosen_ids": d["chosen"][i],
+                    "rejected_ids": d["rejected"][i],
+                    "ref_chosen_logps": float(ref["chosen"][i]),
+                    "ref_rejected_logps": float(ref["rejected"][i]),
+                }
+                for i in idx
+            ]
+        )
+        real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].numel()
+        trainer.training_step(model, batch)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+    epoch_s = time.perf_counter() - t
+    return {
+        "epoch_s": epoch_s,
+        "pairs_per_s": len(enc) / epoch_s,
+        "padding_share": 1 - real / slots,
+        "peak_mb": _peak_mb(),
+        "trl": trl.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "attn": model.config._attn_implementation,
+    }
+
+
+def real_main(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _subprocess("export", out, args)
+        prep = _subprocess("real-prepare", out, args)
+        runs = []
+        for side in args.order.split(","):
+            runs.append((side, _subprocess("real-" + side, out, args)))
+            print(f"{side}: {json.dumps(runs[-1][1])}", flush=True)  # each run as it ends
+    print(
+        f"DPO, one epoch of {prep['pairs']} real-length pairs (llama3_m0: instruction / English answer / French "
+        f"translation), SmolLM2-135M-Instruct float32, {REAL_BATCH} pairs per step, {os.cpu_count()} cores (shared)"
+    )
+    print(
+        f"tokens: prompt median {prep['prompt_median']:.0f}, chosen median {prep['chosen_median']:.0f}, rejected "
+        f"median {prep['rejected_median']:.0f}, longest pair {prep['pair_max']}; {prep['answers_capped']} answers "
+        f"capped at 1024; lidr_jax rows of {prep['row_tokens']} tokens"
+    )
+    print(f"{'run':12s}{'epoch s':>10s}{'pairs/s':>10s}{'padding':>10s}{'peak MB':>10s}  notes")
+    for side, r in runs:
+        note = (
+            f"compile {r['compile_s']:.1f} s (not in epoch), {r['rows_per_step']} rows x {r['row_tokens']} per step"
+            if side == "jax"
+            else f"trl {r['trl']}, torch threads {r['torch_threads']}, attention {r['attn']}"
+        )
+        name = "lidr_jax" if side == "jax" else "TRL"
+        print(
+            f"{name:12s}{r['epoch_s']:10.1f}{r['pairs_per_s']:10.3f}{r['padding_share']:10.1%}"
+            f"{r['peak_mb']:10.0f}  {note}"
+        )
+    best = {side: max(r["pairs_per_s"] for s, r in runs if s == side) for side, _ in runs}
+    med = {side: float(np.median([r["pairs_per_s"] for s, r in runs if s == side])) for side, _ in runs}
+    if "jax" in med and "trl" in med:
+        print(
+            f"ratio lidr_jax / TRL pairs/s: median {med['jax'] / med['trl']:.2f}x "
+            f"(best {best['jax'] / best['trl']:.2f}x)"
+        )
+
+
 def _subprocess(side: str, out: Path, args) -> dict:
     cmd = [
         sys.executable,
@@ -215,11 +446,17 @@ def _subprocess(side: str, out: Path, args) -> dict:
         str(args.steps),
         "--warmup",
         str(args.warmup),
+        "--real",
+        str(args.real),
+        "--row-tokens",
+        str(args.row_tokens),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+        sys.exit(
+            f"{side} side failed (exit code {proc.returncode}; -9: killed, e.g. out of memory):\n{proc.stderr[-4000:]}"
+        )
     return json.loads(lines[-1][7:])
 
 
@@ -337,7 +574,12 @@ def main():
     p.add_argument("--seq", type=int, default=1024, help="--gpu: tokens per row")
     p.add_argument("--remat", default="dots", help="--gpu: remat policy")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: dense bf16 peak (H100 SXM: 989)")
-    p.add_argument("--side", choices=("export", "jax", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--real", type=int, default=0, help="real-length mode: N pairs from ../shared/data/llama3_m0")
+    p.add_argument("--row-tokens", type=int, default=0, help="--real: lidr_jax row length (0: longest pair, to 128)")
+    p.add_argument("--order", default="jax,trl,trl,jax", help="--real: the sides' runs, in order")
+    p.add_argument(
+        "--side", choices=("export", "jax", "trl", "real-prepare", "real-jax", "real-trl"), help=argparse.SUPPRESS
+    )
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -346,10 +588,15 @@ def main():
             "export": lambda: side_export(out),
             "jax": lambda: side_jax(out, args.steps, args.warmup),
             "trl": lambda: side_trl(out, args.steps, args.warmup),
+            "real-prepare": lambda: real_prepare(out, args.real, args.row_tokens),
+            "real-jax": lambda: real_side_jax(out, args.row_tokens),
+            "real-trl": lambda: real_side_trl(out),
         }[args.side]()
         print("RESULT " + json.dumps(result or {}))
     elif args.gpu:
         gpu_main(args)
+    elif args.real:
+        real_main(args)
     else:
         cpu_main(args)
 
