@@ -216,12 +216,14 @@ def alpagasus_chats(per_language: int, languages=("en", "de", "ru", "zh")):
 def static_sampler(rev: str):
     """The static-batch sampler as committed at `rev` (before the engine), loaded from git."""
     import subprocess
+    import sys
     import types
 
     source = subprocess.run(
         ["git", "show", f"{rev}:lidr_jax/generate/sampler.py"], capture_output=True, text=True, check=True
     ).stdout
     module = types.ModuleType("static_sampler")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
     exec(compile(source, f"{rev}:lidr_jax/generate/sampler.py", "exec"), module.__dict__)
     return module
 

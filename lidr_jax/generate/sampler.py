@@ -105,7 +105,7 @@ class GenerationStats:
 
     prompts: int = 0
     rows: int = 0
-    batches: int = 0
+    batches: int = 0  # prefill calls (each fills free slots with the next prompts)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     compilations: int = 0  # executables compiled by this call (prefill, insert, decode per new shape)
