@@ -9,8 +9,8 @@ ends early when a row ends and prompts wait, so a slot idles for at most one ste
 Shapes, all fixed per engine (B slots, S cache slots per row), so a refill never recompiles:
 - prefill: P prompts (a power of two up to B) of T tokens (`PREFILL_BUCKETS`), one executable per (P, T);
 - insert: the P prefilled rows copied into up to B slots, one executable per (P, T);
-- decode: the B slots, attending to the first W slots only (`WINDOW_BUCKETS`, at least the longest
-  live row plus the chunk), one executable per W.
+- decode: the B slots, attending to the first W slots only (the longest live row plus the chunk,
+  bucketed by `WINDOW_BUCKETS`, at most S; a chunk stops before a row outgrows W), one executable per W.
 Shared prefixes: the `n` samples of a prompt are prefilled once and the prompt's cache rows copied
 into `n` slots (`EngineStats.prefilled_prompts` counts prefills).
 
