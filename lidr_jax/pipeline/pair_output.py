@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lidr_jax.methods import lidr
 from lidr_jax.pipeline.run_dir import RunDir
+from lidr_jax.train.pairs import write_llamafactory
 
 
 class NoPairsError(RuntimeError):
@@ -15,7 +16,8 @@ class NoPairsError(RuntimeError):
 
 
 def write_pairs(run: RunDir, d: Path, pairs: Sequence[lidr.Pair], stats: dict, k: int | None = None) -> dict:
-    """`d/pairs.jsonl` (TRL layout) and `d/stats.json` (`stats` plus pair counts); the stage's outputs.
+    """`d/pairs.jsonl` (TRL layout), `d/llamafactory/` (LLaMA-Factory's alpaca ranking format and its
+    `dataset_info.json` entry `lidr_jax_iter_K`) and `d/stats.json` (`stats` plus pair counts); the stage's outputs.
     No pairs at all is an error naming the likely cause and the settings to change. The per-language
     table of kept and dropped pairs (`stats["table"]`, lidr_jax.methods.filters.PairTable) also goes to
     TensorBoard (`RUN_DIR/tensorboard/pairs`, step = iteration `k`)."""
@@ -26,6 +28,13 @@ def write_pairs(run: RunDir, d: Path, pairs: Sequence[lidr.Pair], stats: dict, k
             "which filter dropped them (pair_filters.* turn each off)"
         )
     run.write_jsonl(d / "pairs.jsonl", [p.as_trl() for p in pairs])
+    llamafactory = write_llamafactory(  # the same pairs for LLaMA-Factory: dataset_dir d/llamafactory
+        [p.as_preference_pair() for p in pairs],
+        d / "llamafactory" / "pairs.jsonl",
+        f"lidr_jax_{d.parent.name}",
+        write_jsonl=run.write_jsonl,
+        write_json=run.write_json,
+    )
     per_lang: dict[str, int] = {}
     for p in pairs:
         per_lang[p.language] = per_lang.get(p.language, 0) + 1
@@ -33,7 +42,7 @@ def write_pairs(run: RunDir, d: Path, pairs: Sequence[lidr.Pair], stats: dict, k
     run.write_json(d / "stats.json", stats)
     if "table" in stats and k is not None:
         run.on_writer(_pair_tensorboard, stats["table"], run.path / "tensorboard" / "pairs", k)
-    return {"pairs": str(d / "pairs.jsonl"), "stats": stats}
+    return {"pairs": str(d / "pairs.jsonl"), "llamafactory": str(llamafactory["dataset_info"]), "stats": stats}
 
 
 def _pair_tensorboard(table: dict, logdir: Path, k: int) -> None:

@@ -31,7 +31,7 @@ from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.train.memory import check_training_fits
-from lidr_jax.train.metrics import truncate_metrics
+from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import encode_pairs, read_pairs
 
 
@@ -95,18 +95,25 @@ def train_stage(it: Iteration) -> dict:
                 ckpt.wait()
                 crash_point(f"train:{int(metrics['step'])}")
 
+        sink = MetricsSink(  # JSONL and TensorBoard every step, while training runs
+            MetricsConfig(report_to=("tensorboard",) if run.writer else ()),
+            jsonl_path=metrics_path if run.writer else None,
+            tensorboard_dir=run.path / "tensorboard" / f"iter_{k}",
+            purge_step=(int(state.step) if state is not None else 0) + 1,
+        )
         try:
-            state = trainer.train(
-                model.params,
-                model.config,
-                enc,
-                ref,
-                dpo,
-                state=state,
-                callback=save,
-                metrics_path=metrics_path if run.writer else None,
-                pad_id=model.tokenizer.pad_token_id,
-            )
+            with sink:
+                state = trainer.train(
+                    model.params,
+                    model.config,
+                    enc,
+                    ref,
+                    dpo,
+                    state=state,
+                    callback=save,
+                    sink=sink,
+                    pad_id=model.tokenizer.pad_token_id,
+                )
         except trainer.NonFiniteLossError as e:
             raise TrainingDivergedError(
                 f"iteration {k}: {e}; the last good checkpoint is kept in {d / 'checkpoints'}; rerun with "
@@ -116,7 +123,6 @@ def train_stage(it: Iteration) -> dict:
     policy_dir = save_params(d / "policy", state.params, model.config)
     summary = run.from_writer(_metrics_summary, metrics_path)
     run.write_json(d / "stats.json", {"steps": num_steps, **summary})
-    run.on_writer(_write_tensorboard, metrics_path, run.path / "tensorboard" / f"iter_{k}")
     return {"policy": str(policy_dir), "metrics": str(metrics_path), "stats": summary}
 
 
@@ -141,21 +147,6 @@ def _metrics_summary(path: Path) -> dict:
     first, last = rows[0], rows[-1]
     keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss")
     return {"first": {k: first[k] for k in keys if k in first}, "last": {k: last[k] for k in keys if k in last}}
-
-
-def _write_tensorboard(metrics_path: Path, logdir: Path) -> None:
-    """TensorBoard event files from the metrics JSONL (tensorboardX; skipped with a note if absent)."""
-    try:  # optional dependency: a lazy import, so the run works without it
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        print("  (tensorboardX is not installed: no TensorBoard events; the metrics are in metrics.jsonl)")
-        return
-    rows = read_jsonl(metrics_path)
-    with SummaryWriter(str(logdir)) as w:
-        for row in rows:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    w.add_scalar(key, value, row["step"])
 
 
 def _disk_bytes(path: Path) -> int:

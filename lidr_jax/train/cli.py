@@ -216,7 +216,7 @@ def run(args) -> int:
                 tensorboard_dir=out / "tensorboard",
                 run_name=out.name,
                 run_config=identity["run"],
-                purge_step=start + 1 if start else None,
+                purge_step=start + 1,  # TensorBoard hides what a killed attempt logged past the checkpoint
             )
             try:
                 with sink:
