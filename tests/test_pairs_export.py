@@ -138,3 +138,26 @@ def test_entry_module_help():
         timeout=120,
     )
     assert out.returncode == 0 and "--to {trl,llamafactory}" in out.stdout
+
+
+def test_every_pairs_stage_writes_llamafactory_files(tmp_path):
+    """The pipeline's pair writer (both strategies) leaves iter_K/pairs/llamafactory/ beside the TRL file."""
+    from lidr_jax.methods.lidr import Pair
+    from lidr_jax.pipeline.pair_output import write_pairs
+    from lidr_jax.pipeline.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run", config={"x": 1}, seed=0)
+    d = run.stage_dir(2, "pairs")
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "¿Qué es el sol?"}]
+    pairs = [
+        Pair(prompt, "Una estrella.", "A star.", "p1", "es", "target", "translation:en->es", "generation:es"),
+        Pair(prompt[1:], "Luz.", "Light.", "p2", "es", "target", "translation:en->es", "generation:es"),
+    ]
+    out = write_pairs(run, d, pairs, {})
+    assert out["llamafactory"] == str(d / "llamafactory" / "dataset_info.json")
+    view = llamafactory_view(d / "llamafactory", "lidr_jax_iter_2")
+    assert [(v["chosen"], v["rejected"], v["system"]) for v in view] == [
+        ("Una estrella.", "A star.", "Be brief."),
+        ("Luz.", "Light.", ""),
+    ]
+    assert view[0]["prompt"] == [{"role": "user", "content": "¿Qué es el sol?"}]
