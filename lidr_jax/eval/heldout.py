@@ -33,7 +33,7 @@ a model (`reference_logliks`, `measure_checkpoint`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -248,15 +248,16 @@ def reference_logliks(
     *,
     batch_size: int = 8,
     max_answer_tokens: int = 256,
-    compute_dtype: str = "float32",
+    dpo: DPOConfig | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{lang: {id: mean per-token log-probability of the reference answer}} for every prompt of
     `prompts` that has a reference in that language. The prompt is the instruction as a user turn of
     the model's chat template (as the check asks it); the answer's tokens are what the assistant turn
     adds, end-of-turn included, scored by the DPO reference pass (lidr_jax.methods.icr.scoring_pairs,
-    answer_logprobs), cut to `max_answer_tokens`."""
-    dpo = DPOConfig(reference_batch_size=batch_size, compute_dtype=compute_dtype)
+    answer_logprobs), cut to `max_answer_tokens`, with `dpo`'s compute settings (default: DPOConfig's)
+    and `batch_size` answers per forward."""
+    dpo = replace(dpo or DPOConfig(), reference_batch_size=batch_size)
     out: dict[str, dict[str, float]] = {}
     for lang in prompts.languages:
         refs = prompts.references.get(lang, {})
@@ -279,7 +280,8 @@ def measure_checkpoint(
     start_rows: Sequence[Mapping] | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    dpo: DPOConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """`checkpoint_metrics` of the check's answer `rows`, with the reference log-likelihoods of `model`."""
-    logliks = reference_logliks(model, held_out, batch_size=batch_size)
+    logliks = reference_logliks(model, held_out, batch_size=batch_size, dpo=dpo)
     return checkpoint_metrics(rows, held_out, logliks=logliks, start_rows=start_rows, seed=seed)

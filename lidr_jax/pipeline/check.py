@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from lidr_jax.eval.evaluate import evaluate_model
+from lidr_jax.eval.heldout import measure_checkpoint
+from lidr_jax.files import read_jsonl
 from lidr_jax.formats.load import Model
-from lidr_jax.methods.langid import detect_language
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.iteration import Iteration
@@ -19,16 +18,15 @@ from lidr_jax.pipeline.run_dir import RunDir
 
 
 def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSet, out: Path, desc: str) -> dict:
-    """Answer the held-out prompts in every language; the fraction answered in the asked language."""
+    """Answer the held-out prompts in every language and measure the answers (lidr_jax.eval.heldout):
+    {metric: {lang: value}} with the in-language share and its 95% bootstrap interval, its paired change
+    since the starting model (iteration 0's answers), answer length, and the reference log-likelihood
+    where the prompts have reference answers."""
     jobs = prompt_jobs(held_out)
     rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.check.sampling, seed=cfg.seed), out, desc)
-    result: dict[str, dict[str, float]] = {"in_language": {}, "mean_tokens": {}}
-    for lang in held_out.languages:
-        mine = [r for r in rows if r["lang"] == lang]
-        hits = [detect_language(r["outputs"][0]) == lang for r in mine]
-        result["in_language"][lang] = float(np.mean(hits)) if hits else float("nan")
-        result["mean_tokens"][lang] = float(np.mean([r["tokens"][0] for r in mine])) if mine else float("nan")
-    return result
+    start = run.stage_dir(0, "check", create=False) / out.name
+    start_rows = read_jsonl(start) if start != out and start.exists() else None
+    return measure_checkpoint(model, held_out, rows, start_rows=start_rows, seed=cfg.seed, dpo=cfg.dpo)
 
 
 def check_stage(it: Iteration) -> dict:

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from lidr_jax.eval.heldout import measure_table
 from lidr_jax.eval.plots import _pyplot, plot_metrics
 from lidr_jax.files import atomic_write_text, read_jsonl
 from lidr_jax.methods.filters import format_table
@@ -130,6 +131,24 @@ def pair_table_lines(cfg: RunConfig, run: RunDir) -> list[str]:
     return lines
 
 
+def _measure_lines(cfg: RunConfig, history: list[dict]) -> list[str]:
+    """The held-out measurement with intervals (lidr_jax.eval.heldout), when the checks recorded one."""
+    if not any("held_out/in_language_low" in h for h in history):
+        return []
+    return [
+        "",
+        "## Held-out measurement",
+        "",
+        "On the held-out prompts (never trained on, never used to choose settings), per language: the share "
+        "of answers in the asked language, its change since k = 0 (paired by prompt), the mean per-token "
+        "log-likelihood of fixed reference answers in the asked language (no judge needed; it falls when the "
+        "model drifts to another language or to degenerate text), each with its 95% bootstrap interval over "
+        "prompts; and the mean answer length in tokens (lidr_jax/eval/heldout.py).",
+        "",
+        _table_md(measure_table(history, cfg.languages, prefix="held_out/")),
+    ]
+
+
 def _table_md(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -149,7 +168,8 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
     history = _held_out_history(cfg, run)
     if history:
         try:
-            plot_metrics(history, run.path / "evaluation.png")
+            plotted = [{m: v for m, v in h.items() if not m.endswith(("_low", "_high", "/n"))} for h in history]
+            plot_metrics(plotted, run.path / "evaluation.png")
             plots.append("evaluation.png")
         except ImportError:
             pass
@@ -166,6 +186,7 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
         "after iteration k (k = 0: the starting model).",
         "",
         _table_md(summary_rows(cfg, run)),
+        *_measure_lines(cfg, history),
         "",
         "## Pairs kept and dropped",
         "",
