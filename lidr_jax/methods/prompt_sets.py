@@ -437,10 +437,6 @@ class PromptSourceConfig:
     check_split: Literal["heldout", "dev"] = "heldout"
 
 
-# The name before the configuration classes took the `*Config` suffix; kept while callers move over.
-PromptSource = PromptSourceConfig
-
-
 def load_prompts(source: PromptSourceConfig) -> PromptSet:
     """Load and validate the prompt set a `PromptSourceConfig` describes."""
     return replace(_load_source(source), check_split=source.check_split)
