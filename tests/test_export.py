@@ -147,7 +147,7 @@ def test_bfloat16_export_and_metadata_files(tiny_llama_dir, torch_model, tmp_pat
     )
     assert torch_model(out).config.vocab_size == model.config.vocab_size
     # Exporting again over the same directory replaces it cleanly (no stale shards, no temp dirs).
-    export_hf(model, out, dtype="float32", max_shard_size="60KB")
+    export_hf(model, out, dtype="float32", max_shard_size="60KB", replace=True)
     assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

@@ -147,6 +147,16 @@ def test_earlier_export_needs_force_and_must_hold_only_its_files(tiny_llama_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
 
 
+def test_the_library_replaces_an_earlier_export_only_when_asked(tiny_model, tmp_path):
+    out = export_hf(tiny_model, tmp_path / "hf", dtype="float32")
+    before = _tree(out)
+    with pytest.raises(ExportError, match=r"replace=True"):
+        export_hf(tiny_model, out)
+    assert _tree(out) == before
+    export_hf(tiny_model, out, replace=True)  # bfloat16 this time
+    assert _tree(out) != before
+
+
 def test_empty_folder_is_used(tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     out = export_hf(tiny_model, tmp_path / "empty")
@@ -162,7 +172,7 @@ def test_failed_export_leaves_no_temp_and_keeps_the_earlier_export(tiny_model, t
 
     monkeypatch.setattr(type(tiny_model.tokenizer.hf), "save_pretrained", broken)
     with pytest.raises(OSError, match="No space left on device"):
-        export_hf(tiny_model, out, dtype="float32")
+        export_hf(tiny_model, out, dtype="float32", replace=True)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

@@ -103,7 +103,7 @@ def _listing(names: Iterable[str], limit: int = 4) -> str:
 
 
 def check_destination(
-    out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (), replace: bool = True
+    out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (), replace: bool = False
 ) -> Path:
     """The resolved destination of an export, or an `ExportError` saying why it is refused.
 
@@ -339,7 +339,7 @@ def export_hf(
     max_shard_size: int | str = "2GB",
     generation_config: Mapping[str, Any] | None = None,
     card: Mapping[str, Any] | None = None,
-    replace: bool = True,
+    replace: bool = False,
 ) -> Path:
     """Write a Hugging Face model directory to `out_dir`; returns its path.
 
@@ -348,7 +348,8 @@ def export_hf(
     `lidr_jax.train.checkpoint.restore_params`). `tokenizer` is a `ChatTokenizer`; without one the
     directory has no tokenizer files. `dtype`: "bfloat16" (half the size; what vLLM serves) or
     "float32" (exact). `card`: what the model card says (`model_card`). `out_dir` is checked by
-    `check_destination` (an earlier lidr_jax export there is replaced only if `replace`), also
+    `check_destination` (an earlier lidr_jax export there is replaced only if `replace`: the pipeline
+    and the DPO command pass it for the folder they own, so a rerun after a kill can redo it), also
     against the model's source when that is a path. On several hosts every process must call this
     (sharded params are gathered); process 0 writes.
     """

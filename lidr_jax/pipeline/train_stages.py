@@ -159,7 +159,7 @@ def export_stage(it: Iteration) -> dict:
     policy (`iter_K/train/policy`) and the export hold everything later stages read. Records the disk
     the iteration's directory uses (the run report shows it)."""
     d = it.run.stage_dir(it.k, "export")
-    out = export_hf(it.trained, d / "hf", dtype=it.cfg.export_dtype, card=card_info(it.run, it.k))
+    out = export_hf(it.trained, d / "hf", dtype=it.cfg.export_dtype, card=card_info(it.run, it.k), replace=True)
     checkpoints = it.run.stage_dir(it.k, "train", create=False) / "checkpoints"
     deleted = 0
     if not it.cfg.keep_train_checkpoints and checkpoints.exists():

@@ -242,7 +242,7 @@ def run(args) -> int:
                 return 3
             ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
         final = dataclasses.replace(model, params=state.params)
-        written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs))
+        written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs), replace=True)
     print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}", file=sys.stderr)
     return 0
 
