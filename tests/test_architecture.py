@@ -114,7 +114,7 @@ def unexplained_lazy_imports(module: str, source: str) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_top:
-            said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+            said = "#" in lines[node.lineno - 1] or "#" in lines[node.lineno - 2]
             if not said:
                 found.append(
                     f"{module}:{node.lineno}: `{lines[node.lineno - 1].strip()}` inside a function, no reason given"

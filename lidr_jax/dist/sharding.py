@@ -37,6 +37,7 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -136,8 +137,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence | None = None) -
     devices = list(devices)
     shape = mesh_shape(cfg, len(devices), jax.local_device_count())
     try:  # topology-aware order on TPU; plain order elsewhere
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
@@ -300,8 +299,6 @@ def to_host(x) -> np.ndarray:
     """The numpy value of an array, also of one split across processes (then gathered: a collective,
     so every process must call it at the same point)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

@@ -469,7 +469,7 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 
 
 def _import_datasets():
-    try:
+    try:  # optional: the `datasets` extra, needed only for sources other than JSONL folders
         import datasets
     except ImportError:
         raise PromptSetError(

@@ -90,11 +90,6 @@ def train_stage(it: Iteration) -> dict:
         else:  # a run killed before its first checkpoint starts over
             run.on_writer(metrics_path.unlink, missing_ok=True)
 
-        def save(st, metrics):
-            if ckpt.save(int(metrics["step"]), st, data_position={"step": int(metrics["step"])}):
-                ckpt.wait()
-                crash_point(f"train:{int(metrics['step'])}")
-
         sink = MetricsSink(  # JSONL and TensorBoard every step, while training runs
             MetricsConfig(report_to=("tensorboard",) if run.writer else ()),
             jsonl_path=metrics_path if run.writer else None,
@@ -102,24 +97,14 @@ def train_stage(it: Iteration) -> dict:
             purge_step=(int(state.step) if state is not None else 0) + 1,
         )
         try:
-            with sink:
-                state = trainer.train(
-                    model.params,
-                    model.config,
-                    enc,
-                    ref,
-                    dpo,
-                    state=state,
-                    callback=save,
-                    sink=sink,
-                    pad_id=model.tokenizer.pad_token_id,
-                )
+            state = trainer.train_checkpointed(
+                model, enc, ref, dpo, ckpt, state=state, sink=sink, after_save=lambda step: crash_point(f"train:{step}")
+            )
         except trainer.NonFiniteLossError as e:
             raise TrainingDivergedError(
                 f"iteration {k}: {e}; the last good checkpoint is kept in {d / 'checkpoints'}; rerun with "
                 f"e.g. --allow-config-change --set dpo.learning_rate={cfg.dpo.learning_rate / 10:g} to continue"
             ) from None
-        ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
     policy_dir = save_params(d / "policy", state.params, model.config)
     summary = run.from_writer(_metrics_summary, metrics_path)
     run.write_json(d / "stats.json", {"steps": num_steps, **summary})

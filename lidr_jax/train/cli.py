@@ -204,12 +204,6 @@ def run(args) -> int:
             if writer:
                 truncate_metrics(metrics_file, start)  # lines logged after the checkpoint are logged again
 
-            def save(st, metrics):
-                step = int(metrics["step"])
-                if ckpt.save(step, st, data_position={"step": step}):
-                    ckpt.wait()
-                    _crash_point(step)
-
             sink = MetricsSink(
                 cfg.metrics if writer else MetricsConfig(report_to=()),
                 jsonl_path=metrics_file if writer else None,
@@ -219,19 +213,17 @@ def run(args) -> int:
                 purge_step=start + 1,  # TensorBoard hides what a killed attempt logged past the checkpoint
             )
             try:
-                with sink:
-                    state = trainer.train(
-                        model.params,
-                        model.config,
-                        enc,
-                        ref,
-                        cfg.dpo,
-                        state=state,
-                        callback=save,
-                        sink=sink,
-                        pad_id=model.tokenizer.pad_token_id,
-                        progress=not args.quiet,
-                    )
+                state = trainer.train_checkpointed(
+                    model,
+                    enc,
+                    ref,
+                    cfg.dpo,
+                    ckpt,
+                    state=state,
+                    sink=sink,
+                    after_save=_crash_point,
+                    progress=not args.quiet,
+                )
             except trainer.NonFiniteLossError as e:
                 print(
                     f"error: {e}\nNo model was written; the last good checkpoint is in {ckpt_dir} and the metrics "
@@ -240,7 +232,6 @@ def run(args) -> int:
                     file=sys.stderr,
                 )
                 return 3
-            ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
         final = dataclasses.replace(model, params=state.params)
         written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs), replace=True)
     print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}", file=sys.stderr)

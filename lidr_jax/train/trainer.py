@@ -352,3 +352,43 @@ def train(
         if own_sink:
             sink.close()
     return state
+
+
+def train_checkpointed(
+    model,
+    enc: EncodedPairs,
+    ref: dict[str, np.ndarray],
+    cfg: DPOConfig,
+    ckpt,
+    *,
+    state: TrainState | None,
+    sink: MetricsSink,
+    after_save: Callable[[int], None] = lambda step: None,
+    progress: bool = True,
+) -> TrainState:
+    """`train` a loaded model with Orbax checkpoints: `ckpt` (a `TrainCheckpointer`) saves every
+    `ckpt.every` steps, `after_save(step)` runs once a save is on disk, and the final state is saved
+    whatever the step. `sink` is opened and closed here. The pipeline's train stage and the DPO command
+    both train this way, so a killed run of either resumes the same."""
+
+    def save(st: TrainState, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        if ckpt.save(step, st, data_position={"step": step}):
+            ckpt.wait()
+            after_save(step)
+
+    with sink:
+        state = train(
+            model.params,
+            model.config,
+            enc,
+            ref,
+            cfg,
+            state=state,
+            callback=save,
+            sink=sink,
+            pad_id=model.tokenizer.pad_token_id,
+            progress=progress,
+        )
+    ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
+    return state
