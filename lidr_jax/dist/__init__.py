@@ -1,0 +1,1 @@
+"""Devices: meshes, logical-axis sharding rules, and multi-host process helpers."""
