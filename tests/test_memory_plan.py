@@ -77,6 +77,7 @@ def test_fit_check_refuses_a_real_plan_on_a_smaller_mesh():
 
 class _Chip:
     platform, device_kind = "tpu", "TPU v5 lite"
+    process_index = 0  # this process's (the only one the memory of which JAX reports)
 
     def __init__(self, limit):
         self.limit = limit

@@ -121,9 +121,12 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _stages(run: Path) -> dict:
+    """Every stage's recorded outputs, but the export's disk use: TensorBoard names its event files by
+    host and process, and Orbax's metadata differs by process count, so those byte counts differ."""
     iterations = json.loads((run / "manifest.json").read_text())["iterations"]
     return {
-        k: {s: e["outputs"] for s, e in it["stages"].items()} | {"start": it["start_model"]}
+        k: {s: {o: v for o, v in e["outputs"].items() if (s, o) != ("export", "disk")} for s, e in it["stages"].items()}
+        | {"start": it["start_model"]}
         for k, it in iterations.items()
     }
 

@@ -171,9 +171,10 @@ def device_memory(device) -> int | None:
 
 def check_training_fits(model_config: ModelConfig, cfg: DPOConfig, mesh, rows_per_micro_batch: int | None = None):
     """The fit check before training: the plan of `cfg` on `mesh` (a jax Mesh with data, fsdp and tensor
-    axes) against the memory of its first device; nothing is checked where the backend reports no limit
-    (CPU). Raises `DoesNotFitError` with the numbers. Returns the plan, or None when not checked."""
-    device = mesh.devices.flat[0]
+    axes) against the memory of one of this process's devices (only those report their memory; every
+    device of a mesh is alike); nothing is checked where the backend reports no limit (CPU). Raises
+    `DoesNotFitError` with the numbers. Returns the plan, or None when not checked."""
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     limit = device_memory(device)
     if limit is None:
         return None
