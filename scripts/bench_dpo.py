@@ -490,38 +490,9 @@ def cpu_main(args):
     )
 
 
-GPU_CONFIGS = {  # architecture of the named models (HF config.json values); weights are random
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
-    "llama-3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-    ),
-}
+from model_shapes import LLAMA_3_2_1B, LLAMA_3_8B, TINY  # noqa: E402  (scripts/, beside this file)
+
+GPU_CONFIGS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3-8b": LLAMA_3_8B, "tiny": TINY}  # random weights
 
 
 def gpu_main(args):
@@ -537,7 +508,7 @@ def gpu_main(args):
     global PROMPT, RESPONSE
     PROMPT = RESPONSE = seq // 2
     for name in names:
-        config = ModelConfig(max_position_embeddings=8192, rope_theta=500000.0, **GPU_CONFIGS[name])
+        config = ModelConfig(**GPU_CONFIGS[name])
         params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
         enc = synthetic_pairs(config.vocab_size, pairs=args.batch)
         cfg = DPOConfig(

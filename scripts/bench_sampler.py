@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from model_shapes import LLAMA_3_8B  # noqa: E402  (scripts/, beside this file)
 
 from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 from lidr_jax.model.config import ModelConfig
@@ -377,20 +378,7 @@ def tiny_tokenizer():
     return ChatTokenizer(hf)
 
 
-LLAMA3_8B = ModelConfig(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    param_dtype="bfloat16",
-    dtype="bfloat16",
-    eos_token_ids=(2,),
-)
+LLAMA3_8B = ModelConfig(**LLAMA_3_8B, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(2,))
 TINY = dataclasses.replace(
     LLAMA3_8B,
     vocab_size=256,

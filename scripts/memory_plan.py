@@ -21,22 +21,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from model_shapes import LLAMA_3_8B  # noqa: E402  (scripts/, beside this file)
+
 from lidr_jax.model.config import ModelConfig  # noqa: E402
 from lidr_jax.pipeline.config import load_run_config  # noqa: E402
 from lidr_jax.train.memory import GiB, plan_memory  # noqa: E402
 
-LLAMA3_8B = ModelConfig(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = ModelConfig(**LLAMA_3_8B)
 TARGETS = [  # name, memory per chip in bytes (vendor figures), chips
     ("TPU v5e-8", 16 * GiB, 8),
     ("TPU v4-8", 32 * GiB, 4),
