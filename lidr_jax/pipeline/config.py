@@ -36,6 +36,7 @@ class PromptPlanConfig:
     per_iteration: int | None = None  # prompts per iteration; None = all (minus the held-out ones)
     fresh_per_iteration: bool = True  # iteration k uses the k-th slice of per_iteration prompts
     held_out: int = 0  # prompts set aside (seeded draw) for the before/after check; never trained on
+    offset: int = 0  # training prompts skipped first: a run that continues another one takes fresh prompts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,7 +94,7 @@ def plan_prompts(cfg: RunConfig) -> tuple[list[PromptSet], PromptSet | None]:
     slices = []
     for k in range(cfg.iterations):
         index = k if cfg.plan.fresh_per_iteration else 0
-        slices.append(iteration_slice(prompts, index, cfg.plan.per_iteration))
+        slices.append(iteration_slice(prompts, index, cfg.plan.per_iteration, cfg.plan.offset))
     return slices, held
 
 
