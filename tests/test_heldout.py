@@ -202,7 +202,9 @@ def test_demo_config_parses_and_plans_fresh_prompts_and_the_whole_heldout_split(
     assert all(len(held.references[lang]) == 48 for lang in cfg.languages)  # the likelihood signal's answers
     # the second command: ICR from the LIDR policy, pi_DPO = the run's model (iteration 2), pi_ref = iteration 1
     icr = load_run_config(
-        DEMO, ["reward=icr", "iterations=1", "model=runs/demo/iter_2/export/hf"], run_dir="runs/demo_icr"
+        DEMO,
+        ["reward=icr", "iterations=1", "plan.offset=64", "model=runs/demo/iter_2/export/hf"],
+        run_dir="runs/demo_icr",
     )
     assert (icr.reward, icr.iterations, icr.model, icr.run_dir) == (
         "icr",
@@ -217,7 +219,7 @@ def test_demo_config_parses_and_plans_fresh_prompts_and_the_whole_heldout_split(
     )
     icr_slices, icr_held = plan_prompts(icr)
     assert icr_held.ids == held.ids  # the same held-out prompts in both runs, whatever the seed
-    assert icr_slices[0].ids == slices[0].ids  # no plan offset: ICR's prompts are LIDR iteration 1's again
+    assert icr_slices[0].ids == tuple(f"p{i:03d}" for i in range(64, 96))  # fresh: after LIDR's 64
     # while choosing settings the check answers the dev split instead
     _, dev = plan_prompts(load_run_config(DEMO, ["prompts.check_split=dev", "plan.held_out=36"]))
     assert dev.ids == tuple(f"p{i:03d}" for i in range(132, 168))
