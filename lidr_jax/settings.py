@@ -59,13 +59,22 @@ def check_choice(value: Any, choices: tuple, key: str) -> None:
 
 
 def check_choices(obj) -> None:
-    """Every `Literal[...]` field of dataclass `obj` holds one of its choices (call it in `__post_init__`)."""
+    """Every `Literal[...]` field of dataclass `obj` holds one of its choices, and every item of a
+    `tuple[Literal[...], ...]` field one of the items' choices (call it in `__post_init__`); the error
+    is `check_choice`'s, as when the loader reads the value."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         optional, tp = _is_optional(hints[f.name])
         value = getattr(obj, f.name)
-        if typing.get_origin(tp) is typing.Literal and not (optional and value is None):
+        if optional and value is None:
+            continue
+        if typing.get_origin(tp) is typing.Literal:
             check_choice(value, typing.get_args(tp), f.name)
+        elif typing.get_origin(tp) in (tuple, list) and isinstance(value, (tuple, list)):
+            item = (typing.get_args(tp) or (Any,))[0]
+            if typing.get_origin(item) is typing.Literal:
+                for i, v in enumerate(value):
+                    check_choice(v, typing.get_args(item), f"{f.name}[{i}]")
 
 
 def _is_optional(tp) -> tuple[bool, Any]:

@@ -105,7 +105,7 @@ def test_malformed_pair_file_names_file_and_line(model_dir, tmp_path, capsys):
     [
         ("betta=0.2", "unknown setting 'betta'"),
         ("beta=abc", "beta: expected a number"),
-        ("loss_type=kto", "loss_type='kto'"),
+        ("loss_type=kto", "dpo.loss_type must be one of ['sigmoid', 'robust', 'ipo', 'hinge'], got 'kto'"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(model_dir, tmp_path, capsys, item, msg):

@@ -141,9 +141,9 @@ def test_icr_decoding(data_dir, tmp_path, scripted_generate):
 
 
 def test_eval_config_errors():
-    with pytest.raises(ValueError, match=r"benchmarks: unknown \['gsm'\]"):
+    with pytest.raises(ValueError, match=r"benchmarks\[0\] must be one of \['mgsm', 'alpaca'\], got 'gsm'"):
         EvalConfig(benchmarks=("gsm",))
-    with pytest.raises(ValueError, match="alpaca_decoding='beam'"):
+    with pytest.raises(ValueError, match=r"alpaca_decoding must be one of \['lidr', 'icr', 'greedy'\], got 'beam'"):
         EvalConfig(alpaca_decoding="beam")
     with pytest.raises(ValueError, match="limit must be >= 1"):
         EvalConfig(limit=0)

@@ -28,7 +28,7 @@ def test_settings_and_names():
         TranslatorConfig(kind="model")
     with pytest.raises(ValueError, match=r"needs translator.endpoint.url and translator.endpoint.model"):
         TranslatorConfig(kind="endpoint")
-    with pytest.raises(ValueError, match="translator kind must be one of"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['policy', 'model', 'endpoint'\], got 'google'"):
         TranslatorConfig(kind="google")
     assert endpoint_params(SamplingConfig(max_new_tokens=4096)) == {"max_tokens": 4096, "temperature": 0.0}
     assert endpoint_params(SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9))["top_p"] == 0.9

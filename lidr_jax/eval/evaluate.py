@@ -27,8 +27,10 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
@@ -38,21 +40,24 @@ from lidr_jax.files import atomic_write_json, atomic_write_text
 from lidr_jax.formats.load import load_pretrained
 from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
+from lidr_jax.settings import check_choices
 
-BENCHMARKS = ("mgsm", "alpaca")
+Benchmark = Literal["mgsm", "alpaca"]
+BENCHMARKS = typing.get_args(Benchmark)
 PAPER_LANGUAGES = ("en", "es", "ru", "de", "fr")
 DECODING = {  # name -> SamplingConfig fields
     "lidr": dict(temperature=0.0, repetition_penalty=1.1),
     "icr": dict(temperature=0.6, top_p=0.9),
     "greedy": dict(temperature=0.0),
 }
+Decoding = Literal[tuple(DECODING)]  # a Literal of a tuple is a Literal of its items: the names above
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What `evaluate_model` runs after an iteration. A benchmark listed needs its data path."""
 
-    benchmarks: tuple[str, ...] = BENCHMARKS
+    benchmarks: tuple[Benchmark, ...] = BENCHMARKS
     mgsm_languages: tuple[str, ...] = MGSM_LANGUAGES
     alpaca_languages: tuple[str, ...] = PAPER_LANGUAGES
     limit: int | None = 50  # first N items per language; None = all (250 MGSM, 805 X-AlpacaEval)
@@ -61,8 +66,8 @@ class EvalConfig:
     mgsm_few_shot_k: int = 0  # solved examples shown before each question (0 = zero-shot)
     mgsm_few_shot_dir: str | None = None  # folder of mgsm_{lang}.tsv to take them from (not the test file)
     mgsm_max_new_tokens: int = 512
-    mgsm_decoding: str = "greedy"  # see DECODING; "lidr" (repetition penalty 1.1) is the LIDR authors' preset
-    alpaca_decoding: str = "lidr"  # "lidr" or "icr", see DECODING
+    mgsm_decoding: Decoding = "greedy"  # see DECODING; "lidr" (repetition penalty 1.1) is the LIDR authors' preset
+    alpaca_decoding: Decoding = "lidr"  # "lidr" or "icr", see DECODING
     alpaca_max_new_tokens: int = 2048
     system_prompt: str | None = None  # e.g. "You are a helpful assistant." (LIDR with Llama-3)
     generator: str | None = None  # the alpaca_eval generator name; default from the model's source
@@ -76,12 +81,7 @@ class EvalConfig:
         for name in ("benchmarks", "mgsm_languages", "alpaca_languages"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        unknown = set(self.benchmarks) - set(BENCHMARKS)
-        if unknown:
-            raise ValueError(f"EvalConfig.benchmarks: unknown {sorted(unknown)}; choose from {BENCHMARKS}")
-        for name in ("alpaca_decoding", "mgsm_decoding"):
-            if getattr(self, name) not in DECODING:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}; choose from {sorted(DECODING)}")
+        check_choices(self)
         if self.limit is not None and self.limit < 1:
             raise ValueError("EvalConfig.limit must be >= 1, or None for every item")
         if self.mgsm_few_shot_k and not self.mgsm_few_shot_dir:

@@ -33,6 +33,7 @@ import numpy as np
 
 from lidr_jax.files import numbered_jsonl
 from lidr_jax.methods.languages import check_languages
+from lidr_jax.settings import check_choices
 
 DEFAULT_PROMPTS_DIR = Path(__file__).parent / "prompts" / "default"
 DEFAULT_LANGUAGES = ("en", "es", "de", "fr", "ru", "zh")
@@ -284,10 +285,13 @@ def _row_from_record(rec, where: str, f: _Fields) -> _Row:
     if not isinstance(rec, dict):
         raise PromptSetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for name in (f.id, f.instruction):
-        if name not in rec or rec[name] is None:
+        if name not in rec:
             raise PromptSetError(
                 f"{where}: no field {name!r} (fields here: {sorted(rec)}); set the id/instruction field"
             )
+        if rec[name] is None:
+            what = "the prompt's text" if name == f.instruction else "the prompt's id, the same in every language"
+            raise PromptSetError(f"{where}: {name!r} is null; write {what} there, or remove that prompt")
     pid = rec[f.id]
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise PromptSetError(f"{where}: id must be a string or integer, got {pid!r}")
@@ -435,6 +439,9 @@ class PromptSourceConfig:
     # The labelled split the before/after check answers: heldout (the final measurement) or dev (while
     # choosing settings, so that the held-out numbers are never used to tune).
     check_split: Literal["heldout", "dev"] = "heldout"
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 def load_prompts(source: PromptSourceConfig) -> PromptSet:

@@ -28,8 +28,7 @@ from typing import Literal
 from lidr_jax.endpoint import ChatClient, EndpointConfig
 from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.lidr import Message, TranslationPrompt, parse_translation
-
-KINDS = ("policy", "model", "endpoint")
+from lidr_jax.settings import check_choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +41,7 @@ class TranslatorConfig:
     endpoint: EndpointConfig = EndpointConfig()
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"translator kind must be one of {KINDS}, got {self.kind!r}")
+        check_choices(self)
         if self.kind == "model" and not self.model:
             raise ValueError("translator kind 'model' needs translator.model (an HF directory, .gguf file or name)")
         if self.kind == "endpoint" and not (self.endpoint.url and self.endpoint.model):

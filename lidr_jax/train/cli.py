@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Literal
 
 import jax
 
@@ -35,17 +36,17 @@ from lidr_jax.dist import sharding
 from lidr_jax.dist.multihost import maybe_initialize_distributed
 from lidr_jax.dist.sharding import MeshConfig
 from lidr_jax.files import atomic_write_json, plain
-from lidr_jax.formats.export import export_hf
-from lidr_jax.formats.load import load_pretrained
+from lidr_jax.formats.export import EXPORT_DTYPES, ExportError, check_destination, export_hf
+from lidr_jax.formats.load import LOAD_ERRORS, load_pretrained, model_path
 from lidr_jax.model.llama import param_specs
-from lidr_jax.settings import SettingsError, apply_overrides, describe, from_dict, load_yaml
+from lidr_jax.settings import SettingsError, apply_overrides, check_choices, describe, from_dict, load_yaml
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
-from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_pairs
+from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_training_pairs
 
-EXPORT_DTYPES = ("bfloat16", "float32")
+ExportDtype = Literal[EXPORT_DTYPES]  # a Literal of a tuple is a Literal of its items: formats.export's dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,16 @@ class DPORunConfig:
     metrics: MetricsConfig = MetricsConfig()  # live TensorBoard (and W&B when asked for)
     checkpoint_every: int = 50  # optimizer steps between Orbax checkpoints (and one at the end)
     checkpoint_keep: int = 2  # the newest checkpoints kept
-    export_dtype: str = "bfloat16"  # bfloat16 (what vLLM serves, half the size) | float32 (exact)
+    export_dtype: ExportDtype = "bfloat16"  # bfloat16 (what vLLM serves, half the size) | float32 (exact)
+    # Leave out (counted, with a warning) pairs whose chosen answer is empty or equals the rejected one
+    # (lidr_jax.train.pairs.DEGENERATE); false trains on them, as TRL does
+    drop_degenerate_pairs: bool = True
 
     def __post_init__(self):
-        if self.checkpoint_every < 1 or self.checkpoint_keep < 1:
-            raise ValueError("checkpoint_every and checkpoint_keep must be >= 1")
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export_dtype={self.export_dtype!r}; choose one of {EXPORT_DTYPES}")
+        check_choices(self)
+        for name in ("checkpoint_every", "checkpoint_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 EPILOG = """settings (YAML groups or --set key=value; values parse as YAML; a bare DPO key means dpo.KEY):
@@ -161,10 +165,25 @@ def _card(args, cfg: DPORunConfig, pairs) -> dict:
     )
 
 
+def check_inputs(args, cfg: DPORunConfig) -> list:
+    """Every input, checked before any model loads or anything is written: the pair file (the pairs to
+    train on are returned, a warning printed for those left out), the model and reference paths, and
+    --out (a folder, whose model/ is a new folder or an earlier export of this command)."""
+    pairs, warning = read_training_pairs(args.pairs, cfg.drop_degenerate_pairs)
+    if warning and jax.process_index() == 0:
+        print(warning, file=sys.stderr)
+    sources = [model_path(args.model)] + ([model_path(args.reference)] if args.reference else [])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out} is a file; pass a folder (a new one, or the one an earlier run wrote)")
+    check_destination(out / "model", sources=sources, replace=True)
+    return pairs
+
+
 def run(args) -> int:
     cfg = load_settings(args.config, args.set)
     export_dtype = args.export_dtype or cfg.export_dtype
-    pairs = read_pairs(args.pairs)  # every input is checked before any model loads
+    pairs = check_inputs(args, cfg)
     out = Path(args.out)
     writer = jax.process_index() == 0
     identity = {
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         maybe_initialize_distributed()  # several hosts: before anything touches a device
         return run(args)
-    except (SettingsError, PairFormatError, FileNotFoundError) as e:
+    except (SettingsError, PairFormatError, ExportError, *LOAD_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,8 @@ the policy, logπ_ref(y) under the frozen reference, and the implicit-reward mar
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +20,13 @@ import jax.numpy as jnp
 from lidr_jax.model.attention import IMPLEMENTATIONS, resolve
 from lidr_jax.model.llama import REMAT_POLICIES
 from lidr_jax.model.logprobs import pair_logprobs
+from lidr_jax.settings import check_choices
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-SCHEDULES = ("cosine", "linear", "constant")
+LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
+LOSS_TYPES = typing.get_args(LossType)
+# The choices the model layer defines, spelled once there (a Literal of a tuple is a Literal of its items).
+Attention = Literal[IMPLEMENTATIONS]
+Remat = Literal[tuple(REMAT_POLICIES)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +34,13 @@ class DPOConfig:
     """Every DPO training setting (frozen; `python -m lidr_jax.dpo --set key=value` sets any field)."""
 
     beta: float = 0.1  # strength of the KL anchor to the reference (β in every loss)
-    loss_type: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge
+    loss_type: LossType = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge
     label_smoothing: float = 0.0  # ε: assumed probability that a pair's label is flipped (sigmoid, robust)
     ipo_average: bool = True  # ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)
     nll_weight: float = 1.0  # λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)
     learning_rate: float = 5e-7
     warmup: float = 0.1  # < 1: fraction of the optimizer steps; >= 1: a number of steps
-    schedule: str = "cosine"  # decay after warmup: cosine | linear (both to 0) | constant
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (cosine and linear end at 0)
     epochs: int = 1
     batch_size: int = 4  # pairs per micro-batch (one packed row per pair)
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
@@ -51,20 +57,16 @@ class DPOConfig:
     row_tokens: int = 0
     share_prompt: bool = True  # packed rows run a pair's prompt once for both answers; false: once per answer
     # auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)
-    attention: str = "auto"
-    remat: str = "none"  # none | full | dots: activation recomputation in the layer scan
-    compute_dtype: str = "float32"  # float32 | bfloat16 matmuls; weights and Adam state stay float32
+    attention: Attention = "auto"
+    remat: Remat = "none"  # none | full | dots: activation recomputation in the layer scan
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # matmul dtype; weights and Adam state stay float32
     logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
     seed: int = 0  # shuffling
     reference_batch_size: int = 8  # pairs per forward in the reference log-prob pass
 
     def __post_init__(self):
+        check_choices(self)  # the loader's one check of every Literal field: key, value and choices
         checks = {
-            "loss_type": (self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
-            "schedule": (self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
-            "remat": (self.remat in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}"),
-            "attention": (self.attention in IMPLEMENTATIONS, f"one of {IMPLEMENTATIONS}"),
-            "compute_dtype": (self.compute_dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
             "beta": (self.beta > 0, "> 0"),
             "label_smoothing": (0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
             "nll_weight": (self.nll_weight >= 0, ">= 0"),
@@ -75,6 +77,7 @@ class DPOConfig:
             "logprob_chunk": (self.logprob_chunk >= 0, ">= 0"),
             "bucket_multiple": (self.bucket_multiple >= 0, ">= 0"),
             "row_tokens": (self.row_tokens == 0 or self.row_tokens >= 16, "0 (one row per pair) or >= 16"),
+            "seed": (self.seed >= 0, ">= 0 (it seeds the data order)"),
         }
         for field in (
             "epochs",

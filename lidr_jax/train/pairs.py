@@ -67,12 +67,22 @@ class PreferencePair:
 
 
 def _is_turns(x) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+    return isinstance(x, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x
+    )
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_field(value, name: str):
     if not (isinstance(value, str) or (_is_turns(value) and value)):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of {{role, content}} messages")
+        raise ValueError(
+            f"`{name}` must be a string or a non-empty list of {{role, content}} messages with string values, "
+            f"got {_shown(value)}; write the text as a JSON string"
+        )
     return value
 
 
@@ -84,7 +94,8 @@ def pair_from_record(rec: dict[str, Any]) -> PreferencePair:
     if "instruction" in rec:  # LLaMA-Factory alpaca ranking
         instruction, query = rec.pop("instruction"), rec.pop("input", "") or ""
         if not isinstance(instruction, str) or not isinstance(query, str):
-            raise ValueError("alpaca `instruction` and `input` must be strings")
+            bad = ("instruction", instruction) if not isinstance(instruction, str) else ("input", query)
+            raise ValueError(f"alpaca `{bad[0]}` must be a string, got {_shown(bad[1])}")
         if "output" in rec:
             out = rec.pop("output")
             if not (isinstance(out, list) and len(out) == 2 and all(isinstance(o, str) for o in out)):
@@ -95,12 +106,14 @@ def pair_from_record(rec: dict[str, Any]) -> PreferencePair:
         else:
             raise ValueError("alpaca ranking record needs `output: [chosen, rejected]` or `chosen` and `rejected`")
         turns: Turns = []
-        if rec.get("system"):
-            turns.append({"role": "system", "content": rec.pop("system")})
-        rec.pop("system", None)
+        system = rec.pop("system", None)
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"alpaca `system` must be a string, got {_shown(system)}")
+        if system:
+            turns.append({"role": "system", "content": system})
         for pair in rec.pop("history", None) or []:
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise ValueError("alpaca `history` must be a list of [user, assistant] pairs")
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise ValueError(f"alpaca `history` must hold [user, assistant] string pairs, got {_shown(pair)}")
             turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         user = instruction + ("\n" + query if query else "")
         prompt: str | Turns = user if not turns else turns + [{"role": "user", "content": user}]
@@ -128,33 +141,103 @@ def pair_from_record(rec: dict[str, Any]) -> PreferencePair:
 
 def _records(path: Path) -> Iterable[tuple[int, Any]]:
     """(line number, parsed JSON) for a JSONL file, or (index + 1, item) for a JSON list file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".json":
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PairFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) at line {e.lineno}") from None
-        yield from ((i + 1, item) for i, item in enumerate(items))
-        return
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = ""  # not a JSON list then: numbered_jsonl names the file, the line and the fix
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PairFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) at line {e.lineno}") from None
+            yield from ((i + 1, item) for i, item in enumerate(items))
+            return
     yield from numbered_jsonl(path, PairFormatError)
 
 
-def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
-    """All pairs of a JSONL or JSON-list file, TRL or LLaMA-Factory alpaca records (mixed is fine).
-    A malformed record raises `PairFormatError` naming the file and line (item number for JSON lists)."""
-    path = Path(path)
+def _numbered_pairs(path: Path) -> list[tuple[int, PreferencePair]]:
+    """(line number, or item number of a JSON list; pair) of every record (`read_pairs`)."""
     if not path.exists():
         raise FileNotFoundError(f"pair file {path} does not exist")
+    if path.is_dir():
+        raise PairFormatError(f"pair file {path} is a folder; pass a .jsonl or .json file of pairs")
     pairs = []
     for lineno, rec in _records(path):
         try:
-            pairs.append(pair_from_record(rec))
+            pairs.append((lineno, pair_from_record(rec)))
         except ValueError as e:
             where = f" (item {lineno} of the JSON list)" if path.suffix == ".json" else ""
             raise PairFormatError(f"{path}:{lineno}{where}: {e}") from None
     if not pairs:
         raise PairFormatError(f"{path}: no pairs in the file")
     return pairs
+
+
+def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
+    """All pairs of a JSONL or JSON-list file, TRL or LLaMA-Factory alpaca records (mixed is fine).
+    A malformed record raises `PairFormatError` naming the file and line (item number for JSON lists)."""
+    return [p for _, p in _numbered_pairs(Path(path))]
+
+
+# Pairs DPO can learn no preference from, by reason: the same answer twice gives a DPO loss whose
+# gradient is zero whatever the weights (only the NLL term trains, on that answer), and an empty
+# chosen answer is its end-of-turn alone, so the pair teaches the model to stop before answering.
+DEGENERATE = {
+    "empty_chosen": "with an empty chosen answer",
+    "identical": "whose chosen answer equals the rejected one",
+}
+
+
+def _answer(x: str | Turns) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"].strip()) for m in _turns(x, "assistant")]
+
+
+def degenerate_reason(p: PreferencePair) -> str | None:
+    """A key of `DEGENERATE` when `p` is such a pair (compared after stripping whitespace), else None."""
+    chosen = _answer(p.chosen)
+    if not any(text for _, text in chosen):
+        return "empty_chosen"
+    if chosen == _answer(p.rejected):
+        return "identical"
+    return None
+
+
+def read_training_pairs(path: str | os.PathLike, drop_degenerate: bool = True) -> tuple[list[PreferencePair], str]:
+    """`read_pairs` for training: the pairs to train on, and a one-line warning that counts the
+    `DEGENERATE` pairs with their lines ("" when there are none). They are left out when
+    `drop_degenerate` (what the pipeline's pair filters do by default), else kept (what TRL does,
+    silently). `PairFormatError` when nothing is left to train on."""
+    path = Path(path)
+    numbered = _numbered_pairs(path)
+    found: dict[str, list[int]] = {}
+    kept = []
+    for lineno, p in numbered:
+        reason = degenerate_reason(p)
+        if reason is not None:
+            found.setdefault(reason, []).append(lineno)
+        if reason is None or not drop_degenerate:
+            kept.append(p)
+    if not found:
+        return kept, ""
+    where = "item" if path.suffix == ".json" else "line"
+    counts = []
+    for reason, lines in found.items():
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+        counts.append(f"{len(lines)} {DEGENERATE[reason]} ({where}{'s' if len(lines) > 1 else ''} {shown})")
+    n = sum(map(len, found.values()))
+    counted = f"{path}: {n} of {len(numbered)} pairs teach DPO no preference: {'; '.join(counts)}"
+    if not kept:
+        raise PairFormatError(
+            f"{counted}; nothing is left to train on: fix the file, or set drop_degenerate_pairs=false to train on them"
+        )
+    if drop_degenerate:
+        return kept, (
+            f"warning: {counted}; left out of training (an identical pair has a zero DPO gradient, an empty chosen "
+            "answer teaches the model to stop at once); fix or remove them, or set drop_degenerate_pairs=false "
+            "to train on them as TRL does"
+        )
+    return kept, f"warning: {counted}; trained on anyway (drop_degenerate_pairs=false)"
 
 
 def trl_record(p: PreferencePair) -> dict[str, Any]:
