@@ -4,6 +4,12 @@ An atomic write goes to a temporary file in the destination's directory, is fsyn
 over the destination (and the directory fsynced), so a reader or a resumed run sees the old file or
 the new one, never half of one. The file gets the process umask's permissions, as `open` would give it
 (`tempfile.mkstemp` alone would leave every file 0600).
+
+Paths may also name an object store that etils.epath (installed with Orbax) writes: `gs://bucket/run`,
+`s3://...`. `as_path` gives such a URI as an `epath.Path` and a local path as a `pathlib.Path`, so local
+files keep pathlib's behaviour exactly. On an object store a write goes through epath and is atomic
+because an object appears only once its upload completes; an object cannot be appended to, so
+`append_jsonl` rewrites it whole (the rows so far plus the new ones).
 """
 
 from __future__ import annotations
@@ -11,10 +17,73 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+AnyPath = Path | epath.Path
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on this machine's filesystem (not a `scheme://` URI such as gs://bucket/run)."""
+    return not _URI.match(os.fspath(path))
+
+
+def as_path(path: str | os.PathLike) -> AnyPath:
+    """`path` as a `pathlib.Path` when local, as an `etils.epath.Path` when it is a URI (gs://, s3://, ...).
+    (pathlib would turn "gs://bucket/x" into the relative local path "gs:/bucket/x".)"""
+    if is_local(path):
+        return path if isinstance(path, Path) else Path(os.fspath(path))
+    return epath.Path(path)
+
+
+def absolute_path(path: str | os.PathLike) -> AnyPath:
+    """`as_path(path)`, made absolute when local (so it stays valid if the caller changes directory, and
+    Orbax, which wants absolute paths, takes it); a URI is absolute already."""
+    path = as_path(path)
+    return path.absolute() if isinstance(path, Path) else path
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a directory and everything under it; a missing one is no error."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.rmtree(missing_ok=True)
+
+
+def files_under(path: str | os.PathLike) -> list[AnyPath]:
+    """Every file under the directory `path`, sorted (none when it does not exist)."""
+    path = as_path(path)
+    if not path.exists():
+        return []
+    if isinstance(path, Path):
+        return sorted(f for f in path.rglob("*") if f.is_file())
+    # epath refuses "**" globs on object stores (one request per listing), so list level by level
+    return sorted(f for p in path.iterdir() for f in (files_under(p) if p.is_dir() else [p]))
+
+
+def upload_tree(local: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy every file under the local directory `local` to the same relative paths under `dest` (a local
+    path or a URI), streamed: for files a library can only write locally (safetensors shards)."""
+    local, dest = Path(local), as_path(dest)
+    for f in files_under(local):
+        target = dest / f.relative_to(local).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """The bytes of every file under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size if isinstance(f, Path) else f.stat().length for f in files_under(path))
 
 
 def _umask() -> int:
@@ -37,10 +106,14 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically: a temp file in the same directory, fsync, `os.replace`."""
-    path = Path(path)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> AnyPath:
+    """Write `data` to `path` atomically: a temp file in the same directory, fsync, `os.replace`
+    (on an object store: one upload, which is atomic there)."""
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(path, Path):
+        path.write_bytes(data)
+        return path
     # Same directory: os.replace is atomic only within one filesystem.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -58,11 +131,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> AnyPath:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> AnyPath:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
@@ -71,13 +144,17 @@ def jsonl_text(rows: Iterable[Any]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> AnyPath:
     return atomic_write_text(path, jsonl_text(rows))
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Append rows and fsync (a crash loses at most a torn last line, which readers may drop)."""
-    path = Path(path)
+    """Append rows and fsync (a crash loses at most a torn last line, which readers may drop). On an
+    object store the object is rewritten whole, so a reader never sees a torn line there."""
+    path = as_path(path)
+    if not isinstance(path, Path):
+        atomic_write_text(path, (path.read_text(encoding="utf-8") if path.exists() else "") + jsonl_text(rows))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(jsonl_text(rows))
@@ -89,7 +166,7 @@ def numbered_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError)
     """(line number, parsed value) for every non-blank line of a JSON Lines file.
 
     A line that is not JSON, or a file that is not UTF-8, raises `error` naming the file and line."""
-    path = Path(path)
+    path = as_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

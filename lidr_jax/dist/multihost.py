@@ -2,7 +2,8 @@
 
 The rules, stated once:
 - Start: `maybe_initialize_distributed()` before anything touches a device (TPU pods auto-detect;
-  GPUs/CPUs read LIDR_COORDINATOR / LIDR_NUM_PROCESSES / LIDR_PROCESS_ID).
+  GPUs/CPUs read LIDR_COORDINATOR / LIDR_NUM_PROCESSES / LIDR_PROCESS_ID, or JAX's own
+  JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES / JAX_PROCESS_ID or a detected cluster).
 - Generation and scoring are data parallel: each process takes its contiguous `process_shard` of
   the work, runs it on its own devices (`on_this_process`: the params gathered onto a host-local
   mesh) and `gather_objects` hands every process all results, in order. `generate_resumable`
@@ -24,7 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,32 +51,57 @@ from lidr_jax.settings import SettingsError
 # ---------------------------------------------------------------------------------------- processes
 
 
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when the environment asks for it; True if running multi-process.
+def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """What `jax.distributed.initialize` is called with for environment `env`; None: one process.
 
     - LIDR_COORDINATOR=host:port, LIDR_NUM_PROCESSES, LIDR_PROCESS_ID: explicit (GPU/CPU clusters).
+    - JAX_COORDINATOR_ADDRESS (what `jax.distributed.initialize` itself reads), with JAX_NUM_PROCESSES
+      and JAX_PROCESS_ID when the launcher sets them; without those two, JAX takes them from the
+      cluster it detects (SLURM, Open MPI, Kubernetes, TPU). JAX_LOCAL_DEVICE_IDS, JAX_COORDINATOR_PORT
+      and JAX_COORDINATOR_BIND_ADDRESS are read by JAX itself.
     - LIDR_DISTRIBUTED=1, or a TPU pod slice (TPU_WORKER_HOSTNAMES lists several hosts): JAX
-      auto-detects the coordinator (TPU metadata, SLURM, Open MPI).
-    Call it first, before anything touches a device. Calling it twice is harmless.
+      auto-detects everything ({} here).
+    A partial or malformed set raises `SettingsError` naming the variables."""
+    for address, count, index, all_or_none in (
+        ("LIDR_COORDINATOR", "LIDR_NUM_PROCESSES", "LIDR_PROCESS_ID", True),
+        ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", False),
+    ):
+        if not env.get(address):
+            continue
+        given = [k for k in (count, index) if env.get(k)]
+        if (all_or_none or given) and len(given) < 2:
+            missing = [k for k in (count, index) if k not in given]
+            raise SettingsError(f"{address} is set but {missing} are not: set {count} and {index} on every process too")
+        args: dict[str, Any] = {"coordinator_address": env[address]}
+        for key, name in ((count, "num_processes"), (index, "process_id")):
+            if env.get(key):
+                try:
+                    args[name] = int(env[key])
+                except ValueError:
+                    raise SettingsError(f"{key}={env[key]!r} is not a whole number") from None
+        if "num_processes" in args and not 0 <= args["process_id"] < args["num_processes"]:
+            raise SettingsError(
+                f"{index}={args['process_id']} is out of range for {count}={args['num_processes']} "
+                f"(process ids are 0..{args['num_processes'] - 1})"
+            )
+        return args
+    pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if env.get("LIDR_DISTRIBUTED", "") in ("1", "true", "auto") or pod:
+        return {}
+    return None
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize(...)` when the environment asks for it (`distributed_args`); True if
+    running multi-process. Call it first, before anything touches a device. Calling it twice is harmless.
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    env = os.environ
-    if env.get("LIDR_COORDINATOR"):
-        missing = [k for k in ("LIDR_NUM_PROCESSES", "LIDR_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise SettingsError(f"LIDR_COORDINATOR is set but {missing} are not: set all three on every process")
-        jax.distributed.initialize(
-            coordinator_address=env["LIDR_COORDINATOR"],
-            num_processes=int(env["LIDR_NUM_PROCESSES"]),
-            process_id=int(env["LIDR_PROCESS_ID"]),
-        )
-        return True
-    pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if env.get("LIDR_DISTRIBUTED", "") in ("1", "true", "auto") or pod:
-        jax.distributed.initialize()
-        return True
-    return False
+    args = distributed_args(os.environ)
+    if args is None:
+        return False
+    jax.distributed.initialize(**args)
+    return True
 
 
 def process_bounds(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The settings of `python -m lidr_jax.iterate`: one frozen dataclass tree, read from YAML + `--set`.
 
-Each group belongs to the module that uses it (sampling to generate/sampler.py, dpo to train/dpo.py,
+Each group belongs to the module that uses it (sampling to generate/sampler.py, dpo and metrics to train/,
 prompts to methods/prompt_sets.py, the LIDR and ICR pair settings to methods/lidr.py and
 methods/icr.py, evaluation to eval/evaluate.py, the mesh to dist/sharding.py); this module only nests
 them and adds the run-level knobs. `load_run_config` checks every key, type and range, and
@@ -25,6 +25,7 @@ from lidr_jax.methods.prompt_sets import PromptSourceConfig
 from lidr_jax.methods.translator import TranslatorConfig
 from lidr_jax.settings import SettingsError, apply_overrides, check_choices, from_dict, load_yaml
 from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.train.metrics import MetricsConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # package data: works from any install
 
@@ -104,6 +105,7 @@ class RunConfig:
     check: CheckConfig = CheckConfig()
     evaluation: EvalConfig = EvalConfig(benchmarks=())  # benchmarks run on the starting model and after each iteration
     mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.dist.sharding, docs/scaling.md)
+    metrics: MetricsConfig = MetricsConfig()  # live numbers: training every step, each stage's when it finishes
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
     checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)
     checkpoint_keep: int = 2

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lidr_jax.files import AnyPath, absolute_path, as_path
 from lidr_jax.formats.export import CONVERSION, EXPORT_DTYPES, ExportError, check_destination, export_hf, parse_size
 from lidr_jax.formats.load import LOAD_ERRORS, Model, load_pretrained, model_path
 from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, StageNotDoneError
@@ -45,10 +46,10 @@ def open_run(path: str | os.PathLike) -> RunDir:
     try:
         return RunDir(path)
     except (ValueError, KeyError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
-        if str(Path(path).absolute() / MANIFEST) in str(e):  # the run directory's own message names the file
+        if str(absolute_path(path) / MANIFEST) in str(e):  # the run directory's own message names the file
             raise ExportError(str(e)) from None
         raise ExportError(
-            f"{Path(path) / MANIFEST}: not a readable run manifest ({type(e).__name__}: {e}); restore it from a "
+            f"{as_path(path) / MANIFEST}: not a readable run manifest ({type(e).__name__}: {e}); restore it from a "
             "backup, or export the policy checkpoint's run again"
         ) from None
 
@@ -81,9 +82,9 @@ def base_model_name(run: RunDir) -> str:
     return name
 
 
-def policy_path(run: RunDir, k: int) -> Path:
+def policy_path(run: RunDir, k: int) -> AnyPath:
     """Iteration k's trained policy checkpoint, which must be on disk."""
-    policy = Path(run.outputs(k, "train")["policy"])
+    policy = as_path(run.outputs(k, "train")["policy"])
     if not policy.is_dir():
         raise ExportError(
             f"{policy}: iteration {k}'s trained policy is missing although the manifest marks training done; "
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Every check first (no model is loaded until all pass), then the one slow part.
-    is_run = (Path(args.source) / MANIFEST).exists()
+    is_run = (as_path(args.source) / MANIFEST).exists()
     if is_run:
         run = open_run(args.source)
         k = trained_iteration(run, args.iteration)

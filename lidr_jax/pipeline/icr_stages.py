@@ -7,7 +7,6 @@ the English-conditioned prompt; the pairs take the best and worst answers of eac
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -58,7 +57,7 @@ def icr_score(it: Iteration) -> dict:
     cfg, run, k, prompts = it.cfg, it.run, it.k, it.prompts
     scorers = scorer_models(it)
     d = run.stage_dir(k, "score")
-    rows = read_jsonl(Path(run.outputs(k, "sample")["samples"]))
+    rows = read_jsonl(run.outputs(k, "sample")["samples"])
     sel = cfg.icr.selection
     english = prompts.by_id(cfg.dominant)
     answers = [(row, j, text) for row in rows for j, text in enumerate(row["outputs"])]
@@ -138,7 +137,7 @@ def icr_pairs(it: Iteration) -> dict:
     of kept and dropped pairs goes to pairs/stats.json, the report and TensorBoard."""
     cfg, run, k, prompts = it.cfg, it.run, it.k, it.prompts
     d = run.stage_dir(k, "pairs")
-    rows = read_jsonl(Path(run.outputs(k, "score")["scores"]))
+    rows = read_jsonl(run.outputs(k, "score")["scores"])
     languages = [lang for lang in prompts.languages if cfg.icr.selection.english_pairs or lang != cfg.dominant]
     pairs, stats, table = [], {}, PairTable(languages)
     for lang in languages:
@@ -163,4 +162,4 @@ def icr_pairs(it: Iteration) -> dict:
         for reason, n in lang_stats["dropped"].items():
             for _ in range(n):
                 table.count(lang, reason)
-    return write_pairs(run, d, pairs, {"per_language": stats, "table": table.to_dict()}, k)
+    return write_pairs(run, d, pairs, {"per_language": stats, "table": table.to_dict()})

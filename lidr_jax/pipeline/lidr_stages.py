@@ -10,7 +10,7 @@ answer into English, and the pairs are built from both through the quality filte
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 
 from lidr_jax.files import read_jsonl
 from lidr_jax.methods import lidr, translator
@@ -33,18 +33,18 @@ def lidr_generate(it: Iteration) -> dict:
     return {"generations": str(d / "generations.jsonl"), "stats": stats}
 
 
-def generations_table(path: str | Path) -> dict[str, dict[str, str]]:
+def generations_table(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     """{lang: {id: answer}} from a generations file (first sample)."""
     table: dict[str, dict[str, str]] = {}
-    for row in read_jsonl(Path(path)):
+    for row in read_jsonl(path):
         table.setdefault(row["lang"], {})[row["id"]] = row["outputs"][0]
     return table
 
 
-def length_cut_ids(path: str | Path) -> dict[str, set[str]]:
+def length_cut_ids(path: str | os.PathLike) -> dict[str, set[str]]:
     """{lang: ids whose answer stopped at the token limit} from a generations file (first sample)."""
     cut: dict[str, set[str]] = {}
-    for row in read_jsonl(Path(path)):
+    for row in read_jsonl(path):
         if row["finish_reasons"][0] == "length":
             cut.setdefault(row["lang"], set()).add(row["id"])
     return cut
@@ -125,7 +125,7 @@ def lidr_pairs(it: Iteration) -> dict:
     gens = generations_table(run.outputs(k, "generate")["generations"])
     to_target: dict[str, dict] = {}
     to_dominant: dict[str, dict] = {}
-    for row in read_jsonl(Path(run.outputs(k, "translate")["translations"])):
+    for row in read_jsonl(run.outputs(k, "translate")["translations"]):
         if row["source"] == cfg.dominant:
             to_target.setdefault(row["target"], {})[row["id"]] = row["translation"]
         else:
@@ -142,4 +142,4 @@ def lidr_pairs(it: Iteration) -> dict:
         length_cut=length_cut_ids(run.outputs(k, "generate")["generations"]),
         translator=translated_by,
     )
-    return write_pairs(run, d, pairs, stats.to_dict(), k)
+    return write_pairs(run, d, pairs, stats.to_dict())

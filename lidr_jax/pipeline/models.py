@@ -14,6 +14,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from lidr_jax.dist import sharding
+from lidr_jax.files import as_path
 from lidr_jax.formats.load import Model, load_pretrained
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import param_specs
@@ -56,7 +57,7 @@ class RunModels:
 
     def load(self, spec: str) -> Model:
         """Any model: a params checkpoint of this run, an HF directory, a .gguf file or an embedded name."""
-        if (Path(spec) / "model_config").exists():
+        if (as_path(spec) / "model_config").exists():
             return self.from_checkpoint(spec)
         m = load_pretrained(spec)
         return self.placed(m, m.params, m.config)

@@ -6,13 +6,15 @@ at any time (`python -c "from lidr_jax.pipeline.report import ..."`) and always 
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from lidr_jax.eval.heldout import measure_table
 from lidr_jax.eval.plots import _pyplot, plot_metrics
-from lidr_jax.files import atomic_write_text, read_jsonl
+from lidr_jax.files import AnyPath, as_path, atomic_write_bytes, atomic_write_text, read_jsonl
 from lidr_jax.methods.filters import format_table
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.run_dir import RunDir
@@ -45,12 +47,20 @@ def _held_out_history(cfg: RunConfig, run: RunDir) -> list[dict]:
 
 def _metrics_rows(run: RunDir, k: int) -> list[dict]:
     path = _out(run, k, "train").get("metrics")
-    if not path or not Path(path).exists():
+    if not path or not as_path(path).exists():
         return []
     return read_jsonl(path)
 
 
-def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
+def _save_figure(plt, fig, png: AnyPath, dpi: int) -> AnyPath:
+    """Save a figure atomically through lidr_jax.files (a local run or an object store alike)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(png, buffer.getvalue())
+
+
+def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
     series = {k: _metrics_rows(run, k) for k in range(1, cfg.iterations + 1)}
     if not any(series.values()):
         return None
@@ -66,12 +76,10 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save_figure(plt, fig, png, dpi=110)
 
 
-def _plot_pairs(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
+def _plot_pairs(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
     per_iter = {k: _out(run, k, "pairs").get("stats", {}) for k in range(1, cfg.iterations + 1)}
     per_iter = {k: s for k, s in per_iter.items() if s}
     if not per_iter:
@@ -94,9 +102,7 @@ def _plot_pairs(cfg: RunConfig, run: RunDir, png: Path) -> Path | None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save_figure(plt, fig, png, dpi=110)
 
 
 def summary_rows(cfg: RunConfig, run: RunDir) -> list[list[str]]:
@@ -155,7 +161,7 @@ def _table_md(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def write_report(cfg: RunConfig, run: RunDir) -> Path:
+def write_report(cfg: RunConfig, run: RunDir) -> AnyPath:
     """Write RUN_DIR/report.md and its plots; returns the report's path."""
     plots = []
     for name, fn in (("training.png", _plot_training), ("pairs.png", _plot_pairs)):
@@ -169,7 +175,9 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
     if history:
         try:
             plotted = [{m: v for m, v in h.items() if not m.endswith(("_low", "_high", "/n"))} for h in history]
-            plot_metrics(plotted, run.path / "evaluation.png")
+            with tempfile.TemporaryDirectory() as tmp:  # plot_metrics writes a local file; the run may not be local
+                png = plot_metrics(plotted, Path(tmp) / "evaluation.png")
+                atomic_write_bytes(run.path / "evaluation.png", png.read_bytes())
             plots.append("evaluation.png")
         except ImportError:
             pass

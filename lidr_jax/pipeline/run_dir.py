@@ -16,6 +16,14 @@ Opening a run for writing checks first that the directory can be written and tha
 (`RunDirError` otherwise, naming the path and the fix); `ignore` names config keys not compared on
 resume (`run_dir`: a moved run is the same run).
 
+Where Orbax writes, a run can live: `RunDir("gs://bucket/runs/mine")` keeps every path as an
+`etils.epath.Path` (lidr_jax.files.as_path; a local path stays a `pathlib.Path`), so stages write the
+bucket through the same calls (docs/run_directory.md).
+
+Each stage's numbers go to the run's metrics sink when it is marked done (`metrics`, a
+lidr_jax.train.metrics.MetricsConfig: TensorBoard under `RUN_DIR/tensorboard/stages`, W&B when asked
+for): every number of the outputs the stage returned, tagged `<stage>/<key>/...`, at step K.
+
 One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
 run for writing (other instances may read). Several processes share one run through `Processes`
 (lidr_jax.dist.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages
@@ -29,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +44,19 @@ from pathlib import Path
 from typing import Any
 
 from lidr_jax.dist.multihost import Processes
-from lidr_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text, plain
+from lidr_jax.files import (
+    AnyPath,
+    absolute_path,
+    append_jsonl,
+    as_path,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    is_local,
+    plain,
+    remove_tree,
+)
+from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -99,7 +118,9 @@ class RunDir:
     `allow_config_change=True`, which adopts the new config and records the change in the manifest;
     top-level keys in `ignore` are not compared. `processes` (default: one process) says whether this
     process is the writer (module docstring). A damaged manifest, or (when writing) a path that is a
-    file or cannot be written, raises `RunDirError` before anything is written.
+    file or cannot be written, raises `RunDirError` before anything is written. `metrics` (None: none)
+    says where each finished stage's numbers go (module docstring). `path` may be a local path or a
+    URI that etils.epath writes (gs://bucket/run).
     """
 
     def __init__(
@@ -111,11 +132,14 @@ class RunDir:
         allow_config_change: bool = False,
         processes: Processes = LONE_PROCESS,
         ignore: Sequence[str] = (),
+        metrics: MetricsConfig | None = None,
     ):
-        self.path = Path(path).absolute()  # stage paths stay valid if the caller changes directory
+        self.path = absolute_path(path)  # stage paths stay valid if the caller changes directory
         self.manifest_path = self.path / MANIFEST
         self.processes = processes
         self.ignore = tuple(ignore)
+        self.metrics = metrics
+        self._sink: MetricsSink | None = None
         if config is not None and processes.writer:
             _check_writable(self.path)
         existing = _read_manifest(self.manifest_path) if self.manifest_path.exists() else None
@@ -175,21 +199,37 @@ class RunDir:
         what only the writer is sure to see complete (a file it is still appending to)."""
         return self.processes.broadcast(self.on_writer(fn, *args, **kwargs))
 
-    def write_json(self, path: str | os.PathLike, obj: Any) -> Path:
+    def write_json(self, path: str | os.PathLike, obj: Any) -> AnyPath:
         self.on_writer(atomic_write_json, path, obj)
-        return Path(path)
+        return as_path(path)
 
-    def write_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    def write_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> AnyPath:
         self.on_writer(atomic_write_jsonl, path, rows)
-        return Path(path)
+        return as_path(path)
 
-    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+    def write_text(self, path: str | os.PathLike, text: str) -> AnyPath:
         self.on_writer(atomic_write_text, path, text)
-        return Path(path)
+        return as_path(path)
 
     def append_jsonl(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append rows to `path` and fsync (not atomic: a reader must drop a last line cut by a kill)."""
-        self.on_writer(append_jsonl, Path(path), rows)
+        self.on_writer(append_jsonl, path, rows)
+
+    def log_stage(self, k: int, stage: str, outputs: Mapping[str, Any]) -> None:
+        """Every number in a finished stage's `outputs` (pairs kept and dropped per language, translation
+        failures per direction, in-language shares, ...) to the run's metrics sink, tagged
+        `<stage>/...` at step `k`; nothing without `metrics` or on a process that does not write."""
+        if self.metrics is None or not self.writer:
+            return
+        if self._sink is None:
+            self._sink = MetricsSink(self.metrics, tensorboard_dir=self.path / "tensorboard" / "stages")
+        self._sink.log(dict(outputs), step=k, prefix=stage)
+
+    def close(self) -> None:
+        """Close the run's metrics sink (it is reopened by the next `log_stage`)."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
         diffs = []
@@ -226,10 +266,10 @@ class RunDir:
 
     # -- layout -----------------------------------------------------------------------------------
 
-    def iter_dir(self, k: int) -> Path:
+    def iter_dir(self, k: int) -> AnyPath:
         return self.path / f"iter_{_check_k(k)}"
 
-    def stage_dir(self, k: int, name: str, *, create: bool = True) -> Path:
+    def stage_dir(self, k: int, name: str, *, create: bool = True) -> AnyPath:
         """`RUN_DIR/iter_K/<name>/` (created by the writer unless `create=False`)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"stage name {name!r} must be a plain directory name")
@@ -268,6 +308,7 @@ class RunDir:
         outputs = self.processes.broadcast(json.loads(json.dumps(outputs, ensure_ascii=False)))
         self._iteration(k, create=True)["stages"][stage] = {"done_at": _now(), "outputs": outputs}
         self._write()
+        self.log_stage(k, stage, outputs)
         self.processes.barrier(f"iteration {k} {stage} done")
 
     def missing_outputs(self, k: int, stage: str) -> list[str]:
@@ -275,7 +316,7 @@ class RunDir:
         stages = self._iteration(k)["stages"]
         values = stages[stage]["outputs"].values() if stage in stages else ()
         paths = [self._abs(v) for v in values if isinstance(v, str) and v.startswith("./")]
-        return [p for p in paths if not os.path.exists(p)]
+        return [p for p in paths if not as_path(p).exists()]
 
     def forget(self, k: int, stage: str) -> None:
         """Count `stage` of iteration `k` as not done (its files stay; the stage rewrites them)."""
@@ -287,9 +328,9 @@ class RunDir:
         TensorBoard events), so the next run does it again from the start; the manifest records what was
         redone under "redone". Every process calls it."""
         for k, name in stages:
-            self.on_writer(shutil.rmtree, self.stage_dir(k, name, create=False), ignore_errors=True)
+            self.on_writer(remove_tree, self.stage_dir(k, name, create=False))
             if name == "train":
-                self.on_writer(shutil.rmtree, self.path / "tensorboard" / f"iter_{k}", ignore_errors=True)
+                self.on_writer(remove_tree, self.path / "tensorboard" / f"iter_{k}")
             self._iteration(k)["stages"].pop(name, None)
         self._manifest.setdefault("redone", []).append({"at": _now(), "stages": [f"iter_{k}/{n}" for k, n in stages]})
         self._write()
@@ -317,6 +358,9 @@ class RunDir:
 
     def _rel(self, value: str | os.PathLike) -> str:
         # A Path is a path; a str is a path only if absolute (a relative str may be a hub name).
+        if not is_local(value) or not isinstance(self.path, Path):  # a URI: inside the run if under its root
+            root, text = str(self.path).rstrip("/") + "/", os.fspath(value)
+            return "./" + text[len(root) :] if text.startswith(root) else text
         p = Path(value).absolute() if isinstance(value, os.PathLike) else Path(value)
         if p.is_absolute():
             try:
@@ -331,13 +375,14 @@ class RunDir:
         return str(self.path / value[2:]) if value.startswith("./") else value
 
     def _rel_value(self, v: Any) -> Any:
-        return self._rel(v) if isinstance(v, os.PathLike) or (isinstance(v, str) and os.path.isabs(v)) else v
+        path = isinstance(v, os.PathLike) or (isinstance(v, str) and (os.path.isabs(v) or not is_local(v)))
+        return self._rel(v) if path else v
 
     def _abs_value(self, v: Any) -> Any:
         return self._abs(v) if isinstance(v, str) else v
 
 
-def _read_manifest(path: Path) -> dict:
+def _read_manifest(path: AnyPath) -> dict:
     """The manifest, checked to be one; a damaged file raises `RunDirError` naming it."""
     fix = (
         "it records which stages are done; restore it from a backup, or start over in a new run directory "
@@ -354,10 +399,21 @@ def _read_manifest(path: Path) -> dict:
     return data
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: AnyPath) -> None:
     """A run directory must be a directory this process can write (or creatable in one)."""
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory; pass --run-dir a new folder or an earlier run's")
+    if not isinstance(path, Path):  # an object store: a real write, as below
+        probe = path / ".write-check"
+        try:
+            probe.write_text("")
+            probe.unlink(missing_ok=True)
+        except Exception as e:  # each store's client raises its own errors (permission, no bucket)
+            raise RunDirError(
+                f"{path} cannot be written ({type(e).__name__}: {e}); check the bucket name and your credentials, "
+                "or pass --run-dir a folder you can write"
+            ) from None
+        return
     existing = path
     while not existing.exists():
         existing = existing.parent

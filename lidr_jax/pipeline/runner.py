@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import yaml
 
 from lidr_jax.dist import sharding
 from lidr_jax.dist.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
-from lidr_jax.files import plain
+from lidr_jax.files import as_path, plain
 from lidr_jax.formats.load import LOAD_ERRORS
 from lidr_jax.methods.languages import UnknownLanguageError
 from lidr_jax.methods.prompt_sets import PromptSet, PromptSetError, iteration_slice, load_prompts, split_heldout
@@ -131,6 +130,7 @@ class Runner:
             for k in range(1, self.cfg.iterations + 1):
                 self.run.set_iteration_start_model(k, start_model(self.cfg, self.run, k))
                 self.run_chain(self.iteration(k), CHAINS[self.cfg.reward])
+        self.run.close()
         report = self.run.on_writer(write_report, self.cfg, self.run)
         self.run.on_writer(print_summary, self.cfg, self.run)
         print(f"\ndone in {time.perf_counter() - t0:.0f} s" + (f"; report: {report}" if report else ""))
@@ -142,7 +142,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
     slices, held_out = plan_prompts(cfg)
     check_paths(cfg)
     targets = [parse_redo(item, cfg) for item in redo]
-    if targets and not (Path(cfg.run_dir) / MANIFEST).is_file():
+    if targets and not (as_path(cfg.run_dir) / MANIFEST).is_file():
         raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.parse_rules(cfg.mesh.rules)
@@ -152,7 +152,8 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
         seed=cfg.seed,
         allow_config_change=allow_config_change,
         processes=run_processes(),
-        ignore=("run_dir",),  # a moved run directory is the same run
+        ignore=("run_dir", "metrics"),  # a moved run is the same run, and so is one reported elsewhere
+        metrics=cfg.metrics,  # each finished stage's numbers to TensorBoard / W&B
     )
     for k, name in targets:
         if not run.is_done(k, name):

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import jax
 
 from lidr_jax.dist import sharding
-from lidr_jax.files import read_jsonl
+from lidr_jax.files import AnyPath, is_local, read_jsonl, remove_tree, tree_bytes, upload_tree
 from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import Model
 from lidr_jax.model.llama import param_specs
@@ -31,7 +31,7 @@ from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.train.memory import check_training_fits
-from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
+from lidr_jax.train.metrics import NO_METRICS, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import encode_pairs, read_pairs
 
 
@@ -90,11 +90,14 @@ def train_stage(it: Iteration) -> dict:
         else:  # a run killed before its first checkpoint starts over
             run.on_writer(metrics_path.unlink, missing_ok=True)
 
-        sink = MetricsSink(  # JSONL and TensorBoard every step, while training runs
-            MetricsConfig(report_to=("tensorboard",) if run.writer else ()),
+        sink = MetricsSink(  # JSONL, TensorBoard (and W&B when asked for) every step, while training runs
+            cfg.metrics if run.writer else NO_METRICS,
             jsonl_path=metrics_path if run.writer else None,
             tensorboard_dir=run.path / "tensorboard" / f"iter_{k}",
             purge_step=(int(state.step) if state is not None else 0) + 1,
+            run_name=str(run.path),
+            run_config=run.config,
+            wandb_prefix=f"iter_{k}/train",
         )
         try:
             state = trainer.train_checkpointed(
@@ -111,7 +114,7 @@ def train_stage(it: Iteration) -> dict:
     return {"policy": str(policy_dir), "metrics": str(metrics_path), "stats": summary}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: AnyPath, step: int) -> None:
     """The metrics file as of the restored step (lidr_jax.train.metrics.truncate_metrics: later lines and a
     last line cut by a kill dropped), with a warning when a kill had cut the last line."""
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
@@ -125,7 +128,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         warnings.warn(f"{path}: dropped a last line cut by a kill ({lines[-1][:60]!r})", stacklevel=2)
 
 
-def _metrics_summary(path: Path) -> dict:
+def _metrics_summary(path: AnyPath) -> dict:
     rows = read_jsonl(path)
     if not rows:
         return {}
@@ -134,21 +137,26 @@ def _metrics_summary(path: Path) -> dict:
     return {"first": {k: first[k] for k in keys if k in first}, "last": {k: last[k] for k in keys if k in last}}
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 def export_stage(it: Iteration) -> dict:
     """The trained policy as a Hugging Face directory (`iter_K/export/hf`) in `export_dtype`; then, unless
     `keep_train_checkpoints`, the training checkpoints (weights + AdamW state) are deleted: the params-only
     policy (`iter_K/train/policy`) and the export hold everything later stages read. Records the disk
-    the iteration's directory uses (the run report shows it)."""
+    the iteration's directory uses (the run report shows it). A run directory on an object store gets
+    the export written locally first, then uploaded (safetensors writes local files only)."""
     d = it.run.stage_dir(it.k, "export")
-    out = export_hf(it.trained, d / "hf", dtype=it.cfg.export_dtype, card=card_info(it.run, it.k), replace=True)
+    options = dict(dtype=it.cfg.export_dtype, card=card_info(it.run, it.k), replace=True)
+    if is_local(d):
+        out = export_hf(it.trained, d / "hf", **options)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(it.trained, Path(tmp) / "hf", **options)
+            it.run.on_writer(remove_tree, d / "hf")  # an earlier, killed attempt's files
+            it.run.on_writer(upload_tree, Path(tmp) / "hf", d / "hf")
+        out = d / "hf"
     checkpoints = it.run.stage_dir(it.k, "train", create=False) / "checkpoints"
     deleted = 0
     if not it.cfg.keep_train_checkpoints and checkpoints.exists():
-        deleted = _disk_bytes(checkpoints)
-        it.run.on_writer(shutil.rmtree, checkpoints)
-    disk = {"iteration_bytes": _disk_bytes(it.run.iter_dir(it.k)), "deleted_checkpoint_bytes": deleted}
+        deleted = tree_bytes(checkpoints)
+        it.run.on_writer(remove_tree, checkpoints)
+    disk = {"iteration_bytes": tree_bytes(it.run.iter_dir(it.k)), "deleted_checkpoint_bytes": deleted}
     return {"hf": str(out), "disk": disk}

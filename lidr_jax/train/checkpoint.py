@@ -17,20 +17,23 @@ Crash safety comes from Orbax's atomic finalize: a checkpoint is written into
 `<step>.orbax-checkpoint-tmp-<time>/` and renamed to `<step>/` only once complete. A save killed half
 way leaves only such a temporary directory, which is ignored (and removed by the next manager), so
 the previous checkpoint stays the latest.
+
+Directories may be local or any URI Orbax writes (gs://bucket/run/...): paths go through
+lidr_jax.files.absolute_path, a local one made absolute (Orbax requires it), a URI kept as an
+etils.epath.Path (pathlib would turn gs://bucket into the local gs:/bucket).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lidr_jax.files import plain
+from lidr_jax.files import AnyPath, absolute_path, plain
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params
 
@@ -114,7 +117,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, every: int, keep: int = 2, *, async_save: bool = False):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint every={every} and keep={keep} must both be >= 1")
-        self.directory = Path(directory).absolute()  # Orbax requires an absolute path
+        self.directory = absolute_path(directory)  # Orbax requires an absolute path; gs://... is one
         self.every = every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
@@ -193,12 +196,12 @@ def config_from_json(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def save_params(path: str | os.PathLike, params: PyTree, config: ModelConfig) -> Path:
+def save_params(path: str | os.PathLike, params: PyTree, config: ModelConfig) -> AnyPath:
     """Write a params-only checkpoint (params + model config) to directory `path`, atomically.
 
     An existing directory at `path` is replaced (a stage rerun after a crash before it was marked done).
     """
-    path = Path(path).absolute()
+    path = absolute_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
@@ -213,7 +216,7 @@ def save_params(path: str | os.PathLike, params: PyTree, config: ModelConfig) ->
 
 def load_params_config(path: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` stored in a params-only checkpoint (reads no weights)."""
-    path = Path(path).absolute()
+    path = absolute_path(path)
     if not (path / "model_config").exists():
         raise FileNotFoundError(
             f"{path} is not a lidr_jax params checkpoint (no model_config inside); "
@@ -233,7 +236,7 @@ def restore_params(
     """`(params, config)` from a params-only checkpoint, placed per `shardings` (a params-shaped tree
     of `jax.sharding.Sharding`; default: replicated on all current devices). `param_dtype` casts on
     restore (e.g. "bfloat16" for inference) and is recorded in the returned config."""
-    path = Path(path).absolute()
+    path = absolute_path(path)
     config = load_params_config(path)
     if param_dtype is not None:
         config = config.replace(param_dtype=param_dtype)

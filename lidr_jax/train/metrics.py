@@ -9,11 +9,18 @@
 `report_to` is the list TRL and LLaMA-Factory users know: [tensorboard, wandb], [] for JSONL only.
 A stage can also log its own numbers once it finishes (`log` with a prefix and a nested dict: pairs
 kept per language, translation failures, in-language shares) under the same step axis (the iteration).
+
+Several sinks in one process share one W&B run (the pipeline's per-iteration training sinks and its
+stage sink): a sink given `wandb_prefix` logs its tags as `<prefix>/<tag>` against its own x axis
+`<prefix>/step`, since W&B's own step must only grow. Paths may be local or URIs (gs://...) that
+etils.epath writes (lidr_jax.files.as_path); TensorBoard event files on an object store are rewritten
+whole at every flush, as tensorboardX's own GCS writer does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -24,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.files import append_jsonl, atomic_write_jsonl
+from lidr_jax.files import append_jsonl, as_path, atomic_write_bytes, atomic_write_jsonl, files_under, is_local
 
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -45,6 +52,9 @@ class MetricsConfig:
             raise ValueError(f"report_to: unknown {unknown}; choose from {list(REPORT_TO)}")
         if self.wandb_mode not in ("offline", "online"):
             raise ValueError(f"wandb_mode={self.wandb_mode!r}: offline or online")
+
+
+NO_METRICS = MetricsConfig(report_to=())  # JSONL only (or nothing): processes that do not write
 
 
 def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -69,7 +79,8 @@ class MetricsSink:
     when "tensorboard" is in `config.report_to`. `run_name` names the W&B run. Opening never fails for
     a missing optional package: the sink says once what it skips and goes on with the others.
     `purge_step`: a resumed run's first step; TensorBoard then hides what an earlier, killed attempt
-    logged from that step on (it is logged again).
+    logged from that step on (it is logged again). `wandb_prefix`: share the process's W&B run with
+    other sinks (module docstring); None: W&B's own step is this sink's step.
     """
 
     def __init__(
@@ -81,11 +92,14 @@ class MetricsSink:
         run_name: str | None = None,
         run_config: Mapping[str, Any] | None = None,
         purge_step: int | None = None,
+        wandb_prefix: str | None = None,
     ):
         self.config = config
-        self._jsonl = Path(jsonl_path) if jsonl_path is not None else None
+        self._jsonl = as_path(jsonl_path) if jsonl_path is not None else None
         self._tb = None
         self._wandb = None
+        self._owns_wandb = False
+        self._wandb_prefix = wandb_prefix
         if "tensorboard" in config.report_to and tensorboard_dir is not None:
             self._tb = _TensorBoard.open(tensorboard_dir, purge_step)
         if "wandb" in config.report_to:
@@ -94,14 +108,24 @@ class MetricsSink:
             except ImportError:
                 print("metrics: report_to lists wandb but the wandb package is not installed; skipping W&B")
             else:
-                directory = Path(tensorboard_dir or jsonl_path or ".").parent
-                self._wandb = wandb.init(
-                    project=config.wandb_project,
-                    name=run_name,
-                    mode=config.wandb_mode,
-                    dir=str(directory),
-                    config=dict(run_config or {}),
-                )
+                self._open_wandb(wandb, run_name, run_config, tensorboard_dir or jsonl_path)
+
+    def _open_wandb(self, wandb, run_name, run_config, near) -> None:
+        """The process's W&B run, started here unless another sink has one open (then shared)."""
+        self._wandb = getattr(wandb, "run", None)
+        if self._wandb is None:
+            # W&B keeps its files on local disk (it syncs them itself): beside ours when ours are local
+            local = near is not None and is_local(near)
+            self._wandb = wandb.init(
+                project=self.config.wandb_project,
+                name=run_name,
+                mode=self.config.wandb_mode,
+                dir=str(Path(near).parent) if local else None,
+                config=dict(run_config or {}),
+            )
+            self._owns_wandb = True
+        if self._wandb_prefix is not None:
+            self._wandb.define_metric(f"{self._wandb_prefix}/*", step_metric=f"{self._wandb_prefix}/step")
 
     @property
     def destinations(self) -> list[str]:
@@ -117,16 +141,19 @@ class MetricsSink:
         tags = {k: v for k, v in scalars(values, prefix).items() if k != "step" and math.isfinite(v)}
         if self._tb is not None:
             self._tb.write(tags, step)
-        if self._wandb is not None:
+        if self._wandb is not None and self._wandb_prefix is None:
             self._wandb.log(tags, step=step)
+        elif self._wandb is not None:
+            p = self._wandb_prefix
+            self._wandb.log({**{f"{p}/{t}": v for t, v in tags.items()}, f"{p}/step": step})
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._wandb is not None:
+        if self._wandb is not None and self._owns_wandb:
             self._wandb.finish()
-            self._wandb = None
+        self._wandb = None
 
     def __enter__(self) -> MetricsSink:
         return self
@@ -152,8 +179,13 @@ class _TensorBoard:
         except ImportError:
             print("metrics: tensorboardX is not installed; no TensorBoard events (pip install tensorboardX)")
             return None
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        tb = cls(EventsWriter(str(Path(logdir) / "events")), event_pb2, summary_pb2)
+        logdir = as_path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        if not is_local(logdir):  # tensorboardX opens files by scheme: ours writes any store epath writes
+            from tensorboardX import record_writer  # optional dependency, as above
+
+            record_writer.register_writer_factory(os.fspath(logdir).split("://")[0], _RewrittenFile)
+        tb = cls(EventsWriter(str(logdir / "events")), event_pb2, summary_pb2)
         if purge_step is not None:  # TensorBoard hides earlier events at steps >= purge_step
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
             tb._writer.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(), session_log=start))
@@ -169,11 +201,37 @@ class _TensorBoard:
         self._writer.close()
 
 
+class _RewrittenFile:
+    """An event file on an object store, for tensorboardX's record writer: objects cannot be appended
+    to, so every flush uploads the whole file again (through lidr_jax.files, so through epath). Also
+    its factory: `open(path)` and `directory_check(path)`, as tensorboardX's registry calls them."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    @classmethod
+    def open(cls, path: str) -> _RewrittenFile:
+        return cls(path)
+
+    @staticmethod
+    def directory_check(path: str) -> None:  # objects need no directory made first
+        return None
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        atomic_write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
 def truncate_metrics(path: str | os.PathLike, step: int) -> int:
     """Keep the metric lines of steps <= `step` (a resumed run logs the later ones again) and drop a
     last line cut by a kill; returns the number of lines kept. A damaged line that is not the last
     raises ValueError naming the file and line."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         return 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -198,7 +256,7 @@ def read_tensorboard_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[
         print("metrics: tensorboardX is not installed; cannot read event files", file=sys.stderr)
         return {}
     out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+    for path in [f for f in files_under(logdir) if f.name.startswith("events.out.tfevents.")]:
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
