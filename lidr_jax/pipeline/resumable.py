@@ -16,13 +16,13 @@ import json
 import os
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from lidr_jax.dist import multihost
 from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.files import AnyPath
 from lidr_jax.formats.load import Model
 from lidr_jax.generate.sampler import GenerationResult, SamplingConfig, generate
 from lidr_jax.methods import lidr
@@ -48,7 +48,7 @@ def crash_point(name: str) -> None:
 
 
 def generate_resumable(
-    run: RunDir, model: Model, jobs: Sequence[Job], sampling: SamplingConfig, out: Path, desc: str
+    run: RunDir, model: Model, jobs: Sequence[Job], sampling: SamplingConfig, out: AnyPath, desc: str
 ) -> list[dict]:
     """Run `jobs` in fixed chunks, appending each finished chunk to `out`.partial.jsonl, then write
     `out` (JSONL, one row per job, in job order). Chunks already in the partial file are skipped.
@@ -82,13 +82,13 @@ def generate_resumable(
     return rows
 
 
-def _read_partial(partial: Path) -> list[dict]:
+def _read_partial(partial: AnyPath) -> list[dict]:
     """The finished chunks in a partial file, [{"chunk": i, "rows": [...]}]; a last line cut by a kill
     is dropped (its chunk is redone)."""
     if not partial.exists():
         return []
     chunks = []
-    with open(partial, encoding="utf-8") as f:
+    with partial.open(encoding="utf-8") as f:
         for line in f:
             try:
                 chunks.append(json.loads(line))

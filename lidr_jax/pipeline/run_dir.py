@@ -222,7 +222,13 @@ class RunDir:
         if self.metrics is None or not self.writer:
             return
         if self._sink is None:
-            self._sink = MetricsSink(self.metrics, tensorboard_dir=self.path / "tensorboard" / "stages")
+            self._sink = MetricsSink(
+                self.metrics,
+                tensorboard_dir=self.path / "tensorboard" / "stages",
+                run_name=str(self.path),
+                run_config=self._manifest["config"],
+                wandb_prefix="stages",  # W&B: against the iteration, beside the training sinks' own steps
+            )
         self._sink.log(dict(outputs), step=k, prefix=stage)
 
     def close(self) -> None:

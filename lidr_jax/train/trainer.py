@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.dist.multihost import put_process_rows
 from lidr_jax.dist.sharding import place, to_host, train_state_shardings
-from lidr_jax.files import atomic_write_bytes
+from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
@@ -93,7 +93,7 @@ def save_reference(path: str | os.PathLike, ref: dict[str, np.ndarray], enc: Enc
 
 def load_reference(path: str | os.PathLike, enc: EncodedPairs) -> dict[str, np.ndarray]:
     """Stored reference log-probs, checked against the pairs they were computed for."""
-    with np.load(path) as z:
+    with np.load(io.BytesIO(as_path(path).read_bytes())) as z:  # local or gs:// (lidr_jax.files.as_path)
         ref = {"chosen": z["chosen"], "rejected": z["rejected"]}
         fingerprint = str(z["fingerprint"])
     if fingerprint != enc.fingerprint() or len(ref["chosen"]) != len(enc):
