@@ -361,3 +361,63 @@ def test_pair_errors_are_pair_format_errors(tmp_path):
     write_lines(path, [{**GOOD, "chosen": None}])
     with pytest.raises(PairFormatError, match=r"p\.jsonl:1: `chosen` must be a string .* got None"):
         read_training_pairs(path)
+
+
+# ------------------------------------------------------------------------------ the evaluate command
+
+
+@pytest.fixture()
+def evaluate_cmd(monkeypatch):
+    """`python -m lidr_jax.evaluate` in-process with model loading guarded; returns the one error line."""
+    from lidr_jax.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "_load", _guard)
+
+    def fails(capsys, *argv) -> str:
+        assert evaluate.main([str(a) for a in argv]) == 2
+        return one_line(capsys)
+
+    return fails
+
+
+def test_evaluate_mgsm_checks_its_data_before_the_model_loads(evaluate_cmd, capsys, tmp_path):
+    """Before, the MGSM files were read only after the model had loaded."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "mgsm"
+    data.mkdir()
+    (data / "mgsm_en.tsv").write_text("Half of 10?\t5\n")
+    out = tmp_path / "out"
+    base = ["mgsm", "--model", model, "--data", data, "--out", out]
+    err = evaluate_cmd(capsys, *base, "--langs", "en,de")
+    assert f"MGSM file {data / 'mgsm_de.tsv'} not found; point the data path at a folder of mgsm_{{lang}}.tsv" in err
+    (data / "mgsm_xx.tsv").write_text("Half of 10?\t5\n")
+    assert "no MGSM instruction for language 'xx'" in evaluate_cmd(capsys, *base, "--langs", "en,xx")
+    err = evaluate_cmd(capsys, *base, "--langs", "en", "--few-shot-k", "2", "--few-shot-data", tmp_path / "shots")
+    assert f"MGSM file {tmp_path / 'shots' / 'mgsm_en.tsv'} not found" in err
+    (data / "mgsm_en.tsv").write_text("Half of 10?\tfive\n")
+    assert f"{data / 'mgsm_en.tsv'}:1: expected 'question<TAB>number'" in evaluate_cmd(capsys, *base, "--langs", "en")
+    assert not out.exists()
+
+
+def test_evaluate_checks_every_model_and_out_before_any_model_loads(evaluate_cmd, capsys, tmp_path):
+    data = tmp_path / "xa"
+    data.mkdir()
+    (data / "en.json").write_text(json.dumps([{"instruction": "Say hi."}]))
+    err = evaluate_cmd(capsys, "alpaca-outputs", "--model", tmp_path / "modle", "--data", data, "--out", tmp_path / "o")
+    assert f"--model: model '{tmp_path / 'modle'}' not found" in err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    err = evaluate_cmd(capsys, "alpaca-outputs", "--model", "x", "--data", data, "--out", notes)
+    assert f"--out {notes} is a file; pass a folder for the results" in err and notes.read_text() == "mine\n"
+    # head-to-head: the second model and a local judge are found missing before the first one generates
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    h2h = ["head-to-head", "--data", data, "--langs", "en", "--out", tmp_path / "h"]
+    err = evaluate_cmd(capsys, *h2h, "--model-1", model, "--model-2", tmp_path / "m2", "--judge-model", model)
+    assert f"--model-2: model '{tmp_path / 'm2'}' not found" in err
+    err = evaluate_cmd(capsys, *h2h, "--model-1", model, "--model-2", model, "--judge-model", tmp_path / "judge")
+    assert f"--judge-model: model '{tmp_path / 'judge'}' not found" in err
+    assert not (tmp_path / "h").exists() and not (tmp_path / "o").exists()

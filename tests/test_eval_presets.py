@@ -41,7 +41,7 @@ def test_mgsm_lidr_preset_decoding_and_system_prompt(tmp_path):
         None, EvalConfig(mgsm_dir=str(tmp_path), mgsm_languages=("en",), progress=False), generate_fn=fake_generate
     )
     assert (seen["sampling"].temperature, seen["sampling"].repetition_penalty) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="mgsm_decoding='beam'"):
+    with pytest.raises(ValueError, match=r"mgsm_decoding must be one of \['lidr', 'icr', 'greedy'\], got 'beam'"):
         EvalConfig(mgsm_decoding="beam")
 
 

@@ -184,6 +184,7 @@ def test_alpaca_outputs_command_end_to_end(tmp_path, monkeypatch, capsys):
         json.dumps(alpaca_records(items, ["Bonjour !", "1 2 3"], "ref"))
     )
     monkeypatch.setattr(evaluate, "_load", lambda path: tiny_random_model())
+    monkeypatch.setattr(evaluate, "_check_model", lambda spec, flag: None)
     argv = [
         "alpaca-outputs",
         "--model",

@@ -270,6 +270,7 @@ def test_head_to_head_command_checks_the_judge_before_generating(tmp_path, monke
     monkeypatch.setenv("MY_JUDGE_KEY", "k")
     loaded = []
     monkeypatch.setattr(evaluate, "_load", lambda path: loaded.append(path))
+    monkeypatch.setattr(evaluate, "_check_model", lambda spec, flag: None)  # model names that are not paths
     (tmp_path / "en.json").write_text(json.dumps([{"instruction": "Say hi."}]))
     port = _closed_port()
     argv = [

@@ -37,7 +37,7 @@ from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_f
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import atomic_write_json, atomic_write_text
-from lidr_jax.formats.load import load_pretrained
+from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
 from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
 from lidr_jax.settings import check_choices
@@ -362,6 +362,20 @@ def _load(path: str):
     return load_pretrained(path)
 
 
+def _check_model(spec: str, flag: str) -> None:
+    """`spec` names something loadable (a model directory, a .gguf file or an embedded name), checked
+    before any model loads; what is inside is checked when it loads."""
+    try:
+        model_path(spec)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{flag}: {e}") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the results (a new one, or earlier results)")
+
+
 def _eval_config(args, benchmark: str, **fields) -> EvalConfig:
     """A command's EvalConfig: the settings every generating command shares, then its own."""
     shared = dict(limit=args.limit, system_prompt=args.system_prompt, batch_size=args.batch_size)
@@ -386,6 +400,7 @@ def run_command(args) -> int:
         _print_commands(judge_output_folder(args.outputs, args.reference, args.langs, args.annotator_model))
         return 0
     out = Path(args.out)
+    _check_out(out)
     if args.command == "mgsm":
         cfg = _eval_config(
             args,
@@ -396,6 +411,12 @@ def run_command(args) -> int:
             mgsm_max_new_tokens=args.max_new_tokens,
             seed=args.seed,
         )
+        _check_model(args.model, "--model")
+        for lang in cfg.mgsm_languages:  # data, few-shot files and languages are checked before the model loads
+            read_mgsm(mgsm_file(cfg.mgsm_dir, lang), 1)
+            mgsm_messages("", lang)  # a language without an MGSM instruction
+            if cfg.mgsm_few_shot_k:
+                read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang), cfg.mgsm_few_shot_k)
         metrics = evaluate_model(_load(args.model), cfg, out)
         print(format_table({"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}))
     elif args.command == "alpaca-outputs":
@@ -406,6 +427,7 @@ def run_command(args) -> int:
             alpaca_judge=args.annotator_model,
             seed=args.seed,
         )
+        _check_model(args.model, "--model")
         for lang in cfg.alpaca_languages:  # data and references are checked before the model loads
             read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
             if cfg.alpaca_reference:
@@ -437,6 +459,8 @@ def _head_to_head_command(args, out: Path) -> None:
             raise ValueError(f"head-to-head: give exactly one of --outputs-{i} or --model-{i}")
         if model and not args.data:
             raise ValueError(f"head-to-head: --model-{i} needs --data (the X-AlpacaEval folder)")
+        if model:
+            _check_model(model, f"--model-{i}")
         if given:
             for lang in args.langs:
                 read_model_outputs(given, lang)  # a language without outputs fails now, not after judging
@@ -446,6 +470,8 @@ def _head_to_head_command(args, out: Path) -> None:
         plan.append((given, model))
     if bool(args.judge_model) == bool(args.judge_url):
         raise ValueError("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
+    if args.judge_model:
+        _check_model(args.judge_model, "--judge-model")
     judge = None
     if args.judge_url:
         if not args.judge_name:
