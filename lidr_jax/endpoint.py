@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.files import atomic_write_json
+from lidr_jax.files import as_path, atomic_write_json
 
 Message = dict[str, str]
 
@@ -118,7 +118,7 @@ class ChatClient:
         if not config.model:
             raise ValueError(f"the endpoint {config.url} needs a model name")
         self.config = config
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = as_path(cache_dir) if cache_dir is not None else None  # local, or a run on gs://
         self._sleep, self._clock = sleep, clock
         self.requests_sent = 0  # HTTP requests actually sent (retries included); cache hits send none
 

@@ -22,6 +22,7 @@ from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from lidr_jax.dist.multihost import distributed_args
+from lidr_jax.endpoint import ChatClient, EndpointConfig
 from lidr_jax.files import (
     absolute_path,
     append_jsonl,
@@ -157,6 +158,15 @@ def test_reference_logprobs_on_the_object_store(fake_gcs):
     trainer.save_reference("gs://bucket/run/iter_1/reference/reference_logprobs.npz", ref, enc)
     back = trainer.load_reference("gs://bucket/run/iter_1/reference/reference_logprobs.npz", enc)
     assert back["chosen"].tolist() == [-1.0, -2.0] and back["rejected"].tolist() == [-3.0, -4.5]
+
+
+def test_endpoint_answers_cached_on_the_object_store(fake_gcs, monkeypatch):
+    client = ChatClient(EndpointConfig(url="http://127.0.0.1:9/v1", model="m"), "gs://bucket/run/translate/cache")
+    monkeypatch.setattr(client, "_post", lambda body: "hola")
+    assert client.complete([{"role": "user", "content": "hi"}]) == "hola"
+    monkeypatch.setattr(client, "_post", lambda body: pytest.fail("asked again although cached"))
+    assert client.complete([{"role": "user", "content": "hi"}]) == "hola"
+    assert [f.parent.name for f in files_under("gs://bucket/run/translate/cache")] == ["cache"]
 
 
 def test_metrics_on_the_object_store(fake_gcs):
