@@ -1,0 +1,62 @@
+"""Issue 17, case 4: a non-editable install runs the main job. A wheel built from the checkout, unpacked
+as pip installs it (only the wheel's files on the path, no checkout), runs a one-iteration tiny LIDR job
+from another directory, on the default config and the default prompts, which must be package data.
+(test_run_errors checks `--help` and `--print-config` from the same kind of install.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from conftest import REPO_ROOT
+from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401  (fixtures used below)
+
+
+def test_a_wheel_runs_one_tiny_iteration_from_another_directory(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copytree(REPO_ROOT / "lidr_jax", src / "lidr_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lidr_jax-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    shutil.rmtree(src)  # nothing of the checkout is left to fall back on
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = elsewhere / "run"
+    # base_args gives a tiny LIDR iteration; the prompts are the package's own (prompts.path=default).
+    args = [*base_args(scripted_model_dir, prompt_dir, run), "--set", "prompts.path=default"]
+    env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+    env.pop("LIDR_JAX_CRASH_AT", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "lidr_jax.iterate", *args],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["prompts"]["path"] == "default"
+    assert {"generate", "translate", "pairs", "train", "export", "check"} <= set(manifest["iterations"]["1"]["stages"])
+    assert (run / "iter_1" / "export" / "hf" / "config.json").is_file()
+    default = site / "lidr_jax" / "methods" / "prompts" / "default" / "en.jsonl"
+    default_ids = {json.loads(line)["id"] for line in default.read_text().splitlines() if line.strip()}
+    generated = [json.loads(x) for x in (run / "iter_1" / "generate" / "generations.jsonl").read_text().splitlines()]
+    assert {g["lang"] for g in generated} == {"en", "es", "fr"}
+    assert {g["id"] for g in generated} <= default_ids  # the wheel's prompts (prompt_dir's ids are q0, q1, ...)
