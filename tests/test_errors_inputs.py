@@ -411,11 +411,14 @@ def test_evaluate_checks_every_model_and_out_before_any_model_loads(evaluate_cmd
     notes.write_text("mine\n")
     err = evaluate_cmd(capsys, "alpaca-outputs", "--model", "x", "--data", data, "--out", notes)
     assert f"--out {notes} is a file; pass a folder for the results" in err and notes.read_text() == "mine\n"
-    # head-to-head: the second model and a local judge are found missing before the first one generates
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    out = tmp_path / "o"
+    err = evaluate_cmd(capsys, "alpaca-outputs", "--model", model, "--data", data, "--langs", "en,de", "--out", out)
+    assert f"X-AlpacaEval file {data / 'de.json'} not found" in err
     h2h = ["head-to-head", "--data", data, "--langs", "en", "--out", tmp_path / "h"]
+    # head-to-head: the second model and a local judge are found missing before the first one generates
     err = evaluate_cmd(capsys, *h2h, "--model-1", model, "--model-2", tmp_path / "m2", "--judge-model", model)
     assert f"--model-2: model '{tmp_path / 'm2'}' not found" in err
     err = evaluate_cmd(capsys, *h2h, "--model-1", model, "--model-2", model, "--judge-model", tmp_path / "judge")

@@ -98,12 +98,34 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
 
 
+def check_data(cfg: EvalConfig, benchmarks: Sequence[str] | None = None) -> None:
+    """What the benchmarks of `cfg` (or `benchmarks`) read, checked before any model loads: each
+    language's data file exists and its first item parses, MGSM has an instruction in the language,
+    the few-shot files and the X-AlpacaEval references exist. The evaluate command calls it before
+    loading; a pipeline can call it before its run starts."""
+    benchmarks = cfg.benchmarks if benchmarks is None else benchmarks
+    if "mgsm" in benchmarks:
+        if not cfg.mgsm_dir:
+            raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
+        for lang in cfg.mgsm_languages:
+            read_mgsm(mgsm_file(cfg.mgsm_dir, lang), 1)
+            mgsm_messages("", lang)  # a language without an MGSM instruction
+            if cfg.mgsm_few_shot_k:
+                read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang), cfg.mgsm_few_shot_k)
+    if "alpaca" in benchmarks:
+        if not cfg.alpaca_dir:
+            raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
+        for lang in cfg.alpaca_languages:
+            read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
+            if cfg.alpaca_reference:
+                reference_file(cfg.alpaca_reference, lang)
+
+
 def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
     """Generate (`cfg.mgsm_decoding`, greedy by default) and score MGSM for every language of `cfg`:
     {lang: score_mgsm(...)}.
     `generate_fn` (default `sampler.generate`) generates, e.g. `multihost.generate_across_processes`."""
-    if not cfg.mgsm_dir:
-        raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
+    check_data(cfg, ("mgsm",))
     generate = generate_fn or _sampler_generate()
     items = {lang: read_mgsm(mgsm_file(cfg.mgsm_dir, lang), cfg.limit) for lang in cfg.mgsm_languages}
     chats, owners = [], []
@@ -164,14 +186,10 @@ def run_alpaca_outputs(
 
     Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}, plus
     "alpaca_eval_command" per language when a reference is given."""
-    if not cfg.alpaca_dir:
-        raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
+    check_data(cfg, ("alpaca",))  # a missing file or reference fails before any generation
     generate = generate_fn or _sampler_generate()
     generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
     items = {lang: read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
-    if cfg.alpaca_reference:  # a missing reference fails before any generation
-        for lang in items:
-            reference_file(cfg.alpaca_reference, lang)
     chats = [
         _with_system([{"role": "user", "content": it["instruction"]}], cfg.system_prompt)
         for lang in items
@@ -371,6 +389,13 @@ def _check_model(spec: str, flag: str) -> None:
         raise ModelNotFoundError(f"{flag}: {e}") from None
 
 
+def _load_checked(args, cfg: EvalConfig):
+    """--model, loaded once its path and every data file of `cfg` have passed their checks."""
+    _check_model(args.model, "--model")
+    check_data(cfg)
+    return _load(args.model)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder for the results (a new one, or earlier results)")
@@ -411,13 +436,7 @@ def run_command(args) -> int:
             mgsm_max_new_tokens=args.max_new_tokens,
             seed=args.seed,
         )
-        _check_model(args.model, "--model")
-        for lang in cfg.mgsm_languages:  # data, few-shot files and languages are checked before the model loads
-            read_mgsm(mgsm_file(cfg.mgsm_dir, lang), 1)
-            mgsm_messages("", lang)  # a language without an MGSM instruction
-            if cfg.mgsm_few_shot_k:
-                read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang), cfg.mgsm_few_shot_k)
-        metrics = evaluate_model(_load(args.model), cfg, out)
+        metrics = evaluate_model(_load_checked(args, cfg), cfg, out)
         print(format_table({"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}))
     elif args.command == "alpaca-outputs":
         cfg = _alpaca_config(
@@ -427,12 +446,7 @@ def run_command(args) -> int:
             alpaca_judge=args.annotator_model,
             seed=args.seed,
         )
-        _check_model(args.model, "--model")
-        for lang in cfg.alpaca_languages:  # data and references are checked before the model loads
-            read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
-            if cfg.alpaca_reference:
-                reference_file(cfg.alpaca_reference, lang)
-        summary = run_alpaca_outputs(_load(args.model), cfg, out)
+        summary = run_alpaca_outputs(_load_checked(args, cfg), cfg, out)
         print(
             format_table(
                 {
@@ -465,8 +479,7 @@ def _head_to_head_command(args, out: Path) -> None:
             for lang in args.langs:
                 read_model_outputs(given, lang)  # a language without outputs fails now, not after judging
         else:
-            for lang in args.langs:
-                read_x_alpacaeval(Path(args.data) / f"{lang}.json", 1)
+            check_data(_alpaca_config(args))
         plan.append((given, model))
     if bool(args.judge_model) == bool(args.judge_url):
         raise ValueError("head-to-head: give exactly one judge: --judge-model PATH or --judge-url URL")
