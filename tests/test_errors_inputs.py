@@ -424,3 +424,17 @@ def test_evaluate_checks_every_model_and_out_before_any_model_loads(evaluate_cmd
     err = evaluate_cmd(capsys, *h2h, "--model-1", model, "--model-2", model, "--judge-model", tmp_path / "judge")
     assert f"--judge-model: model '{tmp_path / 'judge'}' not found" in err
     assert not (tmp_path / "h").exists() and not (tmp_path / "o").exists()
+
+
+def test_evaluation_files_of_the_main_job_are_checked_before_the_model_loads(job, capsys, tmp_path):
+    """Before, only the folder was checked: a missing language file failed after the model had loaded."""
+    _, fails = job
+    mgsm = tmp_path / "mgsm"
+    mgsm.mkdir()
+    (mgsm / "mgsm_en.tsv").write_text("Half of 10?\t5\n")
+    sets = ("evaluation.benchmarks=[mgsm]", f"evaluation.mgsm_dir={mgsm}")
+    err = fails(capsys, *sets, "evaluation.mgsm_languages=[en,de]")
+    assert f"error: evaluation: MGSM file {mgsm / 'mgsm_de.tsv'} not found; point the data path at a folder" in err
+    (mgsm / "mgsm_xx.tsv").write_text("Half of 10?\t5\n")
+    err = fails(capsys, *sets, "evaluation.mgsm_languages=[en,xx]")
+    assert "error: evaluation: no MGSM instruction for language 'xx'" in err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from lidr_jax.dist.sharding import MeshConfig
-from lidr_jax.eval.evaluate import EvalConfig
+from lidr_jax.eval.evaluate import EvalConfig, check_data
 from lidr_jax.formats.load import EMBEDDED_MODELS, ModelNotFoundError, embedded_model_path
 from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.filters import PairFilterConfig
@@ -175,7 +175,8 @@ def check_model(spec: str, setting: str) -> None:
 
 def check_paths(cfg: RunConfig) -> None:
     """Every model and data path the run will read exists, checked before the run directory is created:
-    the model, ICR's scorer models, and the data folders of the evaluation benchmarks asked for."""
+    the model, ICR's scorer models, and the data (folders and each language's files) of the evaluation
+    benchmarks asked for."""
     check_model(cfg.model, "model")
     if cfg.reward == "icr":
         for setting in ("dpo_model", "reference_model"):
@@ -191,3 +192,7 @@ def check_paths(cfg: RunConfig) -> None:
                 f"evaluation.{setting}: {folder!r} is not a folder; evaluation.benchmarks lists {benchmark}, "
                 f"so set evaluation.{setting} to its data folder (or drop {benchmark} from the benchmarks)"
             )
+    try:
+        check_data(ev)  # each language's file in those folders, before a model loads
+    except (ValueError, FileNotFoundError) as e:
+        raise SettingsError(f"evaluation: {e}") from None
