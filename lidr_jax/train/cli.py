@@ -13,6 +13,13 @@ Writes into DIR: `model/` (a Hugging Face directory of the trained policy, bfloa
 `checkpoints/` (Orbax, every `checkpoint_every` steps), `reference_logps.npz` (the reference pass,
 reused by a rerun on the same pairs and settings) and `dpo_config.json` (the settings used).
 
+Before any model loads or anything is written, every input is checked (`check_inputs`): the pair file
+(a bad record is one line naming file and line), the model and reference paths, and DIR (a folder;
+DIR/model new or an earlier export of this command). Pairs whose chosen answer is empty or equals the
+rejected one (after stripping whitespace) teach DPO no preference: they are counted in a one-line
+warning naming their lines and left out, as the pipeline's pair filters do (`drop_degenerate_pairs:
+false` trains on them, as TRL does silently). Bad input exits with code 2 and one `error:` line.
+
 Killed and rerun with the same command, training continues from the last checkpoint and ends with the
 parameters an uninterrupted run reaches (the data order is a function of the step). A rerun with
 other settings on the same DIR is refused, so two runs' steps never mix.
