@@ -10,13 +10,18 @@ whose French translation succeeded (non-empty and not the English text): prompt 
 the English answer, rejected = the French translation, tokenized once with the embedded SmolLM2's chat
 template (lidr_jax.train.pairs.encode_pairs, answers capped at 1,024 tokens) and handed as the same token
 ids to both sides. One epoch, 4 pairs per optimizer step on both sides in the same (seeded) order, reference
-log-probs precomputed by lidr_jax (not timed) and given to both. lidr_jax packs each step's pairs into rows
-of `row_tokens` (default: the longest pair rounded up to 128, so nothing is cut; `--row-tokens`); TRL's
-collator pads each step's 8 sequences (4 chosen, 4 rejected, each after its prompt) to the longest
-(max_length None: no truncation; `padding_free` is disabled in TRL 1.16, so padding is TRL's only option).
-lidr_jax runs with remat "dots" (without it the xla attention probabilities of 30 layers, kept for the
-backward pass, need 32 GB). The lidr_jax epoch is timed after its one compilation (reported apart).
-Sides run one after the other in separate processes, in the order of `--order` (default jax,trl,trl,jax).
+log-probs precomputed by lidr_jax (packed as training packs; not timed) and given to both.
+lidr_jax packs each step's pairs into rows of up to `row_tokens` (default: the largest step's tokens rounded
+up to 256, so every step is one row) with `pack_shapes: step` (each step's row as long as its pairs, rounded
+up to 256: one compilation per distinct length, compiled before the epoch and reported apart), xla
+attention over the packed row's block pairs only (lidr_jax.train.packing.block_attention) and no remat
+(`--real-remat`). TRL runs its DPOTrainer with max_length None (no truncation) and sdpa attention;
+`padding_free` is disabled in TRL 1.16 (it warns and pads), so its knob for this data is the batch size:
+`trl:B` in `--order` is B pairs per micro-batch x 4/B gradient-accumulation steps (B=1 pads only each
+pair's chosen against its rejected; B=4 pads 8 sequences to the longest). The runs alternate in the order
+of `--order` (default jax,trl:1,trl:4,jax,trl:4,trl:1), each in its own process; the ratio is lidr_jax's
+median pairs/s over the best TRL setting's median.
+`--real 64` is the issue's full mode (about an hour per run on a shared 2-core machine).
 
 Bench-only dependency: TRL (`pip install trl`, tested with trl 1.16, transformers 5, torch 2.13 CPU).
 
@@ -224,6 +229,7 @@ def side_trl(out: Path, steps: int, warmup: int):
 
 REAL_DATA = REPO.parent / "shared" / "data" / "llama3_m0" / "en_to_fr_translations.jsonl"
 REAL_BATCH = 4
+REAL_BUCKET = 256  # lidr_jax: a step's row length is rounded up to a multiple of this (one compilation each)
 
 
 def real_pairs(n: int):
@@ -251,10 +257,12 @@ def real_prepare(out: Path, n: int, row_tokens: int):
     model = load_pretrained(out / "hf")
     enc = encode_pairs(real_pairs(n), model.tokenizer, 1 << 20, 1024)
     lengths = enc.lengths()
-    row_tokens = row_tokens or int(-(-lengths.max() // 128) * 128)
     cfg = DPOConfig(batch_size=REAL_BATCH, reference_batch_size=REAL_BATCH)
-    ref = reference_logprobs(model.params, model.config, enc, cfg, progress=False)
     steps = [step_indices(k, n, cfg).tolist() for k in range(steps_per_epoch(n, cfg))]
+    # default: rows that hold the largest step's pairs, so each step is one row as long as it needs
+    row_tokens = row_tokens or int(-(-max(lengths[s].sum() for s in steps) // REAL_BUCKET) * REAL_BUCKET)
+    cfg = cfg.replace(row_tokens=row_tokens, pack_shapes="step", bucket_multiple=REAL_BUCKET)  # packed, as training
+    ref = reference_logprobs(model.params, model.config, enc, cfg, progress=False)
     data = {
         "prompt": [a.tolist() for a in enc.prompt_ids],
         "chosen": [a.tolist() for a in enc.chosen_ids],
@@ -287,12 +295,12 @@ def _real_data(out: Path):
     return d, enc, ref
 
 
-def real_side_jax(out: Path, row_tokens: int):
+def real_side_jax(out: Path, row_tokens: int, remat: str = "none"):
     import jax
 
     from lidr_jax.formats.load import load_pretrained
     from lidr_jax.train.dpo import DPOConfig
-    from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, pack_plan, step_batch
+    from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
 
     d, enc, ref = _real_data(out)
     model = load_pretrained(out / "hf")
@@ -303,54 +311,70 @@ def real_side_jax(out: Path, row_tokens: int):
         warmup=0,
         schedule="constant",
         row_tokens=row_tokens or d["row_tokens"],
-        remat="dots",  # xla attention keeps [rows, K, G, T, T] probabilities per layer otherwise (30 GB here)
+        pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
+        bucket_multiple=REAL_BUCKET,
+        remat=remat,
     )
     steps = [np.asarray(s) for s in d["steps"]]
     opt = make_optimizer(cfg, len(steps))
     step_fn = make_train_step(model.config, cfg, opt, lr_schedule(cfg, len(steps)))
     state = init_state(model.params, opt)
-    t = time.perf_counter()
-    plan = pack_plan(enc, cfg)
-    first = step_batch(enc, ref, steps[0], cfg, 0, plan=plan)
-    compiled = step_fn.lower(state, first).compile()
-    compile_s = time.perf_counter() - t
+    # Every step's batch first, and one compilation per distinct shape (timed apart, like TRL's model load).
+    batches = [step_batch(enc, ref, idx, cfg, 0) for idx in steps]
+    compiled, compile_s = {}, 0.0
+    for batch in batches:
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in compiled:
+            t = time.perf_counter()
+            compiled[key] = step_fn.lower(state, batch).compile()
+            compile_s += time.perf_counter() - t
     real = slots = 0
+    times = []
     t = time.perf_counter()
-    for idx in steps:
-        batch = step_batch(enc, ref, idx, cfg, 0, plan=plan)
+    for batch in batches:
         real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].size
-        state, m = compiled(state, batch)
+        t0 = time.perf_counter()
+        state, m = compiled[tuple((k, v.shape) for k, v in sorted(batch.items()))](state, batch)
         float(m["loss"])
+        times.append(time.perf_counter() - t0)
     epoch_s = time.perf_counter() - t
     return {
         "epoch_s": epoch_s,
         "compile_s": compile_s,
+        "compilations": len(compiled),
         "pairs_per_s": len(enc) / epoch_s,
         "padding_share": 1 - real / slots,
-        "rows_per_step": plan.rows,
+        "tokens_per_s": real / epoch_s,
+        "step_shapes": sorted({tuple(b["tokens"].shape[1:]) for b in batches}),
+        "step_s": times,
         "row_tokens": cfg.row_tokens,
-        "tokens_per_step": plan.rows * cfg.row_tokens,
+        "remat": remat,
         "peak_mb": _peak_mb(),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
     }
 
 
-def real_side_trl(out: Path):
+def real_side_trl(out: Path, batch_size: int):
+    """TRL's DPOTrainer on the same steps: `batch_size` pairs per micro-batch, REAL_BATCH // batch_size
+    micro-batches of gradient accumulation per optimizer step (the same effective batch)."""
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, enc, ref = _real_data(out)
+    accum = REAL_BATCH // batch_size
     model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(out / "hf")
     args = trl.DPOConfig(
         output_dir=str(out / "trl"),
-        per_device_train_batch_size=REAL_BATCH,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accum,
         learning_rate=1e-6,
         beta=0.1,
         precompute_ref_log_probs=True,
         max_length=None,
+        padding_free=False,  # disabled in TRL 1.16 (it warns and falls back to padding)
         report_to=[],
         use_cpu=True,
         max_grad_norm=1.0,
@@ -360,34 +384,41 @@ def real_side_trl(out: Path):
     dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * REAL_BATCH)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
     trainer.create_optimizer_and_scheduler(num_training_steps=len(d["steps"]))
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we replace
+    trainer.current_gradient_accumulation_steps = accum  # set by Trainer's own loop, which we replace
     model.train()
     real = slots = 0
+    times = []
     t = time.perf_counter()
     for idx in d["steps"]:
-        batch = trainer.data_collator(
-            [
-                {
-                    "prompt_ids": d["prompt"][i],
-                    "chosen_ids": d["chosen"][i],
-                    "rejected_ids": d["rejected"][i],
-                    "ref_chosen_logps": float(ref["chosen"][i]),
-                    "ref_rejected_logps": float(ref["rejected"][i]),
-                }
-                for i in idx
-            ]
-        )
-        real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].numel()
-        trainer.training_step(model, batch)
+        t0 = time.perf_counter()
+        for a in range(0, len(idx), batch_size):
+            batch = trainer.data_collator(
+                [
+                    {
+                        "prompt_ids": d["prompt"][i],
+                        "chosen_ids": d["chosen"][i],
+                        "rejected_ids": d["rejected"][i],
+                        "ref_chosen_logps": float(ref["chosen"][i]),
+                        "ref_rejected_logps": float(ref["rejected"][i]),
+                    }
+                    for i in idx[a : a + batch_size]
+                ]
+            )
+            real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].numel()
+            trainer.training_step(model, batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         model.zero_grad()
+        times.append(time.perf_counter() - t0)
     epoch_s = time.perf_counter() - t
     return {
         "epoch_s": epoch_s,
         "pairs_per_s": len(enc) / epoch_s,
         "padding_share": 1 - real / slots,
+        "tokens_per_s": real / epoch_s,
+        "step_s": times,
+        "batch": f"{batch_size} x {accum}",
         "peak_mb": _peak_mb(),
         "trl": trl.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -406,32 +437,45 @@ def real_main(args):
             print(f"{side}: {json.dumps(runs[-1][1])}", flush=True)  # each run as it ends
     print(
         f"DPO, one epoch of {prep['pairs']} real-length pairs (llama3_m0: instruction / English answer / French "
-        f"translation), SmolLM2-135M-Instruct float32, {REAL_BATCH} pairs per step, {os.cpu_count()} cores (shared)"
+        f"translation), SmolLM2-135M-Instruct float32, {REAL_BATCH} pairs per optimizer step on both sides, "
+        f"{os.cpu_count()} cores (shared)"
     )
     print(
         f"tokens: prompt median {prep['prompt_median']:.0f}, chosen median {prep['chosen_median']:.0f}, rejected "
         f"median {prep['rejected_median']:.0f}, longest pair {prep['pair_max']}; {prep['answers_capped']} answers "
-        f"capped at 1024; lidr_jax rows of {prep['row_tokens']} tokens"
+        f"capped at 1024; lidr_jax packs each step into rows of up to {prep['row_tokens']} tokens"
     )
-    print(f"{'run':12s}{'epoch s':>10s}{'pairs/s':>10s}{'padding':>10s}{'peak MB':>10s}  notes")
+    print(
+        "TRL settings: DPOTrainer, precompute_ref_log_probs (given lidr_jax's), max_length None (no truncation), "
+        "sdpa attention; padding_free is disabled in TRL 1.16 (it warns and pads), so the batch size is the knob: "
+        "trl:B = B pairs per micro-batch x 4/B accumulation steps (B=1 pads only a pair's chosen against its rejected)"
+    )
+    print(f"{'run':12s}{'epoch s':>10s}{'pairs/s':>10s}{'padding':>10s}{'tokens/s':>10s}{'peak MB':>10s}  notes")
     for side, r in runs:
-        note = (
-            f"compile {r['compile_s']:.1f} s (not in epoch), {r['rows_per_step']} rows x {r['row_tokens']} per step"
-            if side == "jax"
-            else f"trl {r['trl']}, torch threads {r['torch_threads']}, attention {r['attn']}"
-        )
-        name = "lidr_jax" if side == "jax" else "TRL"
+        if side == "jax":
+            shapes = ", ".join(f"{a}x{b}" for a, b in r["step_shapes"])
+            note = f"compile {r['compile_s']:.1f} s ({r['compilations']} shapes: {shapes}; not in epoch)"
+            note += f", remat {r['remat']}"
+        else:
+            note = f"trl {r['trl']}, batch {r['batch']}, torch threads {r['torch_threads']}, attention {r['attn']}"
+        name = "lidr_jax" if side == "jax" else f"TRL {side[4:]}x{REAL_BATCH // int(side[4:])}"
         print(
-            f"{name:12s}{r['epoch_s']:10.1f}{r['pairs_per_s']:10.3f}{r['padding_share']:10.1%}"
-            f"{r['peak_mb']:10.0f}  {note}"
+            f"{name:12s}{r['epoch_s']:10.1f}{r['pairs_per_s']:10.4f}{r['padding_share']:10.1%}"
+            f"{r['tokens_per_s']:10.1f}{r['peak_mb']:10.0f}  {note}"
         )
-    best = {side: max(r["pairs_per_s"] for s, r in runs if s == side) for side, _ in runs}
     med = {side: float(np.median([r["pairs_per_s"] for s, r in runs if s == side])) for side, _ in runs}
-    if "jax" in med and "trl" in med:
+    trl_sides = [side for side in med if side != "jax"]
+    if "jax" in med and trl_sides:
+        best = max(trl_sides, key=med.get)
         print(
-            f"ratio lidr_jax / TRL pairs/s: median {med['jax'] / med['trl']:.2f}x "
-            f"(best {best['jax'] / best['trl']:.2f}x)"
+            f"TRL's best setting on this data: per_device_train_batch_size {best[4:]}, gradient_accumulation_steps "
+            f"{REAL_BATCH // int(best[4:])} ({med[best]:.4f} pairs/s, median of its runs)"
         )
+        print(f"ratio lidr_jax / TRL's best pairs/s (medians): {med['jax'] / med[best]:.2f}x")
+        with_compile = float(
+            np.median([prep["pairs"] / (r["epoch_s"] + r["compile_s"]) for s, r in runs if s == "jax"])
+        )
+        print(f"with lidr_jax's compilations counted in its epoch: {with_compile / med[best]:.2f}x")
 
 
 def _subprocess(side: str, out: Path, args) -> dict:
@@ -450,6 +494,8 @@ def _subprocess(side: str, out: Path, args) -> dict:
         str(args.real),
         "--row-tokens",
         str(args.row_tokens),
+        "--real-remat",
+        args.real_remat,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -547,10 +593,13 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--real", type=int, default=0, help="real-length mode: N pairs from ../shared/data/llama3_m0")
     p.add_argument("--row-tokens", type=int, default=0, help="--real: lidr_jax row length (0: longest pair, to 128)")
-    p.add_argument("--order", default="jax,trl,trl,jax", help="--real: the sides' runs, in order")
     p.add_argument(
-        "--side", choices=("export", "jax", "trl", "real-prepare", "real-jax", "real-trl"), help=argparse.SUPPRESS
+        "--order",
+        default="jax,trl:1,trl:4,jax,trl:4,trl:1",
+        help="--real: the runs in order; trl:B = TRL with B pairs per micro-batch x 4/B accumulation steps",
     )
+    p.add_argument("--real-remat", default="none", help="--real: lidr_jax's remat policy")
+    p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -560,9 +609,8 @@ def main():
             "jax": lambda: side_jax(out, args.steps, args.warmup),
             "trl": lambda: side_trl(out, args.steps, args.warmup),
             "real-prepare": lambda: real_prepare(out, args.real, args.row_tokens),
-            "real-jax": lambda: real_side_jax(out, args.row_tokens),
-            "real-trl": lambda: real_side_trl(out),
-        }[args.side]()
+            "real-jax": lambda: real_side_jax(out, args.row_tokens, args.real_remat),
+        }.get(args.side, lambda: real_side_trl(out, int(args.side.rpartition(":")[2])))()
         print("RESULT " + json.dumps(result or {}))
     elif args.gpu:
         gpu_main(args)

@@ -13,7 +13,15 @@ import pytest
 import lidr_jax.train.trainer as trainer_module
 from lidr_jax.model.logprobs import pair_logprobs
 from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.packing import first_fit, packed_batch, packed_logprobs, packed_step_batch, plan_packing
+from lidr_jax.train.packing import (
+    block_pairs,
+    first_fit,
+    packed_batch,
+    packed_logprobs,
+    packed_step_batch,
+    plan_packing,
+    step_rows,
+)
 from lidr_jax.train.pairs import EncodedPairs, fit_pair, pair_batch
 from lidr_jax.train.trainer import accumulated_grads, pack_plan, step_batch, train
 from tests.dpo_helpers import numpy_init, tiny_config
@@ -84,8 +92,8 @@ def test_a_pair_never_attends_to_another(model):
     and leaves every other pair of the row exactly as it was."""
     config, params = model
     enc = _pairs()
-    rows = [[0, 1, 2, 3]]
     plan = plan_packing(enc, [[0, 1, 2, 3]], 200, 1)
+    (rows,) = step_rows(enc, [0, 1, 2, 3], 200, 1)  # the plan's order (its block tables follow the layout)
     assert plan.slots == 4
     base = packed_batch(enc, rows, 0, plan)
     base.pop("pair")
@@ -100,9 +108,10 @@ def test_a_pair_never_attends_to_another(model):
         batch = packed_batch(mutated, rows, 0, plan)
         batch.pop("pair")
         after = np.asarray(packed_logprobs(params, batch, config, chunk=0)[0])
-        others = [j for j in range(4) if j != victim]
+        slot = rows[0].index(victim)
+        others = [j for j in range(4) if j != slot]
         np.testing.assert_array_equal(after[others], before[others])
-        assert abs(after[victim] - before[victim]) > 1e-2
+        assert abs(after[slot] - before[slot]) > 1e-2
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -178,3 +187,51 @@ def test_encode_pairs_cuts_pairs_to_the_row_and_counts_them():
     assert list(enc.prompt_ids[1]) == list(plain.prompt_ids[1][-32:])  # the prompt keeps its end
     assert list(enc.chosen_ids[1]) == list(plain.chosen_ids[1][: len(enc.chosen_ids[1])])  # answers their start
     assert "1 pairs to fit a row" in enc.summary()
+
+
+def test_block_pairs_are_the_blocks_the_dense_rule_allows():
+    """block_pairs lists exactly the (query block, key block) pairs in which the dense mask of
+    lidr_jax.model.llama (same group, causal, prefix or own segment, real tokens) allows something."""
+    rng = np.random.default_rng(0)
+    for share in (True, False):
+        for block in (4, 8, 16):
+            enc = _pairs([tuple(int(x) for x in rng.integers(1, 7, 3)) for _ in range(6)], seed=block)
+            plan = plan_packing(enc, [range(6)], 128, 1, share_prompt=share)
+            (rows,) = step_rows(enc, range(6), 128, 1, share)
+            b = packed_batch(enc, rows, 0, plan)
+            seg, mask = b["segments"][0], b["attention_mask"][0]
+            si, sj = seg[:, None], seg[None, :]
+            dense = mask[:, None] & mask[None, :] & np.tril(np.ones((128, 128), bool))
+            dense &= (si // 3 == sj // 3) & ((sj % 3 == 0) | (sj == si))
+            want = np.argwhere(dense.reshape(128 // block, block, 128 // block, block).any(axis=(1, 3)))
+            np.testing.assert_array_equal(block_pairs(seg, mask, block), want)
+
+
+def test_reference_pass_packed_equals_one_row_per_pair(model):
+    config, params = model
+    enc = _pairs()
+    plain = trainer_module.reference_logprobs(params, config, enc, DPOConfig(reference_batch_size=3), progress=False)
+    cfg = DPOConfig(reference_batch_size=3, row_tokens=40)
+    packed = trainer_module.reference_logprobs(params, config, enc, cfg, progress=False)
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(packed[side], plain[side], atol=1e-5, rtol=1e-5)
+
+
+def test_step_shapes_equal_run_shapes_and_pad_less(model):
+    """pack_shapes: step gives each step its own (bucketed) rows: same gradients and metrics as the run's
+    one shape within 1e-5, fewer padded tokens for a step of short pairs."""
+    config, params = model
+    lengths = [(20, 30, 25), (18, 28, 30)] + LENGTHS[:6]
+    enc = _pairs(lengths)
+    ref = {"chosen": np.full(len(enc), -40.0, np.float32), "rejected": np.full(len(enc), -45.0, np.float32)}
+    run = DPOConfig(batch_size=2, grad_accum=2, logprob_chunk=0, row_tokens=96, bucket_multiple=16)
+    step = run.replace(pack_shapes="step")
+    short = np.arange(4, 8)  # the short pairs only
+    a, b = step_batch(enc, ref, short, run, 0), step_batch(enc, ref, short, step, 0)
+    assert a["tokens"].shape[-1] == 96 and b["tokens"].shape[-1] == 80  # one row of the 4 pairs (67), rounded to 16
+    ga, ma = accumulated_grads(params, a, config, run)
+    gb, mb = accumulated_grads(params, b, config, step)
+    for name in ma:
+        np.testing.assert_allclose(mb[name], ma[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    for x, y in zip(jax.tree.leaves(gb), jax.tree.leaves(ga), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)

@@ -124,6 +124,8 @@ def splash_segment_ids(segments_BT, mask_BT):
 def fused_attention(impl: str, q_BTNH, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT):
     """A fused implementation's output [B, T, N, H] (`resolve`d name): cudnn/jax_nn use `allowed_BTS`;
     splash uses the segment ids and the causal order instead (without segments: one per row)."""
+    if callable(impl):  # a caller's own attention over q, k, v (lidr_jax.train.packing.block_attention)
+        return impl(q_BTNH, k_BKSH, v_BKSH)
     if impl in ("cudnn", "jax_nn"):
         return dot_product_attention(
             q_BTNH, k_BKSH, v_BKSH, allowed_BTS, implementation="cudnn" if impl == "cudnn" else "xla"

@@ -51,6 +51,7 @@ from lidr_jax.pipeline.train_stages import (
     train_stage,
 )
 from lidr_jax.settings import SettingsError, describe
+from lidr_jax.train.memory import DoesNotFitError, check_model_fits
 from lidr_jax.train.pairs import PairFormatError
 
 TRAINING: list[tuple[str, Stage]] = [
@@ -78,6 +79,7 @@ INPUT_ERRORS = (
     PairFormatError,
     TrainingDivergedError,
     MetricsFileError,
+    DoesNotFitError,  # the fit check (lidr_jax.train.memory): names the numbers and the fixes
 )
 
 
@@ -145,6 +147,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
     if targets and not (as_path(cfg.run_dir) / MANIFEST).is_file():
         raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
     mesh = sharding.make_mesh(cfg.mesh)
+    check_model_fits(cfg.model, cfg.dpo, mesh)  # a DPO state the mesh cannot hold fails now, with the numbers
     rules = sharding.parse_rules(cfg.mesh.rules)
     run = RunDir(
         cfg.run_dir,

@@ -56,6 +56,9 @@ class DPOConfig:
     # batch_size then counts pairs per micro-batch as before, packed into a fixed number of rows
     row_tokens: int = 0
     share_prompt: bool = True  # packed rows run a pair's prompt once for both answers; false: once per answer
+    # packed shapes: run (one for every step, one compilation) | step (each step's rows as long as its
+    # longest, rounded up to bucket_multiple or 512: less padding, a compilation per distinct shape)
+    pack_shapes: Literal["run", "step"] = "run"
     # auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)
     attention: Attention = "auto"
     remat: Remat = "none"  # none | full | dots: activation recomputation in the layer scan

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from jax.sharding import AbstractMesh
 
 from lidr_jax.dist.sharding import state_shardings
 from lidr_jax.model.attention import resolve
-from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.packing import packed_logprobs
@@ -169,12 +170,17 @@ def device_memory(device) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def _local_device(mesh):
+    """One of this process's devices of `mesh` (only those report their memory; every device of a mesh is alike)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
 def check_training_fits(model_config: ModelConfig, cfg: DPOConfig, mesh, rows_per_micro_batch: int | None = None):
     """The fit check before training: the plan of `cfg` on `mesh` (a jax Mesh with data, fsdp and tensor
     axes) against the memory of one of this process's devices (only those report their memory; every
     device of a mesh is alike); nothing is checked where the backend reports no limit (CPU). Raises
     `DoesNotFitError` with the numbers. Returns the plan, or None when not checked."""
-    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    device = _local_device(mesh)
     limit = device_memory(device)
     if limit is None:
         return None
@@ -185,3 +191,16 @@ def check_training_fits(model_config: ModelConfig, cfg: DPOConfig, mesh, rows_pe
     )
     check_fit(plan, limit, getattr(device, "device_kind", device.platform))
     return plan
+
+
+def check_model_fits(model: str, cfg: DPOConfig, mesh) -> MemoryPlan | None:
+    """The fit check at config load, before any model work (lidr_jax.pipeline.runner.open_run): the
+    architecture from a Hugging Face directory's config.json (no weights read) and `batch_size` rows per
+    micro-batch (without packing exact; with packing the most a micro-batch can need: the train stage
+    checks again with the pairs' own count). None where it cannot tell before loading: a backend that
+    reports no device memory (CPU), or a model that is not a directory with config.json (a .gguf file
+    holds its architecture inside the weights file; the train stage checks it)."""
+    config_file = Path(model).expanduser() / "config.json"
+    if device_memory(_local_device(mesh)) is None or not config_file.is_file():
+        return None
+    return check_training_fits(load_hf_config(config_file), cfg, mesh)

@@ -37,7 +37,7 @@ from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
-from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing
+from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing, step_plan
 from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
 
 
@@ -65,20 +65,34 @@ class NonFiniteLossError(RuntimeError):
 def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, progress: bool = True):
     """Summed response log-probs of every pair under `params`: {"chosen": [N], "rejected": [N]}.
 
-    Pairs are sorted by length so each batch pads little; batch lengths are bucketed (one compile
-    per bucket).
+    Pairs are sorted by length and taken `reference_batch_size` at a time, so each batch pads little;
+    with `row_tokens` each batch is packed as training packs a step (several pairs per row, its own
+    bucketed shape: `step_plan`), else one row per pair. Lengths are bucketed (one compile per bucket).
     """
     config = model_config.replace(dtype=cfg.compute_dtype)
-    fn = jax.jit(lambda p, b: batch_logprobs(p, b, config, cfg)[:2])
+    packed_impl = attention_impl(cfg, shared_prompt=cfg.share_prompt)
+
+    def packed(p, b):
+        return packed_logprobs(p, b, config, chunk=cfg.logprob_chunk, attention=packed_impl)[:2]
+
+    fn = jax.jit(packed if cfg.row_tokens else lambda p, b: batch_logprobs(p, b, config, cfg)[:2])
     N, B = len(enc), cfg.reference_batch_size
     order = np.argsort(enc.lengths(), kind="stable")
     chosen, rejected = np.zeros(N, np.float32), np.zeros(N, np.float32)
     bar = tqdm(total=N, desc="reference log-probs", unit="pair", disable=not progress)
     for start in range(0, N, B):
         idx = order[start : start + B]
-        batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-        logp_c, logp_r = map(to_host, fn(params, put_process_rows({k: v for k, v in batch.items() if k != "weight"})))
-        chosen[idx], rejected[idx] = logp_c[: len(idx)], logp_r[: len(idx)]
+        if cfg.row_tokens:
+            plan = step_plan(enc, idx, cfg.row_tokens, 1, cfg.share_prompt, packed_impl == "xla", cfg.bucket_multiple)
+            batch = {k: v[0] for k, v in packed_step_batch(enc, None, idx, 1, 0, plan).items()}
+            pair = batch.pop("pair").reshape(-1)
+            logp_c, logp_r = map(to_host, fn(params, put_process_rows(batch)))
+            chosen[pair[pair >= 0]], rejected[pair[pair >= 0]] = logp_c[pair >= 0], logp_r[pair >= 0]
+        else:
+            batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
+            batch = {k: v for k, v in batch.items() if k != "weight"}
+            logp_c, logp_r = map(to_host, fn(params, put_process_rows(batch)))
+            chosen[idx], rejected[idx] = logp_c[: len(idx)], logp_r[: len(idx)]
         bar.update(len(idx))
     bar.close()
     return {"chosen": chosen, "rejected": rejected}
@@ -229,9 +243,21 @@ def step_indices(step: int, num_pairs: int, cfg: DPOConfig) -> np.ndarray:
 
 
 def pack_plan(enc: EncodedPairs, cfg: DPOConfig) -> PackPlan:
-    """The fixed packed shape of a run with `row_tokens` (every step's pairs fit it: one compilation)."""
+    """The largest packed shape of a run with `row_tokens`: every step's pairs fit it (with `pack_shapes:
+    run` every step has it: one compilation; with `step` no step is larger). Block tables of
+    lidr_jax.train.packing.block_attention where the training pass attends with xla."""
     steps = (step_indices(k, len(enc), cfg) for k in range(total_steps(len(enc), cfg)))
-    return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt)
+    blocks = attention_impl(cfg, shared_prompt=cfg.share_prompt) == "xla"
+    return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt, blocks)
+
+
+def step_pack_plan(enc: EncodedPairs, idx: np.ndarray, cfg: DPOConfig, plan: PackPlan | None = None) -> PackPlan:
+    """The packed shape of the step of pairs `idx`: the run's `plan` (default `pack_plan`) or, with
+    `pack_shapes: step`, the step's own (lidr_jax.train.packing.step_plan)."""
+    if cfg.pack_shapes == "run":
+        return plan or pack_plan(enc, cfg)
+    blocks = attention_impl(cfg, shared_prompt=cfg.share_prompt) == "xla"
+    return step_plan(enc, idx, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt, blocks, cfg.bucket_multiple)
 
 
 def step_batch(
@@ -245,9 +271,9 @@ def step_batch(
 ):
     """Stacked micro-batches [A, b, ...] for one optimizer step; all share one bucketed T. Micro-batches
     past the end of a short last step are filler with weight 0. With `row_tokens`, packed rows
-    [A, R, row_tokens] of the run's `plan` (default: `pack_plan`)."""
+    [A, R, T] of the run's `plan` (default: `pack_plan`) or the step's own (`step_pack_plan`)."""
     if cfg.row_tokens:
-        return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, plan or pack_plan(enc, cfg))
+        return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, step_pack_plan(enc, idx, cfg, plan))
     b = cfg.batch_size
     if length is None:
         length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
@@ -299,7 +325,7 @@ def train(
     step_fn = make_train_step(model_config, cfg, optimizer, schedule, state_shardings=shardings)
     start = int(state.step)
     spe = steps_per_epoch(len(enc), cfg)
-    plan = pack_plan(enc, cfg) if cfg.row_tokens else None
+    plan = pack_plan(enc, cfg) if cfg.row_tokens and cfg.pack_shapes == "run" else None
     epoch_tokens = epoch_slots = 0  # padding share of the epoch so far (this process's steps)
     own_sink = sink is None and metrics_path is not None
     if own_sink:
