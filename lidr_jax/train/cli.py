@@ -66,9 +66,7 @@ class DPORunConfig:
     checkpoint_every: int = 50  # optimizer steps between Orbax checkpoints (and one at the end)
     checkpoint_keep: int = 2  # the newest checkpoints kept
     export_dtype: ExportDtype = "bfloat16"  # bfloat16 (what vLLM serves, half the size) | float32 (exact)
-    # Leave out (counted, with a warning) pairs whose chosen answer is empty or equals the rejected one
-    # (lidr_jax.train.pairs.DEGENERATE); false trains on them, as TRL does
-    drop_degenerate_pairs: bool = True
+    drop_degenerate_pairs: bool = True  # leave out (counted) pairs with empty chosen or chosen == rejected
 
     def __post_init__(self):
         check_choices(self)
