@@ -8,13 +8,16 @@
 - Activations: the residuals that the backward pass keeps (jax's own `saved_residuals`, traced on abstract
   inputs) of the packed DPO log-prob forward (lidr_jax.train.packing.packed_logprobs) for the rows one device
   holds, in the compute dtype, per remat policy, with the attention implementation: `xla` saves the
-  [B, K, G, T, S] probabilities; a fused kernel (cudnn, splash) saves q, k, v, its output and the
-  log-sum-exp, traced here with splash in interpret mode (the same residuals). The trace is the
-  unsharded program at the per-device rows, so a residual that is a whole weight copy is counted whole.
+  probabilities of every block pair a packed row may list (lidr_jax.train.packing.block_attention; at most
+  the blocks on and below the diagonal, about half of [T, T]; all of [B, K, G, T, S] without packing); a
+  fused kernel (cudnn, splash) saves q, k, v, its output and the log-sum-exp, traced here with splash in
+  interpret mode (the same residuals). The trace is the unsharded program at the per-device rows, so a
+  residual that is a whole weight copy is counted whole.
 - Transient peaks, analytic and stated as such: one layer's weights gathered in the compute dtype, one
   log-softmax chunk's float32 logits [rows, chunk, V] three times (logits, log-softmax, their gradient),
   and with xla attention under remat (full, dots) the recomputed layer's float32 scores and probabilities
-  [rows, N, T, T] twice (without remat they are among the saved residuals already).
+  of its block pairs ([rows, N, T, T] without packing) twice (without remat they are among the saved
+  residuals already).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from lidr_jax.model.attention import resolve
 from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
 from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.packing import packed_logprobs
+from lidr_jax.train.packing import attention_block, packed_logprobs
 from lidr_jax.train.trainer import init_state, make_optimizer
 
 GiB = 2**30
@@ -95,9 +98,22 @@ def state_bytes(config: ModelConfig, mesh_shape: tuple[int, int, int]) -> tuple[
     return per_device(state.params, shardings.params), per_device(state.opt_state, shardings.opt_state)
 
 
-def activation_bytes(config: ModelConfig, rows: int, row_tokens: int, remat: str, chunk: int, fused: bool) -> int:
+def block_pairs_bound(row_tokens: int) -> tuple[int, int]:
+    """(block, M): the attention block of packed rows of `row_tokens` (lidr_jax.train.packing.attention_block)
+    and the most block pairs a row can list: every block pair on or below the diagonal (one causal pair
+    filling the row; several pairs, or a prompt shared by two answers, list fewer)."""
+    block = attention_block(row_tokens)
+    nb = row_tokens // block
+    return block, nb * (nb + 1) // 2
+
+
+def activation_bytes(
+    config: ModelConfig, rows: int, row_tokens: int, remat: str, chunk: int, fused: bool, blocks: bool = False
+) -> int:
     """Residuals kept for the backward pass (weights excluded) of `rows` packed rows of `row_tokens` tokens,
-    every token but the first of each row scored (an upper bound on the answer entries)."""
+    every token but the first of each row scored (an upper bound on the answer entries). `blocks`: xla
+    attention over the block pairs of packed rows (lidr_jax.train.packing.block_attention), as many as
+    `block_pairs_bound` allows."""
     T = -(-row_tokens // 128) * 128 if fused else row_tokens  # fused kernels tile rows in blocks of 128
     ints = {k: jax.ShapeDtypeStruct((rows, T), jnp.int32) for k in ("tokens", "positions", "segments")}
     entries = {k: jax.ShapeDtypeStruct((rows, T), jnp.int32) for k in ("logit_index", "targets", "entry_slot")}
@@ -109,6 +125,10 @@ def activation_bytes(config: ModelConfig, rows: int, row_tokens: int, remat: str
         "attention_mask": jax.ShapeDtypeStruct((rows, T), jnp.bool_),
         "weight": jax.ShapeDtypeStruct((rows, 1), jnp.float32),
     }
+    if blocks and not fused:
+        M = block_pairs_bound(T)[1]
+        batch |= {k: jax.ShapeDtypeStruct((rows, M), jnp.int32) for k in ("block_q", "block_k")}
+        batch["block_valid"] = jax.ShapeDtypeStruct((rows, M), jnp.bool_)
     impl = "splash_interpret" if fused else "xla"
 
     def f(p, b):
@@ -135,12 +155,15 @@ def plan_memory(
     split = mesh_shape[0] * mesh_shape[1]
     rows = -(-(rows_per_micro_batch or cfg.batch_size) // split)
     params, adamw = state_bytes(config, mesh_shape)
-    acts = activation_bytes(config, rows, row_tokens, cfg.remat, cfg.logprob_chunk, fused_attention)
+    blocks = bool(cfg.row_tokens)  # packed rows attend over their block pairs (lidr_jax.train.packing)
+    acts = activation_bytes(config, rows, row_tokens, cfg.remat, cfg.logprob_chunk, fused_attention, blocks)
     itemsize = jnp.dtype(cfg.compute_dtype).itemsize
     layer = count_params(abstract_params(config)["layers"]) // config.num_hidden_layers * itemsize
     chunk = min(cfg.logprob_chunk or row_tokens, row_tokens)
     logits = 3 * rows * chunk * config.vocab_size * 4
-    scores = 0 if fused_attention or cfg.remat == "none" else 2 * rows * config.num_attention_heads * row_tokens**2 * 4
+    block, M = block_pairs_bound(row_tokens)
+    area = M * block**2 if blocks else row_tokens**2  # scores of one row and head: block pairs, or all of [T, T]
+    scores = 0 if fused_attention or cfg.remat == "none" else 2 * rows * config.num_attention_heads * area * 4
     return MemoryPlan(
         tuple(mesh_shape),
         rows,
