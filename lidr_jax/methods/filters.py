@@ -25,6 +25,15 @@ Filters, in the order a pair is checked (the first that fails is the pair's reas
        must be the pair's language;
     and, whatever the length, a translation identical to the text it translates (with letters) fails:
     the model copied instead of translating (the "Red" of a German pair).
+- `back_translation` (off by default): a dominant pair's rejected answer, the back-translation of a
+  target answer into the dominant language, must be in the dominant language (the rule above). A
+  small model often leaves it in the source language; such a pair then trains "do not write French"
+  rather than "prefer the better English answer", and pushes the policy away from the very languages
+  LIDR is meant to improve (counted as `language`).
+- `translation_tasks` (on by default, as in the papers): keep target pairs of prompts flagged as
+  translation tasks, whose chosen answer is the untranslated dominant-language answer. Off drops them
+  (counted as `translation_task`): a small model answers a translation task with prose in the dominant
+  language, and such a pair trains it to answer a German prompt in English.
 - `length_cut` (off by default): the chosen answer, or the answer it was translated from, stopped at
   the token limit.
 - `repetition` (off by default: 0): the chosen answer's repeated n-gram share is above the threshold
@@ -45,6 +54,7 @@ from lidr_jax.methods.languages import get_language, letter_script, scripts
 # upper_bound: ICR, every choosable sample scored at or above the bound.
 DROP_REASONS = (
     "translation_failed",
+    "translation_task",
     "no_pair",
     "upper_bound",
     "empty",
@@ -67,6 +77,8 @@ class PairFilterConfig:
     min_letters: int = 10  # below this many letters only the script is checked
     empty: bool = True  # drop pairs with an empty chosen or rejected answer
     identical: bool = True  # drop pairs whose chosen equals the rejected
+    back_translation: bool = False  # a dominant pair's rejected back-translation must be in the dominant language
+    translation_tasks: bool = True  # keep target pairs of translation-task prompts (chosen: the untranslated answer)
     length_cut: bool = False  # drop pairs whose chosen (or its source) stopped at the token limit
     repetition: float = 0.0  # drop pairs whose chosen has a repeated n-gram share above this; 0 = off
     repetition_n: int = 4  # n of the n-grams (words; characters for unspaced scripts)

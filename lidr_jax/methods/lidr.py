@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from lidr_jax.methods.filters import PairFilterConfig, PairTable, pair_reason, provenance
+from lidr_jax.methods.filters import PairFilterConfig, PairTable, check_language, pair_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.settings import check_choices
@@ -384,6 +384,9 @@ def build_pairs(
                 counts.count(lang, "translation_failed")
                 continue
             valid.setdefault(pid, []).append(lang)
+            if is_task and not filters.translation_tasks:
+                counts.count(lang, "translation_task")
+                continue
             y_en, y_x = generations[dom][pid], generations[lang][pid]
             chosen, chosen_from = (y_en, f"generation:{dom}") if is_task else (fwd[pid], f"translation:{dom}->{lang}")
             reason = pair_reason(
@@ -419,6 +422,8 @@ def build_pairs(
     for lang, pid in _english_sources(prompts.ids, valid, targets, settings):
         y_en, back = generations[dom][pid], to_dominant[lang][pid]
         reason = pair_reason(y_en, back, dom, filters, cut=pid in cut.get(dom, ()), dominant=dom)
+        if reason is None and filters.back_translation and not check_language(back, dom, filters.min_letters):
+            reason = "language"  # the back-translation stayed in (or drifted to) another language
         counts.count(dom, reason)
         if reason is not None:
             continue
