@@ -285,3 +285,27 @@ def test_unclosed_translations_for_the_icr_baseline():
     assert parse_translation("<translation>Hello</translation>", keep_unclosed=True) == "Hello"
     assert parse_translation("   ", keep_unclosed=True) is None
     assert parse_translation("Hello world", keep_unclosed=False) is None  # LIDR: a failure
+
+
+def test_back_translation_and_translation_task_filters():
+    """back_translation: a dominant pair whose rejected back-translation is not English is dropped
+    (counted as language); translation_tasks=False: a translation task's target pair is dropped
+    (counted as translation_task). Both off by default keeps the papers' pairs."""
+    ids = ("a", "b", "t")
+    prompts = PromptSet(
+        ("en", "de"), ids, {lang: tuple(f"x_{lang}[{p}]" for p in ids) for lang in ("en", "de")}, frozenset({"t"})
+    )
+    gens = {"en": {p: ENGLISH + f" ({p})" for p in ids}, "de": {p: GERMAN + f" ({p})" for p in ids}}
+    to_target = {"de": {"a": GERMAN, "b": GERMAN + " Danke."}}
+    to_dominant = {"de": {"a": ENGLISH, "b": GERMAN, "t": ENGLISH + " Sure."}}  # b stayed German
+    everything = LIDRPairConfig(english_pairs="all")
+    pairs, stats = build_pairs(prompts, gens, to_target, to_dominant, everything)
+    assert [(p.kind, p.id) for p in pairs] == [("target", "a"), ("target", "b"), ("target", "t")] + [
+        ("dominant", p) for p in ids
+    ]
+    filters = PairFilterConfig(back_translation=True, translation_tasks=False)
+    pairs, stats = build_pairs(prompts, gens, to_target, to_dominant, everything, filters)
+    assert [(p.kind, p.id) for p in pairs] == [("target", "a"), ("target", "b"), ("dominant", "a"), ("dominant", "t")]
+    assert stats.table["de"] == {"candidates": 3, "kept": 2, "dropped": {**NONE, "translation_task": 1}}
+    assert stats.table["en"] == {"candidates": 3, "kept": 2, "dropped": {**NONE, "language": 1}}
+    assert stats.translation_task_pairs == 0
