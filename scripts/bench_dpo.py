@@ -15,8 +15,10 @@ lidr_jax packs each step's pairs into rows of up to `row_tokens` (default: the l
 up to 256, so every step is one row) with `pack_shapes: step` (each step's row as long as its pairs, rounded
 up to 256: one compilation per distinct length, compiled before the epoch and reported apart), xla
 attention over the packed row's block pairs only (lidr_jax.train.packing.block_attention) and no remat
-(`--real-remat`). TRL runs its DPOTrainer with max_length None (no truncation) and sdpa attention;
-`padding_free` is disabled in TRL 1.16 (it warns and pads), so its knob for this data is the batch size:
+where the largest step's residuals fit the memory free when the run starts (`--real-remat auto`: 3.75 MB
+per token, 22 GB for `--real 64`'s largest step of 5,888 tokens; else remat "dots"). TRL runs its
+DPOTrainer with max_length None (no truncation) and sdpa attention; `padding_free` is disabled in TRL
+1.16 (it warns and pads), so its knob for this data is the batch size:
 `trl:B` in `--order` is B pairs per micro-batch x 4/B gradient-accumulation steps (B=1 pads only each
 pair's chosen against its rejected; B=4 pads 8 sequences to the longest). The runs alternate in the order
 of `--order` (default jax,trl:1,trl:4,jax,trl:4,trl:1), each in its own process; the ratio is lidr_jax's
@@ -230,6 +232,20 @@ def side_trl(out: Path, steps: int, warmup: int):
 REAL_DATA = REPO.parent / "shared" / "data" / "llama3_m0" / "en_to_fr_translations.jsonl"
 REAL_BATCH = 4
 REAL_BUCKET = 256  # lidr_jax: a step's row length is rounded up to a multiple of this (one compilation each)
+# --real-remat auto: without remat the packed step keeps 3.75 MB of residuals per token (jax's
+# saved_residuals: 22 GB at 5,888 tokens, 13 GB at 4,352), with 30% for XLA's temporaries, next to
+# 2.2 GB of float32 weights, gradients and AdamW state; remat "dots" when that exceeds the free memory
+REAL_RESIDUAL_BYTES_PER_TOKEN = int(1.3 * 3.75e6)
+REAL_STATE_BYTES = int(2.2e9)
+
+
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux), or 0 where it cannot be read."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
 
 
 def real_pairs(n: int):
@@ -295,7 +311,7 @@ def _real_data(out: Path):
     return d, enc, ref
 
 
-def real_side_jax(out: Path, row_tokens: int, remat: str = "none"):
+def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
     import jax
 
     from lidr_jax.formats.load import load_pretrained
@@ -316,6 +332,10 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "none"):
         remat=remat,
     )
     steps = [np.asarray(s) for s in d["steps"]]
+    if remat == "auto":  # no remat where the largest step's residuals fit the memory free now, else dots
+        longest = max(int(enc.lengths()[s].sum()) for s in steps)
+        need = REAL_STATE_BYTES + REAL_RESIDUAL_BYTES_PER_TOKEN * longest
+        cfg = cfg.replace(remat="none" if need <= _available_bytes() else "dots")
     opt = make_optimizer(cfg, len(steps))
     step_fn = make_train_step(model.config, cfg, opt, lr_schedule(cfg, len(steps)))
     state = init_state(model.params, opt)
@@ -348,7 +368,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "none"):
         "step_shapes": sorted({tuple(b["tokens"].shape[1:]) for b in batches}),
         "step_s": times,
         "row_tokens": cfg.row_tokens,
-        "remat": remat,
+        "remat": cfg.remat,
         "peak_mb": _peak_mb(),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
     }
@@ -598,7 +618,9 @@ def main():
         default="jax,trl:1,trl:4,jax,trl:4,trl:1",
         help="--real: the runs in order; trl:B = TRL with B pairs per micro-batch x 4/B accumulation steps",
     )
-    p.add_argument("--real-remat", default="none", help="--real: lidr_jax's remat policy")
+    p.add_argument(
+        "--real-remat", default="auto", help="--real: lidr_jax's remat (auto: none if its residuals fit free memory)"
+    )
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -209,8 +209,8 @@ def step_plan(
 ) -> PackPlan:
     """The shape of one step's packed micro-batches alone (`dpo.pack_shapes: step`): rows as long as the
     step's longest, rounded up to `multiple` (0: 512; never past `row_tokens` rounded up to BLOCK), entries
-    to 256, slots to a power of two, block pairs to a multiple of the row's blocks: few distinct shapes,
-    so few compilations."""
+    to 512, slots to a power of two, block pairs to a multiple of twice the row's blocks: few distinct
+    shapes, so few compilations."""
     micros = step_rows(enc, idx, row_tokens, grad_accum, share_prompt)
     lengths = pair_tokens(enc, share_prompt)
     longest = max(int(lengths[row].sum()) for micro in micros for row in micro)
@@ -225,9 +225,9 @@ def step_plan(
         share_prompt,
         rows,
         1 << (slots - 1).bit_length(),
-        bucket(entries, minimum=16, knee=0, step=256),
+        bucket(entries, minimum=16, knee=0, step=512),
         block,
-        -(-blocks // nb) * nb if block else 0,
+        -(-blocks // (2 * nb)) * 2 * nb if block else 0,
         row_tokens,
     )
 
@@ -316,7 +316,11 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
     def pick(x_BnC, idx_BM):  # the blocks idx of each row: [B, M, C, ...]
         return jax.vmap(lambda x, i: x[i])(x_BnC, idx_BM)
 
-    # Which keys each query sees, per block pair [B, M, Cq, Ck] (once per call, shared by every layer).
+    # Gathered q, k, v are M / nb times larger than q, k, v: the backward pass gathers them again
+    # instead of keeping them (jax.checkpoint around the gather alone).
+    gather = jax.checkpoint(pick)
+
+    # Which keys each query sees, per block pair [B, M, Cq, Ck] (from integers: loop-invariant in the layer scan).
     tok = tiles(jnp.broadcast_to(jnp.arange(T), (B, T)))
     tq, tk = pick(tok, bq)[..., :, None], pick(tok, bk)[..., None, :]
     sq, sk = pick(tiles(seg), bq)[..., :, None], pick(tiles(seg), bk)[..., None, :]
@@ -324,17 +328,21 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
     seen &= valid[..., None, None]
 
     scale = jnp.asarray(H**-0.5, q_BTNH.dtype)
-    q = pick(tiles(q_BTNH * scale).reshape(B, nb, C, K, G, H), bq)  # [B, M, C, K, G, H]
-    k = pick(tiles(k_BKTH.transpose(0, 2, 1, 3)), bk)  # [B, M, C, K, H]
-    v = pick(tiles(v_BKTH.transpose(0, 2, 1, 3)), bk)
+    q = gather(tiles(q_BTNH * scale).reshape(B, nb, C, K, G, H), bq)  # [B, M, C, K, G, H]
+    k = gather(tiles(k_BKTH.transpose(0, 2, 1, 3)), bk)  # [B, M, C, K, H]
+    v = gather(tiles(v_BKTH.transpose(0, 2, 1, 3)), bk)
     s = jnp.einsum("BMcKGH,BMdKH->BMKGcd", q, k, preferred_element_type=jnp.float32)
-    s = jnp.where(seen[:, :, None, None], s, _MASKED)
+    seen = seen[:, :, None, None]
 
     def per_query_block(op, x_BM):  # reduce [B, M, ...] over the block pairs of each query block
         return jax.vmap(lambda x, i: op(x, i, num_segments=nb, indices_are_sorted=True))(x_BM, bq)
 
-    m = jax.lax.stop_gradient(per_query_block(jax.ops.segment_max, jnp.max(s, axis=-1)))  # [B, nb, K, G, C]
-    p = jnp.where(seen[:, :, None, None], jnp.exp(s - pick(m, bq)[..., None]), 0.0)
+    # Each query's maximum over all its key blocks (a constant for the gradient; finite: _MASKED where
+    # a query sees nothing), then p = exp(s − max), 0 where unseen: one [B, M, K, G, C, C] array is kept
+    # for the backward pass (exp's output, which the output einsum also needs).
+    masked = jnp.where(seen, jax.lax.stop_gradient(s), _MASKED)
+    m = jax.lax.stop_gradient(per_query_block(jax.ops.segment_max, jnp.max(masked, axis=-1)))  # [B, nb, K, G, C]
+    p = jnp.exp(jnp.where(seen, s - pick(m, bq)[..., None], -jnp.inf))
     total = per_query_block(jax.ops.segment_sum, jnp.sum(p, axis=-1))  # [B, nb, K, G, C]
     o = jnp.einsum("BMKGcd,BMdKH->BMKGcH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     o = per_query_block(jax.ops.segment_sum, o) / jnp.maximum(total, 1e-30)[..., None]  # [B, nb, K, G, C, H]
