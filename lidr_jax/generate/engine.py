@@ -7,10 +7,17 @@ small batch and inserted into the free slots while the other rows keep their sta
 ends early when a row ends and prompts wait, so a slot idles for at most one step.
 
 Shapes, all fixed per engine (B slots, S cache slots per row), so a refill never recompiles:
-- prefill: P prompts (a power of two up to B) of T tokens (`PREFILL_BUCKETS`), one executable per (P, T);
-- insert: the P prefilled rows copied into up to B slots, one executable per (P, T);
-- decode: the B slots, attending to the first W slots only (the longest live row plus the chunk,
-  bucketed by `WINDOW_BUCKETS`, at most S; a chunk stops before a row outgrows W), one executable per W.
+- refill: P prompts (a power of two up to B) of T tokens (`PREFILL_BUCKETS`) prefilled and their rows
+  copied into up to B slots, one executable per (P, T); prompts over `PREFILL_CHUNK` tokens are
+  prefilled that many tokens at a time (`prefill_logits`);
+- decode: the B slots, attending to the first W slots only: W is the longest live row plus the chunk,
+  bucketed by `WINDOW_BUCKETS`, when that is at most S / 2 (the chunk then runs on a copy of those W
+  slots, written back at its end: `_window`), else S (no copy); a chunk stops before a row outgrows
+  W. One executable per W: the buckets up to S / 2, and S.
+- compact: once no prompt waits and half the slots or more are idle, the live rows move into the
+  fewest slots (a power of two), so the last rows of a call do not step idle slots (not under a mesh,
+  whose batch split needs the slot count). One executable per (B, B'); the smaller engine then
+  compiles its own decode windows.
 Shared prefixes: the `n` samples of a prompt are prefilled once and the prompt's cache rows copied
 into `n` slots (`EngineStats.prefilled_prompts` counts prefills).
 
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.dist.sharding import put_batch
+from lidr_jax.dist.sharding import active, put_batch
 from lidr_jax.generate.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import hidden_states, init_cache, unembed
@@ -41,6 +48,7 @@ from lidr_jax.shapes import bucket
 PREFILL_BUCKETS = dict(minimum=32, knee=128, step=64)  # prompt lengths: 32, 64, 128, 192, 256, ...
 WINDOW_BUCKETS = dict(minimum=128, knee=128, step=128)  # attended cache slots in a decode chunk
 OUTPUT_BUCKETS = dict(minimum=32, knee=256, step=256)  # new tokens per row (the output buffer R)
+PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (`prefill_logits`)
 
 
 @dataclasses.dataclass
@@ -60,14 +68,55 @@ class EngineStats:
 # ------------------------------------------------------------------------------------------ device side
 
 
-def prefill_logits(params, layers, tokens_BT, mask_BT, config: ModelConfig, max_new: int):
+def _window(cache, W: int):
+    """The first W slots of every layer's buffers (a copy: the decode loop then reads W slots only)."""
+    return {"k": [b[..., :W] for b in cache["k"]], "v": [b[:, :, :W] for b in cache["v"]], "end_B": cache["end_B"]}
+
+
+def _unwindow(cache, win):
+    """The window's slots written back into the whole cache (in place: the cache is donated)."""
+    W = win["v"][0].shape[2]
+    return {
+        "k": [b.at[..., :W].set(w) for b, w in zip(cache["k"], win["k"])],
+        "v": [b.at[:, :, :W].set(w) for b, w in zip(cache["v"], win["v"])],
+        "end_B": win["end_B"],
+    }
+
+
+def prefill_logits(params, layers, tokens_BT, mask_BT, config: ModelConfig, max_new: int, chunk: int = PREFILL_CHUNK):
     """Right-padded prompts [B, T] into a fresh cache of T + max_new slots: the logits [B, V] after each
-    prompt's last token, and the cache. `layers`: per-layer weights or None (sampler.decode_layers)."""
+    prompt's last token, and the cache. `layers`: per-layer weights or None (sampler.decode_layers).
+
+    Prompts longer than `chunk` tokens are prefilled `chunk` tokens at a time (a `lax.scan` over the
+    chunks, each writing into the cache and attending to it), so attention scores are [chunk, T] rather
+    than [T, T] and activations [B, chunk, ...]: prefill memory is bounded by the chunk, not the prompt."""
     B, T = tokens_BT.shape
-    cache = init_cache(config, B, T + max_new)
-    h_BTD, cache = hidden_states(params, tokens_BT, config, attention_mask_BT=mask_BT, cache=cache, layers=layers)
     last_B = jnp.maximum(jnp.sum(mask_BT, axis=1) - 1, 0)  # unembed only each row's last prompt token
-    return unembed(params, h_BTD[jnp.arange(B), last_B], config), cache
+    if chunk >= T:
+        cache = init_cache(config, B, T + max_new)
+        h_BTD, cache = hidden_states(params, tokens_BT, config, attention_mask_BT=mask_BT, cache=cache, layers=layers)
+        return unembed(params, h_BTD[jnp.arange(B), last_B], config), cache
+    n = -(-T // chunk)
+    pad = ((0, 0), (0, n * chunk - T))  # the last chunk padded; its padding is never a row's token
+    tokens_NBC = jnp.pad(tokens_BT, pad).reshape(B, n, chunk).transpose(1, 0, 2)
+    mask_NBC = jnp.pad(mask_BT, pad).reshape(B, n, chunk).transpose(1, 0, 2)
+    cache = init_cache(config, B, n * chunk + max_new)
+    cache["end_B"] = jnp.zeros((B,), jnp.int32)  # every chunk, the first too, attends to the cache
+
+    def one(carry, xs):
+        cache, h_BD = carry
+        i, tokens_BC, mask_BC = xs
+        h_BCD, cache = hidden_states(
+            params, tokens_BC, config, attention_mask_BT=mask_BC, cache=cache, layers=layers, kv_len=n * chunk
+        )
+        here_B = (last_B >= i * chunk) & (last_B < (i + 1) * chunk)
+        h_BD = jnp.where(here_B[:, None], h_BCD[jnp.arange(B), jnp.clip(last_B - i * chunk, 0, chunk - 1)], h_BD)
+        return (cache, h_BD), None
+
+    h_BD = jnp.zeros((B, config.hidden_size), config.dtype)
+    (cache, h_BD), _ = jax.lax.scan(one, (cache, h_BD), (jnp.arange(n), tokens_NBC, mask_NBC))
+    # The last chunk's padding slots dropped: the cache has T + max_new slots.
+    return unembed(params, h_BD, config), _window(cache, T + max_new)
 
 
 def step_logits(params, layers, tokens_B, cache, config: ModelConfig, live_B=None, kv_len=None):
@@ -92,13 +141,13 @@ def _prefill(params, layers, tokens_PT, mask_PT, *, config: ModelConfig):
 def _insert(state, cache, new, slots_M, src_M, rows_M):
     """Copy prefilled rows `src_M` into slots `slots_M` (B = no assignment, dropped) with their
     per-row settings `rows_M` (pid, sid, budget)."""
-    T = new["k"][0].shape[2]
+    T = new["v"][0].shape[2]
 
     def put(buf, rows):
         return buf.at[slots_M].set(rows[src_M], mode="drop")
 
     cache = {
-        "k": [b.at[slots_M, :, :T].set(n[src_M], mode="drop") for b, n in zip(cache["k"], new["k"])],
+        "k": [b.at[slots_M, :, :, :T].set(n[src_M], mode="drop") for b, n in zip(cache["k"], new["k"])],
         "v": [b.at[slots_M, :, :T].set(n[src_M], mode="drop") for b, n in zip(cache["v"], new["v"])],
         "end_B": put(cache["end_B"], new["end"]),
     }
@@ -145,8 +194,14 @@ def _sample_step(state, sp, eos_E):
 
 def _decode(params, layers, state, cache, sp, eos_E, max_steps, stop_on_end, *, config: ModelConfig, kv_len: int):
     """Decode steps until every row is done, `max_steps` steps ran, or (with `stop_on_end`) a row
-    ended. Returns the state, the cache and the number of steps run."""
+    ended. Returns the state, the cache and the number of steps run.
+
+    The steps run over a copy of the first `kv_len` slots (`_window`), written back once at the end:
+    on XLA:CPU a slice of the cache inside the step is a copy of every layer's window at every step
+    (BENCHMARKS.md, "Decode step profile"), so the window is cut once per chunk instead."""
     live0_B = ~state["done_B"]
+    windowed = kv_len < cache["v"][0].shape[2]
+    win = _window(cache, kv_len) if windowed else cache
 
     def cond(carry):
         state, _, steps = carry
@@ -158,14 +213,29 @@ def _decode(params, layers, state, cache, sp, eos_E, max_steps, stop_on_end, *, 
         state, tok_B, live_B = _sample_step(state, sp, eos_E)
         # The sampled token enters the cache at the row's next slot. After a row's last token this
         # forward is wasted for that row (its logits are never used), which keeps one loop body.
-        logits_BV, cache = step_logits(params, layers, tok_B, cache, config, live_B=live_B, kv_len=kv_len)
+        logits_BV, cache = step_logits(params, layers, tok_B, cache, config, live_B=live_B)
         return dict(state, logits_BV=logits_BV), cache, steps + 1
 
-    return jax.lax.while_loop(cond, body, (state, cache, jnp.zeros((), jnp.int32)))
+    state, win, steps = jax.lax.while_loop(cond, body, (state, win, jnp.zeros((), jnp.int32)))
+    return state, _unwindow(cache, win) if windowed else win, steps
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("config",))
-_insert_jit = jax.jit(_insert, donate_argnames=("state", "cache"))
+def _refill_step(params, layers, state, cache, tokens_PT, mask_PT, slots_M, src_M, rows_M, *, config: ModelConfig):
+    """Prefill P prompts and insert them into their slots: one executable per (P, T), not two."""
+    new = _prefill(params, layers, tokens_PT, mask_PT, config=config)
+    return _insert(state, cache, new, slots_M, src_M, rows_M)
+
+
+_refill_jit = jax.jit(_refill_step, static_argnames=("config",), donate_argnames=("state", "cache"))
+
+
+def _compact(state, cache, take_B):
+    """The slots `take_B` (live rows first, then free ones) as a smaller engine: every per-slot array
+    gathered to len(take_B) rows."""
+    return jax.tree.map(lambda x: x[take_B], state), jax.tree.map(lambda x: x[take_B], cache)
+
+
+_compact_jit = jax.jit(_compact)  # no donation: the outputs are smaller than the inputs
 _decode_jit = jax.jit(_decode, static_argnames=("config", "kv_len"), donate_argnames=("state", "cache"))
 _EXECUTABLES: dict[tuple, Any] = {}  # compiled by shape: counted and timed exactly
 
@@ -250,8 +320,23 @@ def run(
                 params, layers, config, requests, waiting, free, slot_row, state, cache, stats, pad_id
             )
             reported_B[free] = 0
-        max_end = int(np.asarray(cache["end_B"])[[b for b in range(B) if slot_row[b] is not None]].max())
-        W = min(S, bucket(max_end + chunk, **WINDOW_BUCKETS))
+        live = [b for b in range(B) if slot_row[b] is not None]
+        if not waiting and active() is None and len(live) <= B // 2:
+            # The last rows of a call: no prompt waits, half the slots or more idle. Their rows move into
+            # the fewest slots (a power of two), so idle slots stop costing steps (`_compact`).
+            B = bucket(len(live), minimum=1, knee=B, step=B)
+            take_B = np.asarray(live + [b for b in range(len(slot_row)) if slot_row[b] is None][: B - len(live)])
+            compact = _compiled(
+                "compact",
+                (_avals((state, cache)), B),
+                lambda state=state, cache=cache, take_B=take_B: _compact_jit.lower(state, cache, take_B),
+                stats,
+            )
+            state, cache = compact(state, cache, take_B)
+            slot_row, reported_B, live = [slot_row[b] for b in take_B], reported_B[take_B], list(range(len(live)))
+        max_end = int(np.asarray(cache["end_B"])[live].max())
+        W = bucket(max_end + chunk, **WINDOW_BUCKETS)
+        W = W if 2 * W <= S else S  # a window is copied in and out once per chunk: only worth it when small
         steps_cap = W - max_end  # each step writes at a live row's end: it must stay inside the window
         decode = _compiled(
             "decode",
@@ -304,15 +389,6 @@ def _refill(params, layers, config, requests, waiting, free, slot_row, state, ca
     for p, i in enumerate(prompts):
         tokens_PT[p, : len(requests[i].ids)] = requests[i].ids
         mask_PT[p, : len(requests[i].ids)] = True
-    prefill = _compiled(
-        "prefill",
-        (config, _avals((params, layers)), P, T),
-        lambda: _prefill_jit.lower(params, layers, tokens_PT, mask_PT, config=config),
-        stats,
-    )
-    new = prefill(params, layers, tokens_PT, mask_PT)
-    stats.prefilled_prompts += len(prompts)
-    stats.prefill_calls += 1
     slots_M = np.full((B,), B, np.int32)  # B: no assignment
     src_M = np.zeros((B,), np.int32)
     rows_M = {"pid": np.zeros((B,), np.uint32), "sid": np.zeros((B,), np.int32), "budget": np.zeros((B,), np.int32)}
@@ -320,10 +396,13 @@ def _refill(params, layers, config, requests, waiting, free, slot_row, state, ca
         slots_M[m], src_M[m] = b, prompts.index(i)
         rows_M["pid"][m], rows_M["sid"][m], rows_M["budget"][m] = requests[i].pid, j, requests[i].budget
         slot_row[b] = (i, j)
-    insert = _compiled(
-        "insert",
-        (_avals((state, cache, new)),),
-        lambda: _insert_jit.lower(state, cache, new, slots_M, src_M, rows_M),
+    args = (params, layers, state, cache, tokens_PT, mask_PT, slots_M, src_M, rows_M)
+    refill = _compiled(
+        "prefill",
+        (config, _avals((params, layers, state, cache)), P, T),
+        lambda: _refill_jit.lower(*args, config=config),
         stats,
     )
-    return insert(state, cache, new, slots_M, src_M, rows_M)
+    stats.prefilled_prompts += len(prompts)
+    stats.prefill_calls += 1
+    return refill(*args)

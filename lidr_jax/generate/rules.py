@@ -45,13 +45,22 @@ def filter_top_k_top_p(logits_BV, top_k, top_p):
     return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
 
 
+def first_argmax(x_BV):
+    """The index of each row's largest value, the first one on ties: `jnp.argmax` without its variadic
+    (value, index) reduction, which XLA:CPU ran 3-6x slower than a max then a min of the indices at it
+    (B = 16, V = 49152; BENCHMARKS.md, "Decode step profile")."""
+    V = x_BV.shape[-1]
+    at_max_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(at_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
+
+
 def sample_logits(keys_B, logits_BV, temperature, top_k, top_p):
     """One token per row. temperature <= 0 is greedy (argmax, the other settings ignored); otherwise
     logits / temperature, then top-k and top-p, then a draw with the row's own key (Gumbel-max, which
     samples exactly from the softmax of the filtered logits)."""
 
     def greedy(_):
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_BV)
 
     def draw(_):
         scaled_BV = logits_BV / temperature
@@ -59,7 +68,7 @@ def sample_logits(keys_B, logits_BV, temperature, top_k, top_p):
         needs_filter = ((top_k > 0) & (top_k < logits_BV.shape[-1])) | (top_p < 1.0)
         scaled_BV = jax.lax.cond(needs_filter, lambda x: filter_top_k_top_p(x, top_k, top_p), lambda x: x, scaled_BV)
         gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(k, logits_BV.shape[-1:], jnp.float32))(keys_B)
-        return jnp.argmax(scaled_BV + gumbel_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(scaled_BV + gumbel_BV)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)
 

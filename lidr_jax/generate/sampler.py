@@ -14,9 +14,11 @@ How a call runs (the rules, stated once):
   (engine docstring: shapes, shared prefixes, compilations). Results come back in input order.
   Executables compiled are counted in `GenerationStats.compilations`; the progress bar shows tokens/s,
   slot utilisation (generated tokens / (slots x decode steps)) and compilations.
-- Truncation: a prompt longer than `max_prompt_tokens` (default and at most: the model's context - 1)
-  keeps its LAST tokens (the chat generation prompt and the prefill live at the end); the new-token
+- Truncation: a prompt longer than `max_prompt_tokens` (default 2048, and at most the model's context
+  - 1) keeps its LAST tokens (the chat generation prompt and the prefill live at the end); the new-token
   budget is clipped so prompt + output fit the context. Both are counted and reported in a warning.
+  Prompts longer than `engine.PREFILL_CHUNK` tokens are prefilled in chunks of that many, so prefill
+  memory is bounded by the limit and the chunk whatever the input (attention scores [chunk, T]).
 - A row stops at an end-of-sequence id (lidr_jax.formats.tokenizer.end_of_sequence_ids: the tokenizer's
   EOS and end-of-turn tokens, the model config's and generation config's `eos_token_id`), at
   `max_new_tokens`, or at a stop string. Stop strings are checked on the decoded text between decode
@@ -64,7 +66,7 @@ class SamplingConfig:
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one found
     batch_size: int = 32  # engine slots: rows decoded together (a row is one sample of one prompt)
-    max_prompt_tokens: int | None = None  # longer prompts keep their last tokens; None = context - 1
+    max_prompt_tokens: int = 2048  # longer prompts keep their last tokens (clipped to the model's context - 1)
     decode_chunk: int = 64  # decode steps between host checks (stop strings, refills, progress bar) at most
     progress: bool = True  # tqdm progress bar with generated tokens/s
     layer_layout: Literal["auto", "stacked", "unstacked"] = "auto"  # the layer weights decoding reads (module doc)
@@ -79,7 +81,10 @@ class SamplingConfig:
             (self.n >= 1, "n must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.decode_chunk >= 1, "decode_chunk must be >= 1"),
-            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
+            (
+                isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 1,
+                f"max_prompt_tokens must be an integer >= 1, got {self.max_prompt_tokens!r}",
+            ),
             (not isinstance(self.stop, str), "stop must be a list of strings, not one string"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.layer_layout in ("auto", "stacked", "unstacked"), "layer_layout must be auto, stacked or unstacked"),
@@ -108,7 +113,7 @@ class GenerationStats:
     batches: int = 0  # prefill calls (each fills free slots with the next prompts)
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    compilations: int = 0  # executables compiled by this call (prefill, insert, decode per new shape)
+    compilations: int = 0  # executables compiled by this call: refill per (P, T), decode per window W
     compile_seconds: float = 0.0
     run_seconds: float = 0.0  # wall time excluding compilation
     truncated_prompts: int = 0
@@ -205,7 +210,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
     eos = eos_ids(model)
     ids = _tokenize(model, prompts, prefill)
     context = config.max_position_embeddings
-    limit = min(s.max_prompt_tokens or context - 1, context - 1)
+    limit = min(s.max_prompt_tokens, context - 1)
     truncated = sum(len(p) > limit for p in ids)
     ids = [p[-limit:] for p in ids]
     budgets = [min(s.max_new_tokens, context - len(p)) for p in ids]

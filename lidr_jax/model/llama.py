@@ -17,13 +17,15 @@ weights are stacked on a leading layer axis.
   per-layer dict: on XLA:CPU slicing a stacked weight copies it at every decode step, because a
   slice is not fused into a library GEMM (lidr_jax.generate chooses the layout; BENCHMARKS.md).
 
-The cache protocol (one, for every layer): a list of L per-layer buffers k, v [B, K, S, H] and
-`end_B`, the slots each row has filled. A call writes its T new keys/values of row b at slots
-end_B[b] .. end_B[b] + T - 1 (in place when the cache is donated), then attends over the buffer:
-query t of row b sees slot s iff s <= end_B[b] + t. A row's real tokens must therefore come first
-(right padding); `end_B` then grows by the row's real tokens, so the next call overwrites its padding.
-Writing before reading matters on XLA:CPU: attending to the old buffer and then updating it made XLA
-copy every layer's cache at every step.
+The cache protocol (one, for every layer): a list of L per-layer buffers k [B, K, H, S] (keys
+transposed) and v [B, K, S, H], and `end_B`, the slots each row has filled. A call writes its T new
+keys/values of row b at slots end_B[b] .. end_B[b] + T - 1 (in place when the cache is donated), then
+attends over the buffer: query t of row b sees slot s iff s <= end_B[b] + t. A row's real tokens must
+therefore come first (right padding); `end_B` then grows by the row's real tokens, so the next call
+overwrites its padding. Writing before reading matters on XLA:CPU: attending to the old buffer and then
+updating it made XLA copy every layer's cache at every step. Keys are stored transposed because the
+decode step's score dot q [G, H] x k [H, S] then runs as a plain GEMM on XLA:CPU; over k [S, H] it ran
+at half the speed (BENCHMARKS.md, "Decode step profile").
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ Cache = dict[str, Any]
 # softmax instead of NaN, and NaN never reaches the gradients.
 _MASKED = float(np.finfo(np.float32).min)
 _ACT = ("batch", "seq", "act_embed")
-_KV = ("batch", "kv_heads", "seq", "head_dim")  # a layer's cache buffer; sharded only under an active mesh
+_K = ("batch", "kv_heads", "head_dim", "seq")  # a layer's key buffer (keys transposed)
+_V = ("batch", "kv_heads", "seq", "head_dim")  # a layer's value buffer; both sharded only under an active mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +120,17 @@ def unstack_layers(params: Params) -> list[Params]:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
     """An empty KV cache of `max_len` slots per row (the protocol of the module docstring).
 
-    Heads before slots: attention contracts over H with (B, K) as batch dimensions, so this layout
-    feeds the matmuls without a transpose of the cache."""
-    shape, dtype = (batch, config.num_key_value_heads, max_len, config.head_dim), jnp.dtype(dtype or config.dtype)
+    Heads before slots: attention contracts with (B, K) as batch dimensions, so these layouts feed the
+    matmuls without a transpose of the cache: scores over k [H, S], outputs over v [S, H]."""
+    B, K, S, H, dtype = batch, config.num_key_value_heads, max_len, config.head_dim, jnp.dtype(dtype or config.dtype)
 
-    def empty():
-        return [constrain(jnp.zeros(shape, dtype), _KV) for _ in range(config.num_hidden_layers)]
+    def empty(shape, axes):
+        return [constrain(jnp.zeros(shape, dtype), axes) for _ in range(config.num_hidden_layers)]
 
     # `end_B` a Python 0, not an array: a jitted prefill then knows the cache is empty and attends to
     # its own tokens only (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
     # time for a SmolLM2 prefill at B=32). Returned caches carry an int32 [B] array.
-    return {"k": empty(), "v": empty(), "end_B": 0}
+    return {"k": empty((B, K, H, S), _K), "v": empty((B, K, S, H), _V), "end_B": 0}
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -155,25 +158,24 @@ def apply_rope(x_BTnH, cos_BTH, sin_BTH):
     return (x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]).astype(x_BTnH.dtype)
 
 
-def attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, config: ModelConfig):
-    """Grouped-query attention of T queries over S key/value slots; scores and softmax in float32."""
+def attention(q_BTNH, k, v_BKSH, allowed_BTS, config: ModelConfig, keys: str = "BKSH"):
+    """Grouped-query attention of T queries over S key/value slots; scores and softmax in float32.
+    `keys`: the layout of `k`, "BKSH" or "BKHS" (a KV cache's transposed keys)."""
     B, T, N, H = q_BTNH.shape
     K, G = config.num_key_value_heads, config.num_groups
     q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4) * jnp.asarray(H**-0.5, q_BTNH.dtype)
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"BKGTH,{keys}->BKGTS", q_BKGTH, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], scores, _MASKED), axis=-1)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(q_BTNH.dtype), v_BKSH)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _write(buf_BKSH, new_BKTH, end_B):
-    """Row b's new entries into slots end_B[b].. (a Python 0: every row from slot 0)."""
-    new_BKTH = new_BKTH.astype(buf_BKSH.dtype)
+def _write(buf, new, end_B, axis: int):
+    """Row b's new entries into slots end_B[b].. of the slot `axis` (a Python 0: every row from slot 0)."""
+    new = new.astype(buf.dtype)
     if isinstance(end_B, int):
-        return jax.lax.dynamic_update_slice_in_dim(buf_BKSH, new_BKTH, end_B, axis=2)
-    return jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, axis=1))(
-        buf_BKSH, new_BKTH, end_B
-    )
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, end_B, axis=axis)
+    return jax.vmap(lambda b, n, e: jax.lax.dynamic_update_slice_in_dim(b, n, e, axis=axis - 1))(buf, new, end_B)
 
 
 def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
@@ -188,15 +190,18 @@ def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
     if config.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    keys, v_BKSH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # keys [B, K, T, H] here
     if kv is not None:
-        kv = (_write(kv[0], k_BKTH, end_B), _write(kv[1], v_BKTH, end_B))
-    if read_cache:
-        k_BKTH, v_BKTH = (buf[:, :, :kv_len].astype(h_BTD.dtype) for buf in kv)
+        kv = (_write(kv[0], k.transpose(0, 2, 3, 1), end_B, axis=3), _write(kv[1], v_BKSH, end_B, axis=2))
+    layout = "BKSH"
+    if read_cache:  # a slice short of the whole buffer is a copy on XLA:CPU (the engine windows per chunk)
+        keys, v_BKSH, layout = kv[0][..., :kv_len], kv[1][:, :, :kv_len], "BKHS"
+        keys, v_BKSH = keys.astype(h_BTD.dtype), v_BKSH.astype(h_BTD.dtype)
     if impl == "xla":
-        out_BTNH = attention(q, k_BKTH, v_BKTH, allowed_BTS, config)
+        out_BTNH = attention(q, keys, v_BKSH, allowed_BTS, config, keys=layout)
     else:
-        out_BTNH = fused_attention(impl, q, k_BKTH, v_BKTH, allowed_BTS, segments_BT, mask_BT)
+        k_BKSH = keys if layout == "BKSH" else keys.transpose(0, 1, 3, 2)
+        out_BTNH = fused_attention(impl, q, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT)
     B, T, N, H = out_BTNH.shape
     # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
     return jnp.einsum("BTE,ED->BTD", out_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1)), kv
@@ -285,7 +290,7 @@ def hidden_states(
         raise ValueError("remat applies to the layer scan of training passes, not to cached generation")
     x_BTD = constrain(params["embed"].astype(config.dtype)[tokens_BT], _ACT)
     rope = rope_tables(positions_BT, config)
-    view = _view(mask_BT, segments_BT, cache, kv_len or (cache["k"][0].shape[2] if cache else T))
+    view = _view(mask_BT, segments_BT, cache, kv_len or (cache["v"][0].shape[2] if cache else T))
     view = (*view, attention, segments_BT, mask_BT)
     if cache is None:
 
