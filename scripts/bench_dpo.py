@@ -4,6 +4,7 @@
     python scripts/bench_dpo.py --gpu           # GPU: random Llama-3.2-1B and Llama-3-8B configs, bf16 compute
     python scripts/bench_dpo.py --gpu --dry-run # the GPU path on a tiny config (runs anywhere)
     python scripts/bench_dpo.py --real 64       # real-length pairs from ../shared/data/llama3_m0, one epoch
+    python scripts/bench_dpo.py --kernel 2048   # one forward+backward at T tokens: torch vs JAX dense vs JAX blocks
 
 Real-length mode (`--real N`): the first N records of ../shared/data/llama3_m0/en_to_fr_translations.jsonl
 whose French translation succeeded (non-empty and not the English text): prompt = the instruction, chosen =
@@ -498,6 +499,68 @@ def real_main(args):
         print(f"with lidr_jax's compilations counted in its epoch: {with_compile / med[best]:.2f}x")
 
 
+def kernel_side(side: str, T: int, reps: int = 2) -> dict:
+    """One forward + backward of the SmolLM2-135M decoder body (random weights, float32, one row of T tokens,
+    loss = sum(hidden * fixed noise)) in torch (transformers, sdpa) or JAX: `jax-dense` (xla attention over
+    every [T, T] score, remat dots as the old real-length mode ran), `jax-block` (block_attention, no remat).
+    Seconds per call after one untimed call (JAX's includes compilation)."""
+    shape = dict(SMOLLM2_135M)
+    rng = np.random.default_rng(0)
+    tokens, noise = rng.integers(0, shape["vocab_size"], (1, T)), rng.standard_normal((1, T, shape["hidden_size"]))
+    if side == "torch":
+        import torch
+        from transformers import LlamaConfig, LlamaModel
+
+        model = LlamaModel(LlamaConfig(**shape, attn_implementation="sdpa")).float().train()
+        ids, c = torch.tensor(tokens), torch.tensor(noise, dtype=torch.float32)
+
+        def call():
+            (model(ids).last_hidden_state * c).sum().backward()
+            model.zero_grad()
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from lidr_jax.model.config import ModelConfig
+        from lidr_jax.model.llama import hidden_states, init_params
+        from lidr_jax.train.packing import attention_block, block_attention, block_pairs
+
+        config = ModelConfig(**shape)
+        params = init_params(config, jax.random.key(0))
+        ids, c = jnp.asarray(tokens, jnp.int32), jnp.asarray(noise, jnp.float32)
+        kw = {"remat": "dots"}
+        if side == "jax-block":
+            seg, mask = np.zeros((1, T), np.int32), np.ones((1, T), bool)
+            block = attention_block(T)
+            qk = block_pairs(seg[0], mask[0], block)
+            tables = {"block_q": qk[None, :, 0], "block_k": qk[None, :, 1], "block_valid": np.ones((1, len(qk)), bool)}
+            tables = {k: jnp.asarray(v) for k, v in {**tables, "segments": seg, "attention_mask": mask}.items()}
+
+            def attention(q, k, v):
+                return block_attention(q, k, v, tables, block)
+
+            positions = jnp.arange(T)[None]
+            kw = {"attention": attention, "segments_BT": tables["segments"], "positions_BT": positions}
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(hidden_states(p, ids, config, **kw)[0] * c)))
+
+        def call():
+            jax.block_until_ready(grad(params))
+
+    call()
+    times = [_timed(call) for _ in range(reps)]
+    return {"side": side, "T": T, "times": times, "tokens_per_s": T / float(np.median(times))}
+
+
+def kernel_main(args):
+    for side in ("torch", "jax-dense", "jax-block"):
+        r = _subprocess("kernel-" + side, Path(tempfile.gettempdir()), args)
+        print(
+            f"{side:10s} T={r['T']}: {', '.join(f'{t:.1f}' for t in r['times'])} s per forward+backward, "
+            f"{r['tokens_per_s']:.1f} tokens/s",
+            flush=True,
+        )
+
+
 def _subprocess(side: str, out: Path, args) -> dict:
     cmd = [
         sys.executable,
@@ -516,6 +579,8 @@ def _subprocess(side: str, out: Path, args) -> dict:
         str(args.row_tokens),
         "--real-remat",
         args.real_remat,
+        "--kernel",
+        str(args.kernel),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -556,7 +621,7 @@ def cpu_main(args):
     )
 
 
-from model_shapes import LLAMA_3_2_1B, LLAMA_3_8B, TINY  # noqa: E402  (scripts/, beside this file)
+from model_shapes import LLAMA_3_2_1B, LLAMA_3_8B, SMOLLM2_135M, TINY  # noqa: E402  (scripts/, beside this file)
 
 GPU_CONFIGS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3-8b": LLAMA_3_8B, "tiny": TINY}  # random weights
 
@@ -621,6 +686,7 @@ def main():
     p.add_argument(
         "--real-remat", default="auto", help="--real: lidr_jax's remat (auto: none if its residuals fit free memory)"
     )
+    p.add_argument("--kernel", type=int, default=0, help="T: one forward+backward of the decoder, torch vs JAX")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -632,8 +698,15 @@ def main():
             "trl": lambda: side_trl(out, args.steps, args.warmup),
             "real-prepare": lambda: real_prepare(out, args.real, args.row_tokens),
             "real-jax": lambda: real_side_jax(out, args.row_tokens, args.real_remat),
-        }.get(args.side, lambda: real_side_trl(out, int(args.side.rpartition(":")[2])))()
+        }.get(args.side)
+        if args.side.startswith("kernel-"):
+            result = lambda: kernel_side(args.side[7:], args.kernel)  # noqa: E731
+        elif result is None:
+            result = lambda: real_side_trl(out, int(args.side.rpartition(":")[2]))  # noqa: E731
+        result = result()
         print("RESULT " + json.dumps(result or {}))
+    elif args.kernel:
+        kernel_main(args)
     elif args.gpu:
         gpu_main(args)
     elif args.real:

@@ -25,6 +25,19 @@ LLAMA_3_8B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=False,
 )
+SMOLLM2_135M = dict(  # the embedded default's architecture (bench_dpo.py --kernel)
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 TINY = dict(  # the same code paths in seconds (a dry run of a GPU script on this CPU)
     vocab_size=256,
     hidden_size=64,
