@@ -330,7 +330,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         row_tokens=row_tokens or d["row_tokens"],
         pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
         bucket_multiple=REAL_BUCKET,
-        remat=remat,
+        remat="none" if remat == "auto" else remat,
     )
     steps = [np.asarray(s) for s in d["steps"]]
     if remat == "auto":  # no remat where the largest step's residuals fit the memory free now, else dots
