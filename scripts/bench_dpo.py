@@ -454,8 +454,10 @@ def real_main(args):
         prep = _subprocess("real-prepare", out, args)
         runs = []
         for side in args.order.split(","):
-            runs.append((side, _subprocess("real-" + side, out, args)))
-            print(f"{side}: {json.dumps(runs[-1][1])}", flush=True)  # each run as it ends
+            result = _subprocess("real-" + side, out, args, keep_going=True)
+            if result is not None:
+                runs.append((side, result))
+                print(f"{side}: {json.dumps(result)}", flush=True)  # each run as it ends
     print(
         f"DPO, one epoch of {prep['pairs']} real-length pairs (llama3_m0: instruction / English answer / French "
         f"translation), SmolLM2-135M-Instruct float32, {REAL_BATCH} pairs per optimizer step on both sides, "
@@ -561,7 +563,7 @@ def kernel_main(args):
         )
 
 
-def _subprocess(side: str, out: Path, args) -> dict:
+def _subprocess(side: str, out: Path, args, keep_going: bool = False) -> dict | None:
     cmd = [
         sys.executable,
         __file__,
@@ -585,9 +587,11 @@ def _subprocess(side: str, out: Path, args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(
-            f"{side} side failed (exit code {proc.returncode}; -9: killed, e.g. out of memory):\n{proc.stderr[-4000:]}"
-        )
+        message = f"{side} side failed (exit code {proc.returncode}; -9: killed, e.g. out of memory)"
+        if keep_going:  # a run of the --real alternation: said, and the others go on
+            print(message, flush=True)
+            return None
+        sys.exit(f"{message}:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][7:])
 
 
