@@ -24,7 +24,7 @@ alternating, first call with compilation then second call; wall s, useful tok/s,
     python scripts/bench_sampler.py --sets lidr icr --per-language 16 --icr-prompts 16 --new-tokens 256 --calls 2
     # slot utilisation of the engine alone, small scale (32 prompts, 64 new tokens):
     python scripts/bench_sampler.py --sets lidr --per-language 8 --new-tokens 64 --calls 1 --systems engine
-    # the same code path in under 2 minutes (2 prompts per language, 16 new tokens, ICR 2 x 10, one call):
+    # the same code path in under 2 minutes (1 prompt per language, 8 new tokens, ICR 1 x 10, one call):
     python scripts/bench_sampler.py --sets lidr icr --tiny
 
 Tokens/s counts generated tokens (rows that end early count only their own tokens) over the wall time
@@ -599,12 +599,12 @@ def main():
         default=["engine", "static", "transformers"],
         help="--sets: which systems run (all three by default)",
     )
-    parser.add_argument("--tiny", action="store_true", help="--sets: 2 prompts per language, 16 new tokens, one call")
+    parser.add_argument("--tiny", action="store_true", help="--sets: 1 prompt per language, 8 new tokens, one call")
     parser.add_argument("--step-profile", action="store_true", help="decode step time of the engine (SmolLM2, CPU)")
     parser.add_argument("--trace", action="store_true", help="--step-profile: + jax.profiler time by XLA op kind")
     args = parser.parse_args()
     if args.tiny:
-        args.per_language, args.icr_prompts, args.new_tokens, args.calls = 2, 2, 16, 1
+        args.per_language, args.icr_prompts, args.new_tokens, args.calls = 1, 1, 8, 1
     if args.step_profile:
         step_profile(args)
     elif args.gpu:
