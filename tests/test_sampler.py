@@ -348,6 +348,13 @@ def test_shared_prefix_prefilled_once(tiny_model):
     for samples in out:
         assert len(samples) == 4 and all(x == samples[0] for x in samples)
     assert 0 < stats.slot_utilisation <= 1
+    # Two slots for 4 samples: a prompt's later samples are inserted from its kept prefill, not prefilled again.
+    stats = GenerationStats()
+    sampled = dataclasses.replace(GREEDY, n=4, temperature=0.9, seed=5, max_new_tokens=8)
+    narrow = generate(tiny_model, CHATS[:3], dataclasses.replace(sampled, batch_size=2), stats=stats)
+    assert stats.prefilled_prompts == 3 and stats.rows == 12 and stats.batches == 3
+    wide = generate(tiny_model, CHATS[:3], dataclasses.replace(sampled, batch_size=16))
+    assert [[x.token_ids for x in r] for r in narrow] == [[x.token_ids for x in r] for r in wide]
 
 
 def test_chunked_prefill_equals_one_pass(tiny_model):

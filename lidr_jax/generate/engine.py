@@ -19,7 +19,9 @@ Shapes, all fixed per engine (B slots, S cache slots per row), so a refill never
   whose batch split needs the slot count). One executable per (B, B'); the smaller engine then
   compiles its own decode windows.
 Shared prefixes: the `n` samples of a prompt are prefilled once and the prompt's cache rows copied
-into `n` slots (`EngineStats.prefilled_prompts` counts prefills).
+into `n` slots; samples that find no free slot wait and are inserted later from the kept prefilled
+rows (`Prefilled`; an insert executable per (P, T)), so each prompt is prefilled once whatever the
+slot count (`EngineStats.prefilled_prompts` counts prefills).
 
 A row's random draw at its own step t uses fold_in(seed, prompt hash, sample index, t)
 (lidr_jax.generate.rules.row_keys): it does not depend on the slot, the batch or the other prompts.
@@ -221,12 +223,23 @@ def _decode(params, layers, state, cache, sp, eos_E, max_steps, stop_on_end, *, 
 
 
 def _refill_step(params, layers, state, cache, tokens_PT, mask_PT, slots_M, src_M, rows_M, *, config: ModelConfig):
-    """Prefill P prompts and insert them into their slots: one executable per (P, T), not two."""
+    """Prefill P prompts and insert them into their slots: one executable per (P, T), not two. The
+    prefilled rows come back too, for the samples of a prompt that did not fit (`Prefilled`)."""
     new = _prefill(params, layers, tokens_PT, mask_PT, config=config)
-    return _insert(state, cache, new, slots_M, src_M, rows_M)
+    return *_insert(state, cache, new, slots_M, src_M, rows_M), new
 
 
 _refill_jit = jax.jit(_refill_step, static_argnames=("config",), donate_argnames=("state", "cache"))
+_insert_jit = jax.jit(_insert, donate_argnames=("state", "cache"))
+
+
+@dataclasses.dataclass
+class Prefilled:
+    """The last refill's prefilled rows, kept while samples of its prompts still wait: those samples
+    are inserted from here, so a prompt is prefilled once whatever slots its samples land in."""
+
+    prompts: list[int]  # request index of each prefilled row
+    new: dict
 
 
 def _compact(state, cache, take_B):
@@ -313,13 +326,15 @@ def run(
     slot_row: list[tuple[int, int] | None] = [None] * B
     reported_B = np.zeros((B,), np.int64)  # tokens of each slot's row already passed to on_progress
     out: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+    kept: Prefilled | None = None
     while waiting or any(r is not None for r in slot_row):
         free = [b for b in range(B) if slot_row[b] is None]
-        if free and waiting:
-            state, cache = _refill(
-                params, layers, config, requests, waiting, free, slot_row, state, cache, stats, pad_id
+        while free and waiting:
+            state, cache, kept = _refill(
+                params, layers, config, requests, waiting, free, slot_row, state, cache, stats, pad_id, kept
             )
             reported_B[free] = 0
+            free = [b for b in range(B) if slot_row[b] is None]
         live = [b for b in range(B) if slot_row[b] is not None]
         if not waiting and active() is None and len(live) <= B // 2:
             # The last rows of a call: no prompt waits, half the slots or more idle. Their rows move into
@@ -374,21 +389,16 @@ def run(
     return out
 
 
-def _refill(params, layers, config, requests, waiting, free, slot_row, state, cache, stats, pad_id):
-    """Prefill the next waiting prompts (each once, whatever its samples) and insert them into `free`."""
+def _refill(params, layers, config, requests, waiting, free, slot_row, state, cache, stats, pad_id, kept):
+    """Insert the next waiting samples into `free` slots: those of prompts prefilled by the last refill
+    (`kept`) from its rows, else the next prompts prefilled (each once, whatever its samples). Returns
+    the state, the cache and what to keep for the samples still waiting."""
     B = len(slot_row)
+    reuse = kept is not None and waiting[0][0] in kept.prompts
     take: list[tuple[int, int]] = []
-    while waiting and len(take) < len(free):
+    while waiting and len(take) < len(free) and (not reuse or waiting[0][0] in kept.prompts):
         take.append(waiting.pop(0))
-    prompts = list(dict.fromkeys(i for i, _ in take))  # each prompt once, in order
-    P = min(bucket(len(prompts), minimum=1, knee=B, step=B), B)
-    T = bucket(max(len(requests[i].ids) for i in prompts), **PREFILL_BUCKETS)
-    tokens_PT = np.full((P, T), pad_id, np.int32)
-    mask_PT = np.zeros((P, T), bool)
-    mask_PT[len(prompts) :, 0] = True  # filler rows: one token, never inserted
-    for p, i in enumerate(prompts):
-        tokens_PT[p, : len(requests[i].ids)] = requests[i].ids
-        mask_PT[p, : len(requests[i].ids)] = True
+    prompts = kept.prompts if reuse else list(dict.fromkeys(i for i, _ in take))  # each prompt once, in order
     slots_M = np.full((B,), B, np.int32)  # B: no assignment
     src_M = np.zeros((B,), np.int32)
     rows_M = {"pid": np.zeros((B,), np.uint32), "sid": np.zeros((B,), np.int32), "budget": np.zeros((B,), np.int32)}
@@ -396,13 +406,29 @@ def _refill(params, layers, config, requests, waiting, free, slot_row, state, ca
         slots_M[m], src_M[m] = b, prompts.index(i)
         rows_M["pid"][m], rows_M["sid"][m], rows_M["budget"][m] = requests[i].pid, j, requests[i].budget
         slot_row[b] = (i, j)
-    args = (params, layers, state, cache, tokens_PT, mask_PT, slots_M, src_M, rows_M)
-    refill = _compiled(
-        "prefill",
-        (config, _avals((params, layers, state, cache)), P, T),
-        lambda: _refill_jit.lower(*args, config=config),
-        stats,
-    )
-    stats.prefilled_prompts += len(prompts)
-    stats.prefill_calls += 1
-    return refill(*args)
+    if reuse:
+        args = (state, cache, kept.new, slots_M, src_M, rows_M)
+        insert = _compiled("insert", (_avals(args[:3]),), lambda: _insert_jit.lower(*args), stats)
+        state, cache = insert(*args)
+        new = kept.new
+    else:
+        P = min(bucket(len(prompts), minimum=1, knee=B, step=B), B)
+        T = bucket(max(len(requests[i].ids) for i in prompts), **PREFILL_BUCKETS)
+        tokens_PT = np.full((P, T), pad_id, np.int32)
+        mask_PT = np.zeros((P, T), bool)
+        mask_PT[len(prompts) :, 0] = True  # filler rows: one token, never inserted
+        for p, i in enumerate(prompts):
+            tokens_PT[p, : len(requests[i].ids)] = requests[i].ids
+            mask_PT[p, : len(requests[i].ids)] = True
+        args = (params, layers, state, cache, tokens_PT, mask_PT, slots_M, src_M, rows_M)
+        refill = _compiled(
+            "prefill",
+            (config, _avals((params, layers, state, cache)), P, T),
+            lambda: _refill_jit.lower(*args, config=config),
+            stats,
+        )
+        state, cache, new = refill(*args)
+        stats.prefilled_prompts += len(prompts)
+        stats.prefill_calls += 1
+    still = waiting and waiting[0][0] in prompts  # samples of a prefilled prompt still wait
+    return state, cache, Prefilled(prompts, new) if still else None
