@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from model_shapes import LLAMA_3_8B  # noqa: E402  (scripts/, beside this file)
+from model_shapes import TINY as TINY_SHAPE
 
 from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 from lidr_jax.model.config import ModelConfig
@@ -514,16 +515,7 @@ def tiny_tokenizer():
 
 
 LLAMA3_8B = ModelConfig(**LLAMA_3_8B, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(2,))
-TINY = dataclasses.replace(
-    LLAMA3_8B,
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+TINY = dataclasses.replace(LLAMA3_8B, **TINY_SHAPE)
 
 
 @dataclasses.dataclass

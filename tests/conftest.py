@@ -18,6 +18,8 @@ first torch import):
 - `tiny_llama_dir` (GQA, tied embeddings), `tiny_qwen2_dir` (q/k/v biases, untied): common cases.
 - `tiny_model`: `lidr_jax.formats.load.load_pretrained(tiny_llama_dir)`, a ready `Model`.
 - `torch_model(path)`: the transformers model of a saved directory, float32, eval mode (imports torch).
+- `install_wheel(tmp_path) -> Path`: builds a wheel from the checkout and unpacks it as pip installs it;
+  returns the folder to put on PYTHONPATH (nothing of the checkout is on it).
 
 torch is imported lazily, inside the fixtures, so tests that do not need it do not pay for it.
 """
@@ -25,6 +27,10 @@ torch is imported lazily, inside the fixtures, so tests that do not need it do n
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +45,28 @@ _EXTRA_CHARS = "éèàçüöäßñ" + "абвгдеёжзийклмнопрст�
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def install_wheel(tmp_path: Path) -> Path:
+    """A non-editable install of the checkout: the wheel pip would build, unpacked into tmp_path/site."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copytree(REPO_ROOT / "lidr_jax", src / "lidr_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lidr_jax-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    shutil.rmtree(src)  # nothing of the checkout is left to fall back on
+    return site
 
 
 def build_tiny_hf_tokenizer():

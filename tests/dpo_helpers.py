@@ -35,8 +35,9 @@ def tiny_tokenizer() -> ChatTokenizer:
     return ChatTokenizer(hf)
 
 
-def tiny_config(vocab_size: int = 128) -> ModelConfig:
-    return ModelConfig(
+def tiny_config(vocab_size: int = 128, **changes) -> ModelConfig:
+    """The tests' tiny Llama (width 32, 2 layers, 4 heads, 2 kv heads); `changes` set other fields."""
+    base = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -48,6 +49,7 @@ def tiny_config(vocab_size: int = 128) -> ModelConfig:
         tie_word_embeddings=False,
         eos_token_ids=(3,),
     )
+    return ModelConfig(**{**base, **changes})
 
 
 def numpy_init(config: ModelConfig, seed: int = 0):

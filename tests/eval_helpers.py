@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import jax
 from conftest import TINY_VOCAB, build_tiny_hf_tokenizer
+from dpo_helpers import tiny_config
 
 from lidr_jax.formats.load import Model
 from lidr_jax.formats.tokenizer import ChatTokenizer
-from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import init_params
 
 
 def tiny_random_model(seed: int = 0, max_len: int = 2048) -> Model:
-    config = ModelConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=max_len,
-        eos_token_ids=(2,),
-    )
+    config = tiny_config(TINY_VOCAB, max_position_embeddings=max_len, eos_token_ids=(2,))
     tokenizer = ChatTokenizer(build_tiny_hf_tokenizer())
     return Model(config, init_params(config, jax.random.key(seed)), tokenizer, source=f"tiny-random-{seed}")

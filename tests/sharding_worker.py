@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # dpo_helpers, lidr_jax
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "scripts")]  # dpo_helpers, lidr_jax, model_shapes
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
 PROMPTS = [
@@ -49,23 +49,13 @@ def tiny():
     """A Model with dims every test mesh divides: 4 q heads, 2 kv heads, width 64, mlp 128, vocab 256.
     Weights ~N(0, 0.1) and norms in [0.5, 1.5] so logits are O(1) and greedy picks are clear."""
     from dpo_helpers import tiny_tokenizer
+    from model_shapes import TINY
 
     from lidr_jax.formats.load import Model
     from lidr_jax.model.config import ModelConfig
     from lidr_jax.model.llama import ParamSpec, param_specs
 
-    config = ModelConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_ids=(3,),
-    )
+    config = ModelConfig(**{**TINY, "max_position_embeddings": 256}, eos_token_ids=(3,))
     rng = np.random.default_rng(0)
 
     def make(spec: ParamSpec):

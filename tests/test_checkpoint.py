@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from dpo_helpers import tiny_config as base_config
 
 from lidr_jax.files import atomic_write_jsonl, plain
 from lidr_jax.model.config import ModelConfig
@@ -35,17 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**changes) -> ModelConfig:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-    )
-    return ModelConfig(**{**base, **changes})
+    return base_config(64, **{"max_position_embeddings": 128, "eos_token_ids": (), **changes})
 
 
 def make_state(seed: int = 0, shardings=None):

@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import zipfile
 
-from conftest import REPO_ROOT
+from conftest import install_wheel
 from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401  (fixtures used below)
 
 
 def test_a_wheel_runs_one_tiny_iteration_from_another_directory(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
-    src = tmp_path / "src"
-    src.mkdir()
-    shutil.copytree(REPO_ROOT / "lidr_jax", src / "lidr_jax", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO_ROOT / name, src / name)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = tmp_path.glob("lidr_jax-*.whl")
-    site = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(site)
-    shutil.rmtree(src)  # nothing of the checkout is left to fall back on
+    site = install_wheel(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run = elsewhere / "run"

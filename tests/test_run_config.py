@@ -11,6 +11,7 @@ from conftest import REPO_ROOT
 
 from lidr_jax.pipeline.config import RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, apply_overrides, describe, parse_override
+from scripts.model_shapes import LLAMA_3_8B
 
 CONFIGS = REPO_ROOT / "configs"
 
@@ -136,19 +137,7 @@ def test_paper_configs_have_the_paper_settings():
         assert 1e-7 <= d.learning_rate <= 5e-7
 
 
-LLAMA3_8B = dict(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = dict(model_type="llama", rms_norm_eps=1e-5, **LLAMA_3_8B)  # its config.json
 
 
 def test_paper_config_memory_plan_from_eval_shape():

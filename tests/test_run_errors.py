@@ -12,11 +12,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, install_wheel
 
 from lidr_jax.pipeline import models, runner
 from lidr_jax.pipeline.run_dir import RunDir
@@ -198,23 +197,8 @@ def test_a_moved_run_directory_resumes(setup, tmp_path):
 def test_installed_package_runs_from_anywhere(tmp_path):
     """A wheel built from the checkout (not an editable install) carries the default config: `--help`
     and `--print-config` work from another directory with only the installed files on the path."""
-    src = tmp_path / "src"
-    src.mkdir()
-    shutil.copytree(REPO_ROOT / "lidr_jax", src / "lidr_jax", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO_ROOT / name, src / name)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = tmp_path.glob("lidr_jax-*.whl")
-    site = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as z:
-        assert "lidr_jax/pipeline/default.yaml" in z.namelist()
-        z.extractall(site)
+    site = install_wheel(tmp_path)
+    assert (site / "lidr_jax" / "pipeline" / "default.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")

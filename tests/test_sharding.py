@@ -31,6 +31,7 @@ from lidr_jax.dist.sharding import (
 )
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import param_specs
+from scripts.model_shapes import SMOLLM2_135M
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 L, D, N, K, H, F, V = 2, 64, 4, 2, 16, 128, 256  # the worker's tiny model
@@ -164,17 +165,7 @@ def test_divisibility_falls_back_to_replication():
     """SmolLM2-135M: 9 q heads and 3 kv heads cannot split over tensor=2; mlp 1536 and vocab 49152 can."""
     from jax.sharding import AbstractMesh
 
-    smol = ModelConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
+    smol = ModelConfig(**SMOLLM2_135M)
     mesh = AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))
     rules = parse_rules()
     assert spec_for(("layers", "embed", "q_heads", "head_dim"), rules, mesh, (30, 576, 9, 64)) == P(
