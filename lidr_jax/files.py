@@ -162,17 +162,31 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> 
         os.fsync(f.fileno())
 
 
+def read_utf8(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """A text file's contents; a file that is not UTF-8 raises `error` naming the file and line."""
+    path = as_path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """A JSON file's value; a file that is not UTF-8 or not JSON raises `error` naming the file and line."""
+    path = as_path(path)
+    try:
+        return json.loads(read_utf8(path, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def numbered_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line of a JSON Lines file.
 
     A line that is not JSON, or a file that is not UTF-8, raises `error` naming the file and line."""
     path = as_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise error(f"{path}:{line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path, error).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -401,6 +401,31 @@ def test_evaluate_mgsm_checks_its_data_before_the_model_loads(evaluate_cmd, caps
     assert not out.exists()
 
 
+def test_evaluation_data_that_is_not_utf8_or_not_json_is_named(evaluate_cmd, capsys, tmp_path):
+    """Before, a non-UTF-8 MGSM or X-AlpacaEval file and a malformed X-AlpacaEval file gave a message
+    that did not name the file."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    mgsm, xa = tmp_path / "mgsm", tmp_path / "xa"
+    mgsm.mkdir()
+    xa.mkdir()
+    (mgsm / "mgsm_de.tsv").write_bytes("Hälfte von 10?\t5\n".encode() + "Größe?\t3\n".encode("latin-1"))
+    err = evaluate_cmd(capsys, "mgsm", "--model", model, "--data", mgsm, "--out", tmp_path / "o1", "--langs", "de")
+    assert f"{mgsm / 'mgsm_de.tsv'}:2: not UTF-8 text (invalid start byte); save the file as UTF-8" in err
+    (xa / "es.json").write_bytes('[{"instruction": "¿Qué?"}]'.encode("latin-1"))
+    err = evaluate_cmd(
+        capsys, "alpaca-outputs", "--model", model, "--data", xa, "--out", tmp_path / "o2", "--langs", "es"
+    )
+    assert f"{xa / 'es.json'}:1: not UTF-8 text (invalid start byte); save the file as UTF-8" in err
+    (xa / "es.json").write_text('[{"instruction": "hola"},\n]')
+    err = evaluate_cmd(
+        capsys, "alpaca-outputs", "--model", model, "--data", xa, "--out", tmp_path / "o2", "--langs", "es"
+    )
+    assert f"{xa / 'es.json'}:2: malformed JSON (Expecting value at column 1)" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_evaluate_checks_every_model_and_out_before_any_model_loads(evaluate_cmd, capsys, tmp_path):
     data = tmp_path / "xa"
     data.mkdir()

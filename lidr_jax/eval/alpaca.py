@@ -25,7 +25,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lidr_jax.files import atomic_write_json, atomic_write_text
+from lidr_jax.files import atomic_write_json, atomic_write_text, read_json
 from lidr_jax.methods.languages import language_name
 
 DEFAULT_JUDGE = "gpt-4-1106-preview"  # alpaca_eval 2.0's judge; the papers' is a GPT-4-Turbo as well
@@ -152,7 +152,7 @@ def write_judge_files(
     """Write what alpaca_eval needs to judge `rows` (this language's model_outputs.json rows, already
     in `lang_dir`) against `reference`; returns the command (module docstring)."""
     lang_dir = Path(lang_dir)
-    ref_rows = json.loads(reference_file(reference, lang).read_text(encoding="utf-8"))
+    ref_rows = read_json(reference_file(reference, lang))
     if not isinstance(ref_rows, list):
         raise ValueError(f"{lang}: {reference_file(reference, lang)} is not a JSON list of rows")
     write_json(lang_dir / "reference_outputs.json", aligned_references(rows, ref_rows, lang))
@@ -178,6 +178,6 @@ def judge_output_folder(
         path = Path(outputs) / lang / "model_outputs.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_json(path)
         commands[lang] = write_judge_files(path.parent, lang, rows, reference, judge_model)
     return commands

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
-from lidr_jax.files import atomic_write_json, atomic_write_text
+from lidr_jax.files import atomic_write_json, atomic_write_text, read_json
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
 from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
@@ -151,7 +150,7 @@ def read_x_alpacaeval(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"X-AlpacaEval file {path} not found; point the data path at a folder of {{lang}}.json")
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    rows = read_json(path)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
         raise ValueError(f"{path}: expected a JSON list of objects with an 'instruction' field")
     return rows[:limit] if limit is not None else rows
@@ -257,7 +256,7 @@ def read_model_outputs(outputs_dir: str | Path, lang: str) -> list[dict]:
     path = Path(outputs_dir) / lang / "model_outputs.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def head_to_head_dirs(

@@ -27,6 +27,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from lidr_jax.files import read_utf8
 from lidr_jax.methods.langid import detect_language
 
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -101,7 +102,7 @@ def read_mgsm(path: str | Path, limit: int | None = None) -> list[MgsmItem]:
     if not path.is_file():
         raise FileNotFoundError(f"MGSM file {path} not found; point the data path at a folder of mgsm_{{lang}}.tsv")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
