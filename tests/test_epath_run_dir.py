@@ -143,6 +143,45 @@ def test_run_dir_on_the_object_store(fake_gcs):
     assert not fake_gcs.exists("gs://bucket/runs/r1/iter_1/pairs/note.txt") and not run.is_done(1, "pairs")
 
 
+def test_evaluation_benchmarks_on_the_object_store(fake_gcs):
+    """The check stage's benchmarks (evaluation.benchmarks) read their data from and write their outputs
+    to the bucket: MGSM scores, X-AlpacaEval outputs with alpaca_eval's files, metrics.json."""
+    from types import SimpleNamespace
+
+    from lidr_jax.eval.evaluate import EvalConfig, evaluate_model
+
+    fake_gcs.pipe("gs://bucket/data/mgsm/mgsm_es.tsv", b"Mitad de 10?\t5\n")
+    fake_gcs.pipe("gs://bucket/data/xa/es.json", json.dumps([{"instruction": "Di hola."}]).encode())
+    ref = [{"instruction": "Di hola.", "output": "Hola.", "generator": "ref", "dataset": "x"}]
+    fake_gcs.pipe("gs://bucket/data/ref/es/model_outputs.json", json.dumps(ref).encode())
+
+    def answer(model, chats, sampling):
+        return [SimpleNamespace(text="La respuesta es 5.", finish_reason="stop", token_ids=[]) for _ in chats]
+
+    cfg = EvalConfig(
+        benchmarks=("mgsm", "alpaca"),
+        mgsm_dir="gs://bucket/data/mgsm",
+        mgsm_languages=("es",),
+        alpaca_dir="gs://bucket/data/xa",
+        alpaca_languages=("es",),
+        alpaca_reference="gs://bucket/data/ref",
+        progress=False,
+    )
+    run = RunDir("gs://bucket/runs/r1", config={"run_dir": "gs://bucket/runs/r1"}, seed=0)
+    out = run.stage_dir(1, "check") / "evaluation"
+    metrics = evaluate_model(SimpleNamespace(source="m"), cfg, out, generate_fn=answer, write=run.write_json)
+    assert metrics["mgsm_accuracy"] == {"es": 1.0} and metrics["alpaca_off_target"] == {"es": 0.0}
+    base = "gs://bucket/runs/r1/iter_1/check/evaluation"
+    assert json.loads(fake_gcs.cat(f"{base}/metrics.json")) == metrics
+    assert json.loads(fake_gcs.cat(f"{base}/mgsm/es.json"))["accuracy"] == 1.0
+    assert json.loads(fake_gcs.cat(f"{base}/alpaca/es/model_outputs.json"))[0]["output"] == "La respuesta es 5."
+    assert json.loads(fake_gcs.cat(f"{base}/alpaca/es/reference_outputs.json"))[0]["output"] == "Hola."
+    assert (
+        f"--model_outputs {base}/alpaca/es/model_outputs.json"
+        in fake_gcs.cat(f"{base}/alpaca/es/alpaca_eval_command.txt").decode()
+    )
+
+
 def test_generation_partial_file_on_the_object_store(fake_gcs):
     partial = as_path("gs://bucket/run/iter_1/generate/generations.partial.jsonl")
     append_jsonl(partial, [{"chunk": 0, "rows": [{"key": "en/1"}]}])

@@ -25,7 +25,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lidr_jax.files import atomic_write_json, atomic_write_text, read_json
+from lidr_jax.files import absolute_path, as_path, atomic_write_json, atomic_write_text, read_json
 from lidr_jax.methods.languages import language_name
 
 DEFAULT_JUDGE = "gpt-4-1106-preview"  # alpaca_eval 2.0's judge; the papers' is a GPT-4-Turbo as well
@@ -62,7 +62,7 @@ def reference_file(reference: str | Path, lang: str) -> Path:
     """The reference outputs of `lang`: `reference` with `{lang}` filled in, or
     `reference/{lang}/model_outputs.json` for a folder (the papers' layout and our own)."""
     text = str(reference)
-    path = Path(text.format(lang=lang)) if "{lang}" in text else Path(text) / lang / "model_outputs.json"
+    path = as_path(text.format(lang=lang)) if "{lang}" in text else as_path(text) / lang / "model_outputs.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{lang}: reference outputs {path} not found; give a folder of {{lang}}/model_outputs.json "
@@ -117,7 +117,7 @@ def annotator_config(lang: str, judge_model: str) -> tuple[str, str]:
 
 def alpaca_eval_command(lang_dir: Path, lang: str) -> str:
     """The alpaca_eval command that judges `lang_dir/model_outputs.json` against its references."""
-    d = Path(lang_dir).absolute()
+    d = absolute_path(lang_dir)
     parts = [
         "alpaca_eval",
         "evaluate",
@@ -151,7 +151,7 @@ def write_judge_files(
 ) -> str:
     """Write what alpaca_eval needs to judge `rows` (this language's model_outputs.json rows, already
     in `lang_dir`) against `reference`; returns the command (module docstring)."""
-    lang_dir = Path(lang_dir)
+    lang_dir = as_path(lang_dir)
     ref_rows = read_json(reference_file(reference, lang))
     if not isinstance(ref_rows, list):
         raise ValueError(f"{lang}: {reference_file(reference, lang)} is not a JSON list of rows")
@@ -175,7 +175,7 @@ def judge_output_folder(
     models head to head."""
     commands = {}
     for lang in langs:
-        path = Path(outputs) / lang / "model_outputs.json"
+        path = as_path(outputs) / lang / "model_outputs.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
         rows = read_json(path)

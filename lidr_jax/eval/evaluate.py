@@ -35,7 +35,7 @@ from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
-from lidr_jax.files import atomic_write_json, atomic_write_text, read_json
+from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
 from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
@@ -115,7 +115,7 @@ def check_data(cfg: EvalConfig, benchmarks: Sequence[str] | None = None) -> None
         if not cfg.alpaca_dir:
             raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
         for lang in cfg.alpaca_languages:
-            read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", 1)
+            read_x_alpacaeval(as_path(cfg.alpaca_dir) / f"{lang}.json", 1)
             if cfg.alpaca_reference:
                 reference_file(cfg.alpaca_reference, lang)
 
@@ -147,7 +147,7 @@ def _sampler_generate():
 
 def read_x_alpacaeval(path: str | Path, limit: int | None = None) -> list[dict]:
     """X-AlpacaEval items of one language: a JSON list of {id, dataset, instruction}."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"X-AlpacaEval file {path} not found; point the data path at a folder of {{lang}}.json")
     rows = read_json(path)
@@ -188,7 +188,8 @@ def run_alpaca_outputs(
     check_data(cfg, ("alpaca",))  # a missing file or reference fails before any generation
     generate = generate_fn or _sampler_generate()
     generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
-    items = {lang: read_x_alpacaeval(Path(cfg.alpaca_dir) / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
+    data = as_path(cfg.alpaca_dir)
+    items = {lang: read_x_alpacaeval(data / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
     chats = [
         _with_system([{"role": "user", "content": it["instruction"]}], cfg.system_prompt)
         for lang in items
@@ -203,7 +204,7 @@ def run_alpaca_outputs(
         res = [next(results) for _ in lang_items]
         texts = [r.text for r in res]
         rows = alpaca_records(lang_items, texts, generator)
-        path = write(Path(out_dir) / lang / "model_outputs.json", rows)
+        path = write(as_path(out_dir) / lang / "model_outputs.json", rows)
         n = len(texts)
         summary[lang] = dict(
             n=n,
@@ -214,7 +215,7 @@ def run_alpaca_outputs(
         )
         if cfg.alpaca_reference:
             summary[lang]["alpaca_eval_command"] = write_judge_files(
-                Path(out_dir) / lang,
+                as_path(out_dir) / lang,
                 lang,
                 rows,
                 cfg.alpaca_reference,
@@ -222,7 +223,7 @@ def run_alpaca_outputs(
                 write_json=write,
                 write_text=write_text,
             )
-    write(Path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
+    write(as_path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
 
 
@@ -236,7 +237,7 @@ def evaluate_model(
     `generate_fn` replaces `sampler.generate` and `write(path, obj)` writes each JSON file (the
     pipeline passes data-parallel generation and its run directory's writer).
     """
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)  # a local folder or a run directory in a bucket (gs://...)
     metrics: dict[str, dict[str, float]] = {}
     if "mgsm" in eval_config.benchmarks:
         scores = run_mgsm(model, eval_config, generate_fn)
@@ -253,7 +254,7 @@ def evaluate_model(
 
 
 def read_model_outputs(outputs_dir: str | Path, lang: str) -> list[dict]:
-    path = Path(outputs_dir) / lang / "model_outputs.json"
+    path = as_path(outputs_dir) / lang / "model_outputs.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
     return read_json(path)

@@ -27,7 +27,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from lidr_jax.files import read_utf8
+from lidr_jax.files import as_path, read_utf8
 from lidr_jax.methods.langid import detect_language
 
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -93,12 +93,12 @@ class MgsmItem:
 
 
 def mgsm_file(data_dir: str | Path, lang: str) -> Path:
-    return Path(data_dir) / f"mgsm_{lang}.tsv"
+    return as_path(data_dir) / f"mgsm_{lang}.tsv"
 
 
 def read_mgsm(path: str | Path, limit: int | None = None) -> list[MgsmItem]:
     """Items of one MGSM TSV file (the first `limit` if given)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MGSM file {path} not found; point the data path at a folder of mgsm_{{lang}}.tsv")
     items = []
