@@ -27,9 +27,11 @@ torch is imported lazily, inside the fixtures, so tests that do not need it do n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -45,6 +47,10 @@ _EXTRA_CHARS = "éèàçüöäßñ" + "абвгдеёжзийклмнопрст�
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# The runs' persistent compilation cache (compilation_cache: auto -> $XDG_CACHE_HOME/lidr_jax/jax) goes to a
+# folder of this test session, shared by its subprocesses, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lidr_jax_tests_cache_")
 
 
 def install_wheel(tmp_path: Path) -> Path:

@@ -112,6 +112,9 @@ class RunConfig:
     # keep iter_K/train/checkpoints (weights + AdamW state) after the iteration's export; false deletes them
     # once the params-only policy and the export are written (about 96 GB each at 8B)
     keep_train_checkpoints: bool = False
+    # JAX's persistent compilation cache (lidr_jax/dist/compile_cache.py): auto = $XDG_CACHE_HOME/lidr_jax/jax
+    # (~/.cache/lidr_jax/jax), a path, or null (off). Later stages and reruns read compiled programs back.
+    compilation_cache: str | None = "auto"
 
     def __post_init__(self):
         check_choices(self)

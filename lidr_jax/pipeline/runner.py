@@ -28,6 +28,7 @@ import time
 import yaml
 
 from lidr_jax.dist import sharding
+from lidr_jax.dist.compile_cache import enable_compilation_cache
 from lidr_jax.dist.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.files import as_path, plain
@@ -146,6 +147,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
     targets = [parse_redo(item, cfg) for item in redo]
     if targets and not (as_path(cfg.run_dir) / MANIFEST).is_file():
         raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
+    enable_compilation_cache(cfg.compilation_cache)  # before anything compiles
     mesh = sharding.make_mesh(cfg.mesh)
     check_model_fits(cfg.model, cfg.dpo, mesh)  # a DPO state the mesh cannot hold fails now, with the numbers
     rules = sharding.parse_rules(cfg.mesh.rules)
@@ -155,7 +157,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
         seed=cfg.seed,
         allow_config_change=allow_config_change,
         processes=run_processes(),
-        ignore=("run_dir", "metrics"),  # a moved run is the same run, and so is one reported elsewhere
+        ignore=("run_dir", "metrics", "compilation_cache"),  # where it lives, reports, caches: not what it computes
         metrics=cfg.metrics,  # each finished stage's numbers to TensorBoard / W&B
     )
     for k, name in targets:
