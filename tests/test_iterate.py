@@ -179,12 +179,12 @@ def test_lidr_iteration_produces_every_artifact(scripted_model_dir, prompt_dir, 
     by_kind = {}
     for p in pairs:
         by_kind.setdefault((p["kind"], p["language"]), []).append(p)
-    # Two prompts x two targets: 4 target pairs, less q1's: a translation task, whose chosen is the
-    # untranslated English answer, here equal to the rejected one (the `identical` filter drops it).
+    # Two prompts x two targets: 4 target pairs, less q1's: a translation task, whose target pairs the
+    # default config drops (`pair_filters.translation_tasks: false`, counted as translation_task).
     # English pairs: one sampled X per prompt -> 2.
     assert {k: len(v) for k, v in by_kind.items()} == {("target", "es"): 1, ("target", "fr"): 1, ("dominant", "en"): 2}
     table = json.loads((it / "pairs" / "stats.json").read_text())["table"]
-    assert all(table[lang]["dropped"]["identical"] == 1 and table[lang]["kept"] == 1 for lang in ("es", "fr"))
+    assert all(table[lang]["dropped"]["translation_task"] == 1 and table[lang]["kept"] == 1 for lang in ("es", "fr"))
     answer = GLYPH * 6
     for p in by_kind[("target", "es")]:
         assert p["rejected"][0]["content"] == answer and p["rejected_from"] == "generation:es"
