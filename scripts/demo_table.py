@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lidr_jax.eval.heldout import RESAMPLES, in_language_by_id, paired_change, reference_logliks
+from lidr_jax.eval.heldout import bootstrap_mean, in_language_by_id, paired_change, reference_logliks
 from lidr_jax.files import read_jsonl
 from lidr_jax.formats.load import load_pretrained
 from lidr_jax.pipeline.config import load_run_config
@@ -46,13 +46,12 @@ def checkpoints(lidr: Path, icr: Path | None) -> list[tuple[str, str, Path]]:
 
 
 def pooled_change(before: dict, after: dict, langs, seed: int = 0) -> tuple[float, float, float]:
-    """Mean per-prompt change over `langs`, bootstrapped over prompt ids (all languages of an id together)."""
+    """Mean per-prompt change over `langs`, bootstrapped over prompt ids (all languages of an id together):
+    every id has one value per language, so this is the bootstrap of each id's mean change."""
     ids = sorted(set.intersection(*(set(before[lang]) & set(after[lang]) for lang in langs)))
     diff = np.array([[after[lang][i] - before[lang][i] for lang in langs] for i in ids])  # [ids, langs]
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(ids), size=(RESAMPLES, len(ids)))].mean(axis=(1, 2))
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(diff.mean()), float(low), float(high)
+    e = bootstrap_mean(diff.mean(axis=1), seed=seed)
+    return e.value, e.low, e.high
 
 
 def fmt(v, low, high, digits=2) -> str:

@@ -188,7 +188,7 @@ def run_alpaca_outputs(
     check_data(cfg, ("alpaca",))  # a missing file or reference fails before any generation
     generate = generate_fn or _sampler_generate()
     generator = cfg.generator or default_generator(model, cfg.alpaca_decoding)
-    data = as_path(cfg.alpaca_dir)
+    data, out_dir = as_path(cfg.alpaca_dir), as_path(out_dir)
     items = {lang: read_x_alpacaeval(data / f"{lang}.json", cfg.limit) for lang in cfg.alpaca_languages}
     chats = [
         _with_system([{"role": "user", "content": it["instruction"]}], cfg.system_prompt)
@@ -204,7 +204,7 @@ def run_alpaca_outputs(
         res = [next(results) for _ in lang_items]
         texts = [r.text for r in res]
         rows = alpaca_records(lang_items, texts, generator)
-        path = write(as_path(out_dir) / lang / "model_outputs.json", rows)
+        path = write(out_dir / lang / "model_outputs.json", rows)
         n = len(texts)
         summary[lang] = dict(
             n=n,
@@ -215,7 +215,7 @@ def run_alpaca_outputs(
         )
         if cfg.alpaca_reference:
             summary[lang]["alpaca_eval_command"] = write_judge_files(
-                as_path(out_dir) / lang,
+                out_dir / lang,
                 lang,
                 rows,
                 cfg.alpaca_reference,
@@ -223,7 +223,7 @@ def run_alpaca_outputs(
                 write_json=write,
                 write_text=write_text,
             )
-    write(as_path(out_dir) / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
+    write(out_dir / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
 
 
