@@ -102,7 +102,7 @@ def greedy(model, generate_fn=None, prompts=PROMPTS):
 
 
 def forward_logits(model):
-    from lidr_jax.dist.sharding import put_batch
+    from lidr_jax.parallel.sharding import put_batch
     from lidr_jax.model.llama import forward
 
     rng = np.random.default_rng(1)
@@ -115,7 +115,7 @@ def forward_logits(model):
 
 
 def meshes() -> dict:
-    from lidr_jax.dist.sharding import MeshConfig, make_mesh, param_shardings, place_params, use_mesh
+    from lidr_jax.parallel.sharding import MeshConfig, make_mesh, param_shardings, place_params, use_mesh
     from lidr_jax.model.llama import init_params, param_specs
     from lidr_jax.train.pairs import encode_pairs
 
@@ -163,13 +163,13 @@ def meshes() -> dict:
 def multiprocess() -> dict | None:
     """One of two processes (2 local devices each): DPO on the global (data=2, fsdp=2) mesh, each
     process's rows of the global batch through `put_process_rows`, and data-parallel greedy generation."""
-    from lidr_jax.dist.multihost import maybe_initialize_distributed
+    from lidr_jax.parallel.multihost import maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
     from jax.experimental import multihost_utils
 
-    from lidr_jax.dist.multihost import process_shard, put_process_rows
-    from lidr_jax.dist.sharding import MeshConfig, make_mesh, place_params, use_mesh
+    from lidr_jax.parallel.multihost import process_shard, put_process_rows
+    from lidr_jax.parallel.sharding import MeshConfig, make_mesh, place_params, use_mesh
     from lidr_jax.model.logprobs import pair_logprobs
     from lidr_jax.pipeline.resumable import generate_across_processes
     from lidr_jax.train.pairs import encode_pairs, pair_batch

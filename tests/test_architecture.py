@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lidr_jax"
 LAYERS = [
     {"files"},
     {"settings", "shapes", "endpoint"},
-    {"dist"},
+    {"parallel"},
     {"model"},
     {"formats"},
     {"generate", "train"},
@@ -146,17 +146,17 @@ def test_lazy_imports_say_why():
 def test_checker_names_the_modules_of_a_violation():
     """The checker itself can fail: an upward import, a sibling import, a lazy import and a cycle."""
     sources = {
-        "lidr_jax.model.llama": ("from lidr_jax.dist import sharding\n", False),
-        "lidr_jax.dist.sharding": ("import numpy\nfrom lidr_jax.model.llama import forward\n", False),
+        "lidr_jax.model.llama": ("from lidr_jax.parallel import sharding\n", False),
+        "lidr_jax.parallel.sharding": ("import numpy\nfrom lidr_jax.model.llama import forward\n", False),
         "lidr_jax.train.dpo": ("def f():\n    from lidr_jax.generate import sampler\n", False),
         "lidr_jax.generate.sampler": ("from . import rules\n", False),
         "lidr_jax.generate.rules": ("from .sampler import generate\n", False),
     }
     assert violations(sources) == [
-        "lidr_jax.dist.sharding:2 imports lidr_jax.model.llama: layer 'dist' may not import layer 'model'",
+        "lidr_jax.parallel.sharding:2 imports lidr_jax.model.llama: layer 'parallel' may not import layer 'model'",
         "lidr_jax.train.dpo:2 imports lidr_jax.generate.sampler inside a function (import it at the top)",
         "lidr_jax.train.dpo:2 imports lidr_jax.generate.sampler: layer 'train' may not import layer 'generate'",
-        "import cycle: lidr_jax.dist.sharding -> lidr_jax.model.llama -> lidr_jax.dist.sharding",
+        "import cycle: lidr_jax.parallel.sharding -> lidr_jax.model.llama -> lidr_jax.parallel.sharding",
         "import cycle: lidr_jax.generate.rules -> lidr_jax.generate.sampler -> lidr_jax.generate.rules",
     ]
     lazy = "def f():\n    import yaml\n\n\ndef g():\n    # optional: the plots extra\n    import matplotlib\n"

@@ -1,4 +1,4 @@
-"""The run's persistent compilation cache setting (lidr_jax/dist/compile_cache.py)."""
+"""The run's persistent compilation cache setting (lidr_jax/parallel/compile_cache.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-from lidr_jax.dist.compile_cache import cache_dir
+from lidr_jax.parallel.compile_cache import cache_dir
 from lidr_jax.pipeline.config import load_run_config
 
 
@@ -30,7 +30,7 @@ def test_a_second_process_reads_what_the_first_compiled(tmp_path):
     script = (
         "import sys, jax, jax.numpy as jnp\n"
         "from jax._src import monitoring\n"
-        "from lidr_jax.dist.compile_cache import enable_compilation_cache\n"
+        "from lidr_jax.parallel.compile_cache import enable_compilation_cache\n"
         "misses = []\n"
         "monitoring.register_event_listener(lambda e, **k: misses.append(e) if e.endswith('cache_misses') else None)\n"
         "enable_compilation_cache(sys.argv[1])\n"

@@ -21,7 +21,7 @@ from etils import epath
 from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from lidr_jax.dist.multihost import distributed_args
+from lidr_jax.parallel.multihost import distributed_args
 from lidr_jax.endpoint import ChatClient, EndpointConfig
 from lidr_jax.files import (
     absolute_path,

@@ -20,8 +20,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lidr_jax.dist.multihost import maybe_initialize_distributed, process_bounds, process_shard
-from lidr_jax.dist.sharding import (
+from lidr_jax.parallel.multihost import maybe_initialize_distributed, process_bounds, process_shard
+from lidr_jax.parallel.sharding import (
     DEFAULT_RULES,
     MeshConfig,
     ShardingRulesError,

@@ -63,7 +63,7 @@ class Model:
     @property
     def param_specs(self):
         """Every parameter's shape and logical axes (lidr_jax.model.llama.param_specs), by which
-        lidr_jax.dist places the params."""
+        lidr_jax.parallel places the params."""
         return param_specs(self.config)
 
 

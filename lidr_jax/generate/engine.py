@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.dist.sharding import active, put_batch
+from lidr_jax.parallel.sharding import active, put_batch
 from lidr_jax.generate.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import hidden_states, init_cache, unembed

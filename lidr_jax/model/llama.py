@@ -6,7 +6,7 @@ Shape key, used in every name and einsum string of the package (`x_BTD`, `wq_DNH
     N query heads  K key/value heads   G = N // K (GQA group) H head dim
 
 Parameters are a plain nested dict of arrays; every weight is declared once in `param_specs` (shape,
-logical axes, initializer) and lidr_jax.dist.sharding maps the logical axes to mesh axes. Layer
+logical axes, initializer) and lidr_jax.parallel.sharding maps the logical axes to mesh axes. Layer
 weights are stacked on a leading layer axis.
 
 `block` is one decoder layer, x + attn(norm(x)) then x + mlp(norm(x)). Two loops call it:
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.dist.sharding import constrain
+from lidr_jax.parallel.sharding import constrain
 from lidr_jax.model.attention import fused_attention
 from lidr_jax.model.config import ModelConfig
 
@@ -62,7 +62,7 @@ class ParamSpec:
 
 
 def param_specs(config: ModelConfig) -> Params:
-    """The params pytree, with a `ParamSpec` at every leaf (what lidr_jax.dist.sharding is given)."""
+    """The params pytree, with a `ParamSpec` at every leaf (what lidr_jax.parallel.sharding is given)."""
     c = config
     L, D, F, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim

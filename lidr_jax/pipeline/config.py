@@ -2,7 +2,7 @@
 
 Each group belongs to the module that uses it (sampling to generate/sampler.py, dpo and metrics to train/,
 prompts to methods/prompt_sets.py, the LIDR and ICR pair settings to methods/lidr.py and
-methods/icr.py, evaluation to eval/evaluate.py, the mesh to dist/sharding.py); this module only nests
+methods/icr.py, evaluation to eval/evaluate.py, the mesh to parallel/sharding.py); this module only nests
 them and adds the run-level knobs. `load_run_config` checks every key, type and range, and
 `check_paths` every model and data path the run will read, before the run directory is created.
 """
@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.eval.evaluate import EvalConfig, check_data
 from lidr_jax.formats.load import EMBEDDED_MODELS, ModelNotFoundError, embedded_model_path
 from lidr_jax.generate.sampler import SamplingConfig
@@ -104,7 +104,7 @@ class RunConfig:
     dpo: DPOConfig = DPOConfig()
     check: CheckConfig = CheckConfig()
     evaluation: EvalConfig = EvalConfig(benchmarks=())  # benchmarks run on the starting model and after each iteration
-    mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.dist.sharding, docs/scaling.md)
+    mesh: MeshConfig = MeshConfig()  # device mesh and sharding rules (lidr_jax.parallel.sharding, docs/scaling.md)
     metrics: MetricsConfig = MetricsConfig()  # live numbers: training every step, each stage's when it finishes
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of each iteration's HF export
     checkpoint_every: int = 50  # training steps between Orbax checkpoints (and at the end)
@@ -112,7 +112,7 @@ class RunConfig:
     # keep iter_K/train/checkpoints (weights + AdamW state) after the iteration's export; false deletes them
     # once the params-only policy and the export are written (about 96 GB each at 8B)
     keep_train_checkpoints: bool = False
-    # JAX's persistent compilation cache (lidr_jax/dist/compile_cache.py): auto = $XDG_CACHE_HOME/lidr_jax/jax
+    # JAX's persistent compilation cache (lidr_jax/parallel/compile_cache.py): auto = $XDG_CACHE_HOME/lidr_jax/jax
     # (~/.cache/lidr_jax/jax), a path, or null (off). Later stages and reruns read compiled programs back.
     compilation_cache: str | None = "auto"
 

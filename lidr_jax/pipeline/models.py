@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
-from lidr_jax.dist import sharding
+from lidr_jax.parallel import sharding
 from lidr_jax.files import as_path
 from lidr_jax.formats.load import Model, load_pretrained
 from lidr_jax.model.config import ModelConfig

@@ -3,7 +3,7 @@
 `generate_resumable` runs a list of `Job`s in fixed chunks and appends each finished chunk to
 `<name>.partial.jsonl` (chunk boundaries are fixed by the job order, so a resumed run batches exactly
 as an uninterrupted one and produces the same tokens), then writes the whole output file atomically.
-Several processes (lidr_jax.dist.multihost): each round hands every process one pending chunk on its
+Several processes (lidr_jax.parallel.multihost): each round hands every process one pending chunk on its
 own devices; the finished chunks are gathered to every process and the run directory's writer
 appends them. `generate_across_processes` is the same split for one call without a partial file.
 """
@@ -20,8 +20,8 @@ from typing import Any
 
 import jax
 
-from lidr_jax.dist import multihost
-from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.parallel import multihost
+from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.files import AnyPath
 from lidr_jax.formats.load import Model
 from lidr_jax.generate.sampler import GenerationResult, SamplingConfig, generate

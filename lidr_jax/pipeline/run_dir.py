@@ -26,7 +26,7 @@ for): every number of the outputs the stage returned, tagged `<stage>/<key>/...`
 
 One writer: a `RunDir` keeps the manifest in memory and rewrites it whole, so use one instance per
 run for writing (other instances may read). Several processes share one run through `Processes`
-(lidr_jax.dist.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages
+(lidr_jax.parallel.multihost.Processes, `run_processes`): only the writer (process 0) writes, stages
 write through `RunDir.write_*` / `on_writer`, which do nothing on the other processes, and read back
 what the writer alone wrote through `from_writer`. Every process keeps the same in-memory manifest (`mark_done`
 records the writer's outputs everywhere) and `mark_done` is a barrier, so a stage's files exist
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.dist.multihost import Processes
+from lidr_jax.parallel.multihost import Processes
 from lidr_jax.files import (
     AnyPath,
     absolute_path,

@@ -16,7 +16,7 @@ Errors a user can fix (`INPUT_ERRORS`) end the command with a one-line message o
 code 2; any other error is a bug and shows its traceback.
 
 Several processes (one per host) run the same command with the same config and seed; process 0
-writes the run directory and the others follow stage by stage (lidr_jax.dist.multihost, docs/scaling.md).
+writes the run directory and the others follow stage by stage (lidr_jax.parallel.multihost, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import time
 
 import yaml
 
-from lidr_jax.dist import sharding
-from lidr_jax.dist.compile_cache import enable_compilation_cache
-from lidr_jax.dist.multihost import maybe_initialize_distributed, run_processes
+from lidr_jax.parallel import sharding
+from lidr_jax.parallel.compile_cache import enable_compilation_cache
+from lidr_jax.parallel.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.files import as_path, plain
 from lidr_jax.formats.load import LOAD_ERRORS

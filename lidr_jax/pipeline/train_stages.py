@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from lidr_jax.dist import sharding
+from lidr_jax.parallel import sharding
 from lidr_jax.files import AnyPath, is_local, read_jsonl, remove_tree, tree_bytes, upload_tree
 from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import Model

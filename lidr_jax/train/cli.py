@@ -39,9 +39,9 @@ from typing import Literal
 
 import jax
 
-from lidr_jax.dist import sharding
-from lidr_jax.dist.multihost import maybe_initialize_distributed
-from lidr_jax.dist.sharding import MeshConfig
+from lidr_jax.parallel import sharding
+from lidr_jax.parallel.multihost import maybe_initialize_distributed
+from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.files import atomic_write_json, plain
 from lidr_jax.formats.export import EXPORT_DTYPES, ExportError, check_destination, export_hf
 from lidr_jax.formats.load import LOAD_ERRORS, load_pretrained, model_path

@@ -1,7 +1,7 @@
 """Per-device memory of DPO training, from shapes (nothing is allocated), and the fit check before training.
 
 - Parameters and AdamW state: `jax.eval_shape` of lidr_jax.train.trainer.init_state on the abstract
-  params, placed with lidr_jax.dist.sharding's rules on an abstract (data, fsdp, tensor) mesh (no devices
+  params, placed with lidr_jax.parallel.sharding's rules on an abstract (data, fsdp, tensor) mesh (no devices
   needed); each leaf counts its shard shape on the busiest device. float32 master weights and moments, as
   lidr_jax.train keeps them. Gradients count twice: the accumulator of the micro-batch scan and one
   micro-batch's gradients.
@@ -31,7 +31,7 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
 from jax.sharding import AbstractMesh
 
-from lidr_jax.dist.sharding import state_shardings
+from lidr_jax.parallel.sharding import state_shardings
 from lidr_jax.model.attention import resolve
 from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs

@@ -8,7 +8,7 @@ Phases of a run (each a plain function, no trainer class):
 4. `train`: plain Python loop with a tqdm bar; metrics every step to a `MetricsSink` (JSONL, and live
    TensorBoard / W&B scalars: lidr_jax.train.metrics).
 
-Several processes (lidr_jax.dist.multihost): every process builds the same host batch (same pairs, same
+Several processes (lidr_jax.parallel.multihost): every process builds the same host batch (same pairs, same
 (seed, step) order) and hands the global mesh only the rows its own devices hold (`put_process_rows`).
 
 Resuming: `TrainState` (params, opt_state, step) is the whole training state. The data position is a
@@ -31,8 +31,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lidr_jax.dist.multihost import put_process_rows
-from lidr_jax.dist.sharding import place, to_host, train_state_shardings
+from lidr_jax.parallel.multihost import put_process_rows
+from lidr_jax.parallel.sharding import place, to_host, train_state_shardings
 from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
@@ -207,7 +207,7 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
 def make_train_step(model_config, cfg: DPOConfig, optimizer, schedule, state_shardings=None):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated. A non-finite loss or
     gradient norm leaves the state unchanged (metrics report it; the loop raises). `state_shardings`
-    (lidr_jax.dist.sharding.train_state_shardings) pins the state's in/out shardings on a mesh."""
+    (lidr_jax.parallel.sharding.train_state_shardings) pins the state's in/out shardings on a mesh."""
 
     def step(state: TrainState, batch):
         grads, metrics = accumulated_grads(state.params, batch, model_config, cfg)

@@ -1,4 +1,4 @@
-"""Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.dist.multihost).
+"""Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.parallel.multihost).
 
 Sharding is data (DESIGN.md principle 2). Every parameter, optimizer-state leaf, activation and KV
 cache dimension carries a *logical* axis name; one rules table maps logical names to the mesh axes
@@ -23,7 +23,7 @@ Activations and the KV cache are constrained inside the model through `constrain
 a mesh is active (`use_mesh`), so single-device code pays nothing and tests need no mesh.
 
 Multi-host runs (initialisation, per-process data, data-parallel generation, one writer) build on
-these in lidr_jax.dist.multihost.
+these in lidr_jax.parallel.multihost.
 """
 
 from __future__ import annotations

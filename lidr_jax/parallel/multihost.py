@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from lidr_jax.dist.sharding import (
+from lidr_jax.parallel.sharding import (
     MESH_AXES,
     MeshConfig,
     active,
