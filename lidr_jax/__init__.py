@@ -20,8 +20,8 @@ _EXPORTS = {
     "Model": "lidr_jax.formats.load",
     "forward": "lidr_jax.model.llama",
     "ModelConfig": "lidr_jax.model.config",
-    "generate": "lidr_jax.generate.sampler",
-    "SamplingConfig": "lidr_jax.generate.sampler",
+    "generate": "lidr_jax.sampling.sampler",
+    "SamplingConfig": "lidr_jax.sampling.sampler",
     "export_hf": "lidr_jax.formats.export",
 }
 

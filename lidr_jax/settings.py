@@ -1,7 +1,7 @@
 """Typed settings from YAML and `--set key=value` overrides, for any tree of frozen dataclasses.
 
 Every run setting lives in a frozen `*Config` dataclass owned by the module that uses it
-(`SamplingConfig` in generate/sampler.py, `DPOConfig` in train/dpo.py, ...);
+(`SamplingConfig` in sampling/sampler.py, `DPOConfig` in train/dpo.py, ...);
 `lidr_jax.pipeline.config.RunConfig` nests them. This module turns a plain dict (parsed YAML) into that
 tree, checking every key and every value's type *before* any work starts, so a typo fails in a second
 with the key's dotted name instead of an hour into a run.

@@ -43,9 +43,9 @@ import numpy as np
 from model_shapes import LLAMA_3_8B  # noqa: E402  (scripts/, beside this file)
 from model_shapes import TINY as TINY_SHAPE
 
-from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import count_params, init_params
+from lidr_jax.sampling.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 
 TOPICS = ["the sea", "a mountain", "autumn", "a city at night", "friendship", "the moon", "a library", "bread"]
 ASKS = [
@@ -191,7 +191,7 @@ def layout_benchmark(args):
     """SmolLM2 greedy generation with the layer weights read as slices of the stacked arrays and as an
     unstacked per-layer copy (SamplingConfig.layer_layout), alternating, in one process."""
     from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.generate.sampler import decode_layers
+    from lidr_jax.sampling.sampler import decode_layers
 
     model = load_pretrained("smollm2-135m-instruct")
     copy_s = [_timed(lambda: jax.block_until_ready(decode_layers(model.params, "unstacked"))) for _ in range(3)]
@@ -236,11 +236,11 @@ def static_sampler(rev: str):
     import types
 
     source = subprocess.run(
-        ["git", "show", f"{rev}:lidr_jax/generate/sampler.py"], capture_output=True, text=True, check=True
+        ["git", "show", f"{rev}:lidr_jax/sampling/sampler.py"], capture_output=True, text=True, check=True
     ).stdout
     module = types.ModuleType("static_sampler")
     sys.modules[module.__name__] = module  # dataclasses look their module up there
-    exec(compile(source, f"{rev}:lidr_jax/generate/sampler.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:lidr_jax/sampling/sampler.py", "exec"), module.__dict__)
     return module
 
 
@@ -417,9 +417,9 @@ def step_profile(args):
     from collections import Counter
 
     from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.generate import engine
-    from lidr_jax.generate.sampler import decode_layers
     from lidr_jax.model.llama import init_cache
+    from lidr_jax.sampling import engine
+    from lidr_jax.sampling.sampler import decode_layers
 
     model = load_pretrained("smollm2-135m-instruct")
     config, params = model.config, model.params
@@ -538,7 +538,7 @@ def hbm_bandwidth() -> float:
 def gpu_benchmark(args):
     config = TINY if args.dry_run else LLAMA3_8B
     if args.dry_run:  # the 8B program must at least trace: shapes of params and one prefill, no memory
-        from lidr_jax.generate.engine import prefill_logits
+        from lidr_jax.sampling.engine import prefill_logits
 
         abstract = jax.eval_shape(lambda: init_params(LLAMA3_8B, jax.random.key(0)))
         tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)

@@ -94,7 +94,7 @@ def dpo_run(model, enc):
 
 
 def greedy(model, generate_fn=None, prompts=PROMPTS):
-    from lidr_jax.generate.sampler import SamplingConfig, generate
+    from lidr_jax.sampling.sampler import SamplingConfig, generate
 
     s = SamplingConfig(max_new_tokens=8, batch_size=8, progress=False)
     chats = [[{"role": "user", "content": p}] for p in prompts]
@@ -102,8 +102,8 @@ def greedy(model, generate_fn=None, prompts=PROMPTS):
 
 
 def forward_logits(model):
-    from lidr_jax.parallel.sharding import put_batch
     from lidr_jax.model.llama import forward
+    from lidr_jax.parallel.sharding import put_batch
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(4, 100, (8, 16)).astype(np.int32)
@@ -115,8 +115,8 @@ def forward_logits(model):
 
 
 def meshes() -> dict:
-    from lidr_jax.parallel.sharding import MeshConfig, make_mesh, param_shardings, place_params, use_mesh
     from lidr_jax.model.llama import init_params, param_specs
+    from lidr_jax.parallel.sharding import MeshConfig, make_mesh, param_shardings, place_params, use_mesh
     from lidr_jax.train.pairs import encode_pairs
 
     assert jax.device_count() == 8, jax.devices()
@@ -168,9 +168,9 @@ def multiprocess() -> dict | None:
     assert maybe_initialize_distributed()
     from jax.experimental import multihost_utils
 
+    from lidr_jax.model.logprobs import pair_logprobs
     from lidr_jax.parallel.multihost import process_shard, put_process_rows
     from lidr_jax.parallel.sharding import MeshConfig, make_mesh, place_params, use_mesh
-    from lidr_jax.model.logprobs import pair_logprobs
     from lidr_jax.pipeline.resumable import generate_across_processes
     from lidr_jax.train.pairs import encode_pairs, pair_batch
 

@@ -7,21 +7,24 @@ and the line without running any of the package."""
 import ast
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import lidr_jax
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lidr_jax"
 
 # Layers from the bottom up. A module may import modules of its own package and of lower layers only;
-# two packages on the same layer (generate, train) never import each other.
+# two packages on the same layer (sampling, train) never import each other.
 LAYERS = [
     {"files"},
     {"settings", "shapes", "endpoint"},
     {"parallel"},
     {"model"},
     {"formats"},
-    {"generate", "train"},
+    {"sampling", "train"},
     {"methods"},
     {"eval"},
     {"pipeline"},
@@ -148,16 +151,16 @@ def test_checker_names_the_modules_of_a_violation():
     sources = {
         "lidr_jax.model.llama": ("from lidr_jax.parallel import sharding\n", False),
         "lidr_jax.parallel.sharding": ("import numpy\nfrom lidr_jax.model.llama import forward\n", False),
-        "lidr_jax.train.dpo": ("def f():\n    from lidr_jax.generate import sampler\n", False),
-        "lidr_jax.generate.sampler": ("from . import rules\n", False),
-        "lidr_jax.generate.rules": ("from .sampler import generate\n", False),
+        "lidr_jax.train.dpo": ("def f():\n    from lidr_jax.sampling import sampler\n", False),
+        "lidr_jax.sampling.sampler": ("from . import rules\n", False),
+        "lidr_jax.sampling.rules": ("from .sampler import generate\n", False),
     }
     assert violations(sources) == [
         "lidr_jax.parallel.sharding:2 imports lidr_jax.model.llama: layer 'parallel' may not import layer 'model'",
-        "lidr_jax.train.dpo:2 imports lidr_jax.generate.sampler inside a function (import it at the top)",
-        "lidr_jax.train.dpo:2 imports lidr_jax.generate.sampler: layer 'train' may not import layer 'generate'",
-        "import cycle: lidr_jax.parallel.sharding -> lidr_jax.model.llama -> lidr_jax.parallel.sharding",
-        "import cycle: lidr_jax.generate.rules -> lidr_jax.generate.sampler -> lidr_jax.generate.rules",
+        "lidr_jax.train.dpo:2 imports lidr_jax.sampling.sampler inside a function (import it at the top)",
+        "lidr_jax.train.dpo:2 imports lidr_jax.sampling.sampler: layer 'train' may not import layer 'sampling'",
+        "import cycle: lidr_jax.model.llama -> lidr_jax.parallel.sharding -> lidr_jax.model.llama",
+        "import cycle: lidr_jax.sampling.rules -> lidr_jax.sampling.sampler -> lidr_jax.sampling.rules",
     ]
     lazy = "def f():\n    import yaml\n\n\ndef g():\n    # optional: the plots extra\n    import matplotlib\n"
     assert unexplained_lazy_imports("lidr_jax.x", lazy) == [
@@ -172,3 +175,35 @@ def test_no_code_written_twice():
         pytest.skip("the `duplicates` command is not installed on this machine (CI has it)")
     out = subprocess.run([tool, "--repo", str(PACKAGE), "--most", "20"], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("no duplicates"), out.stdout
+
+
+def test_no_subpackage_shadows_a_public_name():
+    """`from lidr_jax import generate` must give the function: importing a subpackage binds its name on
+    the parent package, so a room named like a public export would replace the export."""
+    rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    rooms |= {p.stem for p in PACKAGE.glob("*.py")}
+    assert rooms & set(lidr_jax.__all__) == set()
+
+
+def test_public_names_are_what_the_readme_imports():
+    code = "from lidr_jax import load_pretrained, forward, generate, SamplingConfig, export_hf\n"
+    code += "import lidr_jax.sampling.engine\n"  # importing a subpackage afterwards changes nothing
+    code += "from lidr_jax import generate as g2\n"
+    code += "print(all(callable(f) for f in (load_pretrained, forward, generate, SamplingConfig, export_hf, g2)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_ruff_checks_every_product_file():
+    """ruff skips folders it takes for build output (`dist/`, `build/`, ...): every module of the package
+    must be in the files it checks, or `make test`'s lint passes over it without a word."""
+    ruff = Path(sys.executable).parent / "ruff"
+    if not ruff.exists():
+        pytest.skip("ruff is not installed beside this Python (the test extra installs it)")
+    root = PACKAGE.parent
+    listed = subprocess.run(
+        [str(ruff), "check", "--show-files", "lidr_jax"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    checked = {Path(line.strip()).resolve() for line in listed.splitlines() if line.strip().endswith(".py")}
+    modules = {p.resolve() for p in PACKAGE.rglob("*.py")}
+    assert sorted(str(p.relative_to(root)) for p in modules - checked) == []

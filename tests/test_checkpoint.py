@@ -306,8 +306,8 @@ def _train_worker(run_path: str, model_dir: str) -> None:
     process mid-run; the sleep changes timing only, never what is computed."""
     import time
 
-    from lidr_jax.parallel.sharding import make_mesh, parse_rules
     from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.parallel.sharding import make_mesh, parse_rules
     from lidr_jax.pipeline import train_stages
     from lidr_jax.pipeline.iteration import Iteration
     from lidr_jax.pipeline.models import RunModels

@@ -21,7 +21,6 @@ from etils import epath
 from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from lidr_jax.parallel.multihost import distributed_args
 from lidr_jax.endpoint import ChatClient, EndpointConfig
 from lidr_jax.files import (
     absolute_path,
@@ -35,6 +34,7 @@ from lidr_jax.files import (
     tree_bytes,
     upload_tree,
 )
+from lidr_jax.parallel.multihost import distributed_args
 from lidr_jax.pipeline import resumable
 from lidr_jax.pipeline.run_dir import RunConfigMismatchError, RunDir
 from lidr_jax.settings import SettingsError

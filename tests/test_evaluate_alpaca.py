@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import lidr_jax.generate.sampler
+import lidr_jax.sampling.sampler
 from lidr_jax.eval.evaluate import (
     DECODING,
     EvalConfig,
@@ -58,7 +58,7 @@ def scripted_generate(monkeypatch):
         calls.append(dict(prompts=prompts, sampling=sampling))
         return [SimpleNamespace(text=ANSWERS[p[-1]["content"]], finish_reason="stop", token_ids=[]) for p in prompts]
 
-    monkeypatch.setattr(lidr_jax.generate.sampler, "generate", fake_generate)
+    monkeypatch.setattr(lidr_jax.sampling.sampler, "generate", fake_generate)
     return calls
 
 

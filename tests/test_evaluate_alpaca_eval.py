@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import lidr_jax.generate.sampler
+import lidr_jax.sampling.sampler
 from lidr_jax.eval.alpaca import aligned_references, annotator_config
 from lidr_jax.eval.evaluate import EvalConfig, alpaca_records, main, run_alpaca_outputs
 
@@ -29,7 +29,7 @@ def echo_generate(monkeypatch):
         calls.append(len(prompts))
         return [SimpleNamespace(text=p[-1]["content"], finish_reason="stop", token_ids=[]) for p in prompts]
 
-    monkeypatch.setattr(lidr_jax.generate.sampler, "generate", fake)
+    monkeypatch.setattr(lidr_jax.sampling.sampler, "generate", fake)
     return calls
 
 

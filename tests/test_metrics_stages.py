@@ -135,8 +135,8 @@ def test_metrics_group_in_the_run_config(tmp_path):
 def test_train_stage_writes_every_step_while_it_trains(make_hf_model, tmp_path, monkeypatch):
     """The real train stage, checkpointing every step: right after each step's checkpoint the step is
     already in TensorBoard (no end-of-training conversion); once marked done, its summary is a stage number."""
-    from lidr_jax.parallel.sharding import make_mesh, parse_rules
     from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.parallel.sharding import make_mesh, parse_rules
     from lidr_jax.pipeline import train_stages
     from lidr_jax.pipeline.iteration import Iteration
     from lidr_jax.pipeline.models import RunModels

@@ -13,15 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.generate.engine import OUTPUT_BUCKETS, PREFILL_BUCKETS, prefill_logits, step_logits
-from lidr_jax.generate.sampler import (
+from lidr_jax.model.llama import forward, unstack_layers
+from lidr_jax.sampling.engine import OUTPUT_BUCKETS, PREFILL_BUCKETS, prefill_logits, step_logits
+from lidr_jax.sampling.sampler import (
     GenerationStats,
     SamplingConfig,
     decode_layers,
     eos_ids,
     generate,
 )
-from lidr_jax.model.llama import forward, unstack_layers
 from lidr_jax.shapes import bucket
 
 CHATS = [
@@ -387,7 +387,7 @@ def test_default_prompt_limit_and_long_prompt_memory(make_hf_model):
     keeps its last 2048 tokens, is counted, and is prefilled in chunks of PREFILL_CHUNK: the compiled
     prefill holds no [T, T] attention scores and its temporary memory stays under one layer's [T, T]."""
     from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.generate import engine
+    from lidr_jax.sampling import engine
 
     assert SamplingConfig().max_prompt_tokens == 2048
     with pytest.raises(ValueError, match="max_prompt_tokens must be an integer >= 1, got None"):
@@ -412,7 +412,7 @@ def test_default_prompt_limit_and_long_prompt_memory(make_hf_model):
 def test_first_argmax_equals_argmax_with_ties():
     """The decode step's argmax (a max, then the smallest index at it) picks what jnp.argmax picks,
     the first index on ties."""
-    from lidr_jax.generate.rules import first_argmax
+    from lidr_jax.sampling.rules import first_argmax
 
     x = np.random.default_rng(0).standard_normal((6, 1000)).astype(np.float32)
     x[1, [3, 500]] = 10.0  # a tie: the first index wins

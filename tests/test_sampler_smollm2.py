@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lidr_jax.generate.sampler import GenerationStats, SamplingConfig, eos_ids, generate
+from lidr_jax.sampling.sampler import GenerationStats, SamplingConfig, eos_ids, generate
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = [

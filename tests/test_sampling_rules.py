@@ -1,4 +1,4 @@
-"""The pure sampling rules (lidr_jax.generate.rules) on small vocabularies: exclusion, empirical frequencies
+"""The pure sampling rules (lidr_jax.sampling.rules) on small vocabularies: exclusion, empirical frequencies
 (chi-square with a fixed seed), and agreement with transformers' logits processors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidr_jax.generate.rules import apply_repetition_penalty, filter_top_k_top_p, row_keys, sample_logits
+from lidr_jax.sampling.rules import apply_repetition_penalty, filter_top_k_top_p, row_keys, sample_logits
 
 LOGITS_V = np.asarray([2.0, 1.5, 1.4, 0.9, 0.5, 0.3, 0.0, -0.2, -0.8, -1.0, -1.5, -3.0], np.float32)
 

@@ -20,6 +20,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import param_specs
 from lidr_jax.parallel.multihost import maybe_initialize_distributed, process_bounds, process_shard
 from lidr_jax.parallel.sharding import (
     DEFAULT_RULES,
@@ -29,8 +31,6 @@ from lidr_jax.parallel.sharding import (
     parse_rules,
     spec_for,
 )
-from lidr_jax.model.config import ModelConfig
-from lidr_jax.model.llama import param_specs
 from scripts.model_shapes import SMOLLM2_135M
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"

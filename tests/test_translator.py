@@ -7,9 +7,9 @@ import pytest
 from chat_server import fake_time, serve
 
 from lidr_jax.endpoint import ChatClient, EndpointConfig, EndpointUnreachableError
-from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.lidr import TranslationPrompt, translation_request
 from lidr_jax.methods.translator import TranslatorConfig, endpoint_params, endpoint_translate, parse_reply
+from lidr_jax.sampling.sampler import SamplingConfig
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
-from lidr_jax.generate import sampler
 from lidr_jax.methods.langid import detect_language
+from lidr_jax.sampling import sampler
 from lidr_jax.settings import check_choices
 
 Benchmark = Literal["mgsm", "alpaca"]

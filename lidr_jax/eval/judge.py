@@ -32,7 +32,7 @@ from lidr_jax.endpoint import (
     EndpointRequestError,
     EndpointUnreachableError,
 )
-from lidr_jax.generate.sampler import SamplingConfig, generate
+from lidr_jax.sampling.sampler import SamplingConfig, generate
 
 Message = dict[str, str]
 PROMPT_VERSION = "lidr_jax-pairwise-v1"  # change it with any change to JUDGE_SYSTEM or JUDGE_TEMPLATE

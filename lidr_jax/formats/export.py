@@ -40,11 +40,11 @@ import jax
 import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
-from lidr_jax.parallel.sharding import to_host
 from lidr_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lidr_jax.formats.hf_table import hf_from_params, hf_names
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.parallel.sharding import to_host
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 EXPORT_MARK = "lidr_jax_export.json"  # written last: its presence says lidr_jax wrote the directory

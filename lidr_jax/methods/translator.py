@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 from lidr_jax.endpoint import ChatClient, EndpointConfig
-from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.lidr import Message, TranslationPrompt, parse_translation
+from lidr_jax.sampling.sampler import SamplingConfig
 from lidr_jax.settings import check_choices
 
 

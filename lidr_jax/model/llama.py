@@ -15,7 +15,7 @@ weights are stacked on a leading layer axis.
 - with a KV cache (generation), an unrolled loop over the layers. Each layer's weights are either a
   slice of the stacked arrays or, when the caller passes `layers` (`unstack_layers`, a copy), a
   per-layer dict: on XLA:CPU slicing a stacked weight copies it at every decode step, because a
-  slice is not fused into a library GEMM (lidr_jax.generate chooses the layout; BENCHMARKS.md).
+  slice is not fused into a library GEMM (lidr_jax.sampling chooses the layout; BENCHMARKS.md).
 
 The cache protocol (one, for every layer): a list of L per-layer buffers k [B, K, H, S] (keys
 transposed) and v [B, K, S, H], and `end_B`, the slots each row has filled. A call writes its T new
@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.parallel.sharding import constrain
 from lidr_jax.model.attention import fused_attention
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.parallel.sharding import constrain
 
 Params = dict[str, Any]
 Cache = dict[str, Any]

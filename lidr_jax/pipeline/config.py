@@ -1,6 +1,6 @@
 """The settings of `python -m lidr_jax.iterate`: one frozen dataclass tree, read from YAML + `--set`.
 
-Each group belongs to the module that uses it (sampling to generate/sampler.py, dpo and metrics to train/,
+Each group belongs to the module that uses it (sampling to sampling/sampler.py, dpo and metrics to train/,
 prompts to methods/prompt_sets.py, the LIDR and ICR pair settings to methods/lidr.py and
 methods/icr.py, evaluation to eval/evaluate.py, the mesh to parallel/sharding.py); this module only nests
 them and adds the run-level knobs. `load_run_config` checks every key, type and range, and
@@ -13,16 +13,16 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.eval.evaluate import EvalConfig, check_data
 from lidr_jax.formats.load import EMBEDDED_MODELS, ModelNotFoundError, embedded_model_path
-from lidr_jax.generate.sampler import SamplingConfig
 from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import ICRSelectionConfig
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.lidr import LIDRPairConfig, LIDRPrompts
 from lidr_jax.methods.prompt_sets import PromptSourceConfig
 from lidr_jax.methods.translator import TranslatorConfig
+from lidr_jax.parallel.sharding import MeshConfig
+from lidr_jax.sampling.sampler import SamplingConfig
 from lidr_jax.settings import SettingsError, apply_overrides, check_choices, from_dict, load_yaml
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.metrics import MetricsConfig

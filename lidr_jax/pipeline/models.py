@@ -13,11 +13,11 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
-from lidr_jax.parallel import sharding
 from lidr_jax.files import as_path
 from lidr_jax.formats.load import Model, load_pretrained
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import param_specs
+from lidr_jax.parallel import sharding
 from lidr_jax.train.checkpoint import load_params_config, restore_params
 
 

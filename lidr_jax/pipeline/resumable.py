@@ -20,14 +20,14 @@ from typing import Any
 
 import jax
 
-from lidr_jax.parallel import multihost
-from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.files import AnyPath
 from lidr_jax.formats.load import Model
-from lidr_jax.generate.sampler import GenerationResult, SamplingConfig, generate
 from lidr_jax.methods import lidr
 from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.parallel import multihost
+from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.pipeline.run_dir import RunDir
+from lidr_jax.sampling.sampler import GenerationResult, SamplingConfig, generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lidr_jax.parallel.multihost import Processes
 from lidr_jax.files import (
     AnyPath,
     absolute_path,
@@ -56,6 +55,7 @@ from lidr_jax.files import (
     plain,
     remove_tree,
 )
+from lidr_jax.parallel.multihost import Processes
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 
 MANIFEST = "manifest.json"

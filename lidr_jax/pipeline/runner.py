@@ -27,14 +27,14 @@ import time
 
 import yaml
 
-from lidr_jax.parallel import sharding
-from lidr_jax.parallel.compile_cache import enable_compilation_cache
-from lidr_jax.parallel.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.files import as_path, plain
 from lidr_jax.formats.load import LOAD_ERRORS
 from lidr_jax.methods.languages import UnknownLanguageError
 from lidr_jax.methods.prompt_sets import PromptSet, PromptSetError, iteration_slice, load_prompts, split_heldout
+from lidr_jax.parallel import sharding
+from lidr_jax.parallel.compile_cache import enable_compilation_cache
+from lidr_jax.parallel.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.pipeline.check import check_stage, has_checks
 from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, check_paths, load_run_config
 from lidr_jax.pipeline.icr_stages import icr_pairs, icr_sample, icr_score

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import jax
 
-from lidr_jax.parallel import sharding
 from lidr_jax.files import AnyPath, is_local, read_jsonl, remove_tree, tree_bytes, upload_tree
 from lidr_jax.formats.export import export_hf
 from lidr_jax.formats.load import Model
 from lidr_jax.model.llama import param_specs
+from lidr_jax.parallel import sharding
 from lidr_jax.pipeline.config import RunConfig
 from lidr_jax.pipeline.export_run import card_info
 from lidr_jax.pipeline.iteration import Iteration

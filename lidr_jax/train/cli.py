@@ -39,13 +39,13 @@ from typing import Literal
 
 import jax
 
-from lidr_jax.parallel import sharding
-from lidr_jax.parallel.multihost import maybe_initialize_distributed
-from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.files import atomic_write_json, plain
 from lidr_jax.formats.export import EXPORT_DTYPES, ExportError, check_destination, export_hf
 from lidr_jax.formats.load import LOAD_ERRORS, load_pretrained, model_path
 from lidr_jax.model.llama import param_specs
+from lidr_jax.parallel import sharding
+from lidr_jax.parallel.multihost import maybe_initialize_distributed
+from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.settings import SettingsError, apply_overrides, check_choices, describe, from_dict, load_yaml
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer

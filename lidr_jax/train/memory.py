@@ -31,10 +31,10 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
 from jax.sharding import AbstractMesh
 
-from lidr_jax.parallel.sharding import state_shardings
 from lidr_jax.model.attention import resolve
 from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
+from lidr_jax.parallel.sharding import state_shardings
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.packing import attention_block, packed_logprobs
 from lidr_jax.train.trainer import init_state, make_optimizer

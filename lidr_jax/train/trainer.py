@@ -31,10 +31,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lidr_jax.parallel.multihost import put_process_rows
-from lidr_jax.parallel.sharding import place, to_host, train_state_shardings
 from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
+from lidr_jax.parallel.multihost import put_process_rows
+from lidr_jax.parallel.sharding import place, to_host, train_state_shardings
 from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing, step_plan

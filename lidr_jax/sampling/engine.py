@@ -24,7 +24,7 @@ rows (`Prefilled`; an insert executable per (P, T)), so each prompt is prefilled
 slot count (`EngineStats.prefilled_prompts` counts prefills).
 
 A row's random draw at its own step t uses fold_in(seed, prompt hash, sample index, t)
-(lidr_jax.generate.rules.row_keys): it does not depend on the slot, the batch or the other prompts.
+(lidr_jax.sampling.rules.row_keys): it does not depend on the slot, the batch or the other prompts.
 
 Shape key: B slots, P prefilled prompts, T prompt tokens, S cache slots, W attended slots, V vocabulary,
 M assignments (slot, prefilled row) of one insert, R output buffer (new tokens per row), E eos ids.
@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.parallel.sharding import active, put_batch
-from lidr_jax.generate.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import hidden_states, init_cache, unembed
+from lidr_jax.parallel.sharding import active, put_batch
+from lidr_jax.sampling.rules import apply_repetition_penalty, row_keys, sample_logits, token_logprobs
 from lidr_jax.shapes import bucket
 
 PREFILL_BUCKETS = dict(minimum=32, knee=128, step=64)  # prompt lengths: 32, 64, 128, 192, 256, ...

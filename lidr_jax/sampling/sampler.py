@@ -1,4 +1,4 @@
-"""Text generation for lists of prompts, over the continuous-batching engine (lidr_jax.generate.engine).
+"""Text generation for lists of prompts, over the continuous-batching engine (lidr_jax.sampling.engine).
 
     results = generate(model, prompts, SamplingConfig(max_new_tokens=128, repetition_penalty=1.1))
     results = generate(model, chats, SamplingConfig(...), prefill=["<translation>", ...])
@@ -47,9 +47,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
-from lidr_jax.generate.engine import EngineStats, Request
-from lidr_jax.generate.engine import run as run_engine
 from lidr_jax.model.llama import unstack_layers
+from lidr_jax.sampling.engine import EngineStats, Request
+from lidr_jax.sampling.engine import run as run_engine
 from lidr_jax.shapes import bucket
 
 
