@@ -116,7 +116,7 @@ def test_evaluate_model_alpaca_outputs(data_dir, tmp_path, scripted_generate):
             assert list(row) == ["instruction", "output", "generator", "dataset"]
             assert row["instruction"] == item["instruction"]
             assert row["output"] == ANSWERS[item["instruction"]]
-            assert row["generator"] == "lidr_jax-hf-lidr"
+            assert row["generator"] == "lidr_jax-x-iter_1-lidr"  # the run and its iteration
             assert row["dataset"] == item["dataset"]
     summary = json.loads((tmp_path / "eval" / "alpaca" / "summary.json").read_text())
     assert summary["decoding"] == "lidr" and summary["languages"]["es"]["off_target_rate"] == 0.5
@@ -158,6 +158,11 @@ def test_default_generator():
     assert default_generator(SimpleNamespace(source="smollm2-135m-instruct (/x/y.gguf)"), "icr") == (
         "lidr_jax-smollm2-135m-instruct-icr"
     )
+    for k in (1, 2):  # each iteration of a run gets its own name, whichever of its checkpoints is loaded
+        for tail in ("export/hf", "train/policy"):
+            source = f"/home/u/runs/default/iter_{k}/{tail}/"
+            assert default_generator(SimpleNamespace(source=source), "lidr") == f"lidr_jax-default-iter_{k}-lidr"
+    assert default_generator(SimpleNamespace(source="/models/my-hf-dir"), "lidr") == "lidr_jax-my-hf-dir-lidr"
 
 
 def test_head_to_head_dirs_alignment(tmp_path):

@@ -159,6 +159,18 @@ def test_head_to_head_of_two_output_folders(tmp_path, capsys):
             in (d / f"lidr_jax_judge_{lang}" / "prompt.txt").read_text()
         )
 
+    # Judge files written earlier are not replaced silently: refused before anything is written, then --force.
+    args = ["alpaca-judge-files", "--outputs", str(tmp_path / "a"), "--reference", str(tmp_path / "a"), "--langs", "fr"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {tmp_path / 'a' / 'fr' / 'reference_outputs.json'} exists (judge files written earlier); "
+        "pass --force to replace it and the judge files beside it\n"
+    )
+    assert json.loads((tmp_path / "a" / "fr" / "reference_outputs.json").read_text())[0]["generator"] == "b"
+    assert main([*args, "--force"]) == 0
+    assert json.loads((tmp_path / "a" / "fr" / "reference_outputs.json").read_text())[0]["generator"] == "a"
+
 
 def test_annotator_config_is_yaml_for_every_paper_language():
     for lang in ("en", "es", "ru", "de", "fr", "zh", "sw", "bn"):

@@ -169,15 +169,24 @@ def judge_output_folder(
     reference: str | Path,
     langs: Sequence[str],
     judge_model: str = DEFAULT_JUDGE,
+    force: bool = False,
 ) -> dict[str, str]:
     """`write_judge_files` for every language of an existing outputs folder ({lang}/model_outputs.json):
     {lang: command}. With another of our output folders as `reference`, alpaca_eval judges the two
-    models head to head."""
+    models head to head. A language whose `reference_outputs.json` exists is refused (FileExistsError,
+    before anything is written) unless `force`: it may pair these outputs with another reference."""
     commands = {}
     for lang in langs:
         path = as_path(outputs) / lang / "model_outputs.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; write it with `python -m lidr_jax.evaluate alpaca-outputs`")
+        if not force and (path.parent / "reference_outputs.json").exists():
+            raise FileExistsError(
+                f"{path.parent / 'reference_outputs.json'} exists (judge files written earlier); "
+                "pass --force to replace it and the judge files beside it"
+            )
+    for lang in langs:
+        path = as_path(outputs) / lang / "model_outputs.json"
         rows = read_json(path)
         commands[lang] = write_judge_files(path.parent, lang, rows, reference, judge_model)
     return commands

@@ -167,8 +167,13 @@ def alpaca_records(items: Sequence[dict], outputs: Sequence[str], generator: str
 
 
 def default_generator(model, decoding: str) -> str:
-    source = str(getattr(model, "source", "model")).split(" (")[0].rstrip("/")
-    return f"lidr_jax-{Path(source).name or 'model'}-{decoding}"
+    """`lidr_jax-{name}-{decoding}`; a run's export (RUN/iter_K/export/hf, RUN/iter_K/train/policy) is named
+    `{run}-iter_K`, so two iterations' outputs of one run carry different names."""
+    parts = Path(str(getattr(model, "source", "model")).split(" (")[0].rstrip("/")).parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].startswith("iter_") and parts[i][5:].isdigit():
+            return f"lidr_jax-{parts[i - 1]}-{parts[i]}-{decoding}"
+    return f"lidr_jax-{parts[-1] if parts else 'model'}-{decoding}"
 
 
 def run_alpaca_outputs(
@@ -349,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--outputs", required=True, help="alpaca-outputs folder ({lang}/model_outputs.json)")
     j.add_argument("--reference", required=True, help="folder of {lang}/model_outputs.json, or a path with {lang}")
     j.add_argument("--langs", type=_langs, default=PAPER_LANGUAGES)
+    j.add_argument("--force", action="store_true", help="replace judge files written earlier for these outputs")
     j.add_argument("--annotator-model", default=DEFAULT_JUDGE, help="judge model named in the annotator configs")
 
     h = sub.add_parser("head-to-head", help="win/tie/lose per language of model 1 against model 2, by a judge")
@@ -422,7 +428,7 @@ def _print_commands(commands: dict[str, str]) -> None:
 
 def run_command(args) -> int:
     if args.command == "alpaca-judge-files":
-        _print_commands(judge_output_folder(args.outputs, args.reference, args.langs, args.annotator_model))
+        _print_commands(judge_output_folder(args.outputs, args.reference, args.langs, args.annotator_model, args.force))
         return 0
     out = Path(args.out)
     _check_out(out)
@@ -519,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_command(args)
-    except (FileNotFoundError, ValueError, EndpointRequestError, EndpointUnreachableError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, EndpointRequestError, EndpointUnreachableError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input or an unusable judge: one line, cause and fix
         return 2
 
