@@ -21,9 +21,14 @@ import dataclasses
 import email.utils
 import hashlib
 import json
+import math
 import os
+import socket
+import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +38,7 @@ from typing import Any
 from lidr_jax.files import as_path, atomic_write_json
 
 Message = dict[str, str]
+WAIT_NOTICE_S = 10.0  # a request unanswered this long prints a one-line wait message (or at half its timeout)
 
 
 class EndpointUnreachableError(ConnectionError):
@@ -64,15 +70,80 @@ class EndpointConfig:
     concurrency: int = 4  # requests in flight at once (complete_many)
 
     def __post_init__(self):
-        if self.max_retries < 0 or self.backoff_s < 0 or self.max_retry_time_s < 0:
-            raise ValueError("max_retries, backoff_s and max_retry_time_s must be >= 0")
+        for name in ("timeout_s", "backoff_s", "max_backoff_s", "max_retry_time_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"endpoint {name} must be a finite number of seconds >= 0, got {value!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"endpoint timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"endpoint max_retries must be >= 0, got {self.max_retries}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.url:
+            check_url(self.url)
 
     @property
     def completions_url(self) -> str:
         url = self.url.rstrip("/")
         return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    @property
+    def shown_url(self) -> str:
+        """`completions_url` as printed: a password in it replaced by ***."""
+        return masked_url(self.completions_url)
+
+
+def masked_url(url: str) -> str:
+    """`url` with the password of its user part (http://user:PASSWORD@host) replaced by ***: the form in
+    which every message and record shows a URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def check_url(url: str) -> None:
+    """An endpoint URL must be http(s) with a host; anything else is a `ValueError` saying so (the URL
+    shown with its password masked)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as e:
+        raise ValueError(
+            f"endpoint url {masked_url(url)!r} is not a valid URL ({e}); give e.g. http://localhost:8000/v1"
+        ) from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"endpoint url {masked_url(url)!r} is not an http(s) URL (scheme {parts.scheme or 'none'!r}); "
+            "give e.g. http://localhost:8000/v1"
+        )
+    if not parts.hostname:
+        raise ValueError(f"endpoint url {masked_url(url)!r} has no host; give e.g. http://localhost:8000/v1")
+
+
+def check_reachable(config: EndpointConfig, what: str, timeout_s: float = 10.0) -> None:
+    """Before any work: the API key variable is set and the endpoint's host accepts a TCP connection
+    within `timeout_s` (nothing is sent, so nothing is billed); else `EndpointRequestError` /
+    `EndpointUnreachableError` naming `what` (e.g. "lidr.translator.endpoint") and the masked URL."""
+    name, url = config.api_key_env, config.shown_url
+    if name and not os.environ.get(name):
+        raise EndpointRequestError(
+            f"{what}: the API key variable {name} for {url} is not set; export it, or set api_key_env to an empty "
+            "string for an endpoint that needs no key"
+        )
+    parts = urllib.parse.urlsplit(config.completions_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        reason = f"no connection within {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise EndpointUnreachableError(
+            f"{what}: {url} cannot be reached ({reason}); check the URL and that the server is running "
+            "(nothing was started)"
+        ) from None
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -116,11 +187,14 @@ class ChatClient:
         if not config.url:
             raise ValueError("the endpoint needs a url (e.g. http://localhost:8000/v1)")
         if not config.model:
-            raise ValueError(f"the endpoint {config.url} needs a model name")
+            raise ValueError(f"the endpoint {masked_url(config.url)} needs a model name")
         self.config = config
         self.cache_dir = as_path(cache_dir) if cache_dir is not None else None  # local, or a run on gs://
         self._sleep, self._clock = sleep, clock
         self.requests_sent = 0  # HTTP requests actually sent (retries included); cache hits send none
+        # A request with no answer after this long prints one line saying so and when it gives up.
+        self.wait_notice_s = min(WAIT_NOTICE_S, config.timeout_s / 2)
+        self._noticed, self._lock = False, threading.Lock()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -129,7 +203,7 @@ class ChatClient:
             key = os.environ.get(name)
             if not key:
                 raise EndpointRequestError(
-                    f"the API key variable {name} for {self.config.completions_url} is not set; export it, or "
+                    f"the API key variable {name} for {self.config.shown_url} is not set; export it, or "
                     "set api_key_env to an empty string for an endpoint that needs no key"
                 )
             headers["Authorization"] = f"Bearer {key}"
@@ -167,8 +241,23 @@ class ChatClient:
             answers = dict(zip(first, pool.map(lambda i: self.complete(chats[i], **params), first.values())))
         return [answers[key] for key in keys]
 
+    def _notice_wait(self) -> None:
+        """Printed (once per client) when a request has had no answer for `wait_notice_s`."""
+        with self._lock:
+            if self._noticed:
+                return
+            self._noticed = True
+        cfg = self.config
+        print(
+            f"waiting for {cfg.shown_url}: no answer after {self.wait_notice_s:g} s; each request gives up after "
+            f"{cfg.timeout_s:g} s (timeout_s) and retrying stops {cfg.max_retry_time_s:g} s after the first try "
+            "(max_retry_time_s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _post(self, body: dict[str, Any]) -> str:
-        cfg, url = self.config, self.config.completions_url
+        cfg, url, shown = self.config, self.config.completions_url, self.config.shown_url
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = self._headers()
         start = self._clock()
@@ -178,28 +267,34 @@ class ChatClient:
             wait_hint = None
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
+                notice = threading.Timer(self.wait_notice_s, self._notice_wait)
+                notice.daemon = True
+                notice.start()
+                try:
+                    with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+                        payload = json.loads(response.read().decode("utf-8"))
+                finally:
+                    notice.cancel()
                 content = payload["choices"][0]["message"]["content"]
                 return content or ""
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if not (e.code == 429 or e.code >= 500):
-                    raise EndpointRequestError(f"endpoint {url} refused the request: HTTP {e.code}: {detail}") from e
+                    raise EndpointRequestError(f"endpoint {shown} refused the request: HTTP {e.code}: {detail}") from e
                 last_error = f"HTTP {e.code}: {detail}"
                 wait_hint = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
             except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise EndpointRequestError(
-                    f"endpoint {url} answered without choices[0].message.content ({e!r}); is it an "
+                    f"endpoint {shown} answered without choices[0].message.content ({e!r}); is it an "
                     "OpenAI-compatible chat-completions endpoint?"
                 ) from e
             wait = wait_hint if wait_hint is not None else min(cfg.backoff_s * 2**retry, cfg.max_backoff_s)
             elapsed = self._clock() - start
             if retry >= cfg.max_retries or elapsed + wait > cfg.max_retry_time_s:
                 raise EndpointUnreachableError(
-                    f"endpoint {url} did not answer after {retry + 1} tries in {elapsed:.0f} s (last error: "
+                    f"endpoint {shown} did not answer after {retry + 1} tries in {elapsed:.0f} s (last error: "
                     f"{last_error}); check the URL and that the server is running"
                 )
             self._sleep(wait)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
 import operator
 import re
 import types
@@ -47,9 +48,95 @@ _Loader.add_implicit_resolver(
 _YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
 
+MAX_YAML_NODES = 100_000  # values a document may expand to through its aliases (a real config has hundreds)
+
+
+class YAMLContentError(ValueError):
+    """A YAML document that parses but cannot be a config: a key given twice, or aliases that expand
+    beyond `MAX_YAML_NODES` values; the message names the line(s)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are all different: a key given twice is refused, naming both lines (PyYAML
+    keeps the last one silently)."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+        if key in seen:
+            raise YAMLContentError(f"line {line}: the key {key!r} is given twice (first on line {seen[key]}); keep one")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: _construct_mapping(loader, node))
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values `node` stands for once every alias is expanded, computed once per node object (an
+    alias bomb is measured in a few thousand steps); past `limit`, or a node that contains itself, gives
+    `limit + 1`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        n, children_done = stack.pop()
+        if id(n) in sizes:
+            continue
+        if isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        if not children_done:
+            if id(n) in open_nodes:  # reached again while its own children are being counted: recursive
+                return limit + 1
+            open_nodes.add(id(n))
+            stack.append((n, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        open_nodes.discard(id(n))
+        sizes[id(n)] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+    return sizes[id(node)]
+
+
 def parse_yaml(text: str):
-    """YAML text -> Python values (safe: no objects), with YAML 1.2 booleans (module docstring)."""
-    return yaml.load(text, Loader=_Loader)
+    """YAML text -> Python values (safe: no objects), with YAML 1.2 booleans (module docstring). A key
+    given twice, or aliases that expand past `MAX_YAML_NODES` values (an alias bomb: a few hundred bytes
+    that expand to billions), raise `YAMLContentError` before anything is built."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise YAMLContentError(
+                f"line {node.start_mark.line + 1}: the document's aliases (*name) expand to more than "
+                f"{MAX_YAML_NODES:,} values (or contain themselves); a config needs far fewer: write the values "
+                "out instead of nesting aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def check_finite(obj, prefix: str = "") -> None:
+    """Every float of a settings tree (dataclasses, nested) is a finite number: `.inf` or `nan` (from YAML,
+    `--set`, or a string read as a float) would train to garbage without a word; SettingsError names the
+    dotted key. Called on a loaded config, before any work."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            check_finite(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            check_finite(item, f"{prefix}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            check_finite(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise SettingsError(f"{prefix}={obj!r}: must be a finite number")
 
 
 def check_choice(value: Any, choices: tuple, key: str) -> None:
@@ -188,6 +275,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except YAMLContentError as e:
+        raise SettingsError(f"--set {key}: {e}") from None
     return key.split("."), value
 
 
@@ -223,6 +312,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         line = f":{where.line + 1}" if where is not None else ""
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise SettingsError(f"{path}{line}: not valid YAML ({problem}); fix the file's syntax") from None
+    except YAMLContentError as e:
+        raise SettingsError(f"{path}:{str(e).removeprefix('line ')}") from None
     if data is None:
         raise SettingsError(f"{path} is empty; write the settings to change (or pass no --config for the defaults)")
     if not isinstance(data, dict):

@@ -21,11 +21,11 @@ from lidr_jax.eval.evaluate import EvalConfig
 from lidr_jax.formats.load import load_pretrained
 from lidr_jax.methods.prompt_sets import PromptSourceConfig
 from lidr_jax.methods.translator import TranslatorConfig
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.pipeline import models, runner
 from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.settings import SettingsError
 from lidr_jax.train import cli
-from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.pairs import PairFormatError, PreferencePair, degenerate_reason, read_training_pairs
 
 GOOD = {"prompt": "Say hi.", "chosen": "hi there", "rejected": "go away"}
@@ -148,14 +148,20 @@ def test_out_that_is_a_file_is_kept(dpo, capsys, tmp_path):
 
 def test_out_model_folder_of_the_users_is_refused_before_training(dpo, capsys, tmp_path):
     """OUT/model is where the trained model goes: a folder there that this command did not write is
-    refused before any work, and kept."""
+    refused before any work, and kept (in a folder that is not an earlier run of this command, the
+    folder itself is refused; in an earlier run's, the export check refuses the foreign model/)."""
     model, pairs, _, _ = dpo
     out = tmp_path / "work"
     (out / "model").mkdir(parents=True)
     (out / "model" / "weights.bin").write_text("the user's")
     assert cli.main(["--model", str(model), "--pairs", str(pairs), "--out", str(out)]) == 2
     err = one_line(capsys)
+    assert f"--out {out} is not empty and not an earlier run of this command (no dpo_config.json): it holds model" in err
+    (out / "dpo_config.json").write_text("{}")
+    assert cli.main(["--model", str(model), "--pairs", str(pairs), "--out", str(out)]) == 2
+    err = one_line(capsys)
     assert f"export destination {out / 'model'}" in err and "nothing was written" in err.lower()
+    (out / "dpo_config.json").unlink()
     assert sorted(p.name for p in out.rglob("*")) == ["model", "weights.bin"]
     assert (out / "model" / "weights.bin").read_text() == "the user's"
 
@@ -170,8 +176,8 @@ def test_config_files_and_settings_of_the_dpo_command(dpo, capsys, tmp_path):
     assert "dpo: DPOConfig.seed=-1: must be >= 0 (it seeds the data order)" in fails(capsys, "--set", "seed=-1")
     err = fails(capsys, "--set", "export_dtype=fp16")
     assert "export_dtype must be one of ['bfloat16', 'float32'], got 'fp16'" in err
-    err = fails(capsys, "--set", "dpo.attention=flash")
-    assert "dpo.attention must be one of ['auto', 'xla', 'cudnn', 'splash'], got 'flash'" in err
+    err = fails(capsys, "--set", "dpo.compute.attention=flash")
+    assert "dpo.compute.attention must be one of ['auto', 'xla', 'cudnn', 'splash'], got 'flash'" in err
     assert "checkpoint_keep must be >= 1, got 0" in fails(capsys, "--set", "checkpoint_keep=0")
 
 
@@ -304,7 +310,7 @@ def test_non_utf8_prompt_file_is_named(job, capsys):
             "lidr.translator.kind must be one of ['policy', 'model', 'endpoint'], got 'google'",
         ),
         ("dpo.loss_type=kto", "dpo.loss_type must be one of ['sigmoid', 'robust', 'ipo', 'hinge'], got 'kto'"),
-        ("dpo.remat=some", "dpo.remat must be one of ['none', 'full', 'dots'], got 'some'"),
+        ("dpo.compute.remat=some", "dpo.compute.remat must be one of ['none', 'full', 'dots'], got 'some'"),
         ("dpo.schedule=step", "dpo.schedule must be one of ['cosine', 'linear', 'constant'], got 'step'"),
         ("evaluation.benchmarks=[mgsm,gsm]", "evaluation.benchmarks[1] must be one of ['mgsm', 'alpaca'], got 'gsm'"),
         (
@@ -312,7 +318,7 @@ def test_non_utf8_prompt_file_is_named(job, capsys):
             "evaluation.mgsm_decoding must be one of ['lidr', 'icr', 'greedy'], got 'beam'",
         ),
         ("prompts.format=csv", "prompts.format must be one of ['auto', 'jsonl_dir', 'datasets'], got 'csv'"),
-        ("dpo.seed=-1", "dpo: DPOConfig.seed=-1: must be >= 0 (it seeds the data order)"),
+        ("dpo.seed=-1", "'dpo.seed' is not a setting: the run's `seed` + the iteration"),
     ],
 )
 def test_bad_choices_of_the_main_job(job, capsys, setting, message):
@@ -324,7 +330,10 @@ def test_bad_choices_of_the_main_job(job, capsys, setting, message):
     "make, message",
     [
         (lambda: TranslatorConfig(kind="google"), "kind must be one of ['policy', 'model', 'endpoint'], got 'google'"),
-        (lambda: DPOConfig(compute_dtype="fp16"), "compute_dtype must be one of ['float32', 'bfloat16'], got 'fp16'"),
+        (
+            lambda: ScoringConfig(compute_dtype="fp16"),
+            "compute_dtype must be one of ['float32', 'bfloat16'], got 'fp16'",
+        ),
         (lambda: EvalConfig(benchmarks="gsm"), "benchmarks[0] must be one of ['mgsm', 'alpaca'], got 'gsm'"),
         (
             lambda: EvalConfig(alpaca_decoding="beam"),

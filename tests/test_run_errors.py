@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, install_wheel
+from dpo_helpers import write_tiny_hf_dir
 
 from lidr_jax.pipeline import models, runner
 from lidr_jax.pipeline.run_dir import RunDir
@@ -31,17 +32,22 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(models, "load_pretrained", guard)
 
 
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny Hugging Face model folder (config, safetensors, tokenizer): it passes every check that reads
+    no weights; loading it is what the guard refuses."""
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
 @pytest.fixture()
-def setup(tmp_path):
-    """(prompt folder, an existing 'model' folder, run directory path) under tmp_path."""
+def setup(tmp_path, tiny_hf):
+    """(prompt folder, a model folder that passes the checks, run directory path) under tmp_path."""
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     for lang, texts in PROMPTS.items():
         rows = [{"id": f"q{i}", "instruction": t} for i, t in enumerate(texts)]
         (prompts / f"{lang}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = tmp_path / "model"
-    model.mkdir()
-    return prompts, model, tmp_path / "run"
+    return prompts, tiny_hf, tmp_path / "run"
 
 
 def args(prompts: Path, model: Path, run: Path, *sets: str) -> list[str]:
@@ -148,7 +154,9 @@ def test_read_only_run_directory(setup, tmp_path):
     try:
         base.chmod(0o755)
         shutil.copytree(prompts, base / "prompts")
-        (base / "model").mkdir()
+        shutil.copytree(model, base / "model")
+        for f in (base / "model").iterdir():
+            f.chmod(0o644)  # readable by the user the command runs as
         run = base / "run"
         run.mkdir()
         (run / "notes.txt").write_text("keep me\n")

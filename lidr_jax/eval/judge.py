@@ -172,7 +172,7 @@ class EndpointJudge:
 
     @property
     def url(self) -> str:
-        return self.client.config.completions_url
+        return self.client.config.shown_url  # the password masked: it is printed and recorded
 
     def describe(self) -> dict:
         """What judged: recorded with the results."""

@@ -53,7 +53,7 @@ class TranslatorConfig:
         if self.kind == "model":
             return f"model:{self.model}"
         if self.kind == "endpoint":
-            return f"endpoint:{self.endpoint.model}@{self.endpoint.completions_url}"
+            return f"endpoint:{self.endpoint.model}@{self.endpoint.shown_url}"
         return "policy"
 
 

@@ -134,14 +134,23 @@ class RunDir:
         ignore: Sequence[str] = (),
         metrics: MetricsConfig | None = None,
     ):
+        if not os.fspath(path).strip():
+            raise RunDirError(
+                "the run directory path is empty (run_dir: '' or --run-dir=), which would write the run into the "
+                "current folder; give a folder, e.g. --run-dir runs/mine"
+            )
         self.path = absolute_path(path)  # stage paths stay valid if the caller changes directory
         self.manifest_path = self.path / MANIFEST
         self.processes = processes
         self.ignore = tuple(ignore)
         self.metrics = metrics
         self._sink: MetricsSink | None = None
+        self.created = False  # whether this instance wrote the manifest first (`discard_unused`)
+        self._made_folder = not self.path.exists()
         if config is not None and processes.writer:
             _check_writable(self.path)
+            if not self.manifest_path.exists():
+                _check_not_foreign(self.path)
         existing = _read_manifest(self.manifest_path) if self.manifest_path.exists() else None
         processes.barrier("run directory read")  # every process has read it before the writer changes it
         if existing is not None:
@@ -158,6 +167,7 @@ class RunDir:
                 "config_changes": [],
             }
             self._write()
+            self.created = True
         else:
             raise NotARunDirError(
                 f"{self.manifest_path} does not exist: {self.path} is not a lidr_jax run directory "
@@ -236,6 +246,24 @@ class RunDir:
         if self._sink is not None:
             self._sink.close()
             self._sink = None
+
+    def discard_unused(self) -> bool:
+        """Undo the creation of a run that did nothing: when this instance created the run and no stage is
+        done, delete what it wrote (the folder too if it made it), so that the corrected command starts
+        afresh instead of being refused as a configuration change. True when something was deleted."""
+        if not self.created or not self.writer or any(self._iteration(k)["stages"] for k in self.iterations()):
+            return False
+        self.close()
+        if self._made_folder:
+            remove_tree(self.path)
+        else:  # the folder was empty before this run: everything in it is the run's
+            for entry in self.path.iterdir():
+                if entry.is_dir():
+                    remove_tree(entry)
+                else:
+                    entry.unlink()
+        self.created = False
+        return True
 
     def _check_resume(self, config: Any, seed: int | None, allow_change: bool) -> None:
         diffs = []
@@ -394,8 +422,12 @@ def _read_manifest(path: AnyPath) -> dict:
         "it records which stages are done; restore it from a backup, or start over in a new run directory "
         "(--run-dir), keeping this one for its files"
     )
+    if path.is_dir():
+        raise RunDirError(f"{path} is a folder, not a run manifest; {fix}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RunDirError(f"{path}: the run manifest cannot be read ({e.strerror or e}); {fix}") from None
     except UnicodeDecodeError:
         raise RunDirError(f"{path}: the run manifest is not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as e:
@@ -434,6 +466,20 @@ def _check_writable(path: AnyPath) -> None:
         ) from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _check_not_foreign(path: AnyPath) -> None:
+    """A new run goes into a new or empty folder: a folder that holds anything but no manifest is someone
+    else's (a run is recognised by its manifest), and nothing of theirs is overwritten or mixed in."""
+    if not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".write-check"))
+    if entries:
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise RunDirError(
+            f"{path} is not a lidr_jax run (no {MANIFEST}) and is not empty: it holds {entries[0]}{more}; "
+            "nothing was written: pass --run-dir a new or empty folder, or an earlier run's"
+        )
 
 
 def _check_k(k: int) -> int:

@@ -22,25 +22,34 @@ writes the run directory and the others follow stage by stage (lidr_jax.parallel
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
-from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
+from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError, check_reachable
 from lidr_jax.files import as_path, plain
 from lidr_jax.formats.load import LOAD_ERRORS
 from lidr_jax.methods.languages import UnknownLanguageError
-from lidr_jax.methods.prompt_sets import PromptSet, PromptSetError, iteration_slice, load_prompts, split_heldout
+from lidr_jax.methods.prompt_sets import (
+    PromptSet,
+    PromptSetError,
+    PromptSourceConfig,
+    iteration_slice,
+    load_prompts,
+    split_heldout,
+)
 from lidr_jax.parallel import sharding
 from lidr_jax.parallel.compile_cache import enable_compilation_cache
 from lidr_jax.parallel.multihost import maybe_initialize_distributed, run_processes
 from lidr_jax.pipeline.check import check_stage, has_checks
-from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, check_paths, load_run_config
+from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, check_model, check_paths, load_run_config
 from lidr_jax.pipeline.icr_stages import icr_pairs, icr_sample, icr_score
 from lidr_jax.pipeline.iteration import Iteration, Stage, start_model
 from lidr_jax.pipeline.lidr_stages import lidr_generate, lidr_pairs, lidr_translate
-from lidr_jax.pipeline.models import RunModels
+from lidr_jax.pipeline.models import RunModels, check_model_files
 from lidr_jax.pipeline.pair_output import NoPairsError
 from lidr_jax.pipeline.report import print_summary, write_report
 from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, RunDirError
@@ -51,7 +60,7 @@ from lidr_jax.pipeline.train_stages import (
     reference_stage,
     train_stage,
 )
-from lidr_jax.settings import SettingsError, describe
+from lidr_jax.settings import SettingsError, check_finite, describe
 from lidr_jax.train.memory import DoesNotFitError, check_model_fits
 from lidr_jax.train.pairs import PairFormatError
 
@@ -66,6 +75,7 @@ CHAINS: dict[str, list[tuple[str, Stage]]] = {
     "icr": [("sample", icr_sample), ("score", icr_score), ("pairs", icr_pairs), *TRAINING],
 }
 BASELINE: list[tuple[str, Stage]] = [("check", check_stage)]  # iteration 0: the starting model
+ENDPOINT_CONNECT_S = 10.0  # the TCP connect test of an endpoint translator, before the run starts
 
 # Errors whose message names the cause and the fix: the command prints it and exits with code 2.
 INPUT_ERRORS = (
@@ -84,8 +94,49 @@ INPUT_ERRORS = (
 )
 
 
+def check_prompt_path(source: PromptSourceConfig) -> None:
+    """A prompt source that cannot be one, said as it is: a path that does not exist, or a single file
+    without a way to tell its languages apart (`language_column`, or {lang} in the path)."""
+    if source.path == "default":
+        return
+    per_language = any("{lang}" in (v or "") for v in (source.path, source.data_files, source.name, source.split))
+    if per_language or source.language_column is not None:
+        return
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise SettingsError(
+            f"prompts.path: {source.path!r} does not exist; give a folder of {{lang}}.jsonl files (or a data "
+            "file with prompts.language_column set)"
+        )
+    if not path.is_dir():
+        raise SettingsError(
+            f"prompts.path: {source.path} is a file, not a folder of {{lang}}.jsonl files; a single file needs "
+            "prompts.language_column (its column of language codes), or put {lang} in the path (one file per language)"
+        )
+
+
+def check_run_inputs(cfg: RunConfig) -> None:
+    """Every model the run will load, checked as far as it can be without loading it (`check_model_files`),
+    and every endpoint it will call (URL, API key variable, a TCP connect bounded by `ENDPOINT_CONNECT_S`):
+    before the run directory exists, so a refused start leaves nothing behind."""
+    models = [(cfg.model, "model")]
+    if cfg.reward == "icr":
+        models += [(getattr(cfg.icr, k), f"icr.{k}") for k in ("dpo_model", "reference_model")]
+    translator = cfg.lidr.translator
+    if cfg.reward == "lidr" and translator.kind == "model":
+        models.append((translator.model, "lidr.translator.model"))
+    for spec, setting in models:
+        if spec is not None:
+            if setting != "model":
+                check_model(spec, setting)  # the same words as the policy's check for a path that is not there
+            check_model_files(spec, setting)
+    if cfg.reward == "lidr" and translator.kind == "endpoint":
+        check_reachable(translator.endpoint, "lidr.translator.endpoint", ENDPOINT_CONNECT_S)
+
+
 def plan_prompts(cfg: RunConfig) -> tuple[list[PromptSet], PromptSet | None]:
     """Load and validate the prompts; (per-iteration prompt slices, held-out prompts)."""
+    check_prompt_path(cfg.prompts)
     prompts = load_prompts(cfg.prompts)
     missing = [lang for lang in cfg.languages if lang not in prompts.languages]
     if missing:
@@ -144,6 +195,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
     forgotten, and the model loader; the models themselves load when a stage first needs them."""
     slices, held_out = plan_prompts(cfg)
     check_paths(cfg)
+    check_run_inputs(cfg)
     targets = [parse_redo(item, cfg) for item in redo]
     if targets and not (as_path(cfg.run_dir) / MANIFEST).is_file():
         raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
@@ -161,7 +213,10 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
         metrics=cfg.metrics,  # each finished stage's numbers to TensorBoard / W&B
     )
     for k, name in targets:
-        if not run.is_done(k, name):
+        if not run.is_done(k, name) and run.stage_dir(k, name, create=False).exists():
+            print(f"--redo iter_{k}/{name}: the stage was not finished; deleting its files to run it from the start")
+            run.redo([(k, name)])  # a damaged unfinished stage (e.g. its metrics file): start it over
+        elif not run.is_done(k, name):
             raise SettingsError(
                 f"--redo iter_{k}/{name}: that stage is not done in {run.path} (done: {run.done_stages(k) or 'none'}); "
                 "rerun without --redo to finish it"
@@ -231,10 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         maybe_initialize_distributed()  # multi-host runs: before anything touches a device
         cfg = load_run_config(args.config, args.overrides, args.run_dir)
+        check_finite(cfg)  # dpo.learning_rate=.inf and the like: refused before anything
         if args.print_config:
-            print(yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True))
+            text = yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)
+            print(re.sub(r"(url: \S*?//[^/\s:@]*:)[^/\s@]*@", r"\1***@", text))  # endpoint passwords masked
             return 0
-        open_run(cfg, allow_config_change=args.allow_config_change, redo=args.redo).run_all()
+        runner = open_run(cfg, allow_config_change=args.allow_config_change, redo=args.redo)
+        try:
+            runner.run_all()
+        except INPUT_ERRORS:
+            if runner.run.discard_unused():  # nothing was done: the corrected command starts afresh
+                print(f"nothing was done, so the new run directory {runner.run.path} was removed", file=sys.stderr)
+            raise
     except INPUT_ERRORS as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2

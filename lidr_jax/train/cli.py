@@ -46,14 +46,27 @@ from lidr_jax.model.llama import param_specs
 from lidr_jax.parallel import sharding
 from lidr_jax.parallel.multihost import maybe_initialize_distributed
 from lidr_jax.parallel.sharding import MeshConfig
-from lidr_jax.settings import SettingsError, apply_overrides, check_choices, describe, from_dict, load_yaml
+from lidr_jax.settings import (
+    SettingsError,
+    apply_overrides,
+    check_choices,
+    check_finite,
+    describe,
+    from_dict,
+    load_yaml,
+)
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_training_pairs
 
+RUN_MARK = "dpo_config.json"  # written first into --out: a folder holding it is a run of this command
 ExportDtype = Literal[EXPORT_DTYPES]  # a Literal of a tuple is a Literal of its items: formats.export's dtypes
+
+
+class TrainingDivergedError(ValueError):
+    """Training ended with weights that are not finite; nothing was exported."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +143,9 @@ def load_settings(config_path: str | None, overrides: list[str]) -> DPORunConfig
             if key in floats and isinstance(value, str):
                 with contextlib.suppress(ValueError):  # else from_dict names the key and the bad value
                     dpo[key] = float(value)
-    return from_dict(DPORunConfig, data)
+    cfg = from_dict(DPORunConfig, data)
+    check_finite(cfg)  # dpo.learning_rate=inf would export NaN weights
+    return cfg
 
 
 def settings_from_overrides(overrides: list[str]) -> DPOConfig:
@@ -178,11 +193,48 @@ def check_inputs(args, cfg: DPORunConfig) -> list:
     if warning and jax.process_index() == 0:
         print(warning, file=sys.stderr)
     sources = [model_path(args.model)] + ([model_path(args.reference)] if args.reference else [])
-    out = Path(args.out)
+    check_out(args.out)
+    check_destination(Path(args.out) / "model", sources=sources, replace=True)
+    return pairs
+
+
+def check_out(path: str) -> None:
+    """--out is a new folder (creatable: nothing on its way is a file), an empty one, or one an earlier run
+    of this command wrote (recognised by its dpo_config.json); a non-empty folder of anything else is
+    someone else's and is refused, naming a file in it, so that nothing of theirs is overwritten or
+    appended to."""
+    if not path.strip():
+        raise SettingsError(
+            "--out is empty, which would write into the current folder; pass a folder, e.g. --out runs/dpo"
+        )
+    out = Path(path)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--out {out} is a file; pass a folder (a new one, or the one an earlier run wrote)")
-    check_destination(out / "model", sources=sources, replace=True)
-    return pairs
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingsError(f"--out {out} cannot be created: {parent} is a file; pass a folder path under a folder")
+    if out.is_dir() and not (out / RUN_MARK).is_file():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+            raise SettingsError(
+                f"--out {out} is not empty and not an earlier run of this command (no {RUN_MARK}): it holds "
+                f"{entries[0]}{more}; nothing was written: pass a new or empty folder"
+            )
+
+
+def check_finite_weights(params, out: Path) -> None:
+    """Weights with a NaN or an infinity are not exported: one line naming the first such tensor."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, leaf in leaves:
+        if not bool(jax.numpy.isfinite(leaf).all()):
+            name = jax.tree_util.keystr(path)
+            raise TrainingDivergedError(
+                f"the trained weights are not finite ({name} holds NaN or inf) although every loss was; no model "
+                f"was written to {out / 'model'}: rerun on a new --out with a lower dpo.learning_rate"
+            )
 
 
 def run(args) -> int:
@@ -200,9 +252,9 @@ def run(args) -> int:
     }
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        _check_same_run(out / "dpo_config.json", identity)
+        _check_same_run(out / RUN_MARK, identity)
     if writer:
-        atomic_write_json(out / "dpo_config.json", identity)
+        atomic_write_json(out / RUN_MARK, identity)
 
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.parse_rules(cfg.mesh.rules)
@@ -256,6 +308,7 @@ def run(args) -> int:
                     file=sys.stderr,
                 )
                 return 3
+        check_finite_weights(state.params, out)
         final = dataclasses.replace(model, params=state.params)
         written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs), replace=True)
     print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}", file=sys.stderr)
@@ -295,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         maybe_initialize_distributed()  # several hosts: before anything touches a device
         return run(args)
-    except (SettingsError, PairFormatError, ExportError, *LOAD_ERRORS) as e:
+    except (SettingsError, PairFormatError, ExportError, TrainingDivergedError, *LOAD_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
