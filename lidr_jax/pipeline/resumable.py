@@ -57,6 +57,9 @@ def generate_resumable(
     all agree on what remains; each round hands every process one pending chunk, the finished
     chunks are gathered to every process and the writer appends them. A chunk's rows depend only on
     its jobs, so any process count (and any resume) gives the rows of an uninterrupted single run."""
+    # A prompt over the limit is never cut: it is skipped (finish reason "prompt_too_long", counted by
+    # the stage that reads the rows, e.g. as `prompt_cut` in the pair table).
+    sampling = dataclasses.replace(sampling, long_prompts="skip")
     partial = out.with_name(out.stem + ".partial.jsonl")
     size = max(sampling.batch_size * 4, 1) // max(sampling.n, 1) or 1
     chunks = [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
@@ -109,6 +112,7 @@ def _chunk_rows(model: Model, batch: list[Job], sampling: SamplingConfig) -> lis
                 "outputs": [s.text for s in samples],
                 "finish_reasons": [s.finish_reason for s in samples],
                 "tokens": [len(s.token_ids) for s in samples],
+                "prompt_tokens": samples[0].prompt_tokens,
             }
         )
     return rows
@@ -147,12 +151,14 @@ def prompt_jobs(prompts: PromptSet, system_prompt: str | None = None) -> list[Jo
 
 
 def finish_stats(rows: list[dict], group: str) -> dict:
-    """Per value of `row[group]`: answers, answers cut at max_new_tokens, mean answer tokens."""
+    """Per value of `row[group]`: answers, answers cut at max_new_tokens, prompts over the prompt limit
+    (not generated: `prompt_too_long`), mean answer tokens."""
     out: dict[str, dict[str, float]] = {}
     for row in rows:
-        s = out.setdefault(row[group], {"answers": 0, "length_cut": 0, "mean_tokens": 0.0})
+        s = out.setdefault(row[group], {"answers": 0, "length_cut": 0, "prompt_too_long": 0, "mean_tokens": 0.0})
         s["answers"] += len(row["outputs"])
         s["length_cut"] += sum(r == "length" for r in row["finish_reasons"])
+        s["prompt_too_long"] += row["finish_reasons"][0] == "prompt_too_long"
         s["mean_tokens"] += sum(row["tokens"])
     for s in out.values():
         s["mean_tokens"] = round(s["mean_tokens"] / max(s["answers"], 1), 1)

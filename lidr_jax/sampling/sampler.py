@@ -14,11 +14,18 @@ How a call runs (the rules, stated once):
   (engine docstring: shapes, shared prefixes, compilations). Results come back in input order.
   Executables compiled are counted in `GenerationStats.compilations`; the progress bar shows tokens/s,
   slot utilisation (generated tokens / (slots x decode steps)) and compilations.
-- Truncation: a prompt longer than `max_prompt_tokens` (default 2048, and at most the model's context
-  - 1) keeps its LAST tokens (the chat generation prompt and the prefill live at the end); the new-token
-  budget is clipped so prompt + output fit the context. Both are counted and reported in a warning.
-  Prompts longer than `engine.PREFILL_CHUNK` tokens are prefilled in chunks of that many, so prefill
-  memory is bounded by the limit and the chunk whatever the input (attention scores [chunk, T]).
+- Prompt length: no prompt is ever cut. The prompt limit is `max_prompt_tokens`, or by default (None)
+  what the context holds after the answer budget, context - max_new_tokens (at most context - 1, and
+  context - 1 when the budget alone fills the context). A prompt longer than the limit is refused:
+  `long_prompts="error"` (the default) raises a one-line ValueError naming it before any work;
+  `long_prompts="skip"` (the pipeline's stages) generates nothing for it and returns an empty result
+  with finish_reason "prompt_too_long" and its full length in `prompt_tokens`, counted in
+  `GenerationStats.skipped_prompts`, so the caller drops and counts it. A prompt within the limit whose
+  new-token budget does not fit the context (an explicit limit above context - max_new_tokens) has its
+  budget clipped, counted and reported in a warning. Prompts longer than `engine.PREFILL_CHUNK` tokens
+  are prefilled in chunks of that many, so prefill memory is bounded by the chunk whatever the prompt
+  length (attention scores [chunk, T], tests/test_sampler.py: a batch of context-long prompts under a
+  12 GB address-space cap).
 - A row stops at an end-of-sequence id (lidr_jax.formats.tokenizer.end_of_sequence_ids: the tokenizer's
   EOS and end-of-turn tokens, the model config's and generation config's `eos_token_id`), at
   `max_new_tokens`, or at a stop string. Stop strings are checked on the decoded text between decode
@@ -66,7 +73,8 @@ class SamplingConfig:
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one found
     batch_size: int = 32  # engine slots: rows decoded together (a row is one sample of one prompt)
-    max_prompt_tokens: int = 2048  # longer prompts keep their last tokens (clipped to the model's context - 1)
+    max_prompt_tokens: int | None = None  # None: context - max_new_tokens; a longer prompt is refused (module doc)
+    long_prompts: Literal["error", "skip"] = "error"  # a prompt over the limit: raise, or skip it (module doc)
     decode_chunk: int = 64  # decode steps between host checks (stop strings, refills, progress bar) at most
     progress: bool = True  # tqdm progress bar with generated tokens/s
     layer_layout: Literal["auto", "stacked", "unstacked"] = "auto"  # the layer weights decoding reads (module doc)
@@ -82,9 +90,12 @@ class SamplingConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.decode_chunk >= 1, "decode_chunk must be >= 1"),
             (
-                isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 1,
-                f"max_prompt_tokens must be an integer >= 1, got {self.max_prompt_tokens!r}",
+                self.max_prompt_tokens is None
+                or (isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 1),
+                f"max_prompt_tokens must be an integer >= 1 or null (the context after max_new_tokens), "
+                f"got {self.max_prompt_tokens!r}",
             ),
+            (self.long_prompts in ("error", "skip"), f"long_prompts must be error or skip, got {self.long_prompts!r}"),
             (not isinstance(self.stop, str), "stop must be a list of strings, not one string"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.layer_layout in ("auto", "stacked", "unstacked"), "layer_layout must be auto, stacked or unstacked"),
@@ -100,8 +111,8 @@ class GenerationResult:
     text: str  # decoded output, without the end-of-sequence token and cut before any stop string
     token_ids: list[int]  # generated ids only (a final end-of-sequence id included)
     logprobs: list[float]  # log p of each generated id under the model (temperature 1, no penalty)
-    finish_reason: str  # "stop" (end-of-sequence id or stop string) or "length"
-    prompt_tokens: int  # prompt length after any truncation
+    finish_reason: str  # "stop" (end-of-sequence id or stop string), "length", or "prompt_too_long" (skipped)
+    prompt_tokens: int  # the prompt's length in tokens (prompts are never cut)
 
 
 @dataclasses.dataclass
@@ -116,7 +127,7 @@ class GenerationStats:
     compilations: int = 0  # executables compiled by this call: refill per (P, T), decode per window W
     compile_seconds: float = 0.0
     run_seconds: float = 0.0  # wall time excluding compilation
-    truncated_prompts: int = 0
+    skipped_prompts: int = 0  # prompts over the limit, not generated (long_prompts="skip")
     clipped_budgets: int = 0
     prefilled_prompts: int = 0  # prompt prefills (once per prompt, whatever its n)
     decode_steps: int = 0
@@ -210,20 +221,29 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
     eos = eos_ids(model)
     ids = _tokenize(model, prompts, prefill)
     context = config.max_position_embeddings
-    limit = min(s.max_prompt_tokens, context - 1)
-    truncated = sum(len(p) > limit for p in ids)
-    ids = [p[-limit:] for p in ids]
-    budgets = [min(s.max_new_tokens, context - len(p)) for p in ids]
-    clipped = sum(b < s.max_new_tokens for b in budgets)
-    if truncated or clipped:
-        warnings.warn(
-            f"{truncated} of {len(ids)} prompts were longer than {limit} tokens and keep only their last {limit}; "
-            f"{clipped} new-token budgets were clipped to fit the model's context of {context} tokens "
-            "(shorten the prompts, or lower max_new_tokens / max_prompt_tokens)",
-            stacklevel=2,
+    limit = prompt_limit(s, context)
+    too_long = [i for i, p in enumerate(ids) if len(p) > limit]
+    if too_long and s.long_prompts == "error":
+        i = too_long[0]
+        raise ValueError(
+            f"prompt {i} has {len(ids[i])} tokens, more than the prompt limit of {limit} "
+            f"({_limit_source(s, context)}); {len(too_long)} of {len(ids)} prompts are over it and no prompt is cut: "
+            "shorten them, lower max_new_tokens, or pass long_prompts='skip' to skip them"
         )
     stats.prompts += len(ids)
-    stats.truncated_prompts += truncated
+    stats.skipped_prompts += len(too_long)
+    skipped = {i: len(ids[i]) for i in too_long}
+    full_ids, ids = ids, [p for i, p in enumerate(ids) if i not in skipped]
+    if not ids:
+        return _assemble(full_ids, skipped, {}, s.n)
+    budgets = [min(s.max_new_tokens, context - len(p)) for p in ids]
+    clipped = sum(b < s.max_new_tokens for b in budgets)
+    if clipped:
+        warnings.warn(
+            f"{clipped} of {len(ids)} new-token budgets were clipped to fit the model's context of {context} tokens "
+            "(shorten the prompts, or lower max_new_tokens)",
+            stacklevel=2,
+        )
     stats.clipped_budgets += clipped
     stats.rows += len(ids) * s.n
     sp = dict(
@@ -282,6 +302,35 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
     outputs = {
         key: _finish(tok, out_ids, logprobs, eos, s.stop, len(ids[key[0]])) for key, (out_ids, logprobs) in raw.items()
     }
-    if s.n == 1:
-        return [outputs[(i, 0)] for i in range(len(ids))]
-    return [[outputs[(i, j)] for j in range(s.n)] for i in range(len(ids))]
+    return _assemble(full_ids, skipped, outputs, s.n)
+
+
+def prompt_limit(sampling: SamplingConfig, context: int) -> int:
+    """The longest prompt `generate` accepts (module docstring): `max_prompt_tokens`, or what the
+    context holds after the answer budget; never more than context - 1 (room for one new token)."""
+    if sampling.max_prompt_tokens is not None:
+        return min(sampling.max_prompt_tokens, context - 1)
+    room = context - sampling.max_new_tokens
+    return room if room >= 1 else context - 1
+
+
+def _limit_source(sampling: SamplingConfig, context: int) -> str:
+    if sampling.max_prompt_tokens is not None and sampling.max_prompt_tokens < context:
+        return "max_prompt_tokens"
+    if sampling.max_prompt_tokens is None and context - sampling.max_new_tokens >= 1:
+        return f"the context of {context} tokens - max_new_tokens {sampling.max_new_tokens}"
+    return f"the context of {context} tokens - 1"
+
+
+def _assemble(full_ids, skipped: dict[int, int], outputs: dict, n: int) -> list:
+    """Results in input order: generated ones from `outputs` (keyed by the index among the generated
+    prompts), an empty "prompt_too_long" result for each skipped prompt."""
+    results, k = [], 0
+    for i in range(len(full_ids)):
+        if i in skipped:
+            rows = [GenerationResult("", [], [], "prompt_too_long", skipped[i]) for _ in range(n)]
+        else:
+            rows = [outputs[(k, j)] for j in range(n)]
+            k += 1
+        results.append(rows[0] if n == 1 else rows)
+    return results
