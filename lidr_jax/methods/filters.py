@@ -34,6 +34,11 @@ Filters, in the order a pair is checked (the first that fails is the pair's reas
   translation tasks, whose chosen answer is the untranslated dominant-language answer. Off drops them
   (counted as `translation_task`): a small model answers a translation task with prose in the dominant
   language, and such a pair trains it to answer a German prompt in English.
+- `language_translation_tasks` (off by default): the `language` filter's scope. A translation task's
+  answer is in the language its instruction asks for, not the prompt's, so by default the language
+  check skips the chosen answers of translation-task prompts, in target and dominant-language pairs
+  alike (the authors keep every such pair: their code has no filter). On checks them too: a dominant
+  pair whose chosen answer is a French translation is then dropped as `language`.
 - `length_cut` (off by default): the chosen answer, or the answer it was translated from, stopped at
   the token limit.
 - `repetition` (off by default: 0): the chosen answer's repeated n-gram share is above the threshold
@@ -82,6 +87,7 @@ class PairFilterConfig:
     identical: bool = True  # drop pairs whose chosen equals the rejected
     back_translation: bool = False  # a dominant pair's rejected back-translation must be in the dominant language
     translation_tasks: bool = True  # keep target pairs of translation-task prompts (chosen: the untranslated answer)
+    language_translation_tasks: bool = False  # the language check also covers translation-task prompts' answers
     length_cut: bool = False  # drop pairs whose chosen (or its source) stopped at the token limit
     repetition: float = 0.0  # drop pairs whose chosen has a repeated n-gram share above this; 0 = off
     repetition_n: int = 4  # n of the n-grams (words; characters for unspaced scripts)
