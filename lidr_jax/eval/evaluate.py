@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 import typing
 from collections.abc import Sequence
@@ -35,7 +37,7 @@ from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
 from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
-from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json
+from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json, read_utf8
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
 from lidr_jax.methods.langid import detect_language
 from lidr_jax.sampling import sampler
@@ -99,7 +101,7 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 def check_data(cfg: EvalConfig, benchmarks: Sequence[str] | None = None) -> None:
     """What the benchmarks of `cfg` (or `benchmarks`) read, checked before any model loads: each
-    language's data file exists and its first item parses, MGSM has an instruction in the language,
+    language's data file exists and every item of it parses, MGSM has an instruction in the language,
     the few-shot files and the X-AlpacaEval references exist. The evaluate command calls it before
     loading; a pipeline can call it before its run starts."""
     benchmarks = cfg.benchmarks if benchmarks is None else benchmarks
@@ -107,15 +109,15 @@ def check_data(cfg: EvalConfig, benchmarks: Sequence[str] | None = None) -> None
         if not cfg.mgsm_dir:
             raise ValueError("MGSM needs its data folder: set mgsm_dir (--data) to a folder of mgsm_{lang}.tsv")
         for lang in cfg.mgsm_languages:
-            read_mgsm(mgsm_file(cfg.mgsm_dir, lang), 1)
+            read_mgsm(mgsm_file(cfg.mgsm_dir, lang))  # every row: a bad row 200 fails now, not after generating
             mgsm_messages("", lang)  # a language without an MGSM instruction
             if cfg.mgsm_few_shot_k:
-                read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang), cfg.mgsm_few_shot_k)
+                read_mgsm(mgsm_file(cfg.mgsm_few_shot_dir, lang))
     if "alpaca" in benchmarks:
         if not cfg.alpaca_dir:
             raise ValueError("X-AlpacaEval needs its data folder: set alpaca_dir (--data) to a folder of {lang}.json")
         for lang in cfg.alpaca_languages:
-            read_x_alpacaeval(as_path(cfg.alpaca_dir) / f"{lang}.json", 1)
+            read_x_alpacaeval(as_path(cfg.alpaca_dir) / f"{lang}.json")
             if cfg.alpaca_reference:
                 reference_file(cfg.alpaca_reference, lang)
 
@@ -151,9 +153,33 @@ def read_x_alpacaeval(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"X-AlpacaEval file {path} not found; point the data path at a folder of {{lang}}.json")
     rows = read_json(path)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
+    if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects with an 'instruction' field")
+    for i, row in enumerate(rows):
+        bad = "is not an object" if not isinstance(row, dict) else None
+        if bad is None and not isinstance(row.get("instruction"), str):
+            bad = (
+                "has no 'instruction'"
+                if "instruction" not in row
+                else (f"has an 'instruction' that is not a string ({type(row['instruction']).__name__})")
+            )
+        if bad is not None:
+            raise ValueError(
+                f"{path}:{json_item_line(read_utf8(path), i)}: item {i + 1} {bad}; each item is an object whose "
+                "'instruction' is a string"
+            )
     return rows[:limit] if limit is not None else rows
+
+
+def json_item_line(text: str, index: int) -> int:
+    """The line where item `index` of the JSON list `text` starts (for naming a bad item)."""
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    for _ in range(index + 1):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        start = pos
+        _, pos = decoder.raw_decode(text, pos)
+    return text.count("\n", 0, start) + 1
 
 
 def alpaca_records(items: Sequence[dict], outputs: Sequence[str], generator: str) -> list[dict]:
@@ -377,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="OPENAI_API_KEY",
         help="NAME of the environment variable holding the API key ('' for none)",
     )
+    h.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without an answer from --judge-url after which head-to-head gives up (default 120); "
+        "a one-line notice is printed after 10 s",
+    )
     h.add_argument("--no-progress", action="store_true")
     h.add_argument("--out", required=True)
     return parser
@@ -495,8 +528,15 @@ def _head_to_head_command(args, out: Path) -> None:
     if args.judge_url:
         if not args.judge_name:
             raise ValueError("head-to-head: --judge-url needs --judge-name (the model name the endpoint serves)")
+        if not (math.isfinite(args.judge_timeout) and args.judge_timeout > 0):
+            raise ValueError(f"head-to-head: --judge-timeout must be a number of seconds > 0, got {args.judge_timeout}")
         judge = EndpointJudge(
-            args.judge_url, args.judge_name, api_key_env=args.api_key_env, cache_dir=out / "judge_cache"
+            args.judge_url,
+            args.judge_name,
+            api_key_env=args.api_key_env,
+            cache_dir=out / "judge_cache",
+            timeout_s=args.judge_timeout,  # each request, and every retry together: the stated bound
+            max_retry_time_s=args.judge_timeout,
         )
         judge.check()  # an unreachable judge fails in seconds, before any generation
     dirs = []

@@ -239,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: str, run_path: AnyPath | None) -> None:
+    """--out is not empty, can be created (nothing on its way is a file), and is not inside the run being
+    exported: the run's own export folders are its stages' (its manifest records what they hold), so
+    an export there would leave the manifest saying something else."""
+    if not out.strip():
+        raise ExportError("--out is empty, which would write into the current folder; pass a new folder")
+    path = Path(out).expanduser().absolute()
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(
+            f"export destination {out} cannot be created: {parent} is a file; nothing was written: choose a folder"
+        )
+    if isinstance(run_path, Path) and run_path.resolve() in path.resolve().parents:
+        raise ExportError(
+            f"export destination {out} is inside the run directory {run_path}, whose folders belong to its stages "
+            "(its manifest records what they hold); nothing was written: choose a folder outside the run"
+        )
+
+
 def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Every check first (no model is loaded until all pass), then the one slow part.
     is_run = (as_path(args.source) / MANIFEST).exists()
@@ -256,6 +277,7 @@ def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         if args.iteration is not None:
             parser.error("--iteration applies only to a run directory (one with manifest.json)")
         protect, card = [model_path(args.source)], {"base_model": args.source, "method": CONVERSION}
+    check_out(args.out, run.path if is_run else None)
     check_destination(args.out, sources=protect, replace=args.force)
 
     model = model_from_run(args.source, args.iteration) if is_run else load_pretrained(args.source)

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_all()
         except INPUT_ERRORS:
             if runner.run.discard_unused():  # nothing was done: the corrected command starts afresh
-                print(f"nothing was done, so the new run directory {runner.run.path} was removed", file=sys.stderr)
+                print(f"nothing was done, so the new run directory {runner.run.path} was removed")
             raise
     except INPUT_ERRORS as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)

@@ -30,6 +30,7 @@ from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
+from lidr_jax.train.cli import first_nonfinite
 from lidr_jax.train.memory import check_training_fits
 from lidr_jax.train.metrics import NO_METRICS, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import encode_pairs, read_pairs
@@ -108,6 +109,13 @@ def train_stage(it: Iteration) -> dict:
                 f"iteration {k}: {e}; the last good checkpoint is kept in {d / 'checkpoints'}; rerun with "
                 f"e.g. --allow-config-change --set dpo.learning_rate={cfg.dpo.learning_rate / 10:g} to continue"
             ) from None
+    bad = first_nonfinite(state.params)  # a finite loss at every step does not make the last update finite
+    if bad is not None:
+        raise TrainingDivergedError(
+            f"iteration {k}: the trained weights are not finite ({bad} holds NaN or inf) although every loss was; "
+            f"nothing was saved or exported: rerun with --redo iter_{k}/train --allow-config-change "
+            f"--set dpo.learning_rate={cfg.dpo.learning_rate / 10:g}"
+        )
     policy_dir = save_params(d / "policy", state.params, model.config)
     summary = run.from_writer(_metrics_summary, metrics_path)
     run.write_json(d / "stats.json", {"steps": num_steps, **summary})

@@ -225,16 +225,22 @@ def check_out(path: str) -> None:
             )
 
 
+def first_nonfinite(params) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None when every weight is finite."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not bool(jax.numpy.isfinite(leaf).all()):
+            return jax.tree_util.keystr(path)
+    return None
+
+
 def check_finite_weights(params, out: Path) -> None:
     """Weights with a NaN or an infinity are not exported: one line naming the first such tensor."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    for path, leaf in leaves:
-        if not bool(jax.numpy.isfinite(leaf).all()):
-            name = jax.tree_util.keystr(path)
-            raise TrainingDivergedError(
-                f"the trained weights are not finite ({name} holds NaN or inf) although every loss was; no model "
-                f"was written to {out / 'model'}: rerun on a new --out with a lower dpo.learning_rate"
-            )
+    name = first_nonfinite(params)
+    if name is not None:
+        raise TrainingDivergedError(
+            f"the trained weights are not finite ({name} holds NaN or inf) although every loss was; no model "
+            f"was written to {out / 'model'}: rerun on a new --out with a lower dpo.learning_rate"
+        )
 
 
 def run(args) -> int:

@@ -77,12 +77,18 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+ROLES = ("system", "user", "assistant")  # what a chat template renders; any other role is a typo or a tool turn
+
+
 def _check_field(value, name: str):
     if not (isinstance(value, str) or (_is_turns(value) and value)):
         raise ValueError(
             f"`{name}` must be a string or a non-empty list of {{role, content}} messages with string values, "
             f"got {_shown(value)}; write the text as a JSON string"
         )
+    for m in value if isinstance(value, list) else ():
+        if m["role"] not in ROLES:
+            raise ValueError(f"`{name}` has a message with role {_shown(m['role'])}; roles are {', '.join(ROLES)}")
     return value
 
 
@@ -333,11 +339,38 @@ def write_llamafactory(
     return {"pairs": path, "dataset_info": info_path}
 
 
-def convert(src: str | os.PathLike, to: str, dst: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
+def check_destination(dst: str | os.PathLike) -> None:
+    """OUT of `pairs convert` is a file path: not empty, not a folder, not under a file."""
+    if not os.fspath(dst).strip():
+        raise PairFormatError("OUT is empty; give the file to write, e.g. pairs.trl.jsonl")
+    out = Path(dst)
+    if out.is_dir():
+        raise PairFormatError(f"OUT {out} is a folder; give a file path to write, e.g. {out / 'pairs.jsonl'}")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PairFormatError(f"OUT {out} cannot be written: {parent} is a file; give a path under a folder")
+
+
+def convert(
+    src: str | os.PathLike, to: str, dst: str | os.PathLike, name: str | None = None, drop_degenerate: bool = False
+) -> dict[str, Path]:
     """Rewrite the pair file `src` (TRL or LLaMA-Factory alpaca, JSONL or JSON list) for another trainer:
     `to="trl"` writes TRL JSONL at `dst`; `to="llamafactory"` writes alpaca ranking JSONL at `dst`
-    and its `dataset_info.json` entry `name` (default: `dst`'s stem) beside it."""
-    pairs = read_pairs(src)
+    and its `dataset_info.json` entry `name` (default: `dst`'s stem) beside it. The DPO command's
+    checks apply: a pair with an empty chosen answer or chosen == rejected is refused (`PairFormatError`
+    naming the lines), or left out with `drop_degenerate` (the warning printed on stderr)."""
+    check_destination(dst)
+    pairs, warning = read_training_pairs(src, drop_degenerate=False)
+    if warning:
+        counted = warning.removeprefix("warning: ").split("; trained on anyway")[0]
+        if not drop_degenerate:
+            raise PairFormatError(f"{counted}; fix or remove them, or pass --drop-degenerate to leave them out")
+        pairs = [p for p in pairs if degenerate_reason(p) is None]
+        if not pairs:
+            raise PairFormatError(f"{counted}; nothing is left to convert")
+        print(f"warning: {counted}; left out", file=sys.stderr)
     if to == "trl":
         return {"pairs": write_trl_jsonl(pairs, dst)}
     if to == "llamafactory":
@@ -362,12 +395,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--to", required=True, choices=("trl", "llamafactory"))
     c.add_argument("dst", metavar="OUT")
     c.add_argument("--name", default=None, help="dataset name in dataset_info.json (default: OUT's stem)")
+    c.add_argument(
+        "--drop-degenerate",
+        action="store_true",
+        help="leave out pairs with an empty chosen answer or chosen == rejected (refused otherwise)",
+    )
     args = parser.parse_args(argv)
     if Path(args.dst).resolve() == Path(args.src).resolve():
         print(f"error: OUT is IN ({args.src}); write to another file", file=sys.stderr)
         return 2
     try:
-        written = convert(args.src, args.to, args.dst, args.name)
+        written = convert(args.src, args.to, args.dst, args.name, args.drop_degenerate)
     except (PairFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
