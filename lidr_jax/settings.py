@@ -145,10 +145,58 @@ def check_choice(value: Any, choices: tuple, key: str) -> None:
         raise SettingsError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-def check_choices(obj) -> None:
-    """Every `Literal[...]` field of dataclass `obj` holds one of its choices, and every item of a
-    `tuple[Literal[...], ...]` field one of the items' choices (call it in `__post_init__`); the error
-    is `check_choice`'s, as when the loader reads the value."""
+# ------------------------------------------------------------------------------------------- fields
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    also: tuple = (),
+    derived: dict[str, str] | None = None,
+) -> Any:
+    """A settings field with its help text and its bounds declared once, beside its default.
+
+    `doc` is the line `--help` and docs/configuration.md print; `ge`/`gt`/`le`/`lt` bound a number
+    (`also` lists values allowed outside the bounds, e.g. 0 for "off"), checked by `check_settings`
+    whenever the class is built. On a field holding a group of settings, `derived` names the group's
+    fields that the run computes itself ({name: where the value comes from}): the loader refuses them,
+    and they are not listed as settings."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"doc": doc, "bounds": bounds, "also": tuple(also), "derived": dict(derived or {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+class FieldError(SettingsError):
+    """One field's value is out of its declared range or choices (`check_settings`); `field` is its name,
+    so that the loader can put the group's dotted prefix in front."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+    """A field's declared range in words ("must be >= 1 (or 0)"), "" if it has none."""
+    bounds, also = f.metadata.get("bounds", {}), f.metadata.get("also", ())
+    if not bounds:
+        return ""
+    text = " and ".join(f"{_BOUNDS[k][1]} {v}" for k, v in bounds.items())
+    return f"must be {text}" + (f" (or {', '.join(map(repr, also))})" if also else "")
+
+
+def check_settings(obj) -> None:
+    """Every field of settings dataclass `obj` within its declared bounds (`setting`) and every
+    `Literal[...]` field (or item of a `tuple[Literal[...], ...]`) one of its choices; call it first in
+    `__post_init__`. Raises `FieldError` naming the field; rules that tie fields together stay in the
+    class's `__post_init__` as ValueErrors."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         optional, tp = _is_optional(hints[f.name])
@@ -156,12 +204,85 @@ def check_choices(obj) -> None:
         if optional and value is None:
             continue
         if typing.get_origin(tp) is typing.Literal:
-            check_choice(value, typing.get_args(tp), f.name)
+            _check_choice(value, typing.get_args(tp), f.name)
         elif typing.get_origin(tp) in (tuple, list) and isinstance(value, (tuple, list)):
             item = (typing.get_args(tp) or (Any,))[0]
             if typing.get_origin(item) is typing.Literal:
                 for i, v in enumerate(value):
-                    check_choice(v, typing.get_args(item), f"{f.name}[{i}]")
+                    _check_choice(v, typing.get_args(item), f"{f.name}[{i}]")
+        bounds = f.metadata.get("bounds", {})
+        if bounds and value not in f.metadata.get("also", ()):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (ok and all(_BOUNDS[k][0](value, v) for k, v in bounds.items())):
+                raise FieldError(f.name, f"{bounds_text(f)}, got {value!r}")
+        for name, source in derived_fields(f).items():  # built in Python: a derived field keeps its default
+            group_field = next(g for g in dataclasses.fields(value) if g.name == name)
+            if getattr(value, name) != _default(type(value), group_field):
+                raise FieldError(f"{f.name}.{name}", f"is not a setting: {source}")
+
+
+def _check_choice(value: Any, choices: tuple, field: str) -> None:
+    if value not in choices:
+        raise FieldError(field, f"must be one of {list(choices)}, got {value!r}")
+
+
+check_choices = check_settings  # the name the settings classes used before bounds were declared
+
+
+def field_doc(cls, f: dataclasses.Field) -> str:
+    """A field's help: its `setting(doc=...)`, else the comment beside or above it in the class source."""
+    return f.metadata.get("doc") or _field_docs(cls).get(f.name, "")
+
+
+def derived_fields(f: dataclasses.Field) -> dict[str, str]:
+    """{name: where its value comes from} of the group held by field `f` (`setting(derived=...)`)."""
+    return f.metadata.get("derived", {})
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One setting of a tree: dotted key, its value in the tree given, its type, help and range."""
+
+    key: str
+    value: Any
+    type: Any
+    doc: str
+    bounds: str
+
+
+def leaves(obj, prefix: str = "", hidden: dict[str, str] | None = None) -> list[Leaf]:
+    """Every leaf setting of a dataclass tree (class or instance), in declaration order, without the
+    fields a parent declares `derived`: what a user can set."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in (hidden or {}):
+            continue
+        value = _default(obj, f)
+        _, inner = _is_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value):
+            out += leaves(value, prefix + f.name + ".", derived_fields(f))
+        else:
+            out.append(Leaf(prefix + f.name, value, hints[f.name], field_doc(cls, f), bounds_text(f)))
+    return out
+
+
+def _default(obj, f: dataclasses.Field):
+    if not isinstance(obj, type):
+        return getattr(obj, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def type_name(tp) -> str:
+    """An annotation as a reader writes it: `int | None`, `tuple[str, ...]`, `Literal['a', 'b']`."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
 def _is_optional(tp) -> tuple[bool, Any]:
@@ -173,8 +294,10 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
-def _coerce(value: Any, tp, key: str):
-    """Check (and gently coerce: int -> float, list -> tuple) `value` against the annotation `tp`."""
+def _coerce(value: Any, tp, key: str, base: Any = None, hidden: dict[str, str] | None = None):
+    """Check (and gently coerce: int -> float, list -> tuple) `value` against the annotation `tp`; a
+    mapping for a group of settings is read over `base` (the group's default in its parent) without the
+    `hidden` (derived) fields."""
     if tp is Any:
         return value
     optional, inner = _is_optional(tp)
@@ -210,7 +333,7 @@ def _coerce(value: Any, tp, key: str):
             return value
         if not isinstance(value, dict):
             raise SettingsError(f"{key}: expected a mapping of {tp.__name__} settings, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, value, prefix=key + ".", base=base if isinstance(base, tp) else None, hidden=hidden)
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; 1.0e-3 as a float
             try:
@@ -243,20 +366,38 @@ def _name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def from_dict(cls, data: dict[str, Any], prefix: str = ""):
-    """Build dataclass `cls` from `data`; unknown keys and badly typed values raise SettingsError."""
+def from_dict(cls, data: dict[str, Any], prefix: str = "", base: Any = None, hidden: dict[str, str] | None = None):
+    """Build dataclass `cls` from `data`; unknown keys and badly typed values raise SettingsError.
+
+    The keys `data` leaves out keep their value in `base` (default: the class's defaults), and so do
+    those of a nested group: a group given in part keeps the rest of the default `--help` shows for it.
+    The keys in `hidden` (a parent's `setting(derived=...)`) are refused with where their value comes from.
+    """
     if not isinstance(data, dict):
         raise SettingsError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in (hidden or {})}
+    for name in sorted(set(data) & set(hidden or {})):
+        raise SettingsError(f"'{prefix}{name}' is not a setting: {hidden[name]}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SettingsError(
             f"unknown setting '{prefix}{unknown[0]}'; known settings here: {', '.join(prefix + f for f in fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {
+        k: _coerce(
+            v,
+            hints[k],
+            prefix + k,
+            base=_default(cls if base is None else base, fields[k]),
+            hidden=derived_fields(fields[k]),
+        )
+        for k, v in data.items()
+    }
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except FieldError as e:
+        raise SettingsError(f"{prefix}{e.field} {e.problem}") from None
     except SettingsError:
         raise
     except (TypeError, ValueError) as e:  # a dataclass's own __post_init__ validation
@@ -321,7 +462,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def describe(obj, prefix: str = "", indent: int = 2) -> str:
+def describe(obj, prefix: str = "", indent: int = 2, hidden: dict[str, str] | None = None) -> str:
     """Every setting of a dataclass tree (class or instance) with its default and comment, for `--help`.
 
     Given an instance, the values shown are that instance's (so a group nested with non-default
@@ -329,38 +470,60 @@ def describe(obj, prefix: str = "", indent: int = 2) -> str:
     cls = obj if isinstance(obj, type) else type(obj)
     lines = []
     hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        if not isinstance(obj, type):
-            value = getattr(obj, f.name)
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            value = "(required)"
+        if not f.init or f.name in (hidden or {}):
+            continue
+        value = _default(obj, f)
         _, inner = _is_optional(hints[f.name])
         if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value):
             summary = (inner.__doc__ or "").strip().splitlines()[0]
             lines.append(f"{' ' * indent}{prefix}{f.name}:  {summary}")
-            lines.append(describe(value, prefix + f.name + ".", indent + 2))
+            lines.append(describe(value, prefix + f.name + ".", indent + 2, derived_fields(f)))
             continue
-        doc = docs.get(f.name, "")
+        doc = "; ".join(filter(None, [field_doc(cls, f), bounds_text(f)]))
         lines.append(f"{' ' * indent}{prefix}{f.name} = {value!r}{'   # ' + doc if doc else ''}")
     return "\n".join(lines)
 
 
+@functools.cache
 def _field_docs(cls) -> dict[str, str]:
-    """Trailing `# comment` of each field in the class source: the docs live next to the field."""
+    """The `# comment` beside each field in the class source, else the comment lines right above it
+    (for classes whose fields do not declare `setting(doc=...)`)."""
+    docs, above = _docstring_fields(cls), []
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
-        return {}
-    docs = {}
+        return docs
     for line in source.splitlines():
         stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", "def ", "class ")):
-            name = stripped.split(":", 1)[0].strip()
-            if name.isidentifier():
-                docs[name] = stripped.split("#", 1)[1].strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        name = stripped.split(":", 1)[0].strip() if ":" in stripped else ""
+        if name.isidentifier() and not stripped.startswith(("def ", "class ")):
+            beside = stripped.split("  #", 1)[1].strip() if "  #" in stripped else ""
+            if beside or above:
+                docs.setdefault(name, beside or " ".join(above))
+        above = []
+    return docs
+
+
+def _docstring_fields(cls) -> dict[str, str]:
+    """Fields described in the class docstring as `name: text` (or `a / b: text`), with the text's
+    indented continuation lines."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    current: list[str] = []
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        head, sep, text = line.partition(":")
+        keys = [k.strip() for k in head.split("/")]
+        if sep and not line.startswith(" ") and keys and all(k in names for k in keys):
+            current = keys
+            for k in keys:
+                docs[k] = text.strip()
+        elif current and line.startswith(" "):
+            for k in current:
+                docs[k] += " " + line.strip()
+        else:
+            current = []
     return docs

@@ -237,7 +237,6 @@ def test_demo_config_first_stages_run_on_a_tiny_model(make_hf_model, tmp_path):
         "generation.max_new_tokens=2",
         "generation.progress=false",
         "check.sampling.max_new_tokens=2",
-        "check.sampling.progress=false",
     ]
     args = ["--config", str(DEMO), "--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(DEMO.parents[1]), JAX_PLATFORMS="cpu", LIDR_JAX_CRASH_AT="generate:1")

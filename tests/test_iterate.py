@@ -88,9 +88,7 @@ def base_args(model_dir: Path, prompt_dir: Path, run_dir: Path, reward: str = "l
         "generation.progress=false",
         "lidr.translation.max_new_tokens=4",
         "lidr.translation.batch_size=4",
-        "lidr.translation.progress=false",
         "check.sampling.max_new_tokens=4",
-        "check.sampling.progress=false",
         "dpo.batch_size=2",
         "dpo.max_prompt_len=512",
         "dpo.max_response_len=16",
@@ -101,7 +99,6 @@ def base_args(model_dir: Path, prompt_dir: Path, run_dir: Path, reward: str = "l
         "icr.samples=3",
         "icr.sampling.max_new_tokens=5",
         "icr.sampling.batch_size=6",
-        "icr.sampling.progress=false",
     ]
     args = ["--run-dir", str(run_dir)]
     for s in sets:

@@ -273,7 +273,7 @@ def test_prompt_texts_are_settings():
         and wrapped.by_id("en")["a"] == "x_en[a] (answer in English)"
     )
     assert styled_prompts(_prompts(("en", "fr")), LIDRPrompts()) == _prompts(("en", "fr"))
-    with pytest.raises(ValueError, match="prompt style must be 'plain' or 'arithmetic'"):
+    with pytest.raises(ValueError, match=r"style must be one of \['plain', 'arithmetic'\]"):
         LIDRPrompts(style="math")
 
 

@@ -125,7 +125,9 @@ def test_metrics_group_in_the_run_config(tmp_path):
     cfg = load_run_config(overrides=["metrics.report_to=[tensorboard,wandb]", "metrics.wandb_mode=online"])
     assert cfg.metrics == MetricsConfig(report_to=("tensorboard", "wandb"), wandb_mode="online")
     assert load_run_config(overrides=["metrics.report_to=[]"]).metrics.report_to == ()
-    with pytest.raises(SettingsError, match=r"report_to: unknown \['mlflow'\]"):
+    with pytest.raises(
+        SettingsError, match=r"metrics.report_to\[0\] must be one of \['tensorboard', 'wandb'\], got 'mlflow'"
+    ):
         load_run_config(overrides=["metrics.report_to=[mlflow]"])
     epilog = build_parser().epilog
     for line in ("metrics.report_to = ('tensorboard',)", "metrics.wandb_project = 'lidr_jax'", "metrics.wandb_mode"):

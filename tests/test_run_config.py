@@ -63,11 +63,11 @@ def test_bad_settings_name_the_key(override, message):
     "override, message",
     [
         ("seed=-1", "seed must be >= 0"),
-        ("checkpoint_every=0", "checkpoint_every must be >= 1 training step, got 0"),
+        ("checkpoint_every=0", "checkpoint_every must be >= 1, got 0"),
         ("checkpoint_keep=0", "checkpoint_keep must be >= 1"),
         ("reward=icr", "icr.reference_model is required with reward=icr"),
         ("icr.scorer=everyone", "scorer must be one of ['given', 'policy'], got 'everyone'"),
-        ("icr.samples=1", "icr.samples must be >= 2 (a pair needs two answers), got 1"),
+        ("icr.samples=1", "icr.samples must be >= 2, got 1"),
     ],
 )
 def test_ranges_are_checked_when_the_config_loads(override, message):

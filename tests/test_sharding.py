@@ -198,7 +198,7 @@ def test_mesh_shapes_from_config():
         mesh_shape(MeshConfig(fsdp=2, tensor=2), 8)
     with pytest.raises(ValueError, match="not a multiple of 3"):
         mesh_shape(MeshConfig(tensor=3), 8)
-    with pytest.raises(ValueError, match=r"mesh.tensor=0"):
+    with pytest.raises(ValueError, match=r"tensor must be >= 1 \(or -1\), got 0"):
         MeshConfig(tensor=0)
 
 

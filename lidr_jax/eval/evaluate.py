@@ -41,7 +41,7 @@ from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_j
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
 from lidr_jax.methods.langid import detect_language
 from lidr_jax.sampling import sampler
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 
 Benchmark = Literal["mgsm", "alpaca"]
 BENCHMARKS = typing.get_args(Benchmark)
@@ -58,33 +58,36 @@ Decoding = Literal[tuple(DECODING)]  # a Literal of a tuple is a Literal of its 
 class EvalConfig:
     """What `evaluate_model` runs after an iteration. A benchmark listed needs its data path."""
 
-    benchmarks: tuple[Benchmark, ...] = BENCHMARKS
-    mgsm_languages: tuple[str, ...] = MGSM_LANGUAGES
-    alpaca_languages: tuple[str, ...] = PAPER_LANGUAGES
-    limit: int | None = 50  # first N items per language; None = all (250 MGSM, 805 X-AlpacaEval)
-    mgsm_dir: str | None = None  # folder of mgsm_{lang}.tsv, e.g. ../shared/data/mgsm
-    alpaca_dir: str | None = None  # folder of {lang}.json, e.g. ../shared/data/x-alpacaeval
-    mgsm_few_shot_k: int = 0  # solved examples shown before each question (0 = zero-shot)
-    mgsm_few_shot_dir: str | None = None  # folder of mgsm_{lang}.tsv to take them from (not the test file)
-    mgsm_max_new_tokens: int = 512
-    mgsm_decoding: Decoding = "greedy"  # see DECODING; "lidr" (repetition penalty 1.1) is the LIDR authors' preset
-    alpaca_decoding: Decoding = "lidr"  # "lidr" or "icr", see DECODING
-    alpaca_max_new_tokens: int = 2048
-    system_prompt: str | None = None  # e.g. "You are a helpful assistant." (LIDR with Llama-3)
-    generator: str | None = None  # the alpaca_eval generator name; default from the model's source
-    alpaca_reference: str | None = None  # folder of {lang}/model_outputs.json: also write alpaca_eval's files
-    alpaca_judge: str = DEFAULT_JUDGE  # the judge model named in the annotator configs
-    batch_size: int = 32
-    seed: int = 0
-    progress: bool = True
+    benchmarks: tuple[Benchmark, ...] = setting(BENCHMARKS, "which benchmarks run: mgsm, alpaca (X-AlpacaEval)")
+    mgsm_languages: tuple[str, ...] = setting(MGSM_LANGUAGES, "MGSM's languages evaluated")
+    alpaca_languages: tuple[str, ...] = setting(PAPER_LANGUAGES, "X-AlpacaEval's languages evaluated")
+    limit: int | None = setting(50, "first N items per language; null = all (250 MGSM, 805 X-AlpacaEval)", ge=1)
+    mgsm_dir: str | None = setting(None, "folder of mgsm_{lang}.tsv, e.g. ../shared/data/mgsm")
+    alpaca_dir: str | None = setting(None, "folder of {lang}.json, e.g. ../shared/data/x-alpacaeval")
+    mgsm_few_shot_k: int = setting(0, "solved examples shown before each question (0 = zero-shot)", ge=0)
+    mgsm_few_shot_dir: str | None = setting(None, "folder of mgsm_{lang}.tsv to take them from (not the test file)")
+    mgsm_max_new_tokens: int = setting(512, "new tokens per MGSM answer at most", ge=1)
+    mgsm_decoding: Decoding = setting(
+        "greedy", 'see DECODING; "lidr" (repetition penalty 1.1) is the LIDR authors\' preset'
+    )
+    alpaca_decoding: Decoding = setting("lidr", '"lidr" or "icr", see DECODING')
+    alpaca_max_new_tokens: int = setting(2048, "new tokens per X-AlpacaEval answer at most", ge=1)
+    system_prompt: str | None = setting(None, 'e.g. "You are a helpful assistant." (LIDR with Llama-3)')
+    generator: str | None = setting(None, "the alpaca_eval generator name; default from the model's source")
+    alpaca_reference: str | None = setting(None, "folder of {lang}/model_outputs.json: also write alpaca_eval's files")
+    alpaca_judge: str = setting(DEFAULT_JUDGE, "the judge model named in the annotator configs")
+    alpaca_annotator: Literal["weighted", "plain"] = setting(
+        "weighted", "weighted: the judge's log-probabilities weight the preference (the papers'); plain: a verdict"
+    )
+    batch_size: int = setting(32, "engine slots when generating the benchmarks' answers", ge=1)
+    seed: int = setting(0, "seed of the benchmarks' sampling (decodings that sample)")
+    progress: bool = setting(True, "progress bars while answering")
 
     def __post_init__(self):
         for name in ("benchmarks", "mgsm_languages", "alpaca_languages"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        check_choices(self)
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("EvalConfig.limit must be >= 1, or None for every item")
+        check_settings(self)
         if self.mgsm_few_shot_k and not self.mgsm_few_shot_dir:
             raise ValueError("EvalConfig.mgsm_few_shot_k > 0 needs mgsm_few_shot_dir (a folder of mgsm_{lang}.tsv)")
 

@@ -192,9 +192,9 @@ class ICRSelectionConfig:
       baseline skips them.
     """
 
-    condition: Condition = "english"
+    condition: Condition = "english"  # english (the paper) | translated | translate_answer (the baselines)
     upper_bound: float | None = None
-    alpha_step: float = 0.001
+    alpha_step: float = 0.001  # spacing of the length-adjustment grid searched for alpha
     alpha_max: float = 1.0  # exclusive
     system_prompt: str | None = None
     scoring_system_prompt: str | None = None

@@ -34,7 +34,7 @@ import numpy as np
 from lidr_jax.methods.filters import PairFilterConfig, PairTable, check_language, pair_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.prompt_sets import PromptSet
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 from lidr_jax.train.pairs import PreferencePair
 
 Message = dict[str, str]
@@ -76,15 +76,18 @@ class TranslationPrompt:
     with `prefill` ("" = none) so generation starts inside the result; `system_prompt` is the
     translation's own system turn (None = none)."""
 
-    template: str = DEFAULT_TRANSLATION_TEMPLATE
-    text_open: str = "<text>"
-    text_close: str = "</text>"
-    result_open: str = "<translation>"
-    result_close: str = "</translation>"
-    prefill: str = "<translation>"
-    system_prompt: str | None = None
+    template: str = setting(
+        DEFAULT_TRANSLATION_TEMPLATE, "the request: {text} required; {language} and the four tags may appear"
+    )
+    text_open: str = setting("<text>", "tag before the text to translate")
+    text_close: str = setting("</text>", "tag after the text to translate")
+    result_open: str = setting("<translation>", "tag the translation starts after")
+    result_close: str = setting("</translation>", "tag the translation ends at (never empty)")
+    prefill: str = setting("<translation>", 'start of the assistant turn, inside the result; "" = none')
+    system_prompt: str | None = setting(None, "the translation's own system turn (null = none)")
 
     def __post_init__(self):
+        check_settings(self)
         check_template(
             self.template,
             ("text",),
@@ -107,14 +110,19 @@ class LIDRPrompts:
     translation: the translation request.
     """
 
-    generation_system_prompt: str | None = None
-    style: Literal["plain", "arithmetic"] = "plain"
-    arithmetic_template: str = DEFAULT_ARITHMETIC_TEMPLATE
-    translation: TranslationPrompt = TranslationPrompt()
+    generation_system_prompt: str | None = setting(
+        None, "a system turn when answering the prompts (null = none; the paper's used the chat template's own)"
+    )
+    style: Literal["plain", "arithmetic"] = setting(
+        "plain", "plain: the instruction as it is | arithmetic: wrapped in arithmetic_template"
+    )
+    arithmetic_template: str = setting(
+        DEFAULT_ARITHMETIC_TEMPLATE, "style arithmetic: {instruction} (required) and {language}"
+    )
+    translation: TranslationPrompt = setting(TranslationPrompt(), "the translation request")
 
     def __post_init__(self):
-        if self.style not in ("plain", "arithmetic"):
-            raise ValueError(f"prompt style must be 'plain' or 'arithmetic', got {self.style!r}")
+        check_settings(self)
         check_template(self.arithmetic_template, ("instruction",), ("instruction", "language"), "arithmetic template")
 
 
@@ -292,13 +300,15 @@ class LIDRPairConfig:
     The quality filters are a separate group shared with ICR (lidr_jax.methods.filters).
     """
 
-    dominant: str = "en"
-    english_pairs: Literal["sample_one", "all", "last"] = "sample_one"
-    seed: int = 0
-    system_prompt: str | None = None
+    dominant: str = setting("en", "the dominant language (a run sets its own)")
+    english_pairs: Literal["sample_one", "all", "last"] = setting(
+        "sample_one", "which dominant-language pairs to keep: one X per prompt, every X's, or the last X's"
+    )
+    seed: int = setting(0, "seeds sample_one's draw (a run derives it)")
+    system_prompt: str | None = setting(None, "the system turn of every training pair's prompt (null = none)")
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
 
 
 @dataclass

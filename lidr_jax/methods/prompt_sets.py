@@ -33,7 +33,7 @@ import numpy as np
 
 from lidr_jax.files import numbered_jsonl
 from lidr_jax.methods.languages import check_languages
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 
 DEFAULT_PROMPTS_DIR = Path(__file__).parent / "prompts" / "default"
 DEFAULT_LANGUAGES = ("en", "es", "de", "fr", "ru", "zh")
@@ -415,33 +415,40 @@ def load_default_prompts(languages: Iterable[str] = DEFAULT_LANGUAGES) -> Prompt
 
 @dataclass(frozen=True)
 class PromptSourceConfig:
-    """Where prompts come from (a config section).
+    """Where prompts come from (a config section). "{lang}" in path, data_files, name or split is replaced
+    by each language code (one file or config per language); otherwise `language_column` tells languages
+    apart."""
 
-    path: "default" (the project's prompts), a folder of {lang}.jsonl, a local JSON/JSONL/Parquet/CSV
-    file, or a hub dataset name. "{lang}" in path, data_files, name or split is replaced by each
-    language code (one file or config per language); otherwise `language_column` tells languages apart.
-    """
-
-    path: str = "default"
-    languages: tuple[str, ...] = DEFAULT_LANGUAGES
-    format: Literal["auto", "jsonl_dir", "datasets"] = "auto"
-    id_column: str | None = None  # None: "id" or "instruction_id"
-    instruction_column: str = "instruction"
-    language_column: str | None = None
-    data_files: str | None = None  # datasets: file name or glob inside `path`, may contain {lang}
-    name: str | None = None  # datasets: config name, may contain {lang}
-    split: str = "train"
-    translation_task_ids: str | None = None  # a JSONL of {"id": ...} or a .txt of ids
-    translation_task_column: str = "translation_task"
-    answer_column: str = "answer"
-    split_column: str = "split"  # optional labels train | dev | heldout (module docstring, "Splits")
-    reference_column: str = "reference"  # optional reference answers (lidr_jax.eval.heldout's likelihood signal)
-    # The labelled split the before/after check answers: heldout (the final measurement) or dev (while
-    # choosing settings, so that the held-out numbers are never used to tune).
-    check_split: Literal["heldout", "dev"] = "heldout"
+    path: str = setting(
+        "default",
+        '"default" (the project\'s prompts), a folder of {lang}.jsonl, a local JSON/JSONL/Parquet/CSV file, '
+        "or a hub dataset name",
+    )
+    languages: tuple[str, ...] = setting(DEFAULT_LANGUAGES, "languages to read (the run sets its own languages)")
+    format: Literal["auto", "jsonl_dir", "datasets"] = setting("auto", "auto: from the path")
+    id_column: str | None = setting(None, 'column of the prompt ids; null: "id" or "instruction_id"')
+    instruction_column: str = setting("instruction", "column of the prompt text")
+    language_column: str | None = setting(None, "column of the language code, when one file holds every language")
+    data_files: str | None = setting(None, "datasets: file name or glob inside `path`, may contain {lang}")
+    name: str | None = setting(None, "datasets: config name, may contain {lang}")
+    split: str = setting("train", "datasets: the split to read, may contain {lang}")
+    translation_task_ids: str | None = setting(None, 'a JSONL of {"id": ...} or a .txt of translation-task ids')
+    translation_task_column: str = setting("translation_task", "column flagging translation-task prompts")
+    answer_column: str = setting(
+        "answer", "column of a prompt's numeric answer (arithmetic prompts), where there is one"
+    )
+    split_column: str = setting("split", 'optional labels train | dev | heldout (module docstring, "Splits")')
+    reference_column: str = setting(
+        "reference", "optional reference answers (lidr_jax.eval.heldout's likelihood signal)"
+    )
+    check_split: Literal["heldout", "dev"] = setting(
+        "heldout",
+        "the labelled split the before/after check answers: heldout (the final measurement) or dev "
+        "(while choosing settings, so that the held-out numbers are never used to tune)",
+    )
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
 
 
 def load_prompts(source: PromptSourceConfig) -> PromptSet:

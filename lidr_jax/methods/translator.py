@@ -28,7 +28,7 @@ from typing import Literal
 from lidr_jax.endpoint import ChatClient, EndpointConfig
 from lidr_jax.methods.lidr import Message, TranslationPrompt, parse_translation
 from lidr_jax.sampling.sampler import SamplingConfig
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +36,14 @@ class TranslatorConfig:
     """LIDR's translator (module docstring). `model` for kind "model"; `endpoint` for kind "endpoint"
     (url, model name, api_key_env: the NAME of the variable holding the key, never the key)."""
 
-    kind: Literal["policy", "model", "endpoint"] = "policy"
-    model: str | None = None
-    endpoint: EndpointConfig = EndpointConfig()
+    kind: Literal["policy", "model", "endpoint"] = setting(
+        "policy", "policy: the model being trained (the paper) | model: another model | endpoint: an HTTP server"
+    )
+    model: str | None = setting(None, "kind model: an HF directory, .gguf file or embedded model name")
+    endpoint: EndpointConfig = setting(EndpointConfig(), "kind endpoint: an OpenAI-compatible server")
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
         if self.kind == "model" and not self.model:
             raise ValueError("translator kind 'model' needs translator.model (an HF directory, .gguf file or name)")
         if self.kind == "endpoint" and not (self.endpoint.url and self.endpoint.model):

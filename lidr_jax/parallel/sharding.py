@@ -40,6 +40,8 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lidr_jax.settings import check_settings, setting
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
@@ -86,20 +88,22 @@ def parse_rules(overrides: Sequence[str] = ()) -> Rules:
 class MeshConfig:
     """Device mesh ("data", "fsdp", "tensor") and sharding-rule overrides."""
 
-    preset: Literal["fsdp", "single", "fsdp_tensor"] = (
-        "fsdp"  # fsdp: all devices on fsdp; single: one device; fsdp_tensor: tensor = devices per host, fsdp = the rest
+    preset: Literal["fsdp", "single", "fsdp_tensor"] = setting(
+        "fsdp",
+        "fsdp: all devices on fsdp | single: one device | fsdp_tensor: tensor = devices per host, fsdp = the rest",
     )
-    data: int | None = None  # None: the preset's size; -1: all devices not used by the other axes
-    fsdp: int | None = None
-    tensor: int | None = None
-    rules: tuple[str, ...] = ()  # overrides, "logical=axis[+axis]" or "logical=" (replicate), e.g. [mlp=fsdp+tensor]
+    data: int | None = setting(
+        None, "data-parallel size; null: the preset's; -1: all devices the other axes leave", ge=1, also=(-1,)
+    )
+    fsdp: int | None = setting(None, "fully sharded size; null: the preset's; -1: the rest", ge=1, also=(-1,))
+    tensor: int | None = setting(None, "tensor-parallel size; null: the preset's; -1: the rest", ge=1, also=(-1,))
+    rules: tuple[str, ...] = setting(
+        (), 'overrides, "logical=axis[+axis]" or "logical=" (replicate), e.g. [mlp=fsdp+tensor]'
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
-        for name in MESH_AXES:
-            size = getattr(self, name)
-            if size is not None and (size == 0 or size < -1):
-                raise ValueError(f"mesh.{name}={size}: give a positive size, -1 (the rest) or null (the preset's)")
+        check_settings(self)
         parse_rules(self.rules)  # a malformed override fails when the config is read
 
 

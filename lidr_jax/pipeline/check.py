@@ -3,7 +3,6 @@ answered in the asked language) and the configured benchmarks (lidr_jax.eval).""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from lidr_jax.eval.evaluate import evaluate_model
@@ -23,7 +22,7 @@ def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSe
     since the starting model (iteration 0's answers), answer length, and the reference log-likelihood
     where the prompts have reference answers."""
     jobs = prompt_jobs(held_out)
-    rows = generate_resumable(run, model, jobs, dataclasses.replace(cfg.check.sampling, seed=cfg.seed), out, desc)
+    rows = generate_resumable(run, model, jobs, cfg.sampling("check", 0), out, desc)
     start = run.stage_dir(0, "check", create=False) / out.name
     start_rows = read_jsonl(start) if start != out and start.exists() else None
     return measure_checkpoint(model, held_out, rows, start_rows=start_rows, seed=cfg.seed, dpo=cfg.dpo)

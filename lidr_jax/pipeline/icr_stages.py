@@ -6,8 +6,6 @@ the English-conditioned prompt; the pairs take the best and worst answers of eac
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from lidr_jax.files import read_jsonl
@@ -23,7 +21,7 @@ def icr_sample(it: Iteration) -> dict:
     """K answers per prompt in its own language (paper: temperature 0.9, top-p 1.0, no system prompt)."""
     cfg, run, k = it.cfg, it.run, it.k
     d = run.stage_dir(k, "sample")
-    sampling = dataclasses.replace(cfg.icr.sampling, n=cfg.icr.samples, seed=cfg.seed * 1000 + k)
+    sampling = cfg.sampling("sample", k)
     jobs = prompt_jobs(it.prompts, cfg.icr.selection.generation_system_prompt)
     rows = generate_resumable(run, it.policy, jobs, sampling, d / "samples.jsonl", "sample")
     stats = finish_stats(rows, "lang")
@@ -62,7 +60,8 @@ def icr_score(it: Iteration) -> dict:
     english = prompts.by_id(cfg.dominant)
     answers = [(row, j, text) for row in rows for j, text in enumerate(row["outputs"])]
     scored_texts: list[str | None] = [text for _, _, text in answers]
-    limit = sel.max_score_tokens or cfg.icr.sampling.max_new_tokens + 1
+    sampled, translated = cfg.sampling("sample", k), cfg.sampling("translate_answers", k)
+    limit = sel.max_score_tokens or sampled.max_new_tokens + 1
     if sel.condition == "translate_answer":
         jobs = []
         for n, (row, j, text) in enumerate(answers):
@@ -74,13 +73,13 @@ def icr_score(it: Iteration) -> dict:
             run,
             it.policy,
             jobs,
-            dataclasses.replace(cfg.icr.translation, seed=cfg.seed),
+            translated,
             d / "answer_translations.jsonl",
             "translate answers",
         )
         for r in out:  # the authors' baseline: an unclosed translation keeps its text; an empty one is invalid
             scored_texts[r["index"]] = lidr.parse_translation(r["outputs"][0], sel.translation, keep_unclosed=True)
-        limit = sel.max_score_tokens or max(cfg.icr.sampling.max_new_tokens, cfg.icr.translation.max_new_tokens) + 1
+        limit = sel.max_score_tokens or max(sampled.max_new_tokens, translated.max_new_tokens) + 1
     items, index = [], []
     for n, ((row, _, _), text) in enumerate(zip(answers, scored_texts)):
         if text is None or (cfg.pair_filters.empty and not text.strip()):

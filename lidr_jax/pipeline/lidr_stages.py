@@ -9,7 +9,6 @@ answer into English, and the pairs are built from both through the quality filte
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from lidr_jax.files import read_jsonl
@@ -25,9 +24,7 @@ def lidr_generate(it: Iteration) -> dict:
     d = run.stage_dir(k, "generate")
     style = cfg.lidr.prompts
     jobs = prompt_jobs(lidr.styled_prompts(it.prompts, style), style.generation_system_prompt)
-    rows = generate_resumable(
-        run, it.policy, jobs, dataclasses.replace(cfg.generation, seed=cfg.seed), d / "generations.jsonl", "generate"
-    )
+    rows = generate_resumable(run, it.policy, jobs, cfg.sampling("generate", k), d / "generations.jsonl", "generate")
     stats = finish_stats(rows, "lang")
     run.write_json(d / "stats.json", stats)
     return {"generations": str(d / "generations.jsonl"), "stats": stats}
@@ -71,7 +68,7 @@ def lidr_translate(it: Iteration) -> dict:
                 {"id": t.id, "source": t.source_lang, "target": t.target_lang},
             )
         )
-    sampling = dataclasses.replace(cfg.lidr.translation, seed=cfg.seed)
+    sampling = cfg.sampling("translate", k)
     raw = d / "raw_translations.jsonl"
     if who.kind == "endpoint":
         replies = run.from_writer(
@@ -130,7 +127,7 @@ def lidr_pairs(it: Iteration) -> dict:
             to_target.setdefault(row["target"], {})[row["id"]] = row["translation"]
         else:
             to_dominant.setdefault(row["source"], {})[row["id"]] = row["translation"]
-    settings = dataclasses.replace(cfg.lidr.pairs, dominant=cfg.dominant, seed=cfg.seed + k)
+    settings = cfg.lidr_pairs(k)
     translated_by = run.outputs(k, "translate").get("stats", {}).get("translator", "policy")
     pairs, stats = lidr.build_pairs(
         lidr.styled_prompts(it.prompts, cfg.lidr.prompts),

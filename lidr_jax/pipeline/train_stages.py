@@ -10,7 +10,6 @@ writes (metrics, reference log-probs, stats); Orbax checkpoints are written by a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import warnings
@@ -71,7 +70,7 @@ def train_stage(it: Iteration) -> dict:
     d = run.stage_dir(k, "train")
     enc = _encoded(cfg, run, k, model)
     ref = trainer.load_reference(run.outputs(k, "reference")["reference"], enc)
-    dpo = dataclasses.replace(cfg.dpo, seed=cfg.seed + k)
+    dpo = cfg.dpo_for(k)
     if sharding.active():  # refuse before training, with the numbers, what the devices cannot hold
         rows = trainer.pack_plan(enc, dpo).rows if dpo.row_tokens else None
         check_training_fits(model.config, dpo, sharding.active().mesh, rows)

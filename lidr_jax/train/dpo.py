@@ -38,17 +38,17 @@ class DPOConfig:
     label_smoothing: float = 0.0  # ε: assumed probability that a pair's label is flipped (sigmoid, robust)
     ipo_average: bool = True  # ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)
     nll_weight: float = 1.0  # λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)
-    learning_rate: float = 5e-7
+    learning_rate: float = 5e-7  # AdamW's peak learning rate, after warmup
     warmup: float = 0.1  # < 1: fraction of the optimizer steps; >= 1: a number of steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (cosine and linear end at 0)
-    epochs: int = 1
+    epochs: int = 1  # passes over the pairs
     batch_size: int = 4  # pairs per micro-batch (one packed row per pair)
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_b1: float = 0.9  # AdamW's first-moment decay
+    adam_b2: float = 0.999  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon
     max_prompt_len: int = 512  # longer prompts keep their last tokens (counted)
     max_response_len: int = 1024  # longer responses keep their first tokens (counted)
     bucket_multiple: int = 0  # 0: powers of two to 256, then multiples of 128; n: multiples of n

@@ -29,9 +29,10 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lidr_jax.files import append_jsonl, as_path, atomic_write_bytes, atomic_write_jsonl, files_under, is_local
+from lidr_jax.settings import check_settings, setting
 
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -40,18 +41,18 @@ REPORT_TO = ("tensorboard", "wandb")
 class MetricsConfig:
     """Where live metrics go besides metrics.jsonl."""
 
-    report_to: tuple[str, ...] = ("tensorboard",)  # any of tensorboard, wandb; [] for JSONL only
-    wandb_project: str = "lidr_jax"
-    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) | online
+    report_to: tuple[Literal[REPORT_TO], ...] = setting(
+        ("tensorboard",), "any of tensorboard, wandb (W&B only when the wandb package is installed); [] = JSONL only"
+    )
+    wandb_project: str = setting("lidr_jax", "the W&B project the runs go to")
+    wandb_mode: Literal["offline", "online"] = setting(
+        "offline", "offline (no network; `wandb sync` uploads later) | online"
+    )
 
     def __post_init__(self):
         value = self.report_to
         object.__setattr__(self, "report_to", (value,) if isinstance(value, str) else tuple(value))
-        unknown = [r for r in self.report_to if r not in REPORT_TO]
-        if unknown:
-            raise ValueError(f"report_to: unknown {unknown}; choose from {list(REPORT_TO)}")
-        if self.wandb_mode not in ("offline", "online"):
-            raise ValueError(f"wandb_mode={self.wandb_mode!r}: offline or online")
+        check_settings(self)
 
 
 NO_METRICS = MetricsConfig(report_to=())  # JSONL only (or nothing): processes that do not write
