@@ -9,13 +9,24 @@ unless the instruction asks otherwise. For every language this module writes, be
 - `reference_outputs.json`: the reference rows of exactly the same instructions in the same order
   (from a folder of `{lang}/model_outputs.json`, e.g. ../shared/data/x-alpacaeval/reference, or
   another of our output folders for a head-to-head between two models);
-- `lidr_jax_judge_{lang}/configs.yaml` and `prompt.txt`: an alpaca_eval annotator config (our own
-  prompt, with the same-language rule naming the language) that parses "Output (a)" / "Output (b)";
+- an alpaca_eval annotator config (our own prompt, with the same-language rule naming the language),
+  one of two kinds (`ANNOTATORS`):
+  - `weighted` (default; `lidr_jax_weighted_judge_{lang}/`): as both papers judged, alpaca_eval's
+    log-probability weighted annotator. The judge answers with one token, "a" or "b"; alpaca_eval's
+    `logprob_parser` reads the two tokens' probabilities from the judge's `top_logprobs` and the
+    preference is 2 - p(a) / (p(a) + p(b)), a number in [1, 2] (1: the reference is better for sure);
+  - `plain` (`lidr_jax_judge_{lang}/`): the judge writes "Output (a)" or "Output (b)", parsed by a
+    regex: a preference of 1 or 2;
 - `alpaca_eval_command.txt`: the exact command, with absolute paths (alpaca_eval resolves a relative
-  annotator path against its own config folder), reporting the plain win rate against the references.
+  annotator path against its own config folder), reporting alpaca_eval's `get_winrate` against the
+  references. Its leaderboard.csv holds `win_rate` (the mean preference: with the weighted
+  annotator the papers' weighted win rate) beside `discrete_win_rate` (each preference rounded to
+  win, tie or loss: the plain win rate of the same judgments).
 
-alpaca_eval itself is not a dependency: the files are plain JSON/YAML and the command runs it (checked
-with alpaca_eval 0.6.6 against a local OpenAI-compatible server: OPENAI_BASE_URL selects the endpoint).
+alpaca_eval itself is not a dependency of the product: the files are plain JSON/YAML and the command
+runs it (the `test` extra installs it; tests/test_alpaca_weighted.py runs alpaca_eval 0.6.6 on both
+kinds against a local fake judge endpoint that returns log-probabilities; OPENAI_BASE_URL selects the
+endpoint). docs/reproducing.md says what still differs from the papers' judging.
 """
 
 from __future__ import annotations
@@ -30,7 +41,14 @@ from lidr_jax.methods.languages import language_name
 
 DEFAULT_JUDGE = "gpt-4-1106-preview"  # alpaca_eval 2.0's judge; the papers' is a GPT-4-Turbo as well
 PROMPT_VERSION = "lidr_jax-alpaca-judge-v1"
+WEIGHTED_PROMPT_VERSION = "lidr_jax-alpaca-weighted-judge-v1"
 VERDICT_A, VERDICT_B = r"Output \(a\)", r"Output \(b\)"  # regexes: alpaca_eval's preference 1 and 2
+TOKEN_A, TOKEN_B = "a", "b"  # the weighted judge's one-token answers: output (a) = output_1 = the reference
+ANNOTATORS = ("weighted", "plain")
+ANNOTATOR_HELP = (
+    "weighted (default): alpaca_eval reads the preference from the judge's token log-probabilities, as "
+    "both papers judged; plain: the judge names the better output"
+)
 
 # alpaca_eval reads "<|im_start|>role ... <|im_end|>" blocks of a template as chat messages and fills
 # {instruction}, {output_1}, {output_2}; it shows the two outputs in a random order itself.
@@ -56,6 +74,37 @@ however good its content. Neither the order of the answers nor their length deci
 Reply with exactly one line, "Output (a)" or "Output (b)", and nothing else.
 <|im_end|>
 """
+
+
+WEIGHTED_PROMPT = """<|im_start|>system
+You compare two answers an AI assistant gave to the same instruction and say which one a careful
+human reader would prefer.
+<|im_end|>
+<|im_start|>user
+The instruction is written in {language}. Prefer the answer that follows the instruction more \
+helpfully, correctly and completely. An answer must be written in {language} unless the instruction \
+itself asks for another language; an answer in another language is worse than one in {language}, \
+however good its content. Neither the order of the answers nor their length decides.
+
+## Instruction
+{{instruction}}
+
+## Output (a)
+{{output_1}}
+
+## Output (b)
+{{output_2}}
+
+Answer with a single lowercase letter and nothing else: a if Output (a) is better, b if Output (b) is better.
+<|im_end|>
+"""
+
+
+def annotator_name(lang: str, kind: str = "weighted") -> str:
+    """The annotator's folder and config name: lidr_jax_weighted_judge_{lang} or lidr_jax_judge_{lang}."""
+    if kind not in ANNOTATORS:
+        raise ValueError(f"annotator must be one of {list(ANNOTATORS)}, got {kind!r}")
+    return f"lidr_jax_weighted_judge_{lang}" if kind == "weighted" else f"lidr_jax_judge_{lang}"
 
 
 def reference_file(reference: str | Path, lang: str) -> Path:
@@ -90,12 +139,35 @@ def aligned_references(rows: Sequence[dict], reference_rows: Sequence[dict], lan
     return [dict(by_instruction[r["instruction"]]) for r in rows]
 
 
-def annotator_config(lang: str, judge_model: str) -> tuple[str, str]:
-    """(configs.yaml text, prompt.txt text) of the annotator `lidr_jax_judge_{lang}`."""
-    name = f"lidr_jax_judge_{lang}"
-    prompt = ANNOTATOR_PROMPT.format(language=language_name(lang))
+def annotator_config(lang: str, judge_model: str, kind: str = "weighted") -> tuple[str, str]:
+    """(configs.yaml text, prompt.txt text) of the annotator `annotator_name(lang, kind)` (module
+    docstring)."""
+    name = annotator_name(lang, kind)
     # JSON strings are valid YAML scalars: no YAML writer needed, and every character survives.
     q = json.dumps
+    if kind == "weighted":
+        prompt = WEIGHTED_PROMPT.format(language=language_name(lang))
+        yaml = (
+            f"# {WEIGHTED_PROMPT_VERSION}: written by lidr_jax.eval.alpaca for {language_name(lang)} ({lang})\n"
+            f"{name}:\n"
+            f"  prompt_template: {q(name + '/prompt.txt')}\n"
+            f'  fn_completions: "openai_completions"\n'
+            f"  completions_kwargs:\n"
+            f"    model_name: {q(judge_model)}\n"
+            f"    max_tokens: 1\n"
+            f"    temperature: 1\n"  # the answer is read from the log-probs, not sampled: no effect
+            f"    logprobs: true\n"
+            f"    top_logprobs: 5\n"
+            f'  fn_completion_parser: "logprob_parser"\n'
+            f"  completion_parser_kwargs:\n"
+            f"    numerator_token: {q(TOKEN_A)}\n"
+            f"    denominator_tokens: [{q(TOKEN_A)}, {q(TOKEN_B)}]\n"
+            f"    is_binarize: false\n"
+            f'  completion_key: "completions_all"\n'
+            f"  batch_size: 1\n"
+        )
+        return yaml, prompt
+    prompt = ANNOTATOR_PROMPT.format(language=language_name(lang))
     yaml = (
         f"# {PROMPT_VERSION}: written by lidr_jax.eval.alpaca for {language_name(lang)} ({lang})\n"
         f"{name}:\n"
@@ -115,8 +187,9 @@ def annotator_config(lang: str, judge_model: str) -> tuple[str, str]:
     return yaml, prompt
 
 
-def alpaca_eval_command(lang_dir: Path, lang: str) -> str:
-    """The alpaca_eval command that judges `lang_dir/model_outputs.json` against its references."""
+def alpaca_eval_command(lang_dir: Path, lang: str, kind: str = "weighted") -> str:
+    """The alpaca_eval command that judges `lang_dir/model_outputs.json` against its references with
+    the annotator of `kind`."""
     d = absolute_path(lang_dir)
     parts = [
         "alpaca_eval",
@@ -126,11 +199,12 @@ def alpaca_eval_command(lang_dir: Path, lang: str) -> str:
         "--reference_outputs",
         str(d / "reference_outputs.json"),
         "--annotators_config",
-        str(d / f"lidr_jax_judge_{lang}"),
+        str(d / annotator_name(lang, kind)),
         "--output_path",
         str(d / "alpaca_eval"),
-        # The plain win rate: alpaca_eval 2's default, the length-controlled one, downloads per-instruction
-        # fits of its own English instruction set, which neither exist for nor match X-AlpacaEval's.
+        # The win rate (weighted by the judge's probabilities with the weighted annotator), not alpaca_eval 2's
+        # default length-controlled one, which downloads per-instruction fits of its own English instruction
+        # set, which neither exist for nor match X-AlpacaEval's.
         "--fn_metric",
         "get_winrate",
         "--sort_by",
@@ -148,18 +222,19 @@ def write_judge_files(
     *,
     write_json: Callable = atomic_write_json,
     write_text: Callable = atomic_write_text,
+    annotator: str = "weighted",
 ) -> str:
     """Write what alpaca_eval needs to judge `rows` (this language's model_outputs.json rows, already
-    in `lang_dir`) against `reference`; returns the command (module docstring)."""
+    in `lang_dir`) against `reference` with the `annotator` kind; returns the command (module docstring)."""
     lang_dir = as_path(lang_dir)
     ref_rows = read_json(reference_file(reference, lang))
     if not isinstance(ref_rows, list):
         raise ValueError(f"{lang}: {reference_file(reference, lang)} is not a JSON list of rows")
     write_json(lang_dir / "reference_outputs.json", aligned_references(rows, ref_rows, lang))
-    yaml, prompt = annotator_config(lang, judge_model)
-    write_text(lang_dir / f"lidr_jax_judge_{lang}" / "configs.yaml", yaml)
-    write_text(lang_dir / f"lidr_jax_judge_{lang}" / "prompt.txt", prompt)
-    command = alpaca_eval_command(lang_dir, lang)
+    yaml, prompt = annotator_config(lang, judge_model, annotator)
+    write_text(lang_dir / annotator_name(lang, annotator) / "configs.yaml", yaml)
+    write_text(lang_dir / annotator_name(lang, annotator) / "prompt.txt", prompt)
+    command = alpaca_eval_command(lang_dir, lang, annotator)
     write_text(lang_dir / "alpaca_eval_command.txt", command + "\n")
     return command
 
@@ -170,11 +245,13 @@ def judge_output_folder(
     langs: Sequence[str],
     judge_model: str = DEFAULT_JUDGE,
     force: bool = False,
+    annotator: str = "weighted",
 ) -> dict[str, str]:
     """`write_judge_files` for every language of an existing outputs folder ({lang}/model_outputs.json):
     {lang: command}. With another of our output folders as `reference`, alpaca_eval judges the two
     models head to head. A language whose `reference_outputs.json` exists is refused (FileExistsError,
     before anything is written) unless `force`: it may pair these outputs with another reference."""
+    annotator_name("en", annotator)  # an unknown kind fails before anything is read or written
     commands = {}
     for lang in langs:
         path = as_path(outputs) / lang / "model_outputs.json"
@@ -188,5 +265,5 @@ def judge_output_folder(
     for lang in langs:
         path = as_path(outputs) / lang / "model_outputs.json"
         rows = read_json(path)
-        commands[lang] = write_judge_files(path.parent, lang, rows, reference, judge_model)
+        commands[lang] = write_judge_files(path.parent, lang, rows, reference, judge_model, annotator=annotator)
     return commands
