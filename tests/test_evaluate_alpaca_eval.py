@@ -77,6 +77,7 @@ def test_annotator_config_resolves_as_alpaca_eval_reads_it(tmp_path, echo_genera
         alpaca_dir=str(data),
         alpaca_reference=str(data / "ref"),
         alpaca_judge="judge-x",
+        alpaca_annotator="plain",
         progress=False,
     )
     summary = run_alpaca_outputs(SimpleNamespace(source="m"), cfg, tmp_path / "out")
@@ -156,7 +157,7 @@ def test_head_to_head_of_two_output_folders(tmp_path, capsys):
         assert json.loads((d / "reference_outputs.json").read_text())[0]["generator"] == "b"
         assert (
             "written in " + {"fr": "French", "ru": "Russian"}[lang]
-            in (d / f"lidr_jax_judge_{lang}" / "prompt.txt").read_text()
+            in (d / f"lidr_jax_weighted_judge_{lang}" / "prompt.txt").read_text()
         )
 
     # Judge files written earlier are not replaced silently: refused before anything is written, then --force.
@@ -174,9 +175,10 @@ def test_head_to_head_of_two_output_folders(tmp_path, capsys):
 
 def test_annotator_config_is_yaml_for_every_paper_language():
     for lang in ("en", "es", "ru", "de", "fr", "zh", "sw", "bn"):
-        text, prompt = annotator_config(lang, "m")
-        assert yaml.safe_load(text)[f"lidr_jax_judge_{lang}"]["prompt_template"] == f"lidr_jax_judge_{lang}/prompt.txt"
-        assert prompt.count("{instruction}") == prompt.count("{output_1}") == prompt.count("{output_2}") == 1
+        for kind, name in (("plain", f"lidr_jax_judge_{lang}"), ("weighted", f"lidr_jax_weighted_judge_{lang}")):
+            text, prompt = annotator_config(lang, "m", kind)
+            assert yaml.safe_load(text)[name]["prompt_template"] == f"{name}/prompt.txt"
+            assert prompt.count("{instruction}") == prompt.count("{output_1}") == prompt.count("{output_2}") == 1
 
 
 def test_alpaca_outputs_command_end_to_end(tmp_path, monkeypatch, capsys):

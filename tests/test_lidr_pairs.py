@@ -241,18 +241,30 @@ def test_language_filter_counts_every_reason_in_the_table():
     to_target = {"de": {"a": GERMAN, "b": ENGLISH, "c": "Red", "d": None}}  # b: an English "translation"; c: a copy
     to_dominant = {"de": {"a": ENGLISH + " Really.", "b": ENGLISH + " Blue.", "c": "Red", "d": ENGLISH, "t": ENGLISH}}
     pairs, stats = build_pairs(prompts, gens, to_target, to_dominant, LIDRPairConfig(english_pairs="all"))
-    assert [(p.kind, p.id) for p in pairs] == [("target", "a"), ("target", "t"), ("dominant", "a"), ("dominant", "b")]
+    assert [(p.kind, p.id) for p in pairs] == [
+        ("target", "a"),
+        ("target", "t"),
+        ("dominant", "a"),
+        ("dominant", "b"),
+        ("dominant", "t"),
+    ]
     # de: a kept; b English chosen; c copied "Red"; d failed translation; t a translation task (chosen y_en
     # in French, as its instruction asks: not language-checked). en: a, b kept; c identical ("Red" ==
-    # "Red"); t's English pair has the French y_en as chosen: language.
+    # "Red"); t's English pair, whose chosen is the French y_en, is not language-checked either.
     assert stats.table["de"] == {
         "candidates": 5,
         "kept": 2,
         "dropped": {**NONE, "translation_failed": 1, "language": 2},
     }
-    assert stats.table["en"] == {"candidates": 4, "kept": 2, "dropped": {**NONE, "identical": 1, "language": 1}}
+    assert stats.table["en"] == {"candidates": 4, "kept": 3, "dropped": {**NONE, "identical": 1}}
     assert pairs[0].meta == {"chosen_detected": "de", "rejected_detected": "short", "translator": "policy"}
     assert pairs[1].meta["translator"] == "none" and pairs[1].meta["chosen_detected"] == "fr"
+    # language_translation_tasks: the check covers translation tasks too; both of t's pairs fail it.
+    strict = PairFilterConfig(language_translation_tasks=True)
+    pairs, stats = build_pairs(prompts, gens, to_target, to_dominant, LIDRPairConfig(english_pairs="all"), strict)
+    assert [(p.kind, p.id) for p in pairs] == [("target", "a"), ("dominant", "a"), ("dominant", "b")]
+    assert stats.table["de"]["dropped"] == {**NONE, "translation_failed": 1, "language": 3}
+    assert stats.table["en"]["dropped"] == {**NONE, "identical": 1, "language": 1}
 
 
 def test_prompt_texts_are_settings():

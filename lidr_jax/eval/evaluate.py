@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Literal
 
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError
-from lidr_jax.eval.alpaca import DEFAULT_JUDGE, judge_output_folder, reference_file, write_judge_files
+from lidr_jax.eval.alpaca import (
+    ANNOTATOR_HELP,
+    ANNOTATORS,
+    DEFAULT_JUDGE,
+    judge_output_folder,
+    reference_file,
+    write_judge_files,
+)
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json, read_utf8
@@ -256,6 +263,7 @@ def run_alpaca_outputs(
                 cfg.alpaca_judge,
                 write_json=write,
                 write_text=write_text,
+                annotator=cfg.alpaca_annotator,
             )
     write(out_dir / "summary.json", dict(generator=generator, decoding=cfg.alpaca_decoding, languages=summary))
     return summary
@@ -374,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "beside each model_outputs.json and prints the alpaca_eval command",
     )
     a.add_argument("--annotator-model", default=DEFAULT_JUDGE, help="judge model named in the annotator configs")
+    a.add_argument("--annotator", choices=ANNOTATORS, default="weighted", help=ANNOTATOR_HELP)
 
     j = sub.add_parser(
         "alpaca-judge-files",
@@ -385,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--langs", type=_langs, default=PAPER_LANGUAGES)
     j.add_argument("--force", action="store_true", help="replace judge files written earlier for these outputs")
     j.add_argument("--annotator-model", default=DEFAULT_JUDGE, help="judge model named in the annotator configs")
+    j.add_argument("--annotator", choices=ANNOTATORS, default="weighted", help=ANNOTATOR_HELP)
 
     h = sub.add_parser("head-to-head", help="win/tie/lose per language of model 1 against model 2, by a judge")
     h.add_argument("--outputs-1", help="alpaca-outputs folder of model 1 ({lang}/model_outputs.json)")
@@ -464,7 +474,11 @@ def _print_commands(commands: dict[str, str]) -> None:
 
 def run_command(args) -> int:
     if args.command == "alpaca-judge-files":
-        _print_commands(judge_output_folder(args.outputs, args.reference, args.langs, args.annotator_model, args.force))
+        _print_commands(
+            judge_output_folder(
+                args.outputs, args.reference, args.langs, args.annotator_model, args.force, args.annotator
+            )
+        )
         return 0
     out = Path(args.out)
     _check_out(out)
@@ -486,6 +500,7 @@ def run_command(args) -> int:
             generator=args.generator,
             alpaca_reference=args.reference,
             alpaca_judge=args.annotator_model,
+            alpaca_annotator=args.annotator,
             seed=args.seed,
         )
         summary = run_alpaca_outputs(_load_checked(args, cfg), cfg, out)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,6 +116,7 @@ def select_pairs(
     valid_PK=None,
     choosable_PK=None,
     max_block_elems: int = 1 << 22,
+    upper_bound_empty: str = "drop",
 ) -> Selection:
     """Choose α and, per prompt, chosen = argmax, rejected = argmin of s = r − α·len over the K answers.
 
@@ -124,9 +125,12 @@ def select_pairs(
     ones are False): only they can be chosen or rejected. `choosable_PK` (bool) marks the answers that
     may be chosen (the quality filters: a wrong-language answer may still be rejected).
     `upper_bound`, as in the authors' code: the α search ignores it; then, at that α, an answer may be
-    chosen only when its length-adjusted score s is strictly below the bound. A prompt gives no pair
-    when no answer may be chosen, fewer than two answers are valid, or chosen and rejected are the
-    same answer (all scores equal). Ties in the argmax/argmin go to the lower answer index.
+    chosen only when its length-adjusted score s is strictly below the bound. When no answer of a
+    prompt is under it, `upper_bound_empty` "drop" (the project's choice) gives the prompt no pair;
+    "first" chooses its first answer that may be chosen, as the authors' argmax over all -inf picks
+    answer 0 (`bounded_P` marks both). A prompt gives no pair when no answer may be chosen, fewer
+    than two answers are valid, or chosen and rejected are the same answer (all scores equal); the
+    authors write that pair (docs/reproducing.md). Ties in the argmax/argmin go to the lower index.
     Vectorised over alphas × prompts × answers, in blocks of alphas that keep the [A, P, K] scores
     under `max_block_elems` elements.
     """
@@ -166,11 +170,17 @@ def select_pairs(
     best = int(np.argmin(np.abs(gap_A)))
     alpha = alphas[best : best + 1]
     chooser = can_choose[None]
+    if upper_bound_empty not in ("drop", "first"):
+        raise ValueError(f"upper_bound_empty must be 'drop' or 'first', got {upper_bound_empty!r}")
     if upper_bound is not None:
         s_1PK = r0[None] - alpha[:, None, None] * L0[None]
         chooser = chooser & (s_1PK < upper_bound)
-    c, j, mean, _ = pick(alpha, chooser)
     bounded_P = usable_P & ~chooser[0].any(-1)
+    if upper_bound_empty == "first":
+        first_P = np.argmax(can_choose, axis=-1)  # the first answer that may be chosen
+        only_first_PK = np.arange(K)[None, :] == first_P[:, None]
+        chooser = np.where(bounded_P[None, :, None], only_first_PK[None] & can_choose[None], chooser)
+    c, j, mean, _ = pick(alpha, chooser)
     return Selection(float(alpha[0]), c[0], j[0], c[0] >= 0, float(mean[0]), alphas, gap_A, bounded_P)
 
 
@@ -184,6 +194,10 @@ class ICRSelectionConfig:
     translation: the translate-the-answer baseline's request (lidr_jax.methods.lidr.TranslationPrompt);
       a translation without a closing tag keeps its text, as in the authors' baseline.
     upper_bound: `select_pairs` (strict, on the length-adjusted score, after the α search).
+    upper_bound_empty: a prompt with no answer under the bound: "drop" it (default: no answer the
+      bound allows, no pair) or choose its "first" answer (the authors' code: argmax over all -inf).
+    strip_for_length: measure len(y) on the answer without leading and trailing whitespace (the
+      authors' code strips every answer when it is generated); False measures the text as sampled.
     score_first_token: score the answer's first token too (True, the project's choice: it is part
       of the answer); False leaves it out, as the authors' masking does.
     max_score_tokens: answer tokens scored, end-of-turn included; a longer answer is cut (counted).
@@ -194,6 +208,8 @@ class ICRSelectionConfig:
 
     condition: Condition = "english"  # english (the paper) | translated | translate_answer (the baselines)
     upper_bound: float | None = None
+    upper_bound_empty: Literal["drop", "first"] = "drop"
+    strip_for_length: bool = False
     alpha_step: float = 0.001  # spacing of the length-adjustment grid searched for alpha
     alpha_max: float = 1.0  # exclusive
     system_prompt: str | None = None
@@ -230,22 +246,26 @@ def icr_pairs(
     *,
     length_cut: Mapping[str, Sequence[bool]] | None = None,
     dominant: str = "en",
+    prompt_cut: Collection[str] = (),
 ) -> tuple[list[Pair], Selection, dict]:
     """ICR pairs for one language: prompt = the raw instruction x_X, chosen/rejected from its K answers.
 
     instructions: {id: x_X}; answers: {id: [K answer texts]} (K may differ per prompt); rewards:
     {id: [K rewards]} aligned with answers (NaN: not scored); length_cut: {id: [K bools]}, answers
     that stopped at the token limit; dominant: the run's dominant language (the language filter's
-    rule for short answers, lidr_jax.methods.filters). An empty answer can be neither chosen nor rejected (unless the
-    `empty` filter is off); an answer failing another filter (language, length_cut, repetition) can
-    be rejected but never chosen. Returns (pairs, selection, stats): stats = {"prompts", "pairs",
-    "alpha", "length_gap", "dropped": {reason: prompts}}, reasons of lidr_jax.methods.filters.
+    rule for short answers, lidr_jax.methods.filters); prompt_cut: ids whose sampling prompt was over
+    the prompt limit and was not sampled (dropped, counted as "prompt_cut"). An empty answer can be
+    neither chosen nor rejected (unless the `empty` filter is off); an answer failing another filter
+    (language, length_cut, repetition) can be rejected but never chosen. Returns (pairs, selection,
+    stats): stats = {"prompts", "pairs", "alpha", "length_gap", "dropped": {reason: prompts}}, reasons
+    of lidr_jax.methods.filters.
     """
     filters = PairFilterConfig() if filters is None else filters
-    ids = [pid for pid in instructions if pid in answers]
     missing = [pid for pid in instructions if pid not in answers or pid not in rewards]
     if missing:
         raise ValueError(f"{lang}: no answers or rewards for {len(missing)} prompt id(s) ({', '.join(missing[:5])})")
+    cut_prompts = [pid for pid in instructions if pid in set(prompt_cut)]
+    ids = [pid for pid in instructions if pid not in set(prompt_cut)]
     K = max((len(answers[pid]) for pid in ids), default=0)
     if K == 0:
         raise ValueError(f"{lang}: no answers to select pairs from")
@@ -260,14 +280,22 @@ def icr_pairs(
         cuts = (length_cut or {}).get(pid) or [False] * len(answers[pid])
         why.append(Counter())
         for k, (text, rew) in enumerate(zip(answers[pid], rewards[pid])):
-            r_PK[i, k], L_PK[i, k] = rew, len(text)
+            r_PK[i, k], L_PK[i, k] = rew, len(text.strip() if settings.strip_for_length else text)
             valid[i, k] = bool(text.strip()) or not filters.empty
             reason = answer_reason(text, lang, filters, cut=bool(cuts[k]), dominant=dominant)
             choosable[i, k] = reason is None
             if reason is not None:
                 why[i][reason] += 1
-    sel = select_pairs(r_PK, L_PK, settings.alpha_grid(), settings.upper_bound, valid, choosable)
-    pairs, dropped = [], Counter()
+    sel = select_pairs(
+        r_PK,
+        L_PK,
+        settings.alpha_grid(),
+        settings.upper_bound,
+        valid,
+        choosable,
+        upper_bound_empty=settings.upper_bound_empty,
+    )
+    pairs, dropped = [], Counter({"prompt_cut": len(cut_prompts)} if cut_prompts else {})
     for i, pid in enumerate(ids):
         if not sel.keep_P[i]:
             dropped[_no_pair_reason(valid[i], choosable[i], why[i], bool(sel.bounded_P[i]))] += 1
@@ -297,7 +325,7 @@ def icr_pairs(
             )
         )
     stats = {
-        "prompts": len(ids),
+        "prompts": len(ids) + len(cut_prompts),
         "pairs": len(pairs),
         "alpha": sel.alpha,
         "length_gap": sel.length_gap,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import string
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -345,6 +345,7 @@ def build_pairs(
     *,
     length_cut: Mapping[str, Collection[str]] | None = None,
     translator: str = "policy",
+    prompt_cut: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[list[Pair], LIDRStats]:
     """LIDR preference pairs (METHOD.md 1.4) through the quality filters.
 
@@ -355,11 +356,14 @@ def build_pairs(
       a target pair's chosen is cut when the English answer it translates was).
     filters:     the quality filters (None: PairFilterConfig(), the defaults).
     translator:  who translated (lidr_jax.methods.translator.TranslatorConfig.name), for provenance.
+    prompt_cut:  {X: ids whose pair for X needs a prompt that was over its stage's prompt limit and
+      was not generated (`prompt_cut_ids`)}: dropped and counted as `prompt_cut`, never trained on.
     A pair for (X, id) needs both translations (only y_X→en for translation-task ids, whose en→X
     translation is not used and may be absent). A missing entry (as opposed to None) means a stage
     did not finish and raises. The language filter checks the chosen answer against the pair's
-    language, except a translation-task pair's (its answer's language is the one the instruction
-    asks for). Returns (pairs, stats): target pairs grouped by X, then English pairs.
+    language, except in the pairs of a translation-task prompt, target and English alike (its
+    answer's language is the one the instruction asks for), unless `language_translation_tasks`.
+    Returns (pairs, stats): target pairs grouped by X, then English pairs.
     """
     filters = PairFilterConfig() if filters is None else filters
     dom = settings.dominant
@@ -376,6 +380,7 @@ def build_pairs(
                     "the translate stage output is incomplete; rerun it (a failed translation is None, not absent)"
                 )
     cut = {lang: set(ids) for lang, ids in (length_cut or {}).items()}
+    too_long = {lang: set(ids) for lang, ids in (prompt_cut or {}).items()}
     x_en = prompts.by_id(dom)
     counts = PairTable([*targets, dom])
     stats = LIDRStats(len(prompts), tuple(targets), {}, {}, {}, {}, 0, translator=translator)
@@ -389,6 +394,10 @@ def build_pairs(
         x_lang = prompts.by_id(lang)
         for pid in prompts.ids:
             is_task = pid in prompts.translation_task
+            if pid in too_long.get(lang, ()):
+                stats.dropped[lang].append(pid)
+                counts.count(lang, "prompt_cut")
+                continue
             if back[pid] is None or (not is_task and fwd[pid] is None):
                 stats.dropped[lang].append(pid)
                 counts.count(lang, "translation_failed")
@@ -406,7 +415,7 @@ def build_pairs(
                 filters,
                 cut=pid in cut.get(dom, ()),
                 source=None if is_task else y_en,
-                check_lang=not is_task,
+                check_lang=filters.language_translation_tasks or not is_task,
                 dominant=dom,
             )
             counts.count(lang, reason)
@@ -431,7 +440,8 @@ def build_pairs(
     stats.dominant_pairs = dict.fromkeys(targets, 0)
     for lang, pid in _english_sources(prompts.ids, valid, targets, settings):
         y_en, back = generations[dom][pid], to_dominant[lang][pid]
-        reason = pair_reason(y_en, back, dom, filters, cut=pid in cut.get(dom, ()), dominant=dom)
+        check_lang = filters.language_translation_tasks or pid not in prompts.translation_task
+        reason = pair_reason(y_en, back, dom, filters, cut=pid in cut.get(dom, ()), check_lang=check_lang, dominant=dom)
         if reason is None and filters.back_translation and not check_language(back, dom, filters.min_letters):
             reason = "language"  # the back-translation stayed in (or drifted to) another language
         counts.count(dom, reason)
@@ -453,6 +463,28 @@ def build_pairs(
         stats.dominant_pairs[lang] += 1
     stats.table = counts.to_dict()
     return pairs, stats
+
+
+def prompt_cut_ids(
+    generation_rows: Iterable[Mapping],
+    translation_rows: Iterable[Mapping],
+    targets: Sequence[str],
+    dominant: str = "en",
+) -> dict[str, set[str]]:
+    """{X: ids whose pair for X needs a prompt its stage skipped as over the prompt limit} from the
+    generate stage's rows ({lang, id, finish_reasons}) and the translate stage's ({source, target, id,
+    finish_reason}): a dominant-language answer feeds every X's pairs, an X answer and both
+    translations of X feed X's."""
+    out: dict[str, set[str]] = {lang: set() for lang in targets}
+    for row in generation_rows:
+        if row["finish_reasons"][0] == "prompt_too_long":
+            for lang in targets if row["lang"] == dominant else [row["lang"]]:
+                out.setdefault(lang, set()).add(row["id"])
+    for row in translation_rows:
+        if row.get("finish_reason") == "prompt_too_long":
+            lang = row["target"] if row["source"] == dominant else row["source"]
+            out.setdefault(lang, set()).add(row["id"])
+    return out
 
 
 def _english_sources(ids, valid: dict[str, list[str]], targets: list[str], settings: LIDRPairConfig):

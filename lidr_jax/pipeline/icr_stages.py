@@ -153,6 +153,7 @@ def icr_pairs(it: Iteration) -> dict:
             cfg.pair_filters,
             length_cut=cut,
             dominant=cfg.dominant,
+            prompt_cut={r["id"] for r in mine if r.get("finish_reasons", [None])[0] == "prompt_too_long"},
         )
         pairs += lang_pairs
         stats[lang] = lang_stats

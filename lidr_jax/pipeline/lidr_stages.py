@@ -122,7 +122,10 @@ def lidr_pairs(it: Iteration) -> dict:
     gens = generations_table(run.outputs(k, "generate")["generations"])
     to_target: dict[str, dict] = {}
     to_dominant: dict[str, dict] = {}
-    for row in read_jsonl(run.outputs(k, "translate")["translations"]):
+    translations = read_jsonl(run.outputs(k, "translate")["translations"])
+    generated = read_jsonl(run.outputs(k, "generate")["generations"])
+    too_long = lidr.prompt_cut_ids(generated, translations, cfg.targets, cfg.dominant)  # skipped, never cut
+    for row in translations:
         if row["source"] == cfg.dominant:
             to_target.setdefault(row["target"], {})[row["id"]] = row["translation"]
         else:
@@ -138,5 +141,6 @@ def lidr_pairs(it: Iteration) -> dict:
         cfg.pair_filters,
         length_cut=length_cut_ids(run.outputs(k, "generate")["generations"]),
         translator=translated_by,
+        prompt_cut=too_long,
     )
     return write_pairs(run, d, pairs, stats.to_dict())
