@@ -1,6 +1,6 @@
 """lidr_jax: multilingual self-improvement of LLMs (LIDR and ICR iterative DPO) in pure JAX.
 
-Public surface (see DESIGN.md):
+Public surface (see docs/design.md):
 
     from lidr_jax import load_pretrained, forward, generate, SamplingConfig, export_hf
     model = load_pretrained("smollm2-135m-instruct")   # HF dir, .gguf file, or an embedded name

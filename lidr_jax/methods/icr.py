@@ -1,6 +1,6 @@
 """ICR (Implicit Cross-Lingual Rewarding, Yang et al. 2025, arXiv 2503.04647): scoring and pair selection.
 
-METHOD.md section 2. An English DPO model π_DPO and its reference π_ref define a reward
+docs/method.md section 2. An English DPO model π_DPO and its reference π_ref define a reward
     r(x̃, y) = log π_DPO(y | x̃) − log π_ref(y | x̃)   (summed over the answer's tokens, end-of-turn included)
 and conditioning on the ENGLISH instruction x̃ carries English preferences over to answers in X.
 Per prompt, K sampled answers are ranked by r − α·len(y) (len in characters) with α chosen per
@@ -104,7 +104,7 @@ class Selection:
 
 
 def default_alpha_grid() -> np.ndarray:
-    """0, 0.001, ..., 0.999 (METHOD.md 2.4); k/1000 rather than arange's running sum."""
+    """0, 0.001, ..., 0.999 (docs/method.md 2.4); k/1000 rather than arange's running sum."""
     return np.arange(1000) / 1000.0
 
 

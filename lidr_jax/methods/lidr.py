@@ -1,6 +1,6 @@
 """LIDR (Language Imbalance Driven Rewarding, Yang et al. 2024, arXiv 2410.08964): the model-free parts.
 
-METHOD.md section 1. The model answers each prompt in English (y_en) and in each target language X
+docs/method.md section 1. The model answers each prompt in English (y_en) and in each target language X
 (y_X), then translates both ways (with itself, by default: lidr_jax.methods.translator): y_en→X and
 y_X→en. Its English is better than its X, so for every X and every prompt id where BOTH translations
 succeeded:
@@ -71,7 +71,7 @@ def check_template(template: str, required: Collection[str], allowed: Collection
 
 @dataclass(frozen=True)
 class TranslationPrompt:
-    """The translation request (METHOD.md 1.3): `template` with the placeholders {text}, {language}
+    """The translation request (docs/method.md 1.3): `template` with the placeholders {text}, {language}
     (the English name of the target language) and the four tags; the assistant turn is pre-filled
     with `prefill` ("" = none) so generation starts inside the result; `system_prompt` is the
     translation's own system turn (None = none)."""
@@ -156,7 +156,7 @@ def translation_request(
     """(messages, prefill) asking to translate `text` into `target_lang` (an ISO code).
 
     The language is named in English: the instruction-following of an English-dominant model is
-    best in English. `parse_translation` reads the result up to the closing tag (METHOD.md 1.3).
+    best in English. `parse_translation` reads the result up to the closing tag (docs/method.md 1.3).
     """
     content = prompt.template.format(
         text=text,
@@ -178,7 +178,7 @@ def parse_translation(
       repeated opening tag at its start (the prefill echoed back) is skipped. Without a prefill (an
       endpoint), anything before the first opening tag is a preamble and is skipped.
     Failed: nothing between the tags, or no closing tag (typically a long text cut by the length
-    limit: METHOD.md counts these as failures, 78 of 1,000 en→fr in the paper) unless
+    limit: docs/method.md counts these as failures, 78 of 1,000 en→fr in the paper) unless
     `keep_unclosed`, which keeps the text after the opening tag (the ICR authors' translate-the-answer
     baseline does).
     """
@@ -289,7 +289,7 @@ class LIDRPairConfig:
 
     english_pairs: which dominant (English) pairs to keep. Each X gives one candidate per prompt,
       (x_en, y_en, y_X→en). "last" keeps only the last X's (in the run's language order), as the
-      authors' script leaves them (METHOD.md 1.4); "all" keeps every X's; "sample_one" (default)
+      authors' script leaves them (docs/method.md 1.4); "all" keeps every X's; "sample_one" (default)
       keeps one X per prompt, drawn with a seeded RNG among the X whose translations succeeded.
       Default "sample_one" because it keeps the paper's data mix (1,000 prompts x 4 X -> 4,000
       target + 1,000 English = the ~5,000 pairs per iteration it reports) instead of weighting
@@ -347,7 +347,7 @@ def build_pairs(
     translator: str = "policy",
     prompt_cut: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[list[Pair], LIDRStats]:
-    """LIDR preference pairs (METHOD.md 1.4) through the quality filters.
+    """LIDR preference pairs (docs/method.md 1.4) through the quality filters.
 
     generations: {lang: {id: answer}} for the dominant language and every X.
     to_target:   {X: {id: y_en→X or None if the translation failed}}.

@@ -1,6 +1,6 @@
 """Prompt sets aligned across languages: loading, validation, per-iteration slices, held-out split.
 
-Both methods need the same prompts in every language, matched by id (METHOD.md 1.1, 2.1). Accepted:
+Both methods need the same prompts in every language, matched by id (docs/method.md 1.1, 2.1). Accepted:
 - a folder of `{lang}.jsonl`, one JSON object a line with `id` (LIDR layout) or `instruction_id`
   (ICR layout) and `instruction`; optional `translation_task` (bool), `answer` (number), `kind`,
   `split` ("train" | "dev" | "heldout") and `reference` (a reference answer in that language);

@@ -1,6 +1,6 @@
 """Who translates in LIDR: the policy itself (the paper), another model, or an OpenAI-compatible server.
 
-METHOD.md 1.3: the paper's model translates its own answers. A small model's self-translation often
+docs/method.md 1.3: the paper's model translates its own answers. A small model's self-translation often
 copies the English text (lidr_jax.methods.filters counts those), and for low-resource languages the
 authors themselves trained a variant whose translations came from an external system. So:
 

@@ -1,6 +1,6 @@
 """Device meshes and logical-axis sharding rules (multi-host helpers: lidr_jax.parallel.multihost).
 
-Sharding is data (DESIGN.md principle 2). Every parameter, optimizer-state leaf, activation and KV
+Sharding is data (docs/design.md rule 2). Every parameter, optimizer-state leaf, activation and KV
 cache dimension carries a *logical* axis name; one rules table maps logical names to the mesh axes
 ("data", "fsdp", "tensor"):
 

@@ -1,4 +1,4 @@
-"""The ICR half of an iteration: sample -> score -> pairs (METHOD.md 2.5).
+"""The ICR half of an iteration: sample -> score -> pairs (docs/method.md 2.5).
 
 K answers per prompt, each scored by the implicit reward log pi_DPO(y|x~) - log pi_ref(y|x~) under
 the English-conditioned prompt; the pairs take the best and worst answers of each prompt.
@@ -30,7 +30,7 @@ def icr_sample(it: Iteration) -> dict:
 
 
 def scorer_models(it: Iteration) -> tuple[Model, Model]:
-    """(pi_DPO, pi_ref) of iteration k (METHOD.md 2.5). icr.scorer=given: icr.dpo_model (default: the
+    """(pi_DPO, pi_ref) of iteration k (docs/method.md 2.5). icr.scorer=given: icr.dpo_model (default: the
     run's model) and icr.reference_model at iteration 1, then the current policy against the original
     reference (icr.reference=original) or the previous iteration's start model (previous).
     icr.scorer=policy: the current policy against the model the previous iteration started from

@@ -1,4 +1,4 @@
-"""The LIDR half of an iteration: generate -> translate -> pairs (METHOD.md).
+"""The LIDR half of an iteration: generate -> translate -> pairs (docs/method.md).
 
 Every prompt is answered in its own language (in the arithmetic style, wrapped in a request to answer
 in it), the translator (the policy by default, or another model, or an OpenAI-compatible endpoint:

@@ -1,7 +1,7 @@
 """`python -m lidr_jax.iterate`: LIDR or ICR self-improvement iterations, end to end, resumable.
 
     python -m lidr_jax.iterate                                   # the packaged default.yaml: embedded SmolLM2
-    python -m lidr_jax.iterate --config configs/lidr_llama3_8b_tpu.yaml --set dpo.beta=0.2
+    python -m lidr_jax.iterate --config configs/lidr_llama3_8b.yaml --set dpo.beta=0.2
     python -m lidr_jax.iterate --run-dir runs/mine --set iterations=3
     python -m lidr_jax.iterate --run-dir runs/mine --redo iter_1/train   # forget a stage and what follows
 

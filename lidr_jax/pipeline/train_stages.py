@@ -1,8 +1,8 @@
 """The training half of an iteration: reference log-probs -> DPO training -> checkpoint -> HF export.
 
 The reference pass runs once with the iteration's starting weights and its result is stored beside
-the pairs (`iter_K/reference/`), so training holds only the policy and its optimizer state (DESIGN.md
-principle 6). Training checkpoints every `checkpoint_every` steps with Orbax; a restarted run resumes
+the pairs (`iter_K/reference/`), so training holds only the policy and its optimizer state (docs/design.md
+rule 6). Training checkpoints every `checkpoint_every` steps with Orbax; a restarted run resumes
 from the last checkpoint and, because the data order is a function of (seed, step), reaches the same
 parameters as an uninterrupted run. Several processes: all compute, the run directory's writer
 writes (metrics, reference log-probs, stats); Orbax checkpoints are written by all together.
