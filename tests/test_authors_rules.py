@@ -93,3 +93,31 @@ def test_icr_length_of_the_stripped_answer():
         sel = ICRSelectionConfig(strip_for_length=strip, alpha_step=1.0, alpha_max=2.0)
         pairs, selection, _ = icr_pairs({"p": "x"}, "fr", answers, rewards, sel, AUTHORS_FILTERS)
         assert (selection.alpha, pairs[0].chosen, pairs[0].rejected) == (alpha, chosen, rejected)
+
+
+def test_icr_scoring_prompt_without_the_input_field(tmp_path):
+    """The authors sample for instruction + input (utils/batch_inference.py, input_format) but score
+    under the instruction alone (cross_implicit_reward_prompt): icr.selection.scoring_input false."""
+    import json
+
+    from lidr_jax.methods.icr import icr_scoring_prompt, without_input
+    from lidr_jax.methods.prompt_sets import load_jsonl_dir
+
+    rows = {
+        "en": [{"id": 1, "instruction": "Sum the numbers.", "input": "2, 3"}, {"id": 2, "instruction": "Hi"}],
+        "fr": [{"id": 1, "instruction": "Additionne.", "input": "2, 3"}, {"id": 2, "instruction": "Salut"}],
+    }
+    for lang, rs in rows.items():
+        (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    prompts = load_jsonl_dir(tmp_path, ["en", "fr"])
+    assert prompts.inputs == {"en": {"1": "2, 3"}, "fr": {"1": "2, 3"}}
+    assert prompts.select(["2"]).inputs == {"en": {}, "fr": {}} and prompts.with_languages(["en"]).inputs.keys() == {
+        "en"
+    }
+    english = prompts.by_id("en")
+    assert english["1"] == "Sum the numbers.\n2, 3"  # sampling, and scoring by default, see the input
+    alone = {pid: without_input(x, prompts.inputs["en"].get(pid)) for pid, x in english.items()}
+    assert alone == {"1": "Sum the numbers.", "2": "Hi"}
+    assert without_input("Say 2, 3", "2, 3") == "Say 2, 3"  # not joined on a new line: left as it is
+    messages = icr_scoring_prompt(alone["1"], "fr", prefix_template="In {language}:")
+    assert messages == [{"role": "user", "content": "In French:\n\nSum the numbers."}]

@@ -78,6 +78,13 @@ def icr_scoring_prompt(
     return chat_prompt(f"{language_prefix(lang, prefix_template)}\n\n{english_instruction}", system_prompt)
 
 
+def without_input(instruction: str, input_text: str | None) -> str:
+    """The instruction without its Alpaca `input` field (joined on a new line when the prompts were
+    read: lidr_jax.methods.prompt_sets); unchanged when it has none."""
+    tail = "\n" + input_text if input_text else None
+    return instruction[: -len(tail)] if tail and instruction.endswith(tail) else instruction
+
+
 def implicit_rewards(logp_dpo, logp_ref) -> np.ndarray:
     """r = log π_DPO(y|x̃) − log π_ref(y|x̃), elementwise, float64. No β: it does not change a ranking."""
     a, b = np.asarray(logp_dpo, np.float64), np.asarray(logp_ref, np.float64)
@@ -198,6 +205,9 @@ class ICRSelectionConfig:
       bound allows, no pair) or choose its "first" answer (the authors' code: argmax over all -inf).
     strip_for_length: measure len(y) on the answer without leading and trailing whitespace (the
       authors' code strips every answer when it is generated); False measures the text as sampled.
+    scoring_input: the scoring prompt's instruction keeps a prompt's Alpaca `input` field (True: the
+      answer was sampled for instruction + input, so it is judged against both); False scores under
+      the instruction alone, as the authors' scoring prompt does (`without_input`).
     score_first_token: score the answer's first token too (True, the project's choice: it is part
       of the answer); False leaves it out, as the authors' masking does.
     max_score_tokens: answer tokens scored, end-of-turn included; a longer answer is cut (counted).
@@ -210,6 +220,7 @@ class ICRSelectionConfig:
     upper_bound: float | None = None
     upper_bound_empty: Literal["drop", "first"] = "drop"
     strip_for_length: bool = False
+    scoring_input: bool = True
     alpha_step: float = 0.001  # spacing of the length-adjustment grid searched for alpha
     alpha_max: float = 1.0  # exclusive
     system_prompt: str | None = None

@@ -59,6 +59,9 @@ class PromptSet:
     splits: Mapping[str, str] = field(default_factory=dict)  # id -> "train" | "dev" | "heldout" where labelled
     references: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # lang -> {id: reference answer}
     check_split: str = "heldout"  # the labelled split the before/after check draws from (`split_heldout`)
+    # lang -> {id: the Alpaca `input` field}, already joined to its instruction on a new line; kept apart
+    # for what needs the instruction alone (ICR's scoring prompt with icr.selection.scoring_input false)
+    inputs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if set(self.instructions) != set(self.languages):
@@ -113,6 +116,7 @@ class PromptSet:
             kinds={k: v for k, v in self.kinds.items() if k in idset},
             splits={k: v for k, v in self.splits.items() if k in idset},
             references={lang: {k: v for k, v in refs.items() if k in idset} for lang, refs in self.references.items()},
+            inputs={lang: {k: v for k, v in inp.items() if k in idset} for lang, inp in self.inputs.items()},
         )
 
     def with_languages(self, languages: Iterable[str]) -> PromptSet:
@@ -125,6 +129,7 @@ class PromptSet:
             languages=languages,
             instructions={lang: self.instructions[lang] for lang in languages},
             references={lang: refs for lang, refs in self.references.items() if lang in languages},
+            inputs={lang: inp for lang, inp in self.inputs.items() if lang in languages},
         )
 
 
@@ -211,6 +216,7 @@ class _Row:
     kind: str | None = None
     split: str | None = None
     reference: str | None = None
+    input: str | None = None  # the Alpaca `input` field, already joined to `instruction`
 
 
 def _assemble(rows: Mapping[str, list[_Row]], where: Mapping[str, str], source: str, task_ids=None) -> PromptSet:
@@ -264,8 +270,18 @@ def _assemble(rows: Mapping[str, list[_Row]], where: Mapping[str, str], source: 
                 first_split.setdefault(r.id, r.where)
     references = {lang: {r.id: r.reference for r in rows[lang] if r.reference is not None} for lang in languages}
     references = {lang: refs for lang, refs in references.items() if refs}
+    inputs = {lang: {r.id: r.input for r in rows[lang] if r.input} for lang in languages}
     return PromptSet(
-        languages, tuple(ref_ids), instructions, frozenset(flagged), answers, kinds, source, splits, references
+        languages,
+        tuple(ref_ids),
+        instructions,
+        frozenset(flagged),
+        answers,
+        kinds,
+        source,
+        splits,
+        references,
+        inputs={lang: inp for lang, inp in inputs.items() if inp},
     )
 
 
@@ -325,6 +341,7 @@ def _row_from_record(rec, where: str, f: _Fields) -> _Row:
         kind if isinstance(kind, str) else None,
         split,
         reference,
+        extra or None,
     )
 
 

@@ -58,6 +58,10 @@ def icr_score(it: Iteration) -> dict:
     rows = read_jsonl(run.outputs(k, "sample")["samples"])
     sel = cfg.icr.selection
     english = prompts.by_id(cfg.dominant)
+    if not sel.scoring_input:  # the authors' scoring prompt: the instruction without its `input` field
+        english = {
+            pid: icr.without_input(x, prompts.inputs.get(cfg.dominant, {}).get(pid)) for pid, x in english.items()
+        }
     answers = [(row, j, text) for row in rows for j, text in enumerate(row["outputs"])]
     scored_texts: list[str | None] = [text for _, _, text in answers]
     sampled, translated = cfg.sampling("sample", k), cfg.sampling("translate_answers", k)
