@@ -114,3 +114,28 @@ def test_prompt_cut_ids_and_icr_prompt_cut():
     no_lang = PairFilterConfig(language=False)
     pairs, _, stats = icr_pairs({"p": "x", "q": "y"}, "fr", answers, rewards, filters=no_lang, prompt_cut={"q"})
     assert [p.id for p in pairs] == ["p"] and stats["dropped"] == {"prompt_cut": 1} and stats["prompts"] == 2
+
+
+def test_evaluation_counts_a_prompt_over_the_context(make_hf_model, tmp_path):
+    """X-AlpacaEval generation: an instruction longer than the context after max_new_tokens gets an
+    empty answer, counted per language (prompt_too_long), never cut; the other one is answered."""
+    import json
+
+    from lidr_jax.eval.evaluate import EvalConfig, run_alpaca_outputs
+    from lidr_jax.formats.load import load_pretrained
+
+    model = load_pretrained(make_hf_model("llama"))  # a 256-token context
+    items = [{"instruction": "Dis bonjour."}, {"instruction": "Répète: " + "mot " * 400}]
+    (tmp_path / "fr.json").write_text(json.dumps(items))
+    cfg = EvalConfig(
+        benchmarks=("alpaca",),
+        alpaca_languages=("fr",),
+        alpaca_dir=str(tmp_path),
+        alpaca_max_new_tokens=4,
+        batch_size=2,
+        progress=False,
+    )
+    summary = run_alpaca_outputs(model, cfg, tmp_path / "out")
+    assert summary["fr"]["prompt_too_long"] == 1 and summary["fr"]["n"] == 2
+    rows = json.loads((tmp_path / "out" / "fr" / "model_outputs.json").read_text())
+    assert rows[1]["output"] == "" and rows[0]["instruction"] == "Dis bonjour."

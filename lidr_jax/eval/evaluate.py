@@ -100,8 +100,15 @@ class EvalConfig:
 
 
 def _sampling(cfg_fields: dict, max_new_tokens: int, batch_size: int, seed: int, progress: bool):
+    # A prompt over the context after max_new_tokens is never cut: it gets an empty answer, counted
+    # (finish reason "prompt_too_long": X-AlpacaEval's summary reports it per language).
     return sampler.SamplingConfig(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress, **cfg_fields
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        long_prompts="skip",
+        **cfg_fields,
     )
 
 
@@ -224,7 +231,8 @@ def run_alpaca_outputs(
     (through `write(path, obj)`; `generate_fn` as in `run_mgsm`). With `cfg.alpaca_reference`, also
     alpaca_eval's files for each language (lidr_jax.eval.alpaca.write_judge_files).
 
-    Returns {lang: {"n", "off_target_rate", "truncated_rate", "mean_chars", "path"}}, plus
+    Returns {lang: {"n", "off_target_rate", "truncated_rate", "prompt_too_long", "mean_chars", "path"}}
+    (prompt_too_long: instructions over the context after max_new_tokens, answered empty, never cut), plus
     "alpaca_eval_command" per language when a reference is given."""
     check_data(cfg, ("alpaca",))  # a missing file or reference fails before any generation
     generate = generate_fn or _sampler_generate()
@@ -251,6 +259,7 @@ def run_alpaca_outputs(
             n=n,
             off_target_rate=sum(detect_language(t) != lang for t in texts) / n if n else 0.0,
             truncated_rate=sum(r.finish_reason == "length" for r in res) / n if n else 0.0,
+            prompt_too_long=sum(r.finish_reason == "prompt_too_long" for r in res),
             mean_chars=sum(map(len, texts)) / n if n else 0.0,
             path=str(path),
         )
