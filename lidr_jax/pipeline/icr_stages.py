@@ -66,6 +66,7 @@ def icr_score(it: Iteration) -> dict:
     scored_texts: list[str | None] = [text for _, _, text in answers]
     sampled, translated = cfg.sampling("sample", k), cfg.sampling("translate_answers", k)
     limit = sel.max_score_tokens or sampled.max_new_tokens + 1
+    too_long = 0  # translate_answer: translation requests over the prompt limit (skipped; never cut)
     if sel.condition == "translate_answer":
         jobs = []
         for n, (row, j, text) in enumerate(answers):
@@ -84,6 +85,7 @@ def icr_score(it: Iteration) -> dict:
         for r in out:  # the authors' baseline: an unclosed translation keeps its text; an empty one is invalid
             scored_texts[r["index"]] = lidr.parse_translation(r["outputs"][0], sel.translation, keep_unclosed=True)
         limit = sel.max_score_tokens or max(sampled.max_new_tokens, translated.max_new_tokens) + 1
+        too_long = sum(r["finish_reasons"][0] == "prompt_too_long" for r in out)
     items, index = [], []
     for n, ((row, _, _), text) in enumerate(zip(answers, scored_texts)):
         if text is None or (cfg.pair_filters.empty and not text.strip()):
@@ -129,6 +131,7 @@ def icr_score(it: Iteration) -> dict:
         "not_scored": len(answers) - len(items),
         "max_score_tokens": limit,
         "truncated_answers": enc.truncated_responses,
+        "translation_prompt_too_long": too_long,
     }
     run.write_json(d / "stats.json", stats)
     return {"scores": str(d / "scores.jsonl"), "stats": stats}
