@@ -46,7 +46,7 @@ from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json, read_utf8
 from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
-from lidr_jax.methods.langid import detect_language
+from lidr_jax.methods.langid import off_target_rate
 from lidr_jax.sampling import sampler
 from lidr_jax.settings import check_settings, setting
 
@@ -257,7 +257,7 @@ def run_alpaca_outputs(
         n = len(texts)
         summary[lang] = dict(
             n=n,
-            off_target_rate=sum(detect_language(t) != lang for t in texts) / n if n else 0.0,
+            off_target_rate=off_target_rate(texts, lang),
             truncated_rate=sum(r.finish_reason == "length" for r in res) / n if n else 0.0,
             prompt_too_long=sum(r.finish_reason == "prompt_too_long" for r in res),
             mean_chars=sum(map(len, texts)) / n if n else 0.0,

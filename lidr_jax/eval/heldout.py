@@ -39,7 +39,7 @@ import numpy as np
 
 from lidr_jax.formats.load import Model
 from lidr_jax.methods.icr import answer_logprobs, scoring_pairs
-from lidr_jax.methods.langid import DEFAULT_CANDIDATES, detect_language
+from lidr_jax.methods.langid import DEFAULT_CANDIDATES, in_language
 from lidr_jax.methods.lidr import chat_prompt
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.train.dpo import DPOConfig
@@ -88,11 +88,6 @@ def paired_change(
     if b.shape != a.shape:
         raise ValueError(f"before and after must be aligned per prompt, got {b.shape} and {a.shape}")
     return bootstrap_mean(a - b, seed=seed, resamples=resamples, level=level)
-
-
-def in_language(answers: Sequence[str], lang: str, candidates: Sequence[str] = DEFAULT_CANDIDATES) -> np.ndarray:
-    """[N] bool: whether each answer is detected as `lang` (an answer without letters is not)."""
-    return np.array([detect_language(a, candidates) == lang for a in answers], bool)
 
 
 def summarize_language(

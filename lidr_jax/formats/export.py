@@ -34,7 +34,7 @@ import shutil
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -47,6 +47,7 @@ from lidr_jax.model.config import ModelConfig
 from lidr_jax.parallel.sharding import to_host
 
 EXPORT_DTYPES = ("bfloat16", "float32")
+ExportDtype = Literal[EXPORT_DTYPES]  # the settings' type: a Literal of a tuple is a Literal of its items
 EXPORT_MARK = "lidr_jax_export.json"  # written last: its presence says lidr_jax wrote the directory
 MODEL_CARD = "README.md"
 CONVERSION = "none: a format conversion by lidr_jax, no training"
@@ -158,9 +159,9 @@ def _temp_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.lidr-export-{socket.gethostname()}-"
 
 
-def _alive(pid: int) -> bool:
+def _alive(process_id: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(process_id, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process

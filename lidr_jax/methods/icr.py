@@ -110,9 +110,10 @@ class Selection:
     bounded_P: np.ndarray  # bool: the upper bound left the prompt no answer to choose
 
 
-def default_alpha_grid() -> np.ndarray:
-    """0, 0.001, ..., 0.999 (docs/method.md 2.4); k/1000 rather than arange's running sum."""
-    return np.arange(1000) / 1000.0
+def length_alpha_grid(step: float = 0.001, maximum: float = 1.0) -> np.ndarray:
+    """The α searched by `select_pairs`: 0, step, 2·step, ... below `maximum` (default 0, 0.001, ..., 0.999:
+    docs/method.md 2.4), each the double nearest k·step (9 * 0.001 in floating point is 0.009000000000000001)."""
+    return np.round(np.arange(round(maximum / step)) * step, 12)
 
 
 def select_pairs(
@@ -152,7 +153,7 @@ def select_pairs(
     if can_choose.shape != r.shape:
         raise ValueError(f"choosable_PK has shape {can_choose.shape}, expected {r.shape}")
     usable_P = can_choose.any(-1) & (valid.sum(-1) >= 2)
-    alphas = default_alpha_grid() if alpha_grid is None else np.asarray(alpha_grid, np.float64).reshape(-1)
+    alphas = length_alpha_grid() if alpha_grid is None else np.asarray(alpha_grid, np.float64).reshape(-1)
     if alphas.size == 0:
         raise ValueError("the alpha grid is empty")
     P, K = r.shape
@@ -243,8 +244,7 @@ class ICRSelectionConfig:
             )
 
     def alpha_grid(self) -> np.ndarray:
-        n = round(self.alpha_max / self.alpha_step)
-        return np.round(np.arange(n) * self.alpha_step, 12)  # 9 * 0.001 is 0.009000000000000001
+        return length_alpha_grid(self.alpha_step, self.alpha_max)
 
 
 def icr_pairs(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from lidr_jax.eval.evaluate import EvalConfig, check_data
+from lidr_jax.formats.export import ExportDtype
 from lidr_jax.formats.load import EMBEDDED_MODELS, ModelNotFoundError, embedded_model_path
 from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import ICRSelectionConfig
@@ -166,7 +167,7 @@ class RunConfig:
     metrics: MetricsConfig = setting(
         MetricsConfig(), "live numbers: training every step, each stage's when it finishes"
     )
-    export_dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "dtype of each iteration's HF export")
+    export_dtype: ExportDtype = setting("bfloat16", "dtype of each iteration's HF export")
     checkpoint_every: int = setting(50, "training steps between Orbax checkpoints (and one at the end)", ge=1)
     checkpoint_keep: int = setting(2, "the newest training checkpoints kept", ge=1)
     keep_train_checkpoints: bool = setting(

@@ -47,8 +47,8 @@ def filter_top_k_top_p(logits_BV, top_k, top_p):
 
 def first_argmax(x_BV):
     """The index of each row's largest value, the first one on ties: `jnp.argmax` without its variadic
-    (value, index) reduction, which XLA:CPU ran 3-6x slower than a max then a min of the indices at it
-    (B = 16, V = 49152; BENCHMARKS.md, "Decode step profile")."""
+    (value, index) reduction, which XLA:CPU ran several times slower than a max then a min of the indices
+    (BENCHMARKS.md, "Decode step profile", has the measurement)."""
     V = x_BV.shape[-1]
     at_max_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
     return jnp.minimum(jnp.min(jnp.where(at_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
@@ -79,16 +79,17 @@ def token_logprobs(logits_BV, tokens_B):
     return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-def row_keys(seed, prompt_ids_B, sample_ids_B, step):
-    """Per-row PRNG keys for one decode step: fold_in(seed, prompt id, sample index, step), `step`
+def row_keys(seed, prompt_hashes_B, sample_ids_B, step):
+    """Per-row PRNG keys for one decode step: fold_in(seed, prompt hash, sample index, step), `step`
     being the row's own step (one for all rows, or one per row [B]).
 
-    The prompt id is a hash of the prompt's content, so a row's randomness depends on what it is, not
-    on where it sits: samples do not change with batch size, batch order or the other prompts.
+    The prompt hash is computed from the prompt's content (not a data set's prompt id), so a row's
+    randomness depends on what it is, not on where it sits: samples do not change with batch size,
+    batch order or the other prompts.
     """
     base = jax.random.key(seed)
 
-    def one(pid, sid, t):
-        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, pid), sid), t)
+    def one(prompt_hash, sample, t):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, prompt_hash), sample), t)
 
-    return jax.vmap(one)(prompt_ids_B, sample_ids_B, jnp.broadcast_to(step, jnp.shape(prompt_ids_B)))
+    return jax.vmap(one)(prompt_hashes_B, sample_ids_B, jnp.broadcast_to(step, jnp.shape(prompt_hashes_B)))

@@ -35,12 +35,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Literal
 
 import jax
 
 from lidr_jax.files import atomic_write_json, plain
-from lidr_jax.formats.export import EXPORT_DTYPES, ExportError, check_destination, export_hf
+from lidr_jax.formats.export import EXPORT_DTYPES, ExportDtype, ExportError, check_destination, export_hf
 from lidr_jax.formats.load import LOAD_ERRORS, load_pretrained, model_path
 from lidr_jax.model.llama import param_specs
 from lidr_jax.parallel import sharding
@@ -62,7 +61,6 @@ from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
 from lidr_jax.train.pairs import PairFormatError, encode_pairs, read_training_pairs
 
 RUN_MARK = "dpo_config.json"  # written first into --out: a folder holding it is a run of this command
-ExportDtype = Literal[EXPORT_DTYPES]  # a Literal of a tuple is a Literal of its items: formats.export's dtypes
 
 
 class TrainingDivergedError(ValueError):
@@ -146,11 +144,6 @@ def load_settings(config_path: str | None, overrides: list[str]) -> DPORunConfig
     cfg = from_dict(DPORunConfig, data)
     check_finite(cfg)  # dpo.learning_rate=inf would export NaN weights
     return cfg
-
-
-def settings_from_overrides(overrides: list[str]) -> DPOConfig:
-    """The DPO settings of `key=value` items alone (no YAML file)."""
-    return load_settings(None, overrides).dpo
 
 
 def _crash_point(step: int) -> None:
