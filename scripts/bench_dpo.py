@@ -153,11 +153,14 @@ def jax_train_steps(config, params, enc, cfg, steps: int, warmup: int, ref=None)
 
 def side_jax(out: Path, steps: int, warmup: int):
     from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train.dpo import DPOConfig
 
     model = load_pretrained(out / "hf")
     enc = synthetic_pairs(model.config.vocab_size)
-    cfg = DPOConfig(batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0, reference_batch_size=PAIRS)
+    cfg = DPOConfig(
+        batch_size=PAIRS, nll_weight=0.0, learning_rate=1e-6, warmup=0, compute=ScoringConfig(batch_size=PAIRS)
+    )
     times, ref = jax_train_steps(model.config, model.params, enc, cfg, steps, warmup)
     np.savez(out / "ref.npz", **ref)
     return {
@@ -267,6 +270,7 @@ def real_pairs(n: int):
 def real_prepare(out: Path, n: int, row_tokens: int):
     """Tokenize the pairs, compute the reference log-probs (lidr_jax), write both and the step order."""
     from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train.dpo import DPOConfig
     from lidr_jax.train.pairs import encode_pairs
     from lidr_jax.train.trainer import reference_logprobs, step_indices, steps_per_epoch
@@ -274,7 +278,7 @@ def real_prepare(out: Path, n: int, row_tokens: int):
     model = load_pretrained(out / "hf")
     enc = encode_pairs(real_pairs(n), model.tokenizer, 1 << 20, 1024)
     lengths = enc.lengths()
-    cfg = DPOConfig(batch_size=REAL_BATCH, reference_batch_size=REAL_BATCH)
+    cfg = DPOConfig(batch_size=REAL_BATCH, compute=ScoringConfig(batch_size=REAL_BATCH))
     steps = [step_indices(k, n, cfg).tolist() for k in range(steps_per_epoch(n, cfg))]
     # default: rows that hold the largest step's pairs, so each step is one row as long as it needs
     row_tokens = row_tokens or int(-(-max(lengths[s].sum() for s in steps) // REAL_BUCKET) * REAL_BUCKET)
@@ -316,6 +320,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
     import jax
 
     from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train.dpo import DPOConfig
     from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
 
@@ -330,13 +335,13 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         row_tokens=row_tokens or d["row_tokens"],
         pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
         bucket_multiple=REAL_BUCKET,
-        remat="none" if remat == "auto" else remat,
+        compute=ScoringConfig(remat="none" if remat == "auto" else remat),
     )
     steps = [np.asarray(s) for s in d["steps"]]
     if remat == "auto":  # no remat where the largest step's residuals fit the memory free now, else dots
         longest = max(int(enc.lengths()[s].sum()) for s in steps)
         need = REAL_STATE_BYTES + REAL_RESIDUAL_BYTES_PER_TOKEN * longest
-        cfg = cfg.replace(remat="none" if need <= _available_bytes() else "dots")
+        cfg = cfg.replace(compute=cfg.compute.replace(remat="none" if need <= _available_bytes() else "dots"))
     opt = make_optimizer(cfg, len(steps))
     step_fn = make_train_step(model.config, cfg, opt, lr_schedule(cfg, len(steps)))
     state = init_state(model.params, opt)
@@ -369,7 +374,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         "step_shapes": sorted({tuple(b["tokens"].shape[1:]) for b in batches}),
         "step_s": times,
         "row_tokens": cfg.row_tokens,
-        "remat": cfg.remat,
+        "remat": cfg.compute.remat,
         "peak_mb": _peak_mb(),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
     }
@@ -636,6 +641,7 @@ def gpu_main(args):
 
     from lidr_jax.model.config import ModelConfig
     from lidr_jax.model.llama import init_params
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train.dpo import DPOConfig
 
     names = ["tiny"] if args.dry_run else args.models.split(",")
@@ -648,10 +654,7 @@ def gpu_main(args):
         enc = synthetic_pairs(config.vocab_size, pairs=args.batch)
         cfg = DPOConfig(
             batch_size=args.batch,
-            compute_dtype="bfloat16",
-            remat=args.remat,
-            logprob_chunk=512,
-            reference_batch_size=args.batch,
+            compute=ScoringConfig(compute_dtype="bfloat16", remat=args.remat, logprob_chunk=512, batch_size=args.batch),
             warmup=0,
         )
         ref = {"chosen": np.full(args.batch, -300.0, np.float32), "rejected": np.full(args.batch, -300.0, np.float32)}

@@ -77,7 +77,7 @@ def main() -> None:
         rows = list(read_jsonl(answers))
         shares.append({lang: in_language_by_id(rows, lang, skip_ids=skip) for lang in langs})
         model = load_pretrained(model_path)
-        logliks.append(reference_logliks(model, held, dpo=cfg.dpo))
+        logliks.append(reference_logliks(model, held, scoring=cfg.dpo.compute, bucket_multiple=cfg.dpo.bucket_multiple))
         labels.append(label)
         print(f"scored {label} ({model_path})", flush=True)
 

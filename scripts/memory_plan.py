@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         print(
             f"\n{path}: batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}, "
             + (f"packed rows of {row} tokens" if cfg.row_tokens else f"one row per pair of up to {row} tokens")
-            + f", remat {cfg.remat}, compute {cfg.compute_dtype}, log-prob chunk {cfg.logprob_chunk}\n"
+            + f", remat {cfg.compute.remat}, compute {cfg.compute.compute_dtype}, "
+            + f"log-prob chunk {cfg.compute.logprob_chunk}\n"
         )
         print(
             "| target | mesh | params | AdamW | grads | activations xla / fused | transient xla / fused "

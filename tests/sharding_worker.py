@@ -76,15 +76,16 @@ def pairs(n: int | None = None):
     return out[:n] if n else out
 
 
-DPO = {"batch_size": 4, "learning_rate": 1e-3, "warmup": 0, "schedule": "constant", "logprob_chunk": 0}
+DPO = {"batch_size": 4, "learning_rate": 1e-3, "warmup": 0, "schedule": "constant"}
 
 
 def dpo_run(model, enc):
     """Reference log-probs then DPO steps (train's own loop); per-step losses and the log-probs."""
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train.dpo import DPOConfig
     from lidr_jax.train.trainer import reference_logprobs, train
 
-    cfg = DPOConfig(**DPO)
+    cfg = DPOConfig(**DPO, compute=ScoringConfig(logprob_chunk=0))
     ref = reference_logprobs(model.params, model.config, enc, cfg, progress=False)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "metrics.jsonl"

@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lidr_jax"
 # two packages on the same layer (sampling, train) never import each other.
 LAYERS = [
     {"files"},
-    {"settings", "shapes", "endpoint"},
+    {"settings"},  # every settings class declares its fields with settings.setting, the endpoint's too
+    {"shapes", "endpoint"},
     {"parallel"},
     {"model"},
     {"formats"},
@@ -139,6 +140,18 @@ def test_every_module_has_a_layer():
 
 def test_imports_flow_downward_without_cycles():
     assert violations(package_sources()) == []
+
+
+def test_methods_and_evaluation_import_nothing_from_training():
+    """Scoring answers is the model layer's (lidr_jax.model.scoring): ICR and the held-out check need no trainer."""
+    found = [
+        f"{module}:{line} imports {name}"
+        for module, (source, is_package) in package_sources().items()
+        if room(module) in ("methods", "eval")
+        for name, line, _ in imports(module, source, is_package)
+        if room(name) == "train"
+    ]
+    assert found == []
 
 
 def test_lazy_imports_say_why():

@@ -282,6 +282,7 @@ KILL_AFTER_CHECKPOINTS = 2
 
 
 def _train_config(run_path: str, model_dir: str):
+    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.pipeline.config import RunConfig
     from lidr_jax.train.dpo import DPOConfig
 
@@ -292,7 +293,7 @@ def _train_config(run_path: str, model_dir: str):
         batch_size=2,
         grad_accum=1,
         seed=0,
-        reference_batch_size=4,
+        compute=ScoringConfig(batch_size=4),
         max_prompt_len=64,
         max_response_len=32,
     )

@@ -23,7 +23,8 @@ dpo:
   batch_size: 2
   learning_rate: 1e-3
   warmup: 0
-  logprob_chunk: 16
+  compute:
+    logprob_chunk: 16
   max_response_len: 32
 mesh:
   preset: fsdp

@@ -8,15 +8,18 @@ import pytest
 from lidr_jax.methods.filters import PairFilterConfig
 from lidr_jax.methods.icr import (
     ICRSelectionConfig,
-    answer_logprobs,
     icr_pairs,
     icr_scoring_prompt,
     implicit_rewards,
     language_prefix,
-    scoring_pairs,
     select_pairs,
 )
-from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.model.scoring import ScoringConfig, encode_answers, score_answers
+
+
+def answer_logprobs(params, config, rows, scoring):
+    return score_answers(params, config, rows, scoring)[0].astype(np.float64)
+
 
 PAPER = PairFilterConfig(language=False, empty=False, identical=False)
 
@@ -197,15 +200,14 @@ def test_scoring_never_cuts_a_prompt_and_scores_a_2400_token_answer_with_its_end
     eot = tok.hf.convert_tokens_to_ids("<|im_end|>")
     long_prompt = [{"role": "user", "content": "q" * 5000}]
     answer = "a" * 2400  # 2,400 tokens with the character tokenizer
-    enc = scoring_pairs(tok, [(long_prompt, answer)], max_score_tokens=2401)  # the sampling limit + 1
+    enc = encode_answers(tok, [(long_prompt, answer)], max_answer_tokens=2401)  # the sampling limit + 1
     assert len(enc.prompt_ids[0]) == len(tok.chat_ids(long_prompt, add_generation_prompt=True)) > 5000
-    assert enc.truncated_prompts == 0
-    chosen = enc.chosen_ids[0].tolist()
+    chosen = enc.answer_ids[0].tolist()
     assert len(chosen) == 2401 and chosen[-1] == eot and chosen[:2400] == tok.encode(answer)
     # without the first token: it moves into the prompt
-    enc2 = scoring_pairs(tok, [(long_prompt, answer)], max_score_tokens=2401, score_first_token=False)
+    enc2 = encode_answers(tok, [(long_prompt, answer)], max_answer_tokens=2401, score_first_token=False)
     assert enc2.prompt_ids[0].tolist() == enc.prompt_ids[0].tolist() + chosen[:1]
-    assert enc2.chosen_ids[0].tolist() == chosen[1:]
+    assert enc2.answer_ids[0].tolist() == chosen[1:]
 
 
 def test_reward_equals_logprob_difference_under_english_prompt():
@@ -222,12 +224,12 @@ def test_reward_equals_logprob_difference_under_english_prompt():
         for lang, ans in [("en", "blue"), ("fr", "bleu"), ("de", "blau, wie der Himmel"), ("es", "azul")]
     ]
     # one batch (one compilation); rows are sorted by length inside, so order handling is tested too
-    enc = scoring_pairs(tok, items, max_score_tokens=64)
-    dpo = DPOConfig(reference_batch_size=4, logprob_chunk=8)
-    logp_dpo = answer_logprobs(params_dpo, config, enc, dpo, progress=False)
-    logp_ref = answer_logprobs(params_ref, config, enc, dpo, progress=False)
+    enc = encode_answers(tok, items, max_answer_tokens=64)
+    scoring = ScoringConfig(batch_size=4, logprob_chunk=8)
+    logp_dpo = answer_logprobs(params_dpo, config, enc, scoring)
+    logp_ref = answer_logprobs(params_ref, config, enc, scoring)
     reward = implicit_rewards(logp_dpo, logp_ref)
-    rows = [(p.tolist(), r.tolist()) for p, r in zip(enc.prompt_ids, enc.chosen_ids)]
+    rows = [(p.tolist(), r.tolist()) for p, r in zip(enc.prompt_ids, enc.answer_ids)]
     eot = tok.hf.convert_tokens_to_ids("<|im_end|>")
     for (messages, answer), (p, r) in zip(items, rows):
         assert p == tok.chat_ids(messages, add_generation_prompt=True)
@@ -253,11 +255,9 @@ def test_reward_equals_logprob_difference_under_english_prompt():
         tol = 1e-5 * max(1.0, abs(want_dpo[i]), abs(want_ref[i]))  # float32 sums of ~20 log-probs
         assert abs(logp_dpo[i] - want_dpo[i]) <= tol and abs(logp_ref[i] - want_ref[i]) <= tol
         assert abs(reward[i] - (want_dpo[i] - want_ref[i])) <= 2 * tol
-    assert enc.truncated_prompts == 0 and enc.truncated_responses == 0
+    assert enc.truncated_answers == 0
     # the first answer token left out (the authors' masking): the sum loses exactly that token's log-prob
-    first_out = answer_logprobs(
-        params_dpo, config, scoring_pairs(tok, items, 64, score_first_token=False), dpo, progress=False
-    )
+    first_out = answer_logprobs(params_dpo, config, encode_answers(tok, items, 64, score_first_token=False), scoring)
     logits = np.asarray(fwd(params_dpo, jnp.asarray(tokens))).astype(np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     for i, (p, r) in enumerate(rows):

@@ -15,6 +15,7 @@ from lidr_jax.methods.lidr import (
     translation_request,
 )
 from lidr_jax.methods.prompt_sets import PromptSet
+from lidr_jax.pipeline.pair_output import preference_pair
 
 PAPER = PairFilterConfig(language=False, empty=False, identical=False)  # the papers filter nothing
 IDS = ("a", "b", "c", "t")  # "t" is a translation-task prompt
@@ -164,7 +165,7 @@ def test_system_prompt_and_trl_record():
     assert rec["rejected"] == [{"role": "assistant", "content": "y_fr[a]"}]
     assert (rec["id"], rec["language"], rec["kind"]) == ("a", "fr", "target")
     assert chat_prompt("q") == [{"role": "user", "content": "q"}]
-    pp = pairs[0].as_preference_pair()
+    pp = preference_pair(pairs[0])
     assert (pp.prompt, pp.chosen, pp.rejected) == (rec["prompt"], rec["chosen"], rec["rejected"])
     assert pp.extra == {
         "id": "a",

@@ -8,12 +8,41 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, tiny_model
 
-from lidr_jax.methods.icr import scoring_batch
-from lidr_jax.model.llama import forward
-from lidr_jax.model.logprobs import pair_logprobs, sequence_logprobs
+from lidr_jax.model.llama import forward, hidden_states
+from lidr_jax.model.logprobs import pair_logprobs, target_logprobs
 from lidr_jax.train.pairs import PreferencePair, encode_pairs, pair_batch
 
 TOL = 1e-5  # float32, sums of ~20 log-probs
+
+
+def scoring_batch(prompt_ids, response_ids, pad_id: int, length: int) -> dict[str, np.ndarray]:
+    """[B, length] plain rows, the reference layout the packed one is checked against: tokens, next-token
+    targets, a target mask that is 1 exactly on response tokens, and the attention mask (right padding)."""
+    B = len(prompt_ids)
+    tokens = np.full((B, length), pad_id, np.int32)
+    response = np.zeros((B, length), bool)
+    attention = np.zeros((B, length), bool)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        n = len(p) + len(r)
+        if n > length:
+            raise ValueError(f"a row of {n} tokens does not fit the batch length {length}")
+        tokens[b, :n] = np.asarray(list(p) + list(r), np.int32)
+        response[b, len(p) : n] = True
+        attention[b, :n] = True
+    targets = np.concatenate([tokens[:, 1:], np.full((B, 1), pad_id, np.int32)], axis=1)
+    target_mask = np.concatenate([response[:, 1:], np.zeros((B, 1), bool)], axis=1)
+    return {"tokens": tokens, "targets": targets, "target_mask": target_mask, "attention_mask": attention}
+
+
+def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
+    """Summed log-prob of the target tokens of plain rows (`scoring_batch`) where `target_mask` is set,
+    and their count: (logp_B, count_B) float32."""
+    h_BTD, _ = hidden_states(params, batch["tokens"], config, attention_mask_BT=batch["attention_mask"], remat=remat)
+    mask = batch["target_mask"].astype(bool)
+    tok = target_logprobs(params, h_BTD, batch["targets"], config, chunk=chunk)
+    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+
+
 # One jitted function each for every test: same shapes hit the compile cache.
 _logp = jax.jit(sequence_logprobs, static_argnames=("config", "chunk", "remat"))
 _pair = jax.jit(pair_logprobs, static_argnames=("config", "chunk", "remat"))

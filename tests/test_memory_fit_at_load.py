@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.pipeline import models, runner
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.memory import check_model_fits, plan_memory, size
@@ -49,14 +50,14 @@ def setup(tmp_path, monkeypatch):
 
 def test_a_config_the_mesh_cannot_hold_stops_before_any_model_work(setup, monkeypatch, capsys):
     prompts, model, run = setup
-    dpo = DPOConfig(row_tokens=128, batch_size=4, attention="xla")
+    dpo = DPOConfig(row_tokens=128, batch_size=4, compute=ScoringConfig(attention="xla"))
     needed = plan_memory(tiny_config(), dpo, (1, 2, 1)).total
     monkeypatch.setattr(runner.sharding, "make_mesh", lambda cfg: _Mesh(needed - 1, 2))
     argv = ["--run-dir", str(run)]
     for s in (f"model={model}", "languages=[en,es]", f"prompts.path={prompts}", "iterations=1"):
         argv += ["--set", s]
     argv += ["--set", "plan.per_iteration=1", "--set", "plan.held_out=1"]
-    argv += ["--set", "dpo.row_tokens=128", "--set", "dpo.batch_size=4", "--set", "dpo.attention=xla"]
+    argv += ["--set", "dpo.row_tokens=128", "--set", "dpo.batch_size=4", "--set", "dpo.compute.attention=xla"]
     assert runner.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and not run.exists()
@@ -70,7 +71,7 @@ def test_a_config_the_mesh_cannot_hold_stops_before_any_model_work(setup, monkey
 
 def test_fit_check_at_load_reads_only_config_json(tmp_path):
     model = write_tiny_hf_dir(tmp_path / "model")
-    cfg = DPOConfig(row_tokens=128, batch_size=4, attention="xla")
+    cfg = DPOConfig(row_tokens=128, batch_size=4, compute=ScoringConfig(attention="xla"))
     needed = plan_memory(tiny_config(), cfg, (1, 2, 1)).total
     assert check_model_fits(str(model), cfg, _Mesh(needed, 2)).total == needed
     assert check_model_fits(str(tmp_path / "model.gguf"), cfg, _Mesh(1, 2)) is None  # checked once loaded

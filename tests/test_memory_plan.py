@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lidr_jax.model.llama import abstract_params, count_params
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.memory import (
     DoesNotFitError,
@@ -32,7 +33,7 @@ def test_state_bytes_follow_the_mesh():
 
 
 def test_fused_attention_keeps_no_scores():
-    cfg = DPOConfig(row_tokens=256, batch_size=2, logprob_chunk=64)
+    cfg = DPOConfig(row_tokens=256, batch_size=2, compute=ScoringConfig(logprob_chunk=64))
     xla = plan_memory(tiny_config(), cfg, (1, 1, 1))
     fused = plan_memory(tiny_config(), cfg, (1, 1, 1), fused_attention=True)
     # xla keeps the softmax probabilities of each packed row's block pairs (two 128-token blocks: 3 pairs),
@@ -94,7 +95,7 @@ class _Mesh:  # what check_training_fits reads of a jax Mesh: its devices and ax
 
 
 def test_training_on_a_smaller_mesh_is_refused_before_it_starts():
-    cfg = DPOConfig(row_tokens=128, batch_size=4, attention="xla")
+    cfg = DPOConfig(row_tokens=128, batch_size=4, compute=ScoringConfig(attention="xla"))
     needed = plan_memory(tiny_config(), cfg, (1, 4, 1)).total
     assert check_training_fits(tiny_config(), cfg, _Mesh(needed, 4)).total == needed
     with pytest.raises(DoesNotFitError, match=r"= \(1, 2, 1\) mesh .* but each TPU v5 lite has \d+\.\d\d MiB"):

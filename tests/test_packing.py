@@ -12,6 +12,7 @@ import pytest
 
 import lidr_jax.train.trainer as trainer_module
 from lidr_jax.model.logprobs import pair_logprobs
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.packing import (
     block_pairs,
@@ -123,7 +124,9 @@ def test_packed_step_equals_one_row_per_pair(model, loss_type):
     rng = np.random.default_rng(3)
     ref = {"chosen": rng.normal(-40, 5, len(enc)).astype(np.float32)}
     ref["rejected"] = rng.normal(-40, 5, len(enc)).astype(np.float32)
-    base = DPOConfig(batch_size=4, grad_accum=2, logprob_chunk=0, loss_type=loss_type, nll_weight=0.5)
+    base = DPOConfig(
+        batch_size=4, grad_accum=2, compute=ScoringConfig(logprob_chunk=0), loss_type=loss_type, nll_weight=0.5
+    )
     packed = base.replace(row_tokens=40)
     idx = np.arange(len(enc))
     grads, metrics = accumulated_grads(params, step_batch(enc, ref, idx, base, 0), config, base)
@@ -210,8 +213,9 @@ def test_block_pairs_are_the_blocks_the_dense_rule_allows():
 def test_reference_pass_packed_equals_one_row_per_pair(model):
     config, params = model
     enc = _pairs()
-    plain = trainer_module.reference_logprobs(params, config, enc, DPOConfig(reference_batch_size=3), progress=False)
-    cfg = DPOConfig(reference_batch_size=3, row_tokens=40)
+    three = ScoringConfig(batch_size=3)
+    plain = trainer_module.reference_logprobs(params, config, enc, DPOConfig(compute=three), progress=False)
+    cfg = DPOConfig(compute=three, row_tokens=40)
     packed = trainer_module.reference_logprobs(params, config, enc, cfg, progress=False)
     for side in ("chosen", "rejected"):
         np.testing.assert_allclose(packed[side], plain[side], atol=1e-5, rtol=1e-5)
@@ -224,7 +228,9 @@ def test_step_shapes_equal_run_shapes_and_pad_less(model):
     lengths = [(20, 30, 25), (18, 28, 30)] + LENGTHS[:6]
     enc = _pairs(lengths)
     ref = {"chosen": np.full(len(enc), -40.0, np.float32), "rejected": np.full(len(enc), -45.0, np.float32)}
-    run = DPOConfig(batch_size=2, grad_accum=2, logprob_chunk=0, row_tokens=96, bucket_multiple=16)
+    run = DPOConfig(
+        batch_size=2, grad_accum=2, compute=ScoringConfig(logprob_chunk=0), row_tokens=96, bucket_multiple=16
+    )
     step = run.replace(pack_shapes="step")
     short = np.arange(4, 8)  # the short pairs only
     a, b = step_batch(enc, ref, short, run, 0), step_batch(enc, ref, short, step, 0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from dpo_helpers import PAIRS, tiny_model
 
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.pairs import PreferencePair, encode_pairs
 from lidr_jax.train.trainer import (
@@ -46,7 +47,9 @@ def test_grad_accumulation_1x8_equals_4x2(setup):
     idx = np.arange(8)
     results = []
     for b, a in ((8, 1), (2, 4)):
-        cfg = DPOConfig(batch_size=b, grad_accum=a, learning_rate=1e-3, warmup=0, logprob_chunk=16)
+        cfg = DPOConfig(
+            batch_size=b, grad_accum=a, learning_rate=1e-3, warmup=0, compute=ScoringConfig(logprob_chunk=16)
+        )
         batch = step_batch(enc, ref, idx, cfg, pad_id=0, length=96)
         assert batch["tokens"].shape == (a, b, 96)
         opt = make_optimizer(cfg, 10)
@@ -89,8 +92,7 @@ def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
         grad_accum=2,
         beta=0.1,
         nll_weight=1.0,
-        logprob_chunk=16,
-        reference_batch_size=16,
+        compute=ScoringConfig(logprob_chunk=16, batch_size=16),
     )
     ref = reference_logprobs(params, config, enc, cfg, progress=False)
 
@@ -149,7 +151,11 @@ def test_short_run_lowers_loss_and_raises_accuracy(setup, tmp_path):
 def test_nan_loss_stops_with_last_good_state(setup):
     config, params, _, enc = setup
     cfg = DPOConfig(
-        learning_rate=1e-3, warmup=0, batch_size=4, epochs=1, logprob_chunk=16, remat="full", compute_dtype="bfloat16"
+        learning_rate=1e-3,
+        warmup=0,
+        batch_size=4,
+        epochs=1,
+        compute=ScoringConfig(logprob_chunk=16, remat="full", compute_dtype="bfloat16"),
     )
     ref = {"chosen": np.full(len(enc), -20.0, np.float32), "rejected": np.full(len(enc), -20.0, np.float32)}
     bad_pair = int(step_indices(2, len(enc), cfg)[0])  # first pair of the third step

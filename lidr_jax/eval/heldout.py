@@ -33,16 +33,15 @@ a model (`reference_logliks`, `measure_checkpoint`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from lidr_jax.formats.load import Model
-from lidr_jax.methods.icr import answer_logprobs, scoring_pairs
 from lidr_jax.methods.langid import DEFAULT_CANDIDATES, in_language
 from lidr_jax.methods.lidr import chat_prompt
 from lidr_jax.methods.prompt_sets import PromptSet
-from lidr_jax.train.dpo import DPOConfig
+from lidr_jax.model.scoring import ScoringConfig, encode_answers, score_answers
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -243,16 +242,17 @@ def reference_logliks(
     *,
     batch_size: int = 8,
     max_answer_tokens: int = 256,
-    dpo: DPOConfig | None = None,
+    scoring: ScoringConfig | None = None,
+    bucket_multiple: int = 0,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{lang: {id: mean per-token log-probability of the reference answer}} for every prompt of
     `prompts` that has a reference in that language. The prompt is the instruction as a user turn of
     the model's chat template (as the check asks it); the answer's tokens are what the assistant turn
-    adds, end-of-turn included, scored by the DPO reference pass (lidr_jax.methods.icr.scoring_pairs,
-    answer_logprobs), cut to `max_answer_tokens`, with `dpo`'s compute settings (default: DPOConfig's)
-    and `batch_size` answers per forward."""
-    dpo = replace(dpo or DPOConfig(), reference_batch_size=batch_size)
+    adds, end-of-turn included (lidr_jax.model.scoring.encode_answers), cut to `max_answer_tokens`,
+    scored by lidr_jax.model.scoring.score_answers with `scoring`'s compute settings (default:
+    ScoringConfig's), `batch_size` answers per forward, lengths bucketed by `bucket_multiple`."""
+    scoring = (scoring or ScoringConfig()).replace(batch_size=batch_size)
     out: dict[str, dict[str, float]] = {}
     for lang in prompts.languages:
         refs = prompts.references.get(lang, {})
@@ -260,10 +260,12 @@ def reference_logliks(
         if not ids:
             continue
         by_id = prompts.by_id(lang)
-        enc = scoring_pairs(model.tokenizer, [(chat_prompt(by_id[pid]), refs[pid]) for pid in ids], max_answer_tokens)
-        total = answer_logprobs(model.params, model.config, enc, dpo, progress)
-        counts = np.array([len(c) for c in enc.chosen_ids], np.float64)
-        out[lang] = {pid: float(t / n) for pid, t, n in zip(ids, total, counts)}
+        rows = encode_answers(model.tokenizer, [(chat_prompt(by_id[pid]), refs[pid]) for pid in ids], max_answer_tokens)
+        total, _ = score_answers(
+            model.params, model.config, rows, scoring, bucket_multiple=bucket_multiple, progress=progress
+        )
+        counts = rows.answer_lengths().astype(np.float64)
+        out[lang] = {pid: float(t / n) for pid, t, n in zip(ids, total.astype(np.float64), counts)}
     return out
 
 
@@ -275,8 +277,12 @@ def measure_checkpoint(
     start_rows: Sequence[Mapping] | None = None,
     seed: int = 0,
     batch_size: int = 8,
-    dpo: DPOConfig | None = None,
+    scoring: ScoringConfig | None = None,
+    bucket_multiple: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """`checkpoint_metrics` of the check's answer `rows`, with the reference log-likelihoods of `model`."""
-    logliks = reference_logliks(model, held_out, batch_size=batch_size, dpo=dpo)
+    """`checkpoint_metrics` of the check's answer `rows`, with the reference log-likelihoods of `model`
+    (`reference_logliks`)."""
+    logliks = reference_logliks(
+        model, held_out, batch_size=batch_size, scoring=scoring, bucket_multiple=bucket_multiple
+    )
     return checkpoint_metrics(rows, held_out, logliks=logliks, start_rows=start_rows, seed=seed)

@@ -10,16 +10,15 @@ Here:
 - `ICRSelectionConfig`: selection, the texts ICR sends (the language prefix, system prompts, the
   translate-the-answer baseline's request), and how answers are scored;
 - `icr_scoring_prompt`: x̃ for the paper's method and its two baselines (`condition`);
-- `scoring_pairs` / `answer_logprobs`: answers tokenized and scored by the DPO training code itself
-  (lidr_jax.train.pairs.encode_pairs and lidr_jax.train.trainer.reference_logprobs), each answer the
-  "chosen" side of a pair; no prompt is cut, and an answer is cut only past `max_score_tokens`;
+- answers are tokenized and scored by lidr_jax.model.scoring (`encode_answers`, `score_answers`, the
+  pass DPO's reference log-probs use too); no prompt is cut, and an answer is cut only past
+  `max_score_tokens`;
 - `implicit_rewards`, `select_pairs` (the α search, vectorised over prompts × alphas), `icr_pairs`
   (which never picks an answer that fails the quality filters as chosen, lidr_jax.methods.filters).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +30,6 @@ from lidr_jax.methods.filters import PairFilterConfig, answer_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.lidr import Message, Pair, TranslationPrompt, chat_prompt, check_template
 from lidr_jax.settings import check_choices
-from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.pairs import EncodedPairs, PreferencePair, encode_pairs
-from lidr_jax.train.trainer import reference_logprobs
 
 Condition = Literal["english", "translated", "translate_answer"]
 CONDITIONS = ("english", "translated", "translate_answer")
@@ -355,63 +351,3 @@ def _no_pair_reason(valid_K, choosable_K, why: Counter, bounded: bool) -> str:
         rest = Counter({k: n for k, n in why.items() if k != "empty"})
         return rest.most_common(1)[0][0] if rest else "empty"
     return "upper_bound" if bounded else "no_pair"
-
-
-# ---------------------------------------------------------------- scoring with a model
-
-# The rejected side of a scoring pair: one short answer whose log-prob is computed and discarded.
-_PLACEHOLDER = "."
-
-
-def scoring_pairs(
-    tokenizer,
-    items: Sequence[tuple[Sequence[Message], str]],
-    max_score_tokens: int,
-    score_first_token: bool = True,
-) -> EncodedPairs:
-    """Each (scoring messages, answer) as a pair for the DPO code: prompt = the chat template's prompt
-    with the generation prompt, chosen = what the assistant turn adds (answer + end-of-turn,
-    lidr_jax.train.pairs.response_ids), rejected = a one-character placeholder. No prompt is cut;
-    an answer is cut to `max_score_tokens` (keeping its start, counted in `truncated_responses`).
-    score_first_token False moves the answer's first token into the prompt, so it is not scored."""
-    pairs = [PreferencePair(list(messages), answer, _PLACEHOLDER) for messages, answer in items]
-    enc = encode_pairs(pairs, tokenizer, max_prompt_len=1 << 62, max_response_len=max_score_tokens)
-    if not score_first_token:
-        for n, chosen in enumerate(enc.chosen_ids):
-            if len(chosen) < 2:
-                raise ValueError("an answer with no token before its end-of-turn cannot leave its first token out")
-            enc.prompt_ids[n] = np.concatenate([enc.prompt_ids[n], chosen[:1]])
-            enc.chosen_ids[n] = chosen[1:]
-    return enc
-
-
-def answer_logprobs(params, config, enc: EncodedPairs, dpo: DPOConfig, progress: bool = True) -> np.ndarray:
-    """Summed log-prob of each scoring pair's answer under `params` ([N] float64), by the DPO
-    reference pass (lidr_jax.train.trainer.reference_logprobs: rows sorted by length, bucketed batch
-    lengths, `dpo.reference_batch_size` answers per forward, `dpo.compute_dtype`)."""
-    return np.asarray(reference_logprobs(params, config, enc, dpo, progress)["chosen"], np.float64)
-
-
-def scoring_dpo_config(dpo: DPOConfig, batch_size: int, compute_dtype: str) -> DPOConfig:
-    """The DPO settings of the scoring pass: the run's chunking and buckets, the scorer's batch size
-    and compute dtype."""
-    return dataclasses.replace(dpo, reference_batch_size=batch_size, compute_dtype=compute_dtype)
-
-
-def scoring_batch(prompt_ids, response_ids, pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """[B, length] arrays for lidr_jax.model.logprobs.sequence_logprobs: tokens, next-token targets, a target
-    mask that is 1 exactly on response tokens, and the attention mask (right padding)."""
-    B = len(prompt_ids)
-    tokens = np.full((B, length), pad_id, np.int32)
-    response = np.zeros((B, length), bool)
-    attention = np.zeros((B, length), bool)
-    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        n = len(p) + len(r)
-        if n > length:
-            raise ValueError(f"a row of {n} tokens does not fit the batch length {length}")
-        tokens[b, :n] = np.asarray(list(p) + list(r), np.int32)
-        response[b, len(p) : n] = True
-        attention[b, :n] = True
-    targets = np.concatenate([tokens[:, 1:], np.full((B, 1), pad_id, np.int32)], axis=1)
-    target_mask = np.concatenate([response[:, 1:], np.zeros((B, 1), bool)], axis=1)
-    return {"tokens": tokens, "targets": targets, "target_mask": target_mask, "attention_mask": attention}

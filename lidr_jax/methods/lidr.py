@@ -35,7 +35,6 @@ from lidr_jax.methods.filters import PairFilterConfig, PairTable, check_language
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.prompt_sets import PromptSet
 from lidr_jax.settings import check_settings, setting
-from lidr_jax.train.pairs import PreferencePair
 
 Message = dict[str, str]
 
@@ -276,11 +275,6 @@ class Pair:
             "rejected_from": self.rejected_from,
             **({"meta": dict(self.meta)} if self.meta else {}),
         }
-
-    def as_preference_pair(self) -> PreferencePair:
-        """The same record as a lidr_jax.train.pairs.PreferencePair (for write_trl_jsonl / encode_pairs)."""
-        rec = self.as_trl()
-        return PreferencePair(rec.pop("prompt"), rec.pop("chosen"), rec.pop("rejected"), extra=rec)
 
 
 @dataclass(frozen=True)

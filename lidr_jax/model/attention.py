@@ -1,4 +1,4 @@
-"""Attention implementations for the decoder (`dpo.attention: auto | xla | cudnn | splash`).
+"""Attention implementations for the decoder (`dpo.compute.attention: auto | xla | cudnn | splash`).
 
 - xla: lidr_jax.model.llama.attention, einsums with every score materialised ([B, K, G, T, S] float32);
   any mask: causal, packed segments with a shared prompt, a KV cache. Runs everywhere.
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+from lidr_jax.model.segments import segment_group
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _TEST_ONLY = ("jax_nn", "splash_interpret")
@@ -118,7 +120,7 @@ def splash_attention(q_BTNH, k_BKSH, v_BKSH, segment_ids_BT, *, interpret: bool 
 def splash_segment_ids(segments_BT, mask_BT):
     """Splash's segment id of each token: its group (segments s // 3: a prompt and one answer), and one
     id for all padding."""
-    return jnp.where(mask_BT, segments_BT // 3, -1)
+    return jnp.where(mask_BT, segment_group(segments_BT), -1)
 
 
 def fused_attention(impl: str, q_BTNH, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT):

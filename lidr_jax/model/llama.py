@@ -39,14 +39,12 @@ import numpy as np
 
 from lidr_jax.model.attention import fused_attention
 from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.segments import MASKED, segment_sees
 from lidr_jax.parallel.sharding import constrain
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
 
-# A finite "minus infinity": a row whose keys are all masked (a padding query) then gets a uniform
-# softmax instead of NaN, and NaN never reaches the gradients.
-_MASKED = float(np.finfo(np.float32).min)
 _ACT = ("batch", "seq", "act_embed")
 _K = ("batch", "kv_heads", "head_dim", "seq")  # a layer's key buffer (keys transposed)
 _V = ("batch", "kv_heads", "seq", "head_dim")  # a layer's value buffer; both sharded only under an active mesh
@@ -165,7 +163,7 @@ def attention(q_BTNH, k, v_BKSH, allowed_BTS, config: ModelConfig, keys: str = "
     K, G = config.num_key_value_heads, config.num_groups
     q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4) * jnp.asarray(H**-0.5, q_BTNH.dtype)
     scores = jnp.einsum(f"BKGTH,{keys}->BKGTS", q_BKGTH, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], scores, _MASKED), axis=-1)
+    probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], scores, MASKED), axis=-1)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(q_BTNH.dtype), v_BKSH)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -230,9 +228,8 @@ def _view(mask_BT, segments_BT, cache, kv_len):
     # Without a cache (or with a fresh one) the keys are this call's T tokens: token i sees real token
     # j <= i (within a packed row, the shared prefix and its own segment only).
     allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
-    if segments_BT is not None:  # segment s: sequence s // 3, part s % 3 (0 its shared prefix)
-        seg_i, seg_j = segments_BT[:, :, None], segments_BT[:, None, :]
-        allowed_BTT &= (seg_i // 3 == seg_j // 3) & ((seg_j % 3 == 0) | (seg_j == seg_i))
+    if segments_BT is not None:  # packed rows (lidr_jax.model.segments)
+        allowed_BTT &= segment_sees(segments_BT[:, :, None], segments_BT[:, None, :])
     if cache is None or isinstance(cache["end_B"], int):
         return allowed_BTT, 0, False, T
     last_BT = cache["end_B"][:, None] + jnp.arange(T)[None]  # the slot of each query's own token
@@ -266,12 +263,10 @@ def hidden_states(
     tokens before each one (plus `end_B` with a cache), so left padding (no cache) and right padding
     (a cache) do not shift positions.
 
-    `segments_BT` packs sequences that share a prefix into one row (lidr_jax.train.pairs.pair_batch:
+    `segments_BT` packs sequences that share a prefix into one row (lidr_jax.model.scoring.answer_batch:
     a prompt, then its chosen and its rejected answer), and several such groups into one row
-    (lidr_jax.train.packing): segment s belongs to group s // 3; s % 3 == 0 is the group's shared
-    prefix, seen by every later token of its group; a token of s % 3 in (1, 2) sees only its group's
-    prefix and its own segment; no token sees another group. Positions must then be given (each
-    segment continues from the prefix's end). Not with a cache.
+    (lidr_jax.train.packing), by the rule of lidr_jax.model.segments. Positions must then be given
+    (each segment continues from the prefix's end). Not with a cache.
 
     With a `cache` (module docstring) the layers run unrolled, on `layers` when given (per-layer
     dicts, `unstack_layers`) or else on slices of `params["layers"]`; `kv_len` (static, default all

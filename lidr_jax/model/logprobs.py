@@ -1,8 +1,9 @@
-"""Sequence log-probs under the model: the DPO policy and reference passes, ICR's implicit reward.
+"""Log-probs of answer tokens under the model: every scoring pass and the DPO train step.
 
 `target_logprobs` gives log p(target) of chosen positions with the vocabulary head run only there and
-in float32 chunks; `sequence_logprobs` sums them over plain [B, T] rows (lidr_jax.methods.icr.scoring_batch),
-`pair_logprobs` over packed preference pairs (lidr_jax.train.pairs.pair_batch).
+in float32 chunks; `entry_logprobs` runs the model over segmented rows and gives every scored entry's
+log-prob; `pair_logprobs` sums them per answer of the rows of lidr_jax.model.scoring.answer_batch (the
+prompt run once for an answer and a second answer).
 """
 
 from __future__ import annotations
@@ -46,21 +47,10 @@ def target_logprobs(params, h_BTD, targets_BE, config, *, index_BE=None, chunk: 
     return jnp.moveaxis(per_chunk, 0, 1).reshape(B, n * chunk)[:, :E]
 
 
-def sequence_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none"):
-    """Summed log-prob of the target tokens where `target_mask` is set, and their count.
-
-    batch: tokens/targets/target_mask/attention_mask [B, T], targets being the next tokens
-    (lidr_jax.methods.icr.scoring_batch). Returns (logp_B float32, count_B float32).
-    """
-    h_BTD, _ = hidden_states(params, batch["tokens"], config, attention_mask_BT=batch["attention_mask"], remat=remat)
-    mask = batch["target_mask"].astype(bool)
-    tok = target_logprobs(params, h_BTD, batch["targets"], config, chunk=chunk)
-    return jnp.sum(jnp.where(mask, tok, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
-
-
-def answer_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+def entry_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
     """log p of every scored entry [B, E] of a batch of segmented rows (tokens, positions, segments,
-    attention_mask [B, T]; targets, logit_index [B, E]): pair_batch's and lidr_jax.train.packing's."""
+    attention_mask [B, T]; targets, logit_index [B, E]): lidr_jax.model.scoring.answer_batch's and
+    lidr_jax.train.packing's."""
     h_BTD, _ = hidden_states(
         params,
         batch["tokens"],
@@ -75,10 +65,10 @@ def answer_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "no
 
 
 def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
-    """Summed response log-probs of packed pairs (lidr_jax.train.pairs.pair_batch: one row per pair, the
-    prompt run once): (logp_chosen [B], logp_rejected [B], count_chosen [B]), float32. `attention`: a
-    resolved lidr_jax.model.attention implementation."""
-    tok = answer_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
+    """Summed log-probs of each row's two answers (lidr_jax.model.scoring.answer_batch: one row per prompt,
+    the prompt run once; a preference pair's chosen and rejected answers): (logp_chosen [B], logp_rejected
+    [B], count_chosen [B]), float32. `attention`: a resolved lidr_jax.model.attention implementation."""
+    tok = entry_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
     chosen, rejected = batch["chosen_mask"].astype(bool), batch["rejected_mask"].astype(bool)
     logp_c, logp_r = (jnp.sum(jnp.where(m, tok, 0.0), axis=-1) for m in (chosen, rejected))
     return logp_c, logp_r, jnp.sum(chosen, axis=-1).astype(jnp.float32)

@@ -25,7 +25,15 @@ def language_check(cfg: RunConfig, run: RunDir, model: Model, held_out: PromptSe
     rows = generate_resumable(run, model, jobs, cfg.sampling("check", 0), out, desc)
     start = run.stage_dir(0, "check", create=False) / out.name
     start_rows = read_jsonl(start) if start != out and start.exists() else None
-    return measure_checkpoint(model, held_out, rows, start_rows=start_rows, seed=cfg.seed, dpo=cfg.dpo)
+    return measure_checkpoint(
+        model,
+        held_out,
+        rows,
+        start_rows=start_rows,
+        seed=cfg.seed,
+        scoring=cfg.dpo.compute,
+        bucket_multiple=cfg.dpo.bucket_multiple,
+    )
 
 
 def check_stage(it: Iteration) -> dict:

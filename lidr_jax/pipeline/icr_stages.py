@@ -12,6 +12,7 @@ from lidr_jax.files import read_jsonl
 from lidr_jax.formats.load import Model
 from lidr_jax.methods import icr, lidr
 from lidr_jax.methods.filters import PairTable
+from lidr_jax.model.scoring import encode_answers, score_answers
 from lidr_jax.pipeline.iteration import Iteration
 from lidr_jax.pipeline.pair_output import write_pairs
 from lidr_jax.pipeline.resumable import Job, finish_stats, generate_resumable, prompt_jobs
@@ -49,8 +50,9 @@ def scorer_models(it: Iteration) -> tuple[Model, Model]:
 def icr_score(it: Iteration) -> dict:
     """Implicit reward of every sample: log pi_DPO(y|x~) - log pi_ref(y|x~) under the English-conditioned
     prompt (or a baseline condition); the scorers come from `scorer_models`. Answers are scored by the
-    DPO reference pass (lidr_jax.methods.icr.scoring_pairs / answer_logprobs): no prompt is cut, an
-    answer only past icr.selection.max_score_tokens (default: the sampling limit + 1, so never).
+    scoring pass DPO's reference log-probs use (lidr_jax.model.scoring.encode_answers / score_answers):
+    no prompt is cut, an answer only past icr.selection.max_score_tokens (default: the sampling limit + 1,
+    so never).
     Empty answers are not scored (reward NaN) while the `empty` filter is on."""
     cfg, run, k, prompts = it.cfg, it.run, it.k, it.prompts
     scorers = scorer_models(it)
@@ -102,12 +104,15 @@ def icr_score(it: Iteration) -> dict:
         )
         items.append((messages, text))
         index.append(n)
-    enc = icr.scoring_pairs(scorers[0].tokenizer, items, limit, sel.score_first_token)
-    dpo = icr.scoring_dpo_config(cfg.dpo, cfg.icr.score_batch_size, cfg.dtype)
+    enc = encode_answers(scorers[0].tokenizer, items, limit, sel.score_first_token)
+    scoring = cfg.dpo.compute.replace(batch_size=cfg.icr.score_batch_size, compute_dtype=cfg.dtype)
     logps = []
     for m in scorers:  # pi_DPO, then pi_ref
         full = np.full(len(answers), np.nan)
-        full[index] = icr.answer_logprobs(m.params, m.config, enc, dpo)
+        logp, _ = score_answers(
+            m.params, m.config, enc, scoring, bucket_multiple=cfg.dpo.bucket_multiple, progress=True
+        )
+        full[index] = logp
         logps.append(full)
     rewards = icr.implicit_rewards(logps[0], logps[1])
     scored, start = [], 0

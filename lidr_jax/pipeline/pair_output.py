@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from lidr_jax.files import AnyPath
 from lidr_jax.methods import lidr
 from lidr_jax.pipeline.run_dir import RunDir
-from lidr_jax.train.pairs import write_llamafactory
+from lidr_jax.train.pairs import PreferencePair, write_llamafactory
+
+
+def preference_pair(pair: lidr.Pair) -> PreferencePair:
+    """The same record as a lidr_jax.train.pairs.PreferencePair (for write_trl_jsonl / encode_pairs)."""
+    rec = pair.as_trl()
+    return PreferencePair(rec.pop("prompt"), rec.pop("chosen"), rec.pop("rejected"), extra=rec)
 
 
 class NoPairsError(RuntimeError):
@@ -30,7 +36,7 @@ def write_pairs(run: RunDir, d: AnyPath, pairs: Sequence[lidr.Pair], stats: dict
         )
     run.write_jsonl(d / "pairs.jsonl", [p.as_trl() for p in pairs])
     llamafactory = write_llamafactory(  # the same pairs for LLaMA-Factory: dataset_dir d/llamafactory
-        [p.as_preference_pair() for p in pairs],
+        [preference_pair(p) for p in pairs],
         d / "llamafactory" / "pairs.jsonl",
         f"lidr_jax_{d.parent.name}",
         write_jsonl=run.write_jsonl,

@@ -1,4 +1,4 @@
-"""DPO: settings, the preference losses and their metrics (sequence log-probs: lidr_jax.model.logprobs).
+"""DPO: settings, the preference losses and their metrics (answer log-probs: lidr_jax.model.scoring).
 
 Everything here is a pure function over arrays; lidr_jax.train.trainer wires it into the optimizer step.
 Run `python -m lidr_jax.dpo --help` for the command line (lidr_jax.train.cli).
@@ -17,16 +17,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from lidr_jax.model.attention import IMPLEMENTATIONS, resolve
-from lidr_jax.model.llama import REMAT_POLICIES
-from lidr_jax.model.logprobs import pair_logprobs
+from lidr_jax.model.scoring import ScoringConfig
 from lidr_jax.settings import check_choices
 
 LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
 LOSS_TYPES = typing.get_args(LossType)
-# The choices the model layer defines, spelled once there (a Literal of a tuple is a Literal of its items).
-Attention = Literal[IMPLEMENTATIONS]
-Remat = Literal[tuple(REMAT_POLICIES)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +54,10 @@ class DPOConfig:
     # packed shapes: run (one for every step, one compilation) | step (each step's rows as long as its
     # longest, rounded up to bucket_multiple or 512: less padding, a compilation per distinct shape)
     pack_shapes: Literal["run", "step"] = "run"
-    # auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)
-    attention: Attention = "auto"
-    remat: Remat = "none"  # none | full | dots: activation recomputation in the layer scan
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # matmul dtype; weights and Adam state stay float32
-    logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
     seed: int = 0  # shuffling
-    reference_batch_size: int = 8  # pairs per forward in the reference log-prob pass
+    # how the train step and the reference pass compute: attention, remat, compute_dtype, logprob_chunk,
+    # batch_size (pairs per forward of the reference pass; lidr_jax.model.scoring.ScoringConfig)
+    compute: ScoringConfig = ScoringConfig()
 
     def __post_init__(self):
         check_choices(self)  # the loader's one check of every Literal field: key, value and choices
@@ -77,7 +69,6 @@ class DPOConfig:
             "warmup": (self.warmup >= 0, ">= 0"),
             "max_grad_norm": (self.max_grad_norm >= 0, ">= 0"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "logprob_chunk": (self.logprob_chunk >= 0, ">= 0"),
             "bucket_multiple": (self.bucket_multiple >= 0, ">= 0"),
             "row_tokens": (self.row_tokens == 0 or self.row_tokens >= 16, "0 (one row per pair) or >= 16"),
             "seed": (self.seed >= 0, ">= 0 (it seeds the data order)"),
@@ -88,7 +79,6 @@ class DPOConfig:
             "grad_accum",
             "max_prompt_len",
             "max_response_len",
-            "reference_batch_size",
         ):
             checks[field] = (getattr(self, field) >= 1, ">= 1")
         for field, (ok, want) in checks.items():
@@ -160,15 +150,3 @@ def dpo_terms(logp_c, logp_r, count_c, ref_c, ref_r, cfg: DPOConfig, count_r=Non
         "logps/rejected": logp_r,
     }
     return per_pair["loss"], {k: jax.lax.stop_gradient(v) for k, v in per_pair.items()}
-
-
-def attention_impl(cfg: DPOConfig, shared_prompt: bool) -> str:
-    """The attention implementation of a training pass (lidr_jax.model.attention.resolve) over rows where
-    a prompt is (pair_batch, packing with share_prompt) or is not seen by both answers."""
-    return resolve(cfg.attention, dtype=cfg.compute_dtype, shared_prompt=shared_prompt)
-
-
-def batch_logprobs(params, batch, config, cfg: DPOConfig):
-    """`pair_logprobs` of a pair_batch (one row per pair) with the settings' chunk, remat and attention."""
-    impl = attention_impl(cfg, shared_prompt=True)
-    return pair_logprobs(params, batch, config, chunk=cfg.logprob_chunk, remat=cfg.remat, attention=impl)

@@ -31,7 +31,6 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
 from jax.sharding import AbstractMesh
 
-from lidr_jax.model.attention import resolve
 from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
 from lidr_jax.parallel.sharding import state_shardings
@@ -150,26 +149,28 @@ def plan_memory(
     default to `batch_size` (packed: at most one row per pair; lidr_jax.train.trainer.pack_plan knows the
     real count once the pairs are read); they are split over the data and fsdp axes. Without packing a
     row is prompt + two answers at their limits."""
-    config = model_config.replace(dtype=cfg.compute_dtype, param_dtype="float32")
+    config = model_config.replace(dtype=cfg.compute.compute_dtype, param_dtype="float32")
     row_tokens = cfg.row_tokens or cfg.max_prompt_len + 2 * cfg.max_response_len
     split = mesh_shape[0] * mesh_shape[1]
     rows = -(-(rows_per_micro_batch or cfg.batch_size) // split)
     params, adamw = state_bytes(config, mesh_shape)
     blocks = bool(cfg.row_tokens)  # packed rows attend over their block pairs (lidr_jax.train.packing)
-    acts = activation_bytes(config, rows, row_tokens, cfg.remat, cfg.logprob_chunk, fused_attention, blocks)
-    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+    acts = activation_bytes(
+        config, rows, row_tokens, cfg.compute.remat, cfg.compute.logprob_chunk, fused_attention, blocks
+    )
+    itemsize = jnp.dtype(cfg.compute.compute_dtype).itemsize
     layer = count_params(abstract_params(config)["layers"]) // config.num_hidden_layers * itemsize
-    chunk = min(cfg.logprob_chunk or row_tokens, row_tokens)
+    chunk = min(cfg.compute.logprob_chunk or row_tokens, row_tokens)
     logits = 3 * rows * chunk * config.vocab_size * 4
     block, M = block_pairs_bound(row_tokens)
     area = M * block**2 if blocks else row_tokens**2  # scores of one row and head: block pairs, or all of [T, T]
-    scores = 0 if fused_attention or cfg.remat == "none" else 2 * rows * config.num_attention_heads * area * 4
+    scores = 0 if fused_attention or cfg.compute.remat == "none" else 2 * rows * config.num_attention_heads * area * 4
     return MemoryPlan(
         tuple(mesh_shape),
         rows,
         row_tokens,
         "fused" if fused_attention else "xla",
-        cfg.remat,
+        cfg.compute.remat,
         params,
         adamw,
         2 * params,
@@ -208,7 +209,7 @@ def check_training_fits(model_config: ModelConfig, cfg: DPOConfig, mesh, rows_pe
     if limit is None:
         return None
     shape = tuple(int(mesh.shape.get(axis, 1)) for axis in ("data", "fsdp", "tensor"))
-    impl = resolve(cfg.attention, dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt or not cfg.row_tokens)
+    impl = cfg.compute.attention_impl(shared_prompt=cfg.share_prompt or not cfg.row_tokens)
     plan = plan_memory(
         model_config, cfg, shape, rows_per_micro_batch=rows_per_micro_batch, fused_attention=impl != "xla"
     )

@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidr_jax.model.logprobs import answer_logprobs
+from lidr_jax.model.logprobs import entry_logprobs
+from lidr_jax.model.segments import MASKED, prefix_segment, segment_sees
 from lidr_jax.shapes import bucket
 from lidr_jax.train.pairs import EncodedPairs
 
 BLOCK = 128  # tokens per attention block (query and key) of `block_attention`
-_MASKED = float(np.finfo(np.float32).min)  # finite: a query that sees no key of a block pair gets p = 0, no NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def block_pairs(segments_T: np.ndarray, mask_T: np.ndarray, block: int) -> np.nd
     first, last = np.full(seg.max(initial=0) + 1, T), np.full(seg.max(initial=0) + 1, -1)
     np.minimum.at(first, seg, t)  # each segment's first and last token
     np.maximum.at(last, seg, t)
-    prefix = 3 * (seg // 3)
+    prefix = prefix_segment(seg)
     has_prefix = (seg != prefix) & (first[prefix] < T)
     # a query sees [start of its segment, itself] and, outside the prefix, its group's prefix
     a = np.concatenate([first[seg], first[prefix][has_prefix]])
@@ -324,7 +324,7 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
     tok = tiles(jnp.broadcast_to(jnp.arange(T), (B, T)))
     tq, tk = pick(tok, bq)[..., :, None], pick(tok, bk)[..., None, :]
     sq, sk = pick(tiles(seg), bq)[..., :, None], pick(tiles(seg), bk)[..., None, :]
-    seen = pick(tiles(mask), bk)[..., None, :] & (tk <= tq) & (sq // 3 == sk // 3) & ((sk % 3 == 0) | (sk == sq))
+    seen = pick(tiles(mask), bk)[..., None, :] & (tk <= tq) & segment_sees(sq, sk)
     seen &= valid[..., None, None]
 
     scale = jnp.asarray(H**-0.5, q_BTNH.dtype)
@@ -337,10 +337,10 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
     def per_query_block(op, x_BM):  # reduce [B, M, ...] over the block pairs of each query block
         return jax.vmap(lambda x, i: op(x, i, num_segments=nb, indices_are_sorted=True))(x_BM, bq)
 
-    # Each query's maximum over all its key blocks (a constant for the gradient; finite: _MASKED where
+    # Each query's maximum over all its key blocks (a constant for the gradient; finite: MASKED where
     # a query sees nothing), then p = exp(s − max), 0 where unseen: one [B, M, K, G, C, C] array is kept
     # for the backward pass (exp's output, which the output einsum also needs).
-    masked = jnp.where(seen, jax.lax.stop_gradient(s), _MASKED)
+    masked = jnp.where(seen, jax.lax.stop_gradient(s), MASKED)
     m = jax.lax.stop_gradient(per_query_block(jax.ops.segment_max, jnp.max(masked, axis=-1)))  # [B, nb, K, G, C]
     p = jnp.exp(jnp.where(seen, s - pick(m, bq)[..., None], -jnp.inf))
     total = per_query_block(jax.ops.segment_sum, jnp.sum(p, axis=-1))  # [B, nb, K, G, C]
@@ -362,7 +362,7 @@ def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "no
 
         attention = blocks
 
-    tok_BE = answer_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
+    tok_BE = entry_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
     in_slot_BEP = batch["entry_slot"][..., None] == jnp.arange(batch["weight"].shape[-1])
 
     def per_pair(mask_BE, values_BE):

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from lidr_jax.files import atomic_write_json, atomic_write_jsonl, numbered_jsonl
-from lidr_jax.shapes import bucket
+from lidr_jax.model.scoring import AnswerRows, answer_batch
+from lidr_jax.model.scoring import answer_token_ids as response_ids
 
 Message = dict[str, str]
 Turns = list[Message]
@@ -461,19 +462,6 @@ class EncodedPairs:
         )
 
 
-def response_ids(tokenizer, prompt: Turns, response: Turns) -> list[int]:
-    """Ids of what the assistant turn adds after the prompt's rendering (text + end-of-turn)."""
-    prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
-    full_text = tokenizer.render_chat(prompt + response, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError(
-            "the chat template renders the prompt differently with and without the answer, so the "
-            "response cannot be cut off the full conversation; use a template whose rendering of "
-            f"the prompt is a prefix of the conversation's (prompt ends with {prompt_text[-40:]!r})"
-        )
-    return tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
-
-
 def fit_pair(p: np.ndarray, c: np.ndarray, r: np.ndarray, row_tokens: int):
     """A pair cut to fit one packed row of `row_tokens` (prompt + chosen + rejected), and whether it was cut.
 
@@ -525,25 +513,7 @@ def encode_pairs(
 # ------------------------------------------------------------------------------------------ batches
 
 
-def bucket_length(n: int, multiple: int = 0, minimum: int = 16) -> int:
-    """Padded length for a row of `n` tokens. `multiple` 0: the next power of two (>= minimum) up
-    to 256, then the next multiple of 128 (so a 384-token row is not padded to 512); else the next
-    multiple of `multiple`. Few distinct lengths means few compilations."""
-    if multiple > 0:
-        return bucket(n, minimum=multiple, knee=0, step=multiple)
-    return bucket(n, minimum=minimum, knee=256, step=128)
-
-
-def pair_batch(
-    enc: EncodedPairs,
-    indices: Sequence[int],
-    pad_id: int,
-    *,
-    batch_size: int | None = None,
-    length: int | None = None,
-    entries: int | None = None,
-    bucket_multiple: int = 0,
-) -> dict[str, np.ndarray]:
+def pair_batch(enc: EncodedPairs, indices: Sequence[int], pad_id: int, **shape) -> dict[str, np.ndarray]:
     """A batch of pairs, one packed row per pair: `prompt | chosen | rejected | padding`.
 
     The prompt is run once for both answers (a quarter of the FLOPs of two rows when prompt and
@@ -557,46 +527,11 @@ def pair_batch(
     previous token), targets (the token), chosen_mask / rejected_mask (which answer it belongs to;
     padding entries are in neither). E is the longest chosen + rejected, bucketed like T. And weight
     [B]: 1 for real pairs, 0 for filler pairs that pad a short last batch up to `batch_size`, so
-    shapes stay static. `length` forces T and `entries` forces E (each must fit every row).
+    shapes stay static. `shape`: batch_size, length (forces T), entries (forces E), bucket_multiple, as
+    lidr_jax.model.scoring.answer_batch takes them.
     """
-    indices = list(indices)
-    B = batch_size or len(indices)
-    if len(indices) > B:
-        raise ValueError(f"{len(indices)} pairs do not fit a batch of {B}")
-    weight = np.zeros(B, np.float32)
-    weight[: len(indices)] = 1.0
-    fill = indices + [indices[0]] * (B - len(indices))  # filler rows are real rows with weight 0
-    rows = [(enc.prompt_ids[i], enc.chosen_ids[i], enc.rejected_ids[i]) for i in fill]
-    longest = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    T = length or bucket_length(longest, bucket_multiple)
-    if longest > T:
-        raise ValueError(f"a row of {longest} tokens does not fit the batch length {T}")
-    scored = max(len(c) + len(r) for _, c, r in rows)
-    E = entries or bucket_length(scored, bucket_multiple)
-    if scored > E:
-        raise ValueError(f"{scored} answer tokens do not fit the batch's {E} entries")
-    out = {
-        "tokens": np.full((B, T), pad_id, np.int32),
-        "positions": np.zeros((B, T), np.int32),
-        "segments": np.zeros((B, T), np.int32),
-        "attention_mask": np.zeros((B, T), bool),
-        "logit_index": np.zeros((B, E), np.int32),
-        "targets": np.full((B, E), pad_id, np.int32),
-        "chosen_mask": np.zeros((B, E), bool),
-        "rejected_mask": np.zeros((B, E), bool),
-        "weight": weight,
-    }
-    for b, (p, c, r) in enumerate(rows):
-        P, C, R = len(p), len(c), len(r)
-        n = P + C + R
-        out["tokens"][b, :n] = np.concatenate([p, c, r])
-        out["positions"][b, :n] = np.concatenate([np.arange(P + C), P + np.arange(R)])
-        out["segments"][b, P : P + C], out["segments"][b, P + C : n] = 1, 2
-        out["attention_mask"][b, :n] = True
-        # Answer token k is predicted at its previous token's position; k = 0 at the prompt's last.
-        out["logit_index"][b, : C + R] = np.concatenate([P - 1 + np.arange(C), [P - 1], P + C + np.arange(R - 1)])
-        out["targets"][b, : C + R] = np.concatenate([c, r])
-        out["chosen_mask"][b, :C], out["rejected_mask"][b, C : C + R] = True, True
+    out = answer_batch(AnswerRows(enc.prompt_ids, enc.chosen_ids, enc.rejected_ids), indices, pad_id, **shape)
+    out["weight"] = (np.arange(len(out["tokens"])) < len(indices)).astype(np.float32)  # filler rows: weight 0
     return out
 
 

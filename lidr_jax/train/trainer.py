@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
+from lidr_jax.model.scoring import AnswerRows, batch_logprobs, bucket_length, score_answers, scoring_pass
 from lidr_jax.parallel.multihost import put_process_rows
-from lidr_jax.parallel.sharding import place, to_host, train_state_shardings
-from lidr_jax.train.dpo import DPOConfig, attention_impl, batch_logprobs, dpo_terms
+from lidr_jax.parallel.sharding import place, train_state_shardings
+from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing, step_plan
-from lidr_jax.train.pairs import EncodedPairs, bucket_length, epoch_order, pair_batch
+from lidr_jax.train.pairs import EncodedPairs, epoch_order, pair_batch
 
 
 class TrainState(NamedTuple):
@@ -52,7 +53,7 @@ class TrainState(NamedTuple):
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf. `.state` is the last good state (the bad update
     was not applied); the caller keeps its last checkpoint and should lower the learning rate or
-    switch compute_dtype to float32."""
+    switch compute.compute_dtype to float32."""
 
     def __init__(self, message: str, state: TrainState, metrics: dict[str, float]):
         super().__init__(message)
@@ -65,36 +66,37 @@ class NonFiniteLossError(RuntimeError):
 def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, progress: bool = True):
     """Summed response log-probs of every pair under `params`: {"chosen": [N], "rejected": [N]}.
 
-    Pairs are sorted by length and taken `reference_batch_size` at a time, so each batch pads little;
-    with `row_tokens` each batch is packed as training packs a step (several pairs per row, its own
-    bucketed shape: `step_plan`), else one row per pair. Lengths are bucketed (one compile per bucket).
+    A scoring pass (lidr_jax.model.scoring.score_answers) with `cfg.compute`: pairs sorted by length,
+    `compute.batch_size` at a time, so each batch pads little; lengths bucketed (one compile per bucket).
+    With `row_tokens` each batch is packed as training packs a step (several pairs per row, its own
+    bucketed shape: `step_plan`), else one row per pair, the prompt run once for both answers.
     """
-    config = model_config.replace(dtype=cfg.compute_dtype)
-    packed_impl = attention_impl(cfg, shared_prompt=cfg.share_prompt)
+    compute = cfg.compute
+    if not cfg.row_tokens:
+        chosen, rejected = score_answers(
+            params,
+            model_config,
+            AnswerRows(enc.prompt_ids, enc.chosen_ids, enc.rejected_ids),
+            compute,
+            bucket_multiple=cfg.bucket_multiple,
+            progress=progress,
+            desc="reference log-probs",
+        )
+        return {"chosen": chosen, "rejected": rejected}
+    config = compute.model_config(model_config)
+    impl = compute.attention_impl(shared_prompt=cfg.share_prompt)
 
-    def packed(p, b):
-        return packed_logprobs(p, b, config, chunk=cfg.logprob_chunk, attention=packed_impl)[:2]
+    def make_batch(idx):
+        plan = step_plan(enc, idx, cfg.row_tokens, 1, cfg.share_prompt, impl == "xla", cfg.bucket_multiple)
+        batch = {k: v[0] for k, v in packed_step_batch(enc, None, idx, 1, 0, plan).items()}
+        return batch, batch.pop("pair").reshape(-1)
 
-    fn = jax.jit(packed if cfg.row_tokens else lambda p, b: batch_logprobs(p, b, config, cfg)[:2])
-    N, B = len(enc), cfg.reference_batch_size
-    order = np.argsort(enc.lengths(), kind="stable")
-    chosen, rejected = np.zeros(N, np.float32), np.zeros(N, np.float32)
-    bar = tqdm(total=N, desc="reference log-probs", unit="pair", disable=not progress)
-    for start in range(0, N, B):
-        idx = order[start : start + B]
-        if cfg.row_tokens:
-            plan = step_plan(enc, idx, cfg.row_tokens, 1, cfg.share_prompt, packed_impl == "xla", cfg.bucket_multiple)
-            batch = {k: v[0] for k, v in packed_step_batch(enc, None, idx, 1, 0, plan).items()}
-            pair = batch.pop("pair").reshape(-1)
-            logp_c, logp_r = map(to_host, fn(params, put_process_rows(batch)))
-            chosen[pair[pair >= 0]], rejected[pair[pair >= 0]] = logp_c[pair >= 0], logp_r[pair >= 0]
-        else:
-            batch = pair_batch(enc, idx, pad_id=0, batch_size=B, bucket_multiple=cfg.bucket_multiple)
-            batch = {k: v for k, v in batch.items() if k != "weight"}
-            logp_c, logp_r = map(to_host, fn(params, put_process_rows(batch)))
-            chosen[idx], rejected[idx] = logp_c[: len(idx)], logp_r[: len(idx)]
-        bar.update(len(idx))
-    bar.close()
+    def logprobs(p, b):
+        return packed_logprobs(p, b, config, chunk=compute.logprob_chunk, attention=impl)[:2]
+
+    chosen, rejected = scoring_pass(
+        params, enc.lengths(), make_batch, logprobs, compute.batch_size, progress=progress, desc="reference log-probs"
+    )
     return {"chosen": chosen, "rejected": rejected}
 
 
@@ -171,17 +173,18 @@ def accumulated_grads(params, batch, model_config, cfg: DPOConfig):
     """Gradients and metrics of the weighted mean loss over `batch` leaves [A, ...] (A micro-batches
     of b packed pair rows, lidr_jax.train.pairs.pair_batch). Sums are accumulated and divided once by the
     total pair weight, so any split of the same pairs into micro-batches gives the same gradients."""
-    config = model_config.replace(dtype=cfg.compute_dtype)
+    compute = cfg.compute
+    config = compute.model_config(model_config)
 
     def micro_loss(p, mb):
         if cfg.row_tokens:  # several pairs per row (lidr_jax.train.packing): per-pair values [R * P]
-            impl = attention_impl(cfg, shared_prompt=cfg.share_prompt)
+            impl = compute.attention_impl(shared_prompt=cfg.share_prompt)
             logp_c, logp_r, count_c, count_r = packed_logprobs(
-                p, mb, config, chunk=cfg.logprob_chunk, remat=cfg.remat, attention=impl
+                p, mb, config, chunk=compute.logprob_chunk, remat=compute.remat, attention=impl
             )
             mb = {k: mb[k].reshape(-1) for k in ("weight", "ref_chosen", "ref_rejected")}
         else:
-            logp_c, logp_r, count_c = batch_logprobs(p, mb, config, cfg)
+            logp_c, logp_r, count_c = batch_logprobs(p, mb, config, compute)
             count_r = jnp.sum(mb["rejected_mask"], axis=-1).astype(jnp.float32)  # averaged IPO
         loss_B, per_pair = dpo_terms(logp_c, logp_r, count_c, mb["ref_chosen"], mb["ref_rejected"], cfg, count_r)
         w = mb["weight"]
@@ -247,7 +250,7 @@ def pack_plan(enc: EncodedPairs, cfg: DPOConfig) -> PackPlan:
     run` every step has it: one compilation; with `step` no step is larger). Block tables of
     lidr_jax.train.packing.block_attention where the training pass attends with xla."""
     steps = (step_indices(k, len(enc), cfg) for k in range(total_steps(len(enc), cfg)))
-    blocks = attention_impl(cfg, shared_prompt=cfg.share_prompt) == "xla"
+    blocks = cfg.compute.attention_impl(shared_prompt=cfg.share_prompt) == "xla"
     return plan_packing(enc, steps, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt, blocks)
 
 
@@ -256,7 +259,7 @@ def step_pack_plan(enc: EncodedPairs, idx: np.ndarray, cfg: DPOConfig, plan: Pac
     `pack_shapes: step`, the step's own (lidr_jax.train.packing.step_plan)."""
     if cfg.pack_shapes == "run":
         return plan or pack_plan(enc, cfg)
-    blocks = attention_impl(cfg, shared_prompt=cfg.share_prompt) == "xla"
+    blocks = cfg.compute.attention_impl(shared_prompt=cfg.share_prompt) == "xla"
     return step_plan(enc, idx, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt, blocks, cfg.bucket_multiple)
 
 
@@ -361,7 +364,8 @@ def train(
                 raise NonFiniteLossError(
                     f"step {k + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
                     f"the update was not applied and training stopped. Resume from the last good "
-                    f"checkpoint with a lower learning_rate (now {cfg.learning_rate}) or compute_dtype=float32.",
+                    f"checkpoint with a lower learning_rate (now {cfg.learning_rate}) or "
+                    "dpo.compute.compute_dtype=float32.",
                     state,
                     metrics,
                 )
