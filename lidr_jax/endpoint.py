@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lidr_jax.files import as_path, atomic_write_json
+from lidr_jax.settings import check_settings, setting
 
 Message = dict[str, str]
 WAIT_NOTICE_S = 10.0  # a request unanswered this long prints a one-line wait message (or at half its timeout)
@@ -59,27 +60,23 @@ class EndpointConfig:
     api_key_env: the NAME of the environment variable holding the key; "" sends no key.
     """
 
-    url: str = ""
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 120.0  # one request
-    max_retries: int = 6  # retries after the first try
-    backoff_s: float = 1.0  # the wait before retry k (k = 0, 1, ...) is backoff_s * 2**k ...
-    max_backoff_s: float = 60.0  # ... capped here; a Retry-After header replaces it
-    max_retry_time_s: float = 600.0  # no retry starts later than this after the first try
-    concurrency: int = 4  # requests in flight at once (complete_many)
+    url: str = setting("", 'the base URL ("http://localhost:8000/v1") or the full ".../chat/completions" URL')
+    model: str = setting("", "the model name the server expects in the request")
+    api_key_env: str = setting(
+        "OPENAI_API_KEY", 'the NAME of the environment variable holding the key; "" sends no key'
+    )
+    timeout_s: float = setting(120.0, "seconds one request may take", gt=0)
+    max_retries: int = setting(6, "retries after the first try", ge=0)
+    backoff_s: float = setting(1.0, "the wait before retry k (k = 0, 1, ...) is backoff_s * 2**k ...", ge=0)
+    max_backoff_s: float = setting(60.0, "... capped here; a Retry-After header replaces it", ge=0)
+    max_retry_time_s: float = setting(600.0, "no retry starts later than this after the first try", ge=0)
+    concurrency: int = setting(4, "requests in flight at once (complete_many)", ge=1)
 
     def __post_init__(self):
+        check_settings(self)
         for name in ("timeout_s", "backoff_s", "max_backoff_s", "max_retry_time_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"endpoint {name} must be a finite number of seconds >= 0, got {value!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"endpoint timeout_s must be > 0 seconds, got {self.timeout_s!r}")
-        if self.max_retries < 0:
-            raise ValueError(f"endpoint max_retries must be >= 0, got {self.max_retries}")
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"endpoint {name} must be a finite number of seconds, got {getattr(self, name)!r}")
         if self.url:
             check_url(self.url)
 

@@ -253,19 +253,26 @@ class Leaf:
 def leaves(obj, prefix: str = "", hidden: dict[str, str] | None = None) -> list[Leaf]:
     """Every leaf setting of a dataclass tree (class or instance), in declaration order, without the
     fields a parent declares `derived`: what a user can set."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name in (hidden or {}):
-            continue
-        value = _default(obj, f)
-        _, inner = _is_optional(hints[f.name])
-        if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value):
+    for cls, f, value, tp, group in _settable(obj, hidden):
+        if group is not None:
             out += leaves(value, prefix + f.name + ".", derived_fields(f))
         else:
-            out.append(Leaf(prefix + f.name, value, hints[f.name], field_doc(cls, f), bounds_text(f)))
+            out.append(Leaf(prefix + f.name, value, tp, field_doc(cls, f), bounds_text(f)))
     return out
+
+
+def _settable(obj, hidden: dict[str, str] | None = None):
+    """(class, field, value, annotation, group class or None) of each field of a settings class or
+    instance a user can set (not `hidden`), with the instance's values or the class's defaults."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in (hidden or {}):
+            value = _default(obj, f)
+            _, inner = _is_optional(hints[f.name])
+            group = inner if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value) else None
+            yield cls, f, value, hints[f.name], group
 
 
 def _default(obj, f: dataclasses.Field):
@@ -467,16 +474,10 @@ def describe(obj, prefix: str = "", indent: int = 2, hidden: dict[str, str] | No
 
     Given an instance, the values shown are that instance's (so a group nested with non-default
     values, like the run's paper decoding, shows what the run really uses)."""
-    cls = obj if isinstance(obj, type) else type(obj)
     lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name in (hidden or {}):
-            continue
-        value = _default(obj, f)
-        _, inner = _is_optional(hints[f.name])
-        if dataclasses.is_dataclass(inner) and dataclasses.is_dataclass(value):
-            summary = (inner.__doc__ or "").strip().splitlines()[0]
+    for cls, f, value, _, group in _settable(obj, hidden):
+        if group is not None:
+            summary = (group.__doc__ or "").strip().splitlines()[0]
             lines.append(f"{' ' * indent}{prefix}{f.name}:  {summary}")
             lines.append(describe(value, prefix + f.name + ".", indent + 2, derived_fields(f)))
             continue

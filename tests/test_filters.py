@@ -97,7 +97,7 @@ def test_reasons_in_order_and_switches():
     assert pair_reason("", "", "de", off) is None and pair_reason(LONG["en"], de, "de", off) is None
     assert PairFilterConfig().length_cut is False and PairFilterConfig().repetition == 0.0  # off by default
     assert answer_reason(loop, "de", PairFilterConfig()) is None
-    with pytest.raises(ValueError, match=r"repetition must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"repetition must be >= 0 and < 1, got"):
         PairFilterConfig(repetition=1.5)
 
 

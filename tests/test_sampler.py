@@ -319,9 +319,9 @@ def test_refills_never_recompile(tiny_model):
 
 
 def test_bad_settings_and_prompts_fail_clearly(tiny_model):
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match="top_p must be > 0 and <= 1, got"):
         SamplingConfig(top_p=0.0)
-    with pytest.raises(ValueError, match="stop must be a list of strings"):
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
         SamplingConfig(stop="</s>")
     with pytest.raises(TypeError, match="wrap a single string"):
         generate(tiny_model, "hello", GREEDY)

@@ -124,7 +124,7 @@ def test_a_stage_group_given_in_part_keeps_its_other_defaults(tmp_path):
     assert cfg.sampling("check", 0).max_new_tokens == 64 and cfg.sampling("check", 0).batch_size == 3
     assert cfg.evaluation.benchmarks == () and cfg.evaluation.limit == 5  # the run's default, as --help shows
     bad = load_run_config  # a stage's range error names the stage's key
-    with pytest.raises(SettingsError, match=r"lidr\.translation: SamplingConfig: max_new_tokens must be >= 1"):
+    with pytest.raises(SettingsError, match=r"lidr\.translation\.max_new_tokens must be >= 1, got 0"):
         bad(overrides=["lidr.translation.max_new_tokens=0"])
 
 

@@ -53,6 +53,7 @@ from collections import Counter
 
 from lidr_jax.methods.langid import DEFAULT_CANDIDATES, detect_language
 from lidr_jax.methods.languages import get_language, letter_script, scripts
+from lidr_jax.settings import check_settings, setting
 
 # Columns of the per-language pair table, in order. prompt_cut: a prompt the pair needs (a generation,
 # a translation request, ICR's sampling prompt) was longer than the stage's prompt limit, so it was
@@ -81,24 +82,27 @@ class PairFilterConfig:
     """Which pair filters run (module docstring). `language: false`, `empty: false` and
     `identical: false` reproduce the papers, which filter nothing."""
 
-    language: bool = True  # the chosen answer must be in the pair's language
-    min_letters: int = 10  # below this many letters only the script is checked
-    empty: bool = True  # drop pairs with an empty chosen or rejected answer
-    identical: bool = True  # drop pairs whose chosen equals the rejected
-    back_translation: bool = False  # a dominant pair's rejected back-translation must be in the dominant language
-    translation_tasks: bool = True  # keep target pairs of translation-task prompts (chosen: the untranslated answer)
-    language_translation_tasks: bool = False  # the language check also covers translation-task prompts' answers
-    length_cut: bool = False  # drop pairs whose chosen (or its source) stopped at the token limit
-    repetition: float = 0.0  # drop pairs whose chosen has a repeated n-gram share above this; 0 = off
-    repetition_n: int = 4  # n of the n-grams (words; characters for unspaced scripts)
+    language: bool = setting(True, "the chosen answer must be in the pair's language")
+    min_letters: int = setting(10, "below this many letters only the script is checked", ge=1)
+    empty: bool = setting(True, "drop pairs with an empty chosen or rejected answer")
+    identical: bool = setting(True, "drop pairs whose chosen equals the rejected")
+    back_translation: bool = setting(
+        False, "a dominant pair's rejected back-translation must be in the dominant language"
+    )
+    translation_tasks: bool = setting(
+        True, "keep target pairs of translation-task prompts (chosen: the untranslated answer)"
+    )
+    language_translation_tasks: bool = setting(
+        False, "the language check also covers translation-task prompts' answers"
+    )
+    length_cut: bool = setting(False, "drop pairs whose chosen (or its source) stopped at the token limit")
+    repetition: float = setting(
+        0.0, "drop pairs whose chosen has a repeated n-gram share above this; 0 = off", ge=0, lt=1
+    )
+    repetition_n: int = setting(4, "n of the n-grams (words; characters for unspaced scripts)", ge=1)
 
     def __post_init__(self):
-        if self.min_letters < 1:
-            raise ValueError(f"min_letters must be >= 1, got {self.min_letters}")
-        if not 0.0 <= self.repetition < 1.0:
-            raise ValueError(f"repetition must be in [0, 1) (0 = off), got {self.repetition}")
-        if self.repetition_n < 1:
-            raise ValueError(f"repetition_n must be >= 1, got {self.repetition_n}")
+        check_settings(self)
 
 
 def prose(text: str) -> str:

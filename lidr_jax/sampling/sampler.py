@@ -57,6 +57,7 @@ from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.llama import unstack_layers
 from lidr_jax.sampling.engine import EngineStats, Request
 from lidr_jax.sampling.engine import run as run_engine
+from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
 
 
@@ -64,46 +65,32 @@ from lidr_jax.shapes import bucket
 class SamplingConfig:
     """How to generate. Sampling values are traced: changing them does not recompile."""
 
-    max_new_tokens: int = 256  # new tokens per answer at most (clipped to the model's context)
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # keep only the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the smallest set of tokens with this much probability; 1.0 = off
-    repetition_penalty: float = 1.0  # transformers' semantics over prompt + output ids; 1.0 = off
-    n: int = 1  # samples per prompt
-    seed: int = 0
-    stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one found
-    batch_size: int = 32  # engine slots: rows decoded together (a row is one sample of one prompt)
-    max_prompt_tokens: int | None = None  # None: context - max_new_tokens; a longer prompt is refused (module doc)
-    long_prompts: Literal["error", "skip"] = "error"  # a prompt over the limit: raise, or skip it (module doc)
-    decode_chunk: int = 64  # decode steps between host checks (stop strings, refills, progress bar) at most
-    progress: bool = True  # tqdm progress bar with generated tokens/s
-    layer_layout: Literal["auto", "stacked", "unstacked"] = "auto"  # the layer weights decoding reads (module doc)
+    max_new_tokens: int = setting(256, "new tokens per answer at most (clipped to the model's context)", ge=1)
+    temperature: float = setting(0.0, "0 = greedy", ge=0)
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off", ge=0)
+    top_p: float = setting(1.0, "keep the smallest set of tokens with this much probability; 1.0 = off", gt=0, le=1)
+    repetition_penalty: float = setting(1.0, "transformers' semantics over prompt + output ids; 1.0 = off", gt=0)
+    n: int = setting(1, "samples per prompt", ge=1)
+    seed: int = setting(0, "seed of the sampling draws (greedy decoding draws nothing)")
+    stop: tuple[str, ...] = setting((), "stop strings; the text is cut before the first one found")
+    batch_size: int = setting(32, "engine slots: rows decoded together (a row is one sample of one prompt)", ge=1)
+    max_prompt_tokens: int | None = setting(
+        None, "null: context - max_new_tokens; a longer prompt is refused (module doc)", ge=1
+    )
+    long_prompts: Literal["error", "skip"] = setting("error", "a prompt over the limit: raise, or skip it (module doc)")
+    decode_chunk: int = setting(
+        64, "decode steps between host checks (stop strings, refills, progress bar) at most", ge=1
+    )
+    progress: bool = setting(True, "tqdm progress bar with generated tokens/s")
+    layer_layout: Literal["auto", "stacked", "unstacked"] = setting(
+        "auto", "the layer weights decoding reads (module doc)"
+    )
 
     def __post_init__(self):
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 = off)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
-            (self.n >= 1, "n must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.decode_chunk >= 1, "decode_chunk must be >= 1"),
-            (
-                self.max_prompt_tokens is None
-                or (isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 1),
-                f"max_prompt_tokens must be an integer >= 1 or null (the context after max_new_tokens), "
-                f"got {self.max_prompt_tokens!r}",
-            ),
-            (self.long_prompts in ("error", "skip"), f"long_prompts must be error or skip, got {self.long_prompts!r}"),
-            (not isinstance(self.stop, str), "stop must be a list of strings, not one string"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.layer_layout in ("auto", "stacked", "unstacked"), "layer_layout must be auto, stacked or unstacked"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingConfig: {message}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("SamplingConfig: stop must be a list of non-empty strings, not one string")
         object.__setattr__(self, "stop", tuple(self.stop))
+        check_settings(self)
 
 
 @dataclasses.dataclass(frozen=True)
