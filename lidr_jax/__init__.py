@@ -13,6 +13,10 @@ Names are imported lazily so `import lidr_jax` stays cheap (no JAX initialisatio
 
 import importlib
 
+from lidr_jax.parallel.topology import skip_absent_tpu
+
+skip_absent_tpu()  # before JAX starts: no TPU probe on machines without one (its docstring says why)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -37,6 +37,11 @@ from pathlib import Path
 
 import pytest
 
+# The tests run on the CPU. With libtpu installed (the tpu extra, for lidr_jax.plan) JAX would otherwise
+# probe for a TPU when it starts (lidr_jax.parallel.topology.skip_absent_tpu says why); set before any
+# test module imports jax, and inherited by the tests' subprocesses.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 TINY_VOCAB = 160
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
 CHAT_TEMPLATE = (

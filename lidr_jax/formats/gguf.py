@@ -239,13 +239,9 @@ def hf_name(gguf_name: str) -> str:
     return gguf_name
 
 
-def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict, ChatTokenizer, dict]:
-    """(config, numpy params, tokenizer, generation config dict) from a `.gguf` file.
-
-    Tensors are dequantized one at a time as `params_from_hf` asks for them, so peak host memory is the
-    float32 params plus one tensor.
-    """
-    path = Path(path)
+def _read_config(path: Path, dtype_policy: dict[str, str]):
+    """(reader, metadata, tensors by name without rope_freqs, ModelConfig) of a `.gguf` file; no weight read
+    but the small rope_freqs table."""
     reader = _open_gguf(path)
     try:
         meta = _fields(reader)
@@ -254,14 +250,29 @@ def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict,
             f"{path}: a metadata string is not UTF-8 ({e.reason}); the file is damaged: download or copy it again"
         ) from None
     tensors = {t.name: t for t in reader.tensors}
-    tokens = _array(reader, "tokenizer.ggml.tokens")
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise GGUFImportError(f"{path} has no token_embd.weight; is it a language model GGUF?")
     # Llama-3.x scaling factors are not a weight of the model; they become part of the config.
     rf = tensors.pop("rope_freqs.weight", None)
     rope_freqs = None if rf is None else dequantize(rf.data, rf.tensor_type).reshape(-1)
-    config = gguf_config(meta, set(tensors), int(embed.shape[-1]), rope_freqs, **dtype_policy)
+    return reader, meta, tensors, gguf_config(meta, set(tensors), int(embed.shape[-1]), rope_freqs, **dtype_policy)
+
+
+def read_gguf_config(path: str | Path, **dtype_policy: str) -> ModelConfig:
+    """The architecture of a `.gguf` file from its metadata and tensor names (no weights dequantized)."""
+    return _read_config(Path(path), dtype_policy)[3]
+
+
+def load_gguf(path: str | Path, **dtype_policy: str) -> tuple[ModelConfig, dict, ChatTokenizer, dict]:
+    """(config, numpy params, tokenizer, generation config dict) from a `.gguf` file.
+
+    Tensors are dequantized one at a time as `params_from_hf` asks for them, so peak host memory is the
+    float32 params plus one tensor.
+    """
+    path = Path(path)
+    reader, meta, tensors, config = _read_config(path, dtype_policy)
+    tokens = _array(reader, "tokenizer.ggml.tokens")
     by_hf = {hf_name(name): t for name, t in tensors.items()}
     permuted = meta["general.architecture"] == "llama"
 

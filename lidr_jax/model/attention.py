@@ -22,6 +22,8 @@ interpret mode).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
 
@@ -29,12 +31,27 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.sharding import PartitionSpec
 
 from lidr_jax.model.segments import segment_group
+from lidr_jax.parallel.sharding import active, spec_for
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _TEST_ONLY = ("jax_nn", "splash_interpret")
 _said: set[str] = set()
+# The platform programs are compiled for, when it is not this process's backend (lidr_jax.pipeline.plan
+# compiles TPU programs on a CPU): `resolve` chooses for it.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("lidr_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Resolve attention for `platform` ("tpu", "gpu", "cpu") inside the block, whatever runs it."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 def _fallback_reason(impl: str, platform: str, dtype: str, shared_prompt: bool, cache: bool) -> str | None:
@@ -67,7 +84,7 @@ def resolve(
         return setting
     if setting not in IMPLEMENTATIONS:
         raise ValueError(f"attention={setting!r}: choose one of {IMPLEMENTATIONS}")
-    platform = platform or jax.default_backend()
+    platform = platform or _TARGET.get() or jax.default_backend()
     platform = "gpu" if platform in ("cuda", "rocm", "gpu") else platform
     if setting == "xla":
         return "xla"
@@ -104,16 +121,40 @@ def _splash_kernel(num_heads: int, T: int, S: int, interpret: bool):
 
 def splash_attention(q_BTNH, k_BKSH, v_BKSH, segment_ids_BT, *, interpret: bool = False):
     """Causal grouped-query attention over the call's own T tokens with Pallas splash attention: token
-    i sees token j <= i of the same segment id (padding: an id of its own). T a multiple of 128 on TPU."""
+    i sees token j <= i of the same segment id (padding: an id of its own). T a multiple of 128 on TPU.
+
+    A Mosaic kernel cannot be partitioned by the compiler, so under an active mesh (lidr_jax.parallel.
+    sharding.use_mesh) the kernel runs per shard inside `jax.shard_map`: rows split as the "batch" rule
+    says (data, fsdp), heads as "q_heads"/"kv_heads" say (tensor) where both head counts divide, each
+    shard the whole of its rows' T tokens (attention never crosses rows)."""
     B, T, N, H = q_BTNH.shape
     if k_BKSH.shape[2] != T:
         raise ValueError("splash attention runs over the call's own tokens (no KV cache)")
-    kernel = _splash_kernel(N, T, k_BKSH.shape[2], interpret)
     q_BNTH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).transpose(0, 2, 1, 3)
     seg = segment_ids_BT.astype(jnp.int32)
-    out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
-        q_BNTH, k_BKSH, v_BKSH, seg
-    )
+
+    def local(q_BNTH, k_BKSH, v_BKSH, seg_BT):  # one shard's rows and heads (the whole array without a mesh)
+        kernel = _splash_kernel(q_BNTH.shape[1], T, T, interpret)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+            q_BNTH, k_BKSH, v_BKSH, seg_BT
+        )
+
+    ctx = active()
+    if ctx is None or ctx.mesh.size == 1:
+        out_BNTH = local(q_BNTH, k_BKSH, v_BKSH, seg)
+    else:
+        rows = spec_for(("batch",), ctx.rules, ctx.mesh, (B,))[0]
+        heads = spec_for(("q_heads",), ctx.rules, ctx.mesh, (N,))[0]
+        if heads != spec_for(("kv_heads",), ctx.rules, ctx.mesh, (k_BKSH.shape[1],))[0]:
+            heads = None  # a query head and its key/value head must land on the same shard
+        heads_spec, rows_spec = PartitionSpec(rows, heads, None, None), PartitionSpec(rows, None)
+        out_BNTH = jax.shard_map(
+            local,
+            mesh=ctx.mesh,
+            in_specs=(heads_spec, heads_spec, heads_spec, rows_spec),
+            out_specs=heads_spec,
+            check_vma=False,  # a Pallas call carries no varying-axis types
+        )(q_BNTH, k_BKSH, v_BKSH, seg)
     return out_BNTH.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)
 
 

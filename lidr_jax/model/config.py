@@ -53,6 +53,10 @@ class ModelConfig:
     # rotary embeddings and the output logits are always float32.
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # Training passes run the layers under one `lax.scan` (compile time flat in depth). False unrolls
+    # them: the same numbers, a longer compile, and a cost analysis that counts every layer (XLA counts
+    # a loop's body once; lidr_jax.pipeline.plan compiles unrolled for its estimates).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:

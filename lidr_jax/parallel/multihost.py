@@ -38,6 +38,8 @@ from lidr_jax.parallel.sharding import (
     MeshConfig,
     active,
     batch_sharding,
+    decode_layout,
+    device_memory,
     make_mesh,
     param_shardings,
     parse_rules,
@@ -211,18 +213,26 @@ def put_process_rows(tree, axis: int = 0):
 # ------------------------------------------------------------------------------ per-process models
 
 
-def generation_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, dict]:
-    """(mesh, rules) for work each process does on its own share: under an active mesh, that mesh
-    itself with one process, else this process's devices with the active mesh's tensor size and
-    the rest on fsdp; with no active mesh, `cfg` over this process's devices."""
+def generation_mesh(cfg: MeshConfig | None = None, weights: tuple[int, tuple[int, int]] | None = None):
+    """(mesh, rules) for work each process does on its own share (generation, scoring). With no active
+    mesh: `cfg` over this process's devices. Under an active mesh, this process's devices of it: where
+    the devices report their memory and `weights` = (bytes, (query heads, key/value heads)) is given, in
+    the decoding layout of lidr_jax.parallel.sharding.decode_layout (weights whole on each device, or
+    split by heads within the host; never split on the model width, which decoding would gather at
+    every step); else the active mesh itself with one process, or the host's devices with the active
+    tensor size and the rest on fsdp."""
     ctx = active()
     if ctx is None:
         cfg = cfg or MeshConfig()
         devices = jax.local_devices()[:1] if cfg.preset == "single" else jax.local_devices()
         return make_mesh(cfg, devices), parse_rules(cfg.rules)
+    mine = [d for d in ctx.mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = device_memory(mine[0])
+    if weights is not None and limit is not None:
+        layout = decode_layout(weights[0], limit, len(mine), weights[1])
+        return Mesh(np.asarray(mine).reshape(layout.shape), MESH_AXES), ctx.rules
     if jax.process_count() == 1:
         return ctx.mesh, ctx.rules
-    mine = [d for d in ctx.mesh.devices.flat if d.process_index == jax.process_index()]
     tensor = ctx.mesh.shape["tensor"]
     if len(mine) % tensor:
         raise ValueError(
@@ -247,7 +257,9 @@ def local_params(params, specs, mesh: Mesh, rules):
 @contextlib.contextmanager
 def on_this_process(model, cfg: MeshConfig | None = None):
     """`model` with its params on this process's own devices (`generation_mesh`), that mesh active."""
-    mesh, rules = generation_mesh(cfg)
+    config = model.config
+    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    mesh, rules = generation_mesh(cfg, (weight_bytes, (config.num_attention_heads, config.num_key_value_heads)))
     local = dataclasses.replace(model, params=local_params(model.params, model.param_specs, mesh, rules))
     with use_mesh(mesh, rules):
         yield local

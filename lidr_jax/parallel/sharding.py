@@ -139,12 +139,54 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence | None = None) -
     if devices is None:
         devices = jax.devices()[:1] if cfg.preset == "single" else jax.devices()
     devices = list(devices)
-    shape = mesh_shape(cfg, len(devices), jax.local_device_count())
+    host = sum(d.process_index == devices[0].process_index for d in devices)  # devices per host (also of a topology)
+    shape = mesh_shape(cfg, len(devices), host)
     try:  # topology-aware order on TPU; plain order elsewhere
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def device_memory(device) -> int | None:
+    """The memory a device offers to XLA (bytes), or None where the backend does not say (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+    """How one host's devices split decoding: `data` ways over the slots, `tensor` ways over the heads and
+    the MLP width (mesh (data, 1, tensor)); `why` says how it was chosen."""
+
+    data: int
+    tensor: int
+    why: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, 1, self.tensor)
+
+
+def decode_layout(weight_bytes: int, device_bytes: int | None, devices: int, heads: tuple[int, int]) -> DecodeLayout:
+    """The layout of decoding on `devices` devices of `device_bytes` each for weights of `weight_bytes`.
+
+    A decode step reads every weight once; weights split on the model width (fsdp) would be gathered at
+    every step. So: when the weights take at most half a device (the rest for the KV cache and
+    activations), every device holds a whole copy and the slots are split; else the heads and the MLP
+    are split over the fewest devices (`tensor`, dividing both head counts `heads` = (query, key/value))
+    that bring the weights under half a device, and the slots over the rest. Unknown memory (CPU) counts
+    as enough."""
+    if device_bytes is None or weight_bytes <= device_bytes // 2:
+        why = "weights replicated on every device (they fit in half of one), slots split"
+        return DecodeLayout(devices, 1, why)
+    for t in range(2, devices + 1):
+        if devices % t == 0 and heads[0] % t == 0 and heads[1] % t == 0 and weight_bytes / t <= device_bytes / 2:
+            return DecodeLayout(devices // t, t, f"heads and MLP split {t} ways (tensor), slots over the rest")
+    raise ValueError(
+        f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit half of {devices} devices of "
+        f"{device_bytes / 2**30:.1f} GiB split by heads {heads}: generate on more devices per host or in bfloat16"
+    )
 
 
 # -------------------------------------------------------------------------------------------- rules

@@ -33,7 +33,7 @@ from jax.sharding import AbstractMesh
 
 from lidr_jax.model.config import ModelConfig, load_hf_config
 from lidr_jax.model.llama import abstract_params, count_params, param_specs
-from lidr_jax.parallel.sharding import state_shardings
+from lidr_jax.parallel.sharding import device_memory, state_shardings
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.packing import attention_block, packed_logprobs
 from lidr_jax.train.trainer import init_state, make_optimizer
@@ -186,12 +186,6 @@ def check_fit(plan: MemoryPlan, device_bytes: int, device: str = "device") -> No
             f"DPO training needs {plan.describe()}, but each {device} has {size(device_bytes)}: use "
             f"more devices (a larger fsdp axis), remat, a smaller batch_size or row_tokens, or bfloat16 compute"
         )
-
-
-def device_memory(device) -> int | None:
-    """The memory a device offers to XLA (bytes), or None where the backend does not say (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return (stats or {}).get("bytes_limit")
 
 
 def _local_device(mesh):

@@ -1,0 +1,278 @@
+"""`python -m lidr_jax.plan`: every program of a run compiled for TPU topologies, on any machine.
+
+For each `--topology` the run's mesh is built over the topology's devices (libtpu gives them without a
+TPU: lidr_jax.parallel.topology) and every program of lidr_jax.pipeline.plan_programs is compiled for
+it from abstract arrays (no weights, no data). Per program the report gives:
+
+- memory per chip from the compiler (`memory_analysis`: arguments, outputs, temporaries, aliased; peak
+  = arguments + outputs + temporaries - aliased) and whether it fits the chip's HBM;
+- the collectives of the optimized HLO (all-gather, reduce-scatter, all-reduce, all-to-all,
+  collective-permute): count and bytes, as the compiled program lists them;
+- the compiler's cost estimate (`cost_analysis`: FLOPs, bytes accessed, its `optimal_seconds`). XLA counts
+  a loop's body once, so the estimate comes from two more compiles with the layers unrolled (1 and 2
+  layers), extrapolated linearly to the model's depth; a train step is one micro-batch's step times
+  `grad_accum`. Chunked prefill keeps its chunk loop: its estimate counts one chunk;
+- from these, labelled as the compiler's estimate and not a measurement: the train step's MFU (model
+  FLOPs 6 N per token plus causal attention, over the estimated time and the chips' peak), and the decode
+  step's fraction of the HBM roofline (the bytes a chip must read, its weights and cache shards, over
+  the estimated time and the chip's HBM bandwidth);
+- the compile time.
+
+A program that does not fit or does not compile exits 2 with one line naming the program, the topology
+and the compiler's numbers, and what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lidr_jax.model.attention import compiling_for
+from lidr_jax.model.config import ModelConfig
+from lidr_jax.model.llama import abstract_params
+from lidr_jax.parallel.sharding import describe_mesh, use_mesh
+from lidr_jax.parallel.topology import Topology, TopologyError, devices, parse
+from lidr_jax.pipeline.config import load_run_config
+from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs
+from lidr_jax.settings import SettingsError
+
+GiB = 2**30
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+class DoesNotFitOrCompile(RuntimeError):
+    """A program of the plan does not fit its chips, or the compiler refused it (one line)."""
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in an optimized HLO module's text (an async op counted
+    at its start; bytes: the op's result)."""
+    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for m in _COLLECTIVE.finditer(hlo_text):
+        shape, op = m.group(1), m.group(2)
+        size = sum(
+            _BYTES.get(t, 8) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for t, dims in _ARRAY.findall(shape)
+        )
+        out[op]["count"] += 1
+        out[op]["bytes"] += size
+    return out
+
+
+def _compile(program: Program, config: ModelConfig, build=None):
+    with use_mesh(program.mesh, program.rules), compiling_for("tpu"):
+        fn, args = (build or program.build)(config)
+        return fn.lower(*args).compile(), args
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
+
+
+def estimate_cost(program: Program, config: ModelConfig) -> dict[str, float]:
+    """The compiler's cost of the whole program: 1- and 2-layer compiles with the layers unrolled,
+    extrapolated to the model's layers, times `program.repeat` (module docstring)."""
+    build = program.cost_build or program.build
+    c1, c2 = (
+        _cost(_compile(program, config.replace(num_hidden_layers=n, scan_layers=False), build)[0]) for n in (1, 2)
+    )
+    L = config.num_hidden_layers
+    # A negative figure is the compiler's "unknown"; the estimate is then unknown too.
+    return {k: None if min(c1[k], c2[k]) < 0 else program.repeat * (c1[k] + (L - 1) * (c2[k] - c1[k])) for k in c1}
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def model_flops(config: ModelConfig, tokens: int, row_tokens: int, train: bool) -> float:
+    """6 N per trained token (2 N forward), plus causal attention (QK and PV over half the row on average)."""
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
+    n -= config.vocab_size * config.hidden_size  # the embedding is a lookup (a tied lm_head is counted below)
+    if config.tie_word_embeddings:
+        n += config.vocab_size * config.hidden_size
+    attention = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * row_tokens
+    return (3 if train else 1) * (2 * n + attention) * tokens
+
+
+def analyse(program: Program, config: ModelConfig, topo: Topology, with_cost: bool = True) -> dict:
+    start = time.perf_counter()
+    try:
+        compiled, args = _compile(program, config)
+    except Exception as e:  # the compiler's own first line is the message (XlaRuntimeError, ValueError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first:
+            raise DoesNotFitOrCompile(
+                f"{program.name} does not fit {topo.name}: {first} Use {advice(program.name)}"
+            ) from None
+        raise DoesNotFitOrCompile(f"{program.name} does not compile for {topo.name}: {first}") from None
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    memory = {
+        "arguments": int(mem.argument_size_in_bytes),
+        "outputs": int(mem.output_size_in_bytes),
+        "temporaries": int(mem.temp_size_in_bytes),
+        "aliased": int(mem.alias_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes),
+    }
+    memory["peak"] = memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
+    row = {
+        "program": program.name,
+        "note": program.note,
+        "mesh": describe_mesh(program.mesh),
+        "memory": memory,
+        "fits": memory["peak"] <= topo.chip.hbm_bytes,
+        "collectives": collectives(compiled.as_text()),
+        "compile_seconds": round(seconds, 1),
+    }
+    if not with_cost:
+        return row
+    cost = estimate_cost(program, config)
+    row["cost"] = {**cost, "source": "compiler, layers unrolled at 1 and 2, extrapolated"}
+    est = cost["optimal_seconds"] or 0.0
+    chips = program.mesh.devices.size
+    if program.kind == "train" and est > 0:
+        flops = model_flops(config, program.tokens, program.row_tokens, train=True)
+        row["estimated_mfu"] = flops / chips / (est * topo.chip.peak_flops)
+    if program.kind == "decode" and est > 0:
+        must_read = _shard_bytes(args[0]) + _shard_bytes(args[2])  # weights and cache held by one chip
+        row["decode"] = {
+            "bytes_per_chip": must_read,
+            "roofline_seconds": must_read / topo.chip.hbm_bandwidth,
+            "estimated_roofline_fraction": must_read / topo.chip.hbm_bandwidth / est,
+        }
+    row["compile_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def plan_topology(run, config: ModelConfig, topo: Topology, with_cost: bool = True, log=print) -> dict:
+    devs = devices(topo)
+    try:
+        with compiling_for("tpu"):
+            programs, layout, mesh = run_programs(run, config, devs, topo.chip.hbm_bytes)
+    except ValueError as e:
+        raise DoesNotFitOrCompile(f"{topo.name}: {e}") from None
+    log(f"{topo.name} ({topo.slice_name}, {topo.chips} chips, {topo.hosts} host(s)): run mesh {describe_mesh(mesh)}")
+    log(f"  decoding on each host: {layout.why} (data={layout.data}, tensor={layout.tensor})")
+    rows = []
+    for program in programs:
+        row = analyse(program, config, topo, with_cost)
+        log("  " + format_row(row))
+        rows.append(row)
+    return {
+        "topology": topo.name,
+        "slice": topo.slice_name,
+        "chips": topo.chips,
+        "hosts": topo.hosts,
+        "hbm_per_chip": topo.chip.hbm_bytes,
+        "decode_layout": {"data": layout.data, "tensor": layout.tensor, "why": layout.why},
+        "programs": rows,
+    }
+
+
+def format_row(row: dict) -> str:
+    m = row["memory"]
+    coll = ", ".join(f"{v['count']} {k}" for k, v in row["collectives"].items() if v["count"]) or "no collectives"
+    parts = [
+        f"{row['program']:<18} peak {m['peak'] / GiB:7.2f} GiB {'fits' if row['fits'] else 'DOES NOT FIT'}",
+        f"temp {m['temporaries'] / GiB:.2f} GiB",
+        coll,
+    ]
+    if "cost" in row:
+        est = row["cost"]["optimal_seconds"]
+        parts.append("est time unknown" if est is None else f"est {est * 1e3:.1f} ms")
+    if "estimated_mfu" in row:
+        parts.append(f"est MFU {row['estimated_mfu']:.0%}")
+    if "decode" in row:
+        parts.append(f"est HBM roofline {row['decode']['estimated_roofline_fraction']:.0%}")
+    parts.append(f"compile {row['compile_seconds']:.0f} s")
+    return "; ".join(parts)
+
+
+def advice(program: str) -> str:
+    """What to change when `program` does not fit."""
+    return {
+        "train": "more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full",
+        "reference": "a smaller dpo.compute.batch_size",
+        "icr_score": "a smaller icr.score_batch_size",
+    }.get(program.split(":")[0], "fewer slots (the stage's batch_size) or a shorter max_new_tokens")
+
+
+def refusal(report: dict) -> str | None:
+    """One line for the first program that does not fit, with the compiler's numbers and what to change."""
+    for topo in report["topologies"]:
+        for row in topo["programs"]:
+            if not row["fits"]:
+                m = row["memory"]
+                return (
+                    f"{row['program']} does not fit {topo['topology']}: the compiler needs {m['peak'] / GiB:.2f} GiB "
+                    f"per chip ({m['temporaries'] / GiB:.2f} GiB temporaries, {m['arguments'] / GiB:.2f} GiB "
+                    f"arguments), a chip has {topo['hbm_per_chip'] / GiB:.2f} GiB: use {advice(row['program'])}"
+                )
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lidr_jax.plan",
+        description="Compile every program of a run for TPU topologies (no TPU, weights or network needed) "
+        "and report memory per chip, collectives, the compiler's cost estimate and compile time.",
+    )
+    p.add_argument("--config", help="the run's YAML config (default: the packaged default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument(
+        "--topology",
+        action="append",
+        required=True,
+        help="a TPU topology as JAX names it (v5e:2x4, v5p:2x2x1) or a slice name (v5e-8, v5litepod-16, v5p-8, "
+        "v4-32, v6e-8); repeat for several",
+    )
+    p.add_argument("--json", help="write the report here as JSON too")
+    p.add_argument("--no-cost", action="store_true", help="skip the cost estimate (memory and collectives only)")
+    p.add_argument("--traceback", action="store_true", help="show a compile error's traceback")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        topologies = [parse(name) for name in args.topology]
+        run = load_run_config(args.config, args.set)
+        config = model_architecture(run.model, run.dtype)
+    except (TopologyError, SettingsError, PlanInputError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = {"config": args.config or "default", "model": run.model, "topologies": []}
+    try:
+        for topo in topologies:
+            report["topologies"].append(plan_topology(run, config, topo, not args.no_cost))
+    except (DoesNotFitOrCompile, TopologyError) as e:
+        if args.traceback:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    line = refusal(report)
+    if line:
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,258 @@
+"""`python -m lidr_jax.plan` and what it builds on: TPU topology names, the decoding layout, the HLO
+collective count, and tiny-model compiles for real TPU topologies on this CPU (libtpu, no TPU).
+
+Compiles for a TPU need libtpu (the `tpu` extra; `make test` installs it, so CI runs them). Splash under a
+mesh is also checked numerically: Pallas interpret mode over a 4-device CPU mesh (shard_map and all)
+against xla without a mesh, in a subprocess (tests/tpu_worker.py) that sets the device count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from lidr_jax.parallel.sharding import decode_layout
+from lidr_jax.parallel.topology import TopologyError, parse
+from lidr_jax.pipeline.plan import collectives, main, refusal
+
+GiB = 2**30
+needs_libtpu = pytest.mark.skipif(
+    find_spec("libtpu") is None, reason="libtpu (pip install 'lidr_jax[tpu]'; make test installs it) compiles for TPU"
+)
+WORKER = Path(__file__).resolve().parent / "tpu_worker.py"
+
+
+def test_slice_names_map_to_topologies():
+    cases = {
+        "v5e-8": ("v5e:2x4", 8, 2),
+        "v5litepod-16": ("v5e:4x4", 16, 4),
+        "v5e:4x8": ("v5e:4x8", 32, 8),
+        "v5p-8": ("v5p:2x2x1", 4, 1),
+        "v5p:2x2x1": ("v5p:2x2x1", 4, 1),
+        "v4-32": ("v4:2x2x4", 16, 4),
+        "v6e-8": ("v6e:2x4", 8, 2),
+    }
+    for name, (jax_name, chips, hosts) in cases.items():
+        t = parse(name)
+        assert (t.name, t.chips, t.hosts) == (jax_name, chips, hosts), name
+    assert parse("v5p:2x2x1").slice_name == "v5p-8"
+    with pytest.raises(TopologyError, match=r"^unknown TPU topology 'v9-8': known are JAX names like v5e:2x4"):
+        parse("v9-8")
+    with pytest.raises(TopologyError, match=r"^unknown TPU slice 'v5e-12': known are"):
+        parse("v5e-12")  # no v5e slice has 12 chips
+    with pytest.raises(TopologyError, match=r"^unknown TPU topology 'v5p:2x4'"):
+        parse("v5p:2x4")  # v5p is a 3-D torus
+
+
+def test_unknown_topology_is_one_line_before_any_compile(capsys):
+    assert main(["--topology", "v9-8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown TPU topology 'v9-8': known are") and "\n" not in err
+
+
+def test_plan_needs_a_config_json(tmp_path, capsys):
+    assert main(["--topology", "v5p-8", "--set", f"model={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: model {str(tmp_path)!r}: the directory has no config.json (plan reads only that file)"
+    )
+
+
+def test_decode_layout_replicates_what_fits_and_splits_heads_otherwise():
+    eight_b = 16 * GiB  # Llama-3-8B in bfloat16
+    v5p = decode_layout(eight_b, 95 * GiB, 4, (32, 8))
+    assert (v5p.shape, v5p.why) == (
+        (4, 1, 1),
+        "weights replicated on every device (they fit in half of one), slots split",
+    )
+    v5e = decode_layout(eight_b, 16 * GiB, 4, (32, 8))
+    assert v5e.shape == (2, 1, 2)  # 8 GiB of weights per chip: the fewest ways within half a chip
+    assert v5e.why == "heads and MLP split 2 ways (tensor), slots over the rest"
+    assert decode_layout(eight_b, 16 * GiB, 8, (32, 8)).shape == (4, 1, 2)
+    assert decode_layout(20 * GiB, 16 * GiB, 8, (32, 8)).shape == (2, 1, 4)
+    with pytest.raises(ValueError, match=r"do not fit half of 4 devices of 16.0 GiB split by heads \(32, 8\)"):
+        decode_layout(140 * GiB, 16 * GiB, 4, (32, 8))
+
+
+def test_collectives_are_counted_with_their_bytes():
+    hlo = """
+  %all-gather-start.1 = (bf16[4,128]{1,0}, bf16[16,128]{1,0}) all-gather-start(bf16[4,128]{1,0} %p), dimensions={0}
+  %all-gather-done.1 = bf16[16,128]{1,0} all-gather-done(%all-gather-start.1)
+  %all-reduce.2 = f32[256]{0} all-reduce(f32[256]{0} %x), to_apply=%add
+  %reduce-scatter = bf16[2,8]{1,0} reduce-scatter(bf16[8,8]{1,0} %y), dimensions={0}
+"""
+    got = collectives(hlo)
+    assert got["all-gather"] == {"count": 1, "bytes": (4 * 128 + 16 * 128) * 2}
+    assert got["all-reduce"] == {"count": 1, "bytes": 1024}
+    assert got["reduce-scatter"] == {"count": 1, "bytes": 32}
+    assert got["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_refusal_names_the_program_and_the_compilers_numbers():
+    row = {
+        "program": "train",
+        "fits": False,
+        "memory": {"peak": 20 * GiB, "temporaries": 18 * GiB, "arguments": 2 * GiB},
+    }
+    report = {"topologies": [{"topology": "v5e:4x8", "hbm_per_chip": 16 * GiB, "programs": [row]}]}
+    assert refusal(report) == (
+        "train does not fit v5e:4x8: the compiler needs 20.00 GiB per chip (18.00 GiB temporaries, 2.00 GiB "
+        "arguments), a chip has 16.00 GiB: use more chips, a smaller dpo.row_tokens or batch_size, or "
+        "dpo.compute.remat: full"
+    )
+
+
+# ---------------------------------------------------------------------------------- compiles for TPU
+
+
+def _arch_dir(d: Path, context: int) -> Path:
+    """A tiny Llama's config.json in `d` (no weights: the plan reads nothing else)."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 256,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+    }
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return _arch_dir(tmp_path_factory.mktemp("tiny_arch"), 256)
+
+
+def _settings(model: Path, attention: str, row_tokens: int = 512) -> list[str]:
+    sets = [
+        f"model={model}",
+        "dtype=bfloat16",
+        "generation.max_new_tokens=32",
+        "generation.batch_size=8",
+        "lidr.translation.max_new_tokens=64",
+        "check.enabled=false",
+        "dpo.batch_size=4",
+        "dpo.grad_accum=2",
+        "dpo.max_prompt_len=64",
+        "dpo.max_response_len=96",
+        f"dpo.row_tokens={row_tokens}",
+        "dpo.share_prompt=false",
+        f"dpo.compute.attention={attention}",
+        "dpo.compute.compute_dtype=bfloat16",
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@needs_libtpu
+def test_plan_compiles_every_program_single_and_multi_host(tiny_dir, tmp_path):
+    """splash on a single-host v5e (with the cost estimate) and on a 4-host v5e:4x4; the JSON schema."""
+    out = tmp_path / "plan.json"
+    assert main(["--topology", "v5e:2x2", *_settings(tiny_dir, "splash"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (topo,) = report["topologies"]
+    assert (topo["topology"], topo["slice"], topo["chips"], topo["hosts"]) == ("v5e:2x2", "v5e-4", 4, 1)
+    assert topo["decode_layout"]["data"] == 4 and topo["decode_layout"]["tensor"] == 1
+    names = [row["program"] for row in topo["programs"]]
+    assert names == [
+        "train",
+        "reference",
+        "prefill:generate",
+        "decode:generate",
+        "prefill:translate",
+        "decode:translate",
+    ]
+    for row in topo["programs"]:
+        assert row["fits"] is True
+        assert set(row["memory"]) == {"arguments", "outputs", "temporaries", "aliased", "code", "peak"}
+        assert all(isinstance(v, int) for v in row["memory"].values())
+        assert set(row["collectives"]) == {
+            "all-gather",
+            "reduce-scatter",
+            "all-reduce",
+            "all-to-all",
+            "collective-permute",
+        }
+        assert row["cost"]["flops"] > 0 and row["cost"]["bytes accessed"] > 0
+        assert row["compile_seconds"] > 0
+    train = topo["programs"][0]
+    assert 0 < train["estimated_mfu"] <= 1
+    decode = topo["programs"][3]
+    assert decode["decode"]["estimated_roofline_fraction"] > 0 and decode["decode"]["bytes_per_chip"] > 0
+    # weights replicated for decoding: no all-gather of a weight inside the decode step
+    assert decode["collectives"]["all-gather"]["count"] == 0
+
+    multi = tmp_path / "multi.json"
+    args = ["--topology", "v5e:4x4", "--no-cost", *_settings(tiny_dir, "splash"), "--json", str(multi)]
+    assert main(args) == 0
+    (topo,) = json.loads(multi.read_text())["topologies"]
+    assert (topo["chips"], topo["hosts"]) == (16, 4)
+    assert topo["decode_layout"]["data"] == 4  # one host's 4 chips decode, each with the whole weights
+    assert all(row["fits"] and "cost" not in row for row in topo["programs"])
+
+
+@needs_libtpu
+def test_xla_attention_compiles_for_v5p(tiny_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["--topology", "v5p:2x2x1", "--no-cost", *_settings(tiny_dir, "xla"), "--json", str(out)]) == 0
+    (topo,) = json.loads(out.read_text())["topologies"]
+    assert [row["fits"] for row in topo["programs"]] == [True] * 6
+
+
+@needs_libtpu
+def test_splash_temporaries_grow_linearly_with_the_row(tmp_path):
+    """A fused kernel materialises no [T, T] scores: at twice the row the train step's temporaries about
+    double (they would quadruple with the scores)."""
+    from lidr_jax.model.attention import compiling_for
+    from lidr_jax.pipeline import plan, plan_programs
+    from lidr_jax.pipeline.config import load_run_config
+
+    topo = parse("v5e:2x2")
+    long_dir = _arch_dir(tmp_path, 8192)
+    temps = {}
+    for row_tokens in (2048, 4096):
+        sets = [s for s in _settings(long_dir, "splash", row_tokens) if s != "--set"]
+        sets += ["dpo.max_prompt_len=1024", "dpo.max_response_len=2048", "dpo.batch_size=4", "dpo.grad_accum=1"]
+        run = load_run_config(None, sets)
+        config = plan_programs.model_architecture(run.model, run.dtype)
+        with compiling_for("tpu"):
+            programs, _, _ = plan_programs.run_programs(run, config, plan.devices(topo), topo.chip.hbm_bytes)
+        temps[row_tokens] = plan.analyse(programs[0], config, topo, with_cost=False)["memory"]["temporaries"]
+    assert 1.5 < temps[4096] / temps[2048] < 2.6, temps
+
+
+@needs_libtpu
+def test_a_program_that_does_not_fit_is_refused_with_the_compilers_numbers(tiny_dir, capsys):
+    sets = _settings(tiny_dir, "splash") + ["--set", "generation.batch_size=65536"]
+    assert main(["--topology", "v5e:2x2", "--no-cost", *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # the compiler refuses it itself: its own line, with its numbers
+    assert err.startswith("error: prefill:generate does not fit v5e:2x2: RESOURCE_EXHAUSTED: Ran out of memory")
+    assert "exceeds available HBM (15.75G)" in err
+    assert err.endswith("Use fewer slots (the stage's batch_size) or a shorter max_new_tokens")
+
+
+def test_splash_under_a_cpu_mesh_equals_xla():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "splash_on_mesh"], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["rows"] >= 2
+    assert result["max_abs_diff"] < 1e-4  # summed log-probs of ~10-token answers, float32
