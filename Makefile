@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make run    set up .venv and run the main job (lidr_jax/pipeline/default.yaml, the embedded SmolLM2)
-#   make test   set up .venv with the test extras, check lint and format (ruff), run the test suite
+#   make test   set up .venv with the test extras (and libtpu, to compile for TPU on this CPU), check lint
+#               and format (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[test,plots]'
+	$(PIP) -e '.[test,plots,tpu]'
 	touch $@
 
 setup: $(VENV)/.base

@@ -18,6 +18,7 @@ import glob
 import math
 import os
 import re
+import sys
 from importlib.util import find_spec
 
 GiB = 2**30
@@ -133,4 +134,8 @@ def skip_absent_tpu(environ=os.environ) -> None:
         return
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         return
-    environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    platforms = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    environ["JAX_PLATFORMS"] = platforms
+    jax = sys.modules.get("jax")
+    if jax is not None:  # imported before lidr_jax: JAX read the environment already, its backends start later
+        jax.config.update("jax_platforms", platforms)
