@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from lidr_jax.files import AnyPath, absolute_path, as_path
-from lidr_jax.formats.export import CONVERSION, EXPORT_DTYPES, ExportError, check_destination, export_hf, parse_size
+from lidr_jax.formats.export import (
+    CONVERSION,
+    EXPORT_DTYPES,
+    ExportError,
+    check_destination,
+    export_hf,
+    held_out_card,
+    parse_size,
+)
 from lidr_jax.formats.load import LOAD_ERRORS, Model, load_pretrained, model_path
 from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, StageNotDoneError
 from lidr_jax.train.checkpoint import restore_params
@@ -196,6 +204,9 @@ def card_info(run: RunDir, k: int) -> dict[str, Any]:
     per_language = per_language_numbers(run, k)
     if per_language:
         info["per_language"] = per_language
+    held_out = held_out_card(run.outputs(k, "check").get("held_out") or {}) if run.is_done(k, "check") else {}
+    if held_out:
+        info["held_out"] = held_out
     return info
 
 
@@ -246,7 +257,7 @@ def check_out(out: str, run_path: AnyPath | None) -> None:
     if not out.strip():
         raise ExportError("--out is empty, which would write into the current folder; pass a new folder")
     path = Path(out).expanduser().absolute()
-    parent = path
+    parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -22,6 +22,8 @@ writes the run directory and the others follow stage by stage (lidr_jax.parallel
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import time
@@ -52,7 +54,7 @@ from lidr_jax.pipeline.lidr_stages import lidr_generate, lidr_pairs, lidr_transl
 from lidr_jax.pipeline.models import RunModels, check_model_files
 from lidr_jax.pipeline.pair_output import NoPairsError
 from lidr_jax.pipeline.report import print_summary, write_report
-from lidr_jax.pipeline.run_dir import MANIFEST, RunDir, RunDirError
+from lidr_jax.pipeline.run_dir import MANIFEST, RunConfigMismatchError, RunDir, RunDirError
 from lidr_jax.pipeline.train_stages import (
     MetricsFileError,
     TrainingDivergedError,
@@ -117,8 +119,10 @@ def check_prompt_path(source: PromptSourceConfig) -> None:
 
 def check_run_inputs(cfg: RunConfig) -> None:
     """Every model the run will load, checked as far as it can be without loading it (`check_model_files`),
-    and every endpoint it will call (URL, API key variable, a TCP connect bounded by `ENDPOINT_CONNECT_S`):
-    before the run directory exists, so a refused start leaves nothing behind."""
+    and, on a fresh start, every endpoint it will call (API key variable, a TCP connect bounded by
+    `ENDPOINT_CONNECT_S`; the URL itself is checked when the config loads): before the run directory exists,
+    so a refused start leaves nothing behind. A resumed run is not asked for the network: its endpoint
+    answers may all be cached."""
     models = [(cfg.model, "model")]
     if cfg.reward == "icr":
         models += [(getattr(cfg.icr, k), f"icr.{k}") for k in ("dpo_model", "reference_model")]
@@ -130,7 +134,8 @@ def check_run_inputs(cfg: RunConfig) -> None:
             if setting != "model":
                 check_model(spec, setting)  # the same words as the policy's check for a path that is not there
             check_model_files(spec, setting)
-    if cfg.reward == "lidr" and translator.kind == "endpoint":
+    fresh = not (as_path(cfg.run_dir) / MANIFEST).is_file()  # a resumed run may have every answer cached
+    if cfg.reward == "lidr" and translator.kind == "endpoint" and fresh:
         check_reachable(translator.endpoint, "lidr.translator.endpoint", ENDPOINT_CONNECT_S)
 
 
@@ -177,15 +182,16 @@ class Runner:
 
     def run_all(self) -> None:
         t0 = time.perf_counter()
-        print(f"devices: {sharding.describe_mesh(self.models.mesh)}")
-        with sharding.use_mesh(self.models.mesh, self.models.rules):
-            if has_checks(self.cfg, self.held_out):
-                self.run_chain(self.iteration(0), BASELINE)
-            for k in range(1, self.cfg.iterations + 1):
-                self.run.set_iteration_start_model(k, start_model(self.cfg, self.run, k))
-                self.run_chain(self.iteration(k), CHAINS[self.cfg.reward])
-        self.run.close()
-        report = self.run.on_writer(write_report, self.cfg, self.run)
+        with contextlib.redirect_stdout(sys.stderr):  # progress on stderr; the results and paths below on stdout
+            print(f"devices: {sharding.describe_mesh(self.models.mesh)}")
+            with sharding.use_mesh(self.models.mesh, self.models.rules):
+                if has_checks(self.cfg, self.held_out):
+                    self.run_chain(self.iteration(0), BASELINE)
+                for k in range(1, self.cfg.iterations + 1):
+                    self.run.set_iteration_start_model(k, start_model(self.cfg, self.run, k))
+                    self.run_chain(self.iteration(k), CHAINS[self.cfg.reward])
+            self.run.close()
+            report = self.run.on_writer(write_report, self.cfg, self.run)
         self.run.on_writer(print_summary, self.cfg, self.run)
         print(f"\ndone in {time.perf_counter() - t0:.0f} s" + (f"; report: {report}" if report else ""))
 
@@ -248,12 +254,13 @@ def redo_plan(cfg: RunConfig, run: RunDir, k: int, name: str) -> list[tuple[int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    settings_help = describe(RunConfig())
+    settings_help = describe(load_run_config())  # the values a bare run uses (default.yaml), not the classes'
     p = argparse.ArgumentParser(
         prog="python -m lidr_jax.iterate",
         description="Multilingual self-improvement (LIDR or ICR iterative DPO), end to end and resumable.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Settings (YAML keys; override any with --set group.key=value):\n" + settings_help,
+        epilog="Settings (YAML keys, each with the value a bare run uses: the packaged default.yaml over the "
+        "settings' defaults; override any with --set group.key=value):\n" + settings_help,
     )
     p.add_argument("--config", help=f"YAML config (default: the packaged {DEFAULT_CONFIG.name})")
     p.add_argument(
@@ -278,11 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a finished stage again, and every stage after it (its files are deleted first)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true", help="also show W&B's own messages")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["LIDR_JAX_VERBOSE"] = "1"  # lidr_jax.train.metrics shows W&B's lines
     try:
         maybe_initialize_distributed()  # multi-host runs: before anything touches a device
         cfg = load_run_config(args.config, args.overrides, args.run_dir)
@@ -298,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             if runner.run.discard_unused():  # nothing was done: the corrected command starts afresh
                 print(f"nothing was done, so the new run directory {runner.run.path} was removed")
             raise
+    except RunConfigMismatchError as e:  # a list of keys: one per line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except INPUT_ERRORS as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2

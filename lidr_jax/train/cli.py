@@ -117,7 +117,11 @@ def parse_args(argv: list[str] | None):
         help="dtype of the written weights (default: the export_dtype setting, bfloat16)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="also show W&B's own messages")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["LIDR_JAX_VERBOSE"] = "1"  # lidr_jax.train.metrics shows W&B's lines
+    return args
 
 
 def load_settings(config_path: str | None, overrides: list[str]) -> DPORunConfig:
@@ -131,7 +135,7 @@ def load_settings(config_path: str | None, overrides: list[str]) -> DPORunConfig
     dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
     items = []
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key = item.split("=", 1)[0].strip().split(".")[0]  # compute.logprob_chunk=16 means dpo.compute...
         items.append(f"dpo.{item.strip()}" if key in dpo_fields and key not in run_fields else item)
     data = apply_overrides(data, items)
     dpo = data.get("dpo")
@@ -310,7 +314,7 @@ def run(args) -> int:
         check_finite_weights(state.params, out)
         final = dataclasses.replace(model, params=state.params)
         written = export_hf(final, out / "model", dtype=export_dtype, card=_card(args, cfg, pairs), replace=True)
-    print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}", file=sys.stderr)
+    print(f"trained model ({export_dtype}): {written}\nmetrics: {metrics_file}")  # results on stdout; progress: stderr
     return 0
 
 
