@@ -29,7 +29,7 @@ import numpy as np
 from lidr_jax.methods.filters import PairFilterConfig, answer_reason, provenance
 from lidr_jax.methods.languages import language_name
 from lidr_jax.methods.lidr import Message, Pair, TranslationPrompt, chat_prompt, check_template
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 
 Condition = Literal["english", "translated", "translate_answer"]
 CONDITIONS = ("english", "translated", "translate_answer")
@@ -190,54 +190,50 @@ def select_pairs(
 
 @dataclass(frozen=True)
 class ICRSelectionConfig:
-    """ICR settings (a config section). The paper uses no system prompt anywhere.
+    """ICR settings (a config section). The paper uses no system prompt anywhere."""
 
-    generation_system_prompt / scoring_system_prompt / system_prompt: the system turn when sampling,
-      when scoring, and in the training pairs (None = none).
-    language_prefix: the sentence before the English instruction when scoring (placeholder {language}).
-    translation: the translate-the-answer baseline's request (lidr_jax.methods.lidr.TranslationPrompt);
-      a translation without a closing tag keeps its text, as in the authors' baseline.
-    upper_bound: `select_pairs` (strict, on the length-adjusted score, after the α search).
-    upper_bound_empty: a prompt with no answer under the bound: "drop" it (default: no answer the
-      bound allows, no pair) or choose its "first" answer (the authors' code: argmax over all -inf).
-    strip_for_length: measure len(y) on the answer without leading and trailing whitespace (the
-      authors' code strips every answer when it is generated); False measures the text as sampled.
-    scoring_input: the scoring prompt's instruction keeps a prompt's Alpaca `input` field (True: the
-      answer was sampled for instruction + input, so it is judged against both); False scores under
-      the instruction alone, as the authors' scoring prompt does (`without_input`).
-    score_first_token: score the answer's first token too (True, the project's choice: it is part
-      of the answer); False leaves it out, as the authors' masking does.
-    max_score_tokens: answer tokens scored, end-of-turn included; a longer answer is cut (counted).
-      None = the sampling limit + 1, so no sampled answer is ever cut. Prompts are never cut.
-    english_pairs: build pairs for the dominant language too (True); the authors' translate-the-answer
-      baseline skips them.
-    """
-
-    condition: Condition = "english"  # english (the paper) | translated | translate_answer (the baselines)
-    upper_bound: float | None = None
-    upper_bound_empty: Literal["drop", "first"] = "drop"
-    strip_for_length: bool = False
-    scoring_input: bool = True
-    alpha_step: float = 0.001  # spacing of the length-adjustment grid searched for alpha
-    alpha_max: float = 1.0  # exclusive
-    system_prompt: str | None = None
-    scoring_system_prompt: str | None = None
-    generation_system_prompt: str | None = None
-    language_prefix: str = DEFAULT_LANGUAGE_PREFIX
-    translation: TranslationPrompt = TranslationPrompt()
-    score_first_token: bool = True
-    max_score_tokens: int | None = None
-    english_pairs: bool = True
+    condition: Condition = setting(
+        "english", "the instruction answers are scored under: english (the paper) | translated | translate_answer"
+    )
+    upper_bound: float | None = setting(
+        None, "`select_pairs`: only answers scoring strictly below it (length-adjusted, after the α search) are chosen"
+    )
+    upper_bound_empty: Literal["drop", "first"] = setting(
+        "drop", "a prompt with no answer under the bound: drop it, or choose its first answer (the authors' code)"
+    )
+    strip_for_length: bool = setting(
+        False, "len(y) without leading/trailing whitespace (the authors strip answers); false: the text as sampled"
+    )
+    scoring_input: bool = setting(
+        True, "the scoring instruction keeps a prompt's Alpaca `input`; false scores under the instruction alone"
+    )
+    alpha_step: float = setting(0.001, "spacing of the length-adjustment grid searched for α", gt=0)
+    alpha_max: float = setting(1.0, "the grid's end (exclusive)", gt=0)
+    system_prompt: str | None = setting(None, "the system turn of the training pairs (null = none)")
+    scoring_system_prompt: str | None = setting(None, "the system turn when scoring (null = none)")
+    generation_system_prompt: str | None = setting(None, "the system turn when sampling (null = none)")
+    language_prefix: str = setting(
+        DEFAULT_LANGUAGE_PREFIX, "the sentence before the English instruction when scoring ({language})"
+    )
+    translation: TranslationPrompt = setting(
+        TranslationPrompt(), "translate_answer's request; a translation without a closing tag keeps its text"
+    )
+    score_first_token: bool = setting(
+        True, "score the answer's first token too (the project's choice); false leaves it out, as the authors do"
+    )
+    max_score_tokens: int | None = setting(
+        None,
+        "answer tokens scored, end-of-turn included; longer answers are cut (counted); null = the sampling "
+        "limit + 1, so no sampled answer is cut",
+        ge=2,
+    )
+    english_pairs: bool = setting(
+        True, "pairs for the dominant language too; the authors' translate-the-answer baseline skips them"
+    )
 
     def __post_init__(self):
-        check_choices(self)
-        if not (self.alpha_step > 0 and self.alpha_max > 0):
-            raise ValueError(f"alpha_step ({self.alpha_step}) and alpha_max ({self.alpha_max}) must be > 0")
+        check_settings(self)
         check_template(self.language_prefix, (), ("language",), "ICR language prefix")
-        if self.max_score_tokens is not None and self.max_score_tokens < 2:
-            raise ValueError(
-                f"max_score_tokens must be >= 2 (an answer token and end-of-turn), got {self.max_score_tokens}"
-            )
 
     def alpha_grid(self) -> np.ndarray:
         return length_alpha_grid(self.alpha_step, self.alpha_max)

@@ -29,7 +29,7 @@ from lidr_jax.model.llama import REMAT_POLICIES
 from lidr_jax.model.logprobs import pair_logprobs
 from lidr_jax.parallel.multihost import put_process_rows
 from lidr_jax.parallel.sharding import to_host
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
 
 # The choices the model layer defines, spelled once there (a Literal of a tuple is a Literal of its items).
@@ -42,19 +42,21 @@ Remat = Literal[(*REMAT_POLICIES, "auto")]
 class ScoringConfig:
     """How a forward pass over answers computes (the DPO train step and every scoring pass)."""
 
-    # auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)
-    attention: Attention = "auto"
-    remat: Remat = "none"  # activation recomputation in the layer scan (training): none | full | dots, ...
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # matmul dtype; weights (and Adam state) stay float32
-    logprob_chunk: int = 256  # answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)
-    batch_size: int = 8  # rows per forward of a scoring pass (the DPO reference pass: pairs)
+    attention: Attention = setting(
+        "auto",
+        "auto | xla | cudnn | splash (lidr_jax.model.attention; auto: the backend's fused kernel where it applies)",
+    )
+    remat: Remat = setting("none", "activation recomputation in the layer scan (training): none | full | dots, ...")
+    compute_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "matmul dtype; weights (and Adam state) stay float32"
+    )
+    logprob_chunk: int = setting(
+        256, "answer tokens per log-softmax chunk, recomputed in backward (0: one chunk, kept)", ge=0
+    )
+    batch_size: int = setting(8, "rows per forward of a scoring pass (the DPO reference pass: pairs)", ge=1)
 
     def __post_init__(self):
-        check_choices(self)  # the loader's one check of every Literal field: key, value and choices
-        if self.logprob_chunk < 0:
-            raise ValueError(f"ScoringConfig.logprob_chunk={self.logprob_chunk!r}: must be >= 0")
-        if self.batch_size < 1:
-            raise ValueError(f"ScoringConfig.batch_size={self.batch_size!r}: must be >= 1")
+        check_settings(self)
 
     def replace(self, **changes) -> ScoringConfig:
         return dataclasses.replace(self, **changes)
