@@ -256,3 +256,27 @@ def test_splash_under_a_cpu_mesh_equals_xla():
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["rows"] >= 2
     assert result["max_abs_diff"] < 1e-4  # summed log-probs of ~10-token answers, float32
+
+
+def test_fit_check_at_load_uses_the_compiled_step_on_cpu(tmp_path):
+    """On a CPU the compiled DPO step's memory is checked against the RAM when the analytic plan needs more
+    than a quarter of it; a small run compiles nothing."""
+    from lidr_jax.parallel.sharding import MeshConfig, make_mesh
+    from lidr_jax.pipeline.config import load_run_config
+    from lidr_jax.pipeline.plan import check_fits_at_load
+    from lidr_jax.train.memory import DoesNotFitError
+    from tests.dpo_helpers import write_tiny_hf_dir
+
+    model = write_tiny_hf_dir(tmp_path / "model")
+    run = load_run_config(
+        None, [f"model={model}", "dpo.batch_size=2", "dpo.max_prompt_len=32", "dpo.max_response_len=32"]
+    )
+    mesh = make_mesh(MeshConfig(preset="single"))
+    assert check_fits_at_load(run, mesh, ram=2**50) is None  # nothing compiled: the plan is far below a quarter
+    with pytest.raises(DoesNotFitError) as e:
+        check_fits_at_load(run, mesh, ram=2**20)
+    message = str(e.value)
+    assert message.startswith("DPO training needs ") and "GiB per device on 1 cpu device(s)" in message
+    assert "(the compiled step: " in message and message.endswith(
+        "but each has 0.00 GiB: use more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full"
+    )

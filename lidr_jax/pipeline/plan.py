@@ -37,11 +37,12 @@ import numpy as np
 from lidr_jax.model.attention import compiling_for
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params
-from lidr_jax.parallel.sharding import describe_mesh, use_mesh
+from lidr_jax.parallel.sharding import describe_mesh, device_memory, parse_rules, use_mesh
 from lidr_jax.parallel.topology import Topology, TopologyError, devices, parse
 from lidr_jax.pipeline.config import load_run_config
-from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs
+from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs, train_programs
 from lidr_jax.settings import SettingsError
+from lidr_jax.train.memory import DoesNotFitError, check_model_fits, plan_memory
 
 GiB = 2**30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -69,8 +70,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def _compile(program: Program, config: ModelConfig, build=None):
-    with use_mesh(program.mesh, program.rules), compiling_for("tpu"):
+def _compile(program: Program, config: ModelConfig, build=None, platform: str = "tpu"):
+    with use_mesh(program.mesh, program.rules), compiling_for(platform):
         fn, args = (build or program.build)(config)
         return fn.lower(*args).compile(), args
 
@@ -276,3 +277,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {line}", file=sys.stderr)
         return 2
     return 0
+
+
+# ------------------------------------------------------------------------------- the fit check at load
+
+
+def available_ram() -> int | None:
+    """The memory the machine can still give (MemAvailable), or None where /proc/meminfo does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
+    """The fit check at config load, before any model work (lidr_jax.pipeline.runner.open_run).
+
+    First the analytic plan (lidr_jax.train.memory.check_model_fits: shapes only, where the devices report
+    their memory). Then, where a compiler can answer, its numbers: the run's DPO step at the config's
+    limits compiled ahead of time for the run's own mesh, its peak (`memory_analysis`) against the memory
+    of one device (TPU, GPU), or on a CPU against the machine's available RAM (`ram`, default
+    MemAvailable) when the analytic plan needs more than a quarter of it (a small run does not pay for
+    the compile). Raises DoesNotFitError with the compiler's numbers; returns the compiled memory figures,
+    or None when nothing was compiled."""
+    analytic = check_model_fits(run.model, run.dpo, mesh)
+    device = next(iter(mesh.devices.flat))
+    if not isinstance(device, jax.Device):
+        return None  # a mesh description without devices (tests of the analytic check)
+    limit = device_memory(device)
+    if limit is None and device.platform == "cpu":
+        ram = ram if ram is not None else available_ram()
+        shape = tuple(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+        config = model_architecture(run.model, run.dtype)
+        needed = analytic.total if analytic else plan_memory(config, run.dpo, shape).total
+        if ram is None or needed * 4 < ram:
+            return None
+        limit = ram
+    if limit is None:
+        return None
+    config = model_architecture(run.model, run.dtype)
+    rules = parse_rules(run.mesh.rules)
+    program = train_programs(run, mesh, rules)[0]
+    where = f"{mesh.devices.size} {device.platform} device(s) ({describe_mesh(mesh)})"
+    try:
+        compiled, _ = _compile(program, config, platform=device.platform)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first:
+            raise DoesNotFitError(f"DPO training does not fit {where}: {first} Use {advice('train')}") from None
+        raise
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    if peak > limit:
+        raise DoesNotFitError(
+            f"DPO training needs {peak / GiB:.2f} GiB per device on {where} (the compiled step: "
+            f"{mem.temp_size_in_bytes / GiB:.2f} GiB temporaries, {mem.argument_size_in_bytes / GiB:.2f} GiB "
+            f"arguments), but each has {limit / GiB:.2f} GiB: use {advice('train')}"
+        )
+    return {"peak": int(peak), "limit": int(limit)}

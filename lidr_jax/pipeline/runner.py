@@ -53,6 +53,7 @@ from lidr_jax.pipeline.iteration import Iteration, Stage, start_model
 from lidr_jax.pipeline.lidr_stages import lidr_generate, lidr_pairs, lidr_translate
 from lidr_jax.pipeline.models import RunModels, check_model_files
 from lidr_jax.pipeline.pair_output import NoPairsError
+from lidr_jax.pipeline.plan import check_fits_at_load
 from lidr_jax.pipeline.report import print_summary, write_report
 from lidr_jax.pipeline.run_dir import MANIFEST, RunConfigMismatchError, RunDir, RunDirError
 from lidr_jax.pipeline.train_stages import (
@@ -63,7 +64,7 @@ from lidr_jax.pipeline.train_stages import (
     train_stage,
 )
 from lidr_jax.settings import SettingsError, check_finite, describe
-from lidr_jax.train.memory import DoesNotFitError, check_model_fits
+from lidr_jax.train.memory import DoesNotFitError
 from lidr_jax.train.pairs import PairFormatError
 
 TRAINING: list[tuple[str, Stage]] = [
@@ -207,7 +208,7 @@ def open_run(cfg: RunConfig, allow_config_change: bool = False, redo: list[str] 
         raise SettingsError(f"--redo: {cfg.run_dir} holds no run yet, so there is nothing to redo; drop --redo")
     enable_compilation_cache(cfg.compilation_cache)  # before anything compiles
     mesh = sharding.make_mesh(cfg.mesh)
-    check_model_fits(cfg.model, cfg.dpo, mesh)  # a DPO state the mesh cannot hold fails now, with the numbers
+    check_fits_at_load(cfg, mesh)  # a DPO step the mesh cannot hold fails now, with the compiler's numbers
     rules = sharding.parse_rules(cfg.mesh.rules)
     run = RunDir(
         cfg.run_dir,
