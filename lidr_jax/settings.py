@@ -6,8 +6,10 @@ Every run setting lives in a frozen `*Config` dataclass owned by the module that
 tree, checking every key and every value's type *before* any work starts, so a typo fails in a second
 with the key's dotted name instead of an hour into a run.
 
-An enumeration is a `Literal[...]` annotation, checked one way (`check_choice`) whether the value comes
-from YAML, `--set` or Python (a dataclass calls `check_choices(self)` in `__post_init__`). YAML is read
+Each field is declared once with `setting(default, doc, ge=..., ...)`: its help line (`--help`,
+docs/configuration.md) and its range; an enumeration is a `Literal[...]` annotation. `check_settings`,
+called first in every settings class's `__post_init__`, checks both whether the value comes from YAML,
+`--set` or Python, and names the field; the loader puts the group's dotted prefix in front. YAML is read
 with YAML 1.2 booleans: only true/false are booleans, so `no`, `yes`, `on`, `off` stay strings (the
 language code `no` is Norwegian) and become booleans only where a boolean is expected.
 """
@@ -224,9 +226,6 @@ def check_settings(obj) -> None:
 def _check_choice(value: Any, choices: tuple, field: str) -> None:
     if value not in choices:
         raise FieldError(field, f"must be one of {list(choices)}, got {value!r}")
-
-
-check_choices = check_settings  # the name the settings classes used before bounds were declared
 
 
 def field_doc(cls, f: dataclasses.Field) -> str:

@@ -112,5 +112,5 @@ def test_loss_gradient_flows_only_through_policy_logps():
 def test_bad_settings_name_the_field():
     with pytest.raises(ValueError, match=r"loss_type must be one of \[.*\], got 'kto'"):
         DPOConfig(loss_type="kto")
-    with pytest.raises(ValueError, match="DPOConfig.label_smoothing=0.5"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be >= 0 and < 0.5, got 0.5"):
         DPOConfig(label_smoothing=0.5)

@@ -173,7 +173,7 @@ def test_config_files_and_settings_of_the_dpo_command(dpo, capsys, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert f"{empty} is empty; write the settings to change" in fails(capsys, "--config", str(empty))
-    assert "dpo: DPOConfig.seed=-1: must be >= 0 (it seeds the data order)" in fails(capsys, "--set", "seed=-1")
+    assert "dpo.seed must be >= 0, got -1" in fails(capsys, "--set", "seed=-1")
     err = fails(capsys, "--set", "export_dtype=fp16")
     assert "export_dtype must be one of ['bfloat16', 'float32'], got 'fp16'" in err
     err = fails(capsys, "--set", "dpo.compute.attention=flash")

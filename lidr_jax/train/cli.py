@@ -48,11 +48,12 @@ from lidr_jax.parallel.sharding import MeshConfig
 from lidr_jax.settings import (
     SettingsError,
     apply_overrides,
-    check_choices,
     check_finite,
+    check_settings,
     describe,
     from_dict,
     load_yaml,
+    setting,
 )
 from lidr_jax.train import trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer
@@ -71,19 +72,16 @@ class TrainingDivergedError(ValueError):
 class DPORunConfig:
     """Everything `python -m lidr_jax.dpo` runs with (YAML groups and `--set` keys)."""
 
-    dpo: DPOConfig = DPOConfig()
-    mesh: MeshConfig = MeshConfig()  # fsdp over every device (one device: no sharding)
-    metrics: MetricsConfig = MetricsConfig()  # live TensorBoard (and W&B when asked for)
-    checkpoint_every: int = 50  # optimizer steps between Orbax checkpoints (and one at the end)
-    checkpoint_keep: int = 2  # the newest checkpoints kept
-    export_dtype: ExportDtype = "bfloat16"  # bfloat16 (what vLLM serves, half the size) | float32 (exact)
-    drop_degenerate_pairs: bool = True  # leave out (counted) pairs with empty chosen or chosen == rejected
+    dpo: DPOConfig = setting(DPOConfig(), "the DPO settings (a bare key on the command line means dpo.KEY)")
+    mesh: MeshConfig = setting(MeshConfig(), "fsdp over every device (one device: no sharding)")
+    metrics: MetricsConfig = setting(MetricsConfig(), "live TensorBoard (and W&B when asked for)")
+    checkpoint_every: int = setting(50, "optimizer steps between Orbax checkpoints (and one at the end)", ge=1)
+    checkpoint_keep: int = setting(2, "the newest checkpoints kept", ge=1)
+    export_dtype: ExportDtype = setting("bfloat16", "bfloat16 (what vLLM serves, half the size) | float32 (exact)")
+    drop_degenerate_pairs: bool = setting(True, "leave out (counted) pairs with empty chosen or chosen == rejected")
 
     def __post_init__(self):
-        check_choices(self)
-        for name in ("checkpoint_every", "checkpoint_keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_settings(self)
 
 
 EPILOG = """settings (YAML groups or --set key=value; values parse as YAML; a bare DPO key means dpo.KEY):

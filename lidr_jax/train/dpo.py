@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lidr_jax.model.scoring import ScoringConfig
-from lidr_jax.settings import check_choices
+from lidr_jax.settings import check_settings, setting
 
 LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
 LOSS_TYPES = typing.get_args(LossType)
@@ -28,62 +28,53 @@ LOSS_TYPES = typing.get_args(LossType)
 class DPOConfig:
     """Every DPO training setting (frozen; `python -m lidr_jax.dpo --set key=value` sets any field)."""
 
-    beta: float = 0.1  # strength of the KL anchor to the reference (β in every loss)
-    loss_type: LossType = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge
-    label_smoothing: float = 0.0  # ε: assumed probability that a pair's label is flipped (sigmoid, robust)
-    ipo_average: bool = True  # ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)
-    nll_weight: float = 1.0  # λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)
-    learning_rate: float = 5e-7  # AdamW's peak learning rate, after warmup
-    warmup: float = 0.1  # < 1: fraction of the optimizer steps; >= 1: a number of steps
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (cosine and linear end at 0)
-    epochs: int = 1  # passes over the pairs
-    batch_size: int = 4  # pairs per micro-batch (one packed row per pair)
-    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    adam_b1: float = 0.9  # AdamW's first-moment decay
-    adam_b2: float = 0.999  # AdamW's second-moment decay
-    adam_eps: float = 1e-8  # AdamW's epsilon
-    max_prompt_len: int = 512  # longer prompts keep their last tokens (counted)
-    max_response_len: int = 1024  # longer responses keep their first tokens (counted)
-    bucket_multiple: int = 0  # 0: powers of two to 256, then multiples of 128; n: multiples of n
-    # 0: one row per pair, bucketed; n: several pairs per row of n tokens (lidr_jax.train.packing),
-    # batch_size then counts pairs per micro-batch as before, packed into a fixed number of rows
-    row_tokens: int = 0
-    share_prompt: bool = True  # packed rows run a pair's prompt once for both answers; false: once per answer
-    # packed shapes: run (one for every step, one compilation) | step (each step's rows as long as its
-    # longest, rounded up to bucket_multiple or 512: less padding, a compilation per distinct shape)
-    pack_shapes: Literal["run", "step"] = "run"
-    seed: int = 0  # shuffling
-    # how the train step and the reference pass compute: attention, remat, compute_dtype, logprob_chunk,
-    # batch_size (pairs per forward of the reference pass; lidr_jax.model.scoring.ScoringConfig)
-    compute: ScoringConfig = ScoringConfig()
+    beta: float = setting(0.1, "strength of the KL anchor to the reference (β in every loss)", gt=0)
+    loss_type: LossType = setting("sigmoid", "sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge")
+    label_smoothing: float = setting(
+        0.0, "ε: assumed probability that a pair's label is flipped (sigmoid, robust)", ge=0, lt=0.5
+    )
+    ipo_average: bool = setting(
+        True, "ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)"
+    )
+    nll_weight: float = setting(1.0, "λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)", ge=0)
+    learning_rate: float = setting(5e-7, "AdamW's peak learning rate, after warmup", ge=0)
+    warmup: float = setting(0.1, "< 1: fraction of the optimizer steps; >= 1: a number of steps", ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = setting(
+        "cosine", "decay after warmup (cosine and linear end at 0)"
+    )
+    epochs: int = setting(1, "passes over the pairs", ge=1)
+    batch_size: int = setting(4, "pairs per micro-batch (one packed row per pair)", ge=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)", ge=1)
+    max_grad_norm: float = setting(1.0, "global-norm clipping; 0 disables it", ge=0)
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", ge=0)
+    adam_b1: float = setting(0.9, "AdamW's first-moment decay")
+    adam_b2: float = setting(0.999, "AdamW's second-moment decay")
+    adam_eps: float = setting(1e-8, "AdamW's epsilon")
+    max_prompt_len: int = setting(512, "longer prompts keep their last tokens (counted)", ge=1)
+    max_response_len: int = setting(1024, "longer responses keep their first tokens (counted)", ge=1)
+    bucket_multiple: int = setting(0, "0: powers of two to 256, then multiples of 128; n: multiples of n", ge=0)
+    row_tokens: int = setting(
+        0,
+        "0: one row per pair, bucketed; n: several pairs per row of n tokens (lidr_jax.train.packing), batch_size "
+        "still counting pairs per micro-batch, packed into a fixed number of rows",
+        ge=16,
+        also=(0,),
+    )
+    share_prompt: bool = setting(True, "packed rows run a pair's prompt once for both answers; false: once per answer")
+    pack_shapes: Literal["run", "step"] = setting(
+        "run",
+        "packed shapes: run (one for every step, one compilation) | step (each step's rows as long as its "
+        "longest, rounded up to bucket_multiple or 512: less padding, a compilation per distinct shape)",
+    )
+    seed: int = setting(0, "seeds the data order", ge=0)
+    compute: ScoringConfig = setting(
+        ScoringConfig(),
+        "how the train step and the reference pass compute: attention, remat, compute_dtype, logprob_chunk, "
+        "batch_size (pairs per forward of the reference pass; lidr_jax.model.scoring.ScoringConfig)",
+    )
 
     def __post_init__(self):
-        check_choices(self)  # the loader's one check of every Literal field: key, value and choices
-        checks = {
-            "beta": (self.beta > 0, "> 0"),
-            "label_smoothing": (0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
-            "nll_weight": (self.nll_weight >= 0, ">= 0"),
-            "learning_rate": (self.learning_rate >= 0, ">= 0"),
-            "warmup": (self.warmup >= 0, ">= 0"),
-            "max_grad_norm": (self.max_grad_norm >= 0, ">= 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "bucket_multiple": (self.bucket_multiple >= 0, ">= 0"),
-            "row_tokens": (self.row_tokens == 0 or self.row_tokens >= 16, "0 (one row per pair) or >= 16"),
-            "seed": (self.seed >= 0, ">= 0 (it seeds the data order)"),
-        }
-        for field in (
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "max_prompt_len",
-            "max_response_len",
-        ):
-            checks[field] = (getattr(self, field) >= 1, ">= 1")
-        for field, (ok, want) in checks.items():
-            if not ok:
-                raise ValueError(f"DPOConfig.{field}={getattr(self, field)!r}: must be {want}")
+        check_settings(self)
 
     def replace(self, **changes) -> DPOConfig:
         return dataclasses.replace(self, **changes)
