@@ -53,13 +53,15 @@ class DPOConfig:
     max_prompt_len: int = setting(512, "longer prompts keep their last tokens (counted)", ge=1)
     max_response_len: int = setting(1024, "longer responses keep their first tokens (counted)", ge=1)
     bucket_multiple: int = setting(0, "0: powers of two to 256, then multiples of 128; n: multiples of n", ge=0)
-    row_tokens: int = setting(
+    row_tokens: int | Literal["auto"] = setting(
         0,
         "0: one row per pair, bucketed; n: several pairs per row of n tokens (lidr_jax.train.packing), batch_size "
-        "still counting pairs per micro-batch, packed into a fixed number of rows",
+        "still counting pairs per micro-batch; auto: rows and micro-batches from the compiled train step's memory "
+        "(lidr_jax.train.autotune)",
         ge=16,
-        also=(0,),
+        also=(0, "auto"),
     )
+    memory_margin_gib: float = setting(2.0, "row_tokens / compute.remat auto: memory left free of the budget", ge=0)
     share_prompt: bool = setting(True, "packed rows run a pair's prompt once for both answers; false: once per answer")
     pack_shapes: Literal["run", "step"] = setting(
         "run",

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lidr_jax.model.logprobs import entry_logprobs
 from lidr_jax.model.segments import MASKED, prefix_segment, segment_sees
@@ -299,33 +300,47 @@ def packed_step_batch(enc: EncodedPairs, ref, idx: Sequence[int], grad_accum: in
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
-def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
+def block_seen(batch, T: int, block: int):
+    """Which keys each query sees in each block pair of `batch` (block_q, block_k, block_valid [B, M],
+    segments, attention_mask [B, T]): bool [B, M, Cq, Ck] (`block_pairs`'s rule). Made once per pass,
+    outside the layer scan (`packed_logprobs`), so no layer rebuilds it and no remat policy recomputes it."""
+    B, C, nb = batch["segments"].shape[0], block, T // block
+    bq, bk = batch["block_q"], batch["block_k"]
+
+    def tiles(x_BT):  # [B, T] -> [B, nb, C]
+        return x_BT.reshape(B, nb, C)
+
+    def pick(x_BnC, idx_BM):  # the blocks idx of each row: [B, M, C]
+        return jax.vmap(lambda x, i: x[i])(x_BnC, idx_BM)
+
+    tok, seg = tiles(jnp.broadcast_to(jnp.arange(T), (B, T))), tiles(batch["segments"])
+    tq, tk = pick(tok, bq)[..., :, None], pick(tok, bk)[..., None, :]
+    sq, sk = pick(seg, bq)[..., :, None], pick(seg, bk)[..., None, :]
+    seen = pick(tiles(batch["attention_mask"].astype(bool)), bk)[..., None, :] & (tk <= tq) & segment_sees(sq, sk)
+    return seen & batch["block_valid"][..., None, None]
+
+
+def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int, seen=None):
     """Grouped-query attention over packed rows, computed only on the block pairs listed in `batch`
     (block_q, block_k, block_valid [B, M]; module docstring); which keys a query sees inside a block pair
-    follows the row's segments, positions of tokens and attention mask (`block_pairs`'s rule). Scores and
-    softmax in float32; output [B, T, N, H]. A query that sees nothing (padding) gets zeros."""
+    follows the row's segments, positions of tokens and attention mask (`block_pairs`'s rule; `seen`:
+    `block_seen` of the batch, made here when not given). Scores and softmax in float32; output
+    [B, T, N, H]. A query that sees nothing (padding) gets zeros."""
     B, T, N, H = q_BTNH.shape
     K = k_BKTH.shape[1]
     G, C, nb = N // K, block, T // block
-    bq, bk, valid = batch["block_q"], batch["block_k"], batch["block_valid"]
-    seg, mask = batch["segments"], batch["attention_mask"].astype(bool)
+    bq, bk = batch["block_q"], batch["block_k"]
+    seen = block_seen(batch, T, block) if seen is None else seen
 
-    def tiles(x_BT):  # [B, T, ...] -> [B, nb, C, ...]
-        return x_BT.reshape(B, nb, C, *x_BT.shape[2:])
-
-    def pick(x_BnC, idx_BM):  # the blocks idx of each row: [B, M, C, ...]
+    def pick(x_BnC, idx_BM):  # the blocks idx of each row: [B, M, ...]
         return jax.vmap(lambda x, i: x[i])(x_BnC, idx_BM)
 
     # Gathered q, k, v are M / nb times larger than q, k, v: the backward pass gathers them again
     # instead of keeping them (jax.checkpoint around the gather alone).
     gather = jax.checkpoint(pick)
 
-    # Which keys each query sees, per block pair [B, M, Cq, Ck] (from integers: loop-invariant in the layer scan).
-    tok = tiles(jnp.broadcast_to(jnp.arange(T), (B, T)))
-    tq, tk = pick(tok, bq)[..., :, None], pick(tok, bk)[..., None, :]
-    sq, sk = pick(tiles(seg), bq)[..., :, None], pick(tiles(seg), bk)[..., None, :]
-    seen = pick(tiles(mask), bk)[..., None, :] & (tk <= tq) & segment_sees(sq, sk)
-    seen &= valid[..., None, None]
+    def tiles(x_BT):  # [B, T, ...] -> [B, nb, C, ...]
+        return x_BT.reshape(B, nb, C, *x_BT.shape[2:])
 
     scale = jnp.asarray(H**-0.5, q_BTNH.dtype)
     q = gather(tiles(q_BTNH * scale).reshape(B, nb, C, K, G, H), bq)  # [B, M, C, K, G, H]
@@ -345,7 +360,10 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int):
     p = jnp.exp(jnp.where(seen, s - pick(m, bq)[..., None], -jnp.inf))
     total = per_query_block(jax.ops.segment_sum, jnp.sum(p, axis=-1))  # [B, nb, K, G, C]
     o = jnp.einsum("BMKGcd,BMdKH->BMKGcH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    o = per_query_block(jax.ops.segment_sum, o) / jnp.maximum(total, 1e-30)[..., None]  # [B, nb, K, G, C, H]
+    # the sum over key blocks is named for remat (lidr_jax.model.llama.REMAT_POLICIES["names"] keeps it, so the
+    # backward pass of the division needs no recomputed output einsum)
+    o = checkpoint_name(per_query_block(jax.ops.segment_sum, o), "attn_out")  # [B, nb, K, G, C, H]
+    o = o / jnp.maximum(total, 1e-30)[..., None]
     return o.transpose(0, 1, 4, 2, 3, 5).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
@@ -357,8 +375,10 @@ def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "no
     if attention == "xla" and "block_q" in batch:  # packed rows' own attention (blocks as the plan's)
         block = attention_block(batch["tokens"].shape[1])
 
+        seen = block_seen(batch, batch["tokens"].shape[1], block)  # once, outside the layer scan
+
         def blocks(q, k, v):  # lidr_jax.model.attention.fused_attention calls a callable implementation
-            return block_attention(q, k, v, batch, block)
+            return block_attention(q, k, v, batch, block, seen)
 
         attention = blocks
 

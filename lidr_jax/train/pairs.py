@@ -503,7 +503,7 @@ def encode_pairs(
             if not r:
                 raise ValueError("a response encodes to zero tokens; every pair needs a non-empty answer")
             out.append(np.asarray(r, np.int32))
-        if row_tokens:
+        if row_tokens and row_tokens != "auto":  # auto: rows chosen later (lidr_jax.train.autotune)
             *fitted, cut = fit_pair(enc.prompt_ids[-1], enc.chosen_ids[-1], enc.rejected_ids[-1], row_tokens)
             enc.prompt_ids[-1], enc.chosen_ids[-1], enc.rejected_ids[-1] = fitted
             enc.truncated_to_row += int(cut)

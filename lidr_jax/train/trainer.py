@@ -85,9 +85,11 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
         return {"chosen": chosen, "rejected": rejected}
     config = compute.model_config(model_config)
     impl = compute.attention_impl(shared_prompt=cfg.share_prompt)
+    from lidr_jax.train import autotune  # (it imports this module)
 
     def make_batch(idx):
-        plan = step_plan(enc, idx, cfg.row_tokens, 1, cfg.share_prompt, impl == "xla", cfg.bucket_multiple)
+        row = cfg.row_tokens if cfg.row_tokens != "auto" else autotune.reference_row_tokens(enc, idx, cfg)
+        plan = step_plan(enc, idx, row, 1, cfg.share_prompt, impl == "xla", cfg.bucket_multiple)
         batch = {k: v[0] for k, v in packed_step_batch(enc, None, idx, 1, 0, plan).items()}
         return batch, batch.pop("pair").reshape(-1)
 
@@ -317,6 +319,13 @@ def train(
     """
     if len(ref["chosen"]) != len(enc):
         raise ValueError(f"{len(ref['chosen'])} reference log-probs for {len(enc)} pairs")
+    choice = None
+    if cfg.row_tokens == "auto" or cfg.compute.remat == "auto":  # chosen once from memory (lidr_jax.train.autotune)
+        from lidr_jax.train import autotune  # (it imports this module)
+
+        weights = params if state is None else state.params
+        cfg, enc, ref, choice = autotune.choose(model_config, weights, enc, cfg, ref=ref, pad_id=pad_id)
+        print(choice.describe(), flush=True)
     num_steps = total_steps(len(enc), cfg)
     optimizer = make_optimizer(cfg, num_steps)
     schedule = lr_schedule(cfg, num_steps)
@@ -355,6 +364,8 @@ def train(
                 pairs_per_s=len(idx) / dt,
                 padding_share=1 - tokens / batch["attention_mask"].size,
             )
+            if choice is not None and k == start:  # the auto choice, in the run's metrics once
+                metrics.update(choice.metrics())
             if (k + 1) % spe == 0 or k + 1 == num_steps:  # an epoch's last step
                 metrics["epoch_padding_share"] = 1 - epoch_tokens / epoch_slots
                 epoch_tokens = epoch_slots = 0
