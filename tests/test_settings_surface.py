@@ -15,6 +15,7 @@ from conftest import REPO_ROOT
 
 from lidr_jax.pipeline.config import RunConfig, load_run_config
 from lidr_jax.settings import SettingsError, describe, leaves
+from lidr_jax.train.cli import DPORunConfig
 
 BASE = ["icr.reference_model=ref_model"]  # so that reward=icr loads
 ICR = ["reward=icr", *BASE]
@@ -130,7 +131,7 @@ def test_a_stage_group_given_in_part_keeps_its_other_defaults(tmp_path):
 
 def test_help_documents_every_setting():
     text = describe(RunConfig())
-    missing = [leaf.key for leaf in leaves(RunConfig) if not leaf.doc]
+    missing = [leaf.key for cls in (RunConfig, DPORunConfig) for leaf in leaves(cls) if not leaf.doc]
     assert missing == []
     for leaf in leaves(RunConfig):
         line = next(x for x in text.splitlines() if x.strip().startswith(leaf.key + " = "))
