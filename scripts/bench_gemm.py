@@ -5,6 +5,8 @@ step on a CPU once its slots are full (BENCHMARKS.md, Sampler).
 
     python scripts/bench_gemm.py
     XLA_FLAGS=--xla_cpu_enable_fast_math=true python scripts/bench_gemm.py   # try an XLA flag
+    python scripts/bench_gemm.py --train 4352   # the DPO train step's GEMMs at T tokens (the floor of
+                                                # scripts/bench_dpo.py --profile): forward, input and weight grads
 """
 
 from __future__ import annotations
@@ -41,8 +43,53 @@ def seconds_torch(m: int, k: int, n: int, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def train_gemms(T: int, reps: int = 3) -> None:
+    """One layer's projection GEMMs of a SmolLM2 train step at T tokens (float32), as einsums: forward
+    x[T, D] w[D, F], the input gradient g[T, F] w[D, F]^T and the weight gradient x[T, D]^T g[T, F]
+    (contracting over tokens), for the q/o (576), k/v (192) and MLP (1536) widths; best of `reps`."""
+    rng = np.random.default_rng(0)
+    print(f"| GEMM at T={T} | jax ms | jax GFLOP/s | torch ms | torch GFLOP/s | torch / jax speed |")
+    print("|---|---|---|---|---|---|")
+    for width in (576, 192, 1536):
+        for name, spec, a_shape, b_shape in (
+            ("forward", "td,df->tf", (T, 576), (576, width)),
+            ("input grad", "tf,df->td", (T, width), (576, width)),
+            ("weight grad", "td,tf->df", (T, 576), (T, width)),
+        ):
+            a = rng.random(a_shape, np.float32)
+            b = rng.random(b_shape, np.float32)
+            f = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y))
+            ja, jb = jnp.asarray(a), jnp.asarray(b)
+            f(ja, jb).block_until_ready()
+            j = min(_timed(lambda f=f, ja=ja, jb=jb: f(ja, jb).block_until_ready()) for _ in range(reps))
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            torch.einsum(spec, ta, tb)
+            t = min(_timed(lambda spec=spec, ta=ta, tb=tb: torch.einsum(spec, ta, tb)) for _ in range(reps))
+            flops = 2 * T * 576 * width
+            print(
+                f"| {name} 576x{width} | {j * 1e3:.1f} | {flops / j / 1e9:.1f} | {t * 1e3:.1f} | "
+                f"{flops / t / 1e9:.1f} | {j / t:.2f}x |",
+                flush=True,
+            )
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=0, help="T: the train step's GEMMs at T tokens instead")
+    args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.train:
+        print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, torch threads {torch.get_num_threads()}")
+        train_gemms(args.train)
+        return
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, torch threads {torch.get_num_threads()}")
     print("| M x K x N | jax ms | jax GFLOP/s | torch ms | torch GFLOP/s | torch / jax speed |")
     print("|---|---|---|---|---|---|")
