@@ -476,7 +476,7 @@ def describe(obj, prefix: str = "", indent: int = 2, hidden: dict[str, str] | No
     lines = []
     for cls, f, value, _, group in _settable(obj, hidden):
         if group is not None:
-            summary = (group.__doc__ or "").strip().splitlines()[0]
+            summary = f.metadata.get("doc") or (group.__doc__ or "").strip().splitlines()[0]
             lines.append(f"{' ' * indent}{prefix}{f.name}:  {summary}")
             lines.append(describe(value, prefix + f.name + ".", indent + 2, derived_fields(f)))
             continue

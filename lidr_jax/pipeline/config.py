@@ -81,7 +81,7 @@ class LIDRConfig:
     )
     translation: StageSampling = setting(
         StageSampling(max_new_tokens=512, repetition_penalty=1.0),
-        "decoding of the self-translations (the paper: greedy, no repetition penalty)",
+        "the self-translations' decoding: generation's, except the fields set here (the paper: no repetition penalty)",
     )
     prompts: LIDRPrompts = setting(LIDRPrompts(), "every text LIDR sends (docs/reproducing.md)")
     translator: TranslatorConfig = setting(TranslatorConfig(), "policy (the paper) | model | endpoint")
@@ -94,7 +94,7 @@ class ICRConfig:
     samples: int = setting(10, "K answers per prompt (a pair needs two)", ge=2)
     sampling: StageSampling = setting(
         StageSampling(temperature=0.9, top_p=1.0, repetition_penalty=1.0),
-        "decoding of the K samples (the paper: temperature 0.9, top-p 1.0)",
+        "the K samples' decoding: generation's, except the fields set here (the paper: temperature 0.9, top-p 1.0)",
     )
     selection: ICRSelectionConfig = setting(ICRSelectionConfig(), "how answers are scored and paired")
     scorer: Literal["given", "policy"] = setting(
@@ -111,7 +111,7 @@ class ICRConfig:
     )
     translation: StageSampling = setting(
         StageSampling(max_new_tokens=512, repetition_penalty=1.0),
-        "decoding of the answers' translations (icr.selection.condition=translate_answer only)",
+        "the answers' translations' decoding (condition translate_answer): generation's, except the fields set here",
     )
     score_batch_size: int = setting(8, "answers per forward when scoring", ge=1)
 
@@ -124,7 +124,9 @@ class CheckConfig:
     """Before/after check on held-out prompts: answer them, measure the fraction in the asked language."""
 
     enabled: bool = setting(True, "answer the held-out prompts (plan.held_out) before and after each iteration")
-    sampling: StageSampling = setting(StageSampling(max_new_tokens=64), "decoding of the held-out answers")
+    sampling: StageSampling = setting(
+        StageSampling(max_new_tokens=64), "the held-out answers' decoding: generation's, except the fields set here"
+    )
 
 
 _STAGES = ("generate", "translate", "sample", "translate_answers", "check")
