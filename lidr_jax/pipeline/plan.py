@@ -119,11 +119,17 @@ def analyse(program: Program, config: ModelConfig, topo: Topology, with_cost: bo
         compiled, args = _compile(program, config)
     except Exception as e:  # the compiler's own first line is the message (XlaRuntimeError, ValueError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first:
-            raise DoesNotFitOrCompile(
-                f"{program.name} does not fit {topo.name}: {first} Use {advice(program.name)}"
-            ) from None
-        raise DoesNotFitOrCompile(f"{program.name} does not compile for {topo.name}: {first}") from None
+        if not ("RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first):
+            raise DoesNotFitOrCompile(f"{program.name} does not compile for {topo.name}: {first}") from None
+        # The compiler refused it for memory: a row that does not fit, with the compiler's own numbers.
+        return {
+            "program": program.name,
+            "note": program.note,
+            "mesh": describe_mesh(program.mesh),
+            "fits": False,
+            "compiler": first,
+            "compile_seconds": round(time.perf_counter() - start, 1),
+        }
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     memory = {
@@ -189,6 +195,8 @@ def plan_topology(run, config: ModelConfig, topo: Topology, with_cost: bool = Tr
 
 
 def format_row(row: dict) -> str:
+    if "compiler" in row:
+        return f"{row['program']:<18} DOES NOT FIT: {row['compiler']} (compile {row['compile_seconds']:.0f} s)"
     m = row["memory"]
     coll = ", ".join(f"{v['count']} {k}" for k, v in row["collectives"].items() if v["count"]) or "no collectives"
     parts = [
@@ -220,6 +228,10 @@ def refusal(report: dict) -> str | None:
     """One line for the first program that does not fit, with the compiler's numbers and what to change."""
     for topo in report["topologies"]:
         for row in topo["programs"]:
+            if not row["fits"] and "compiler" in row:
+                return (
+                    f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {advice(row['program'])}"
+                )
             if not row["fits"]:
                 m = row["memory"]
                 return (
