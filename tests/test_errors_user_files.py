@@ -163,9 +163,14 @@ def test_a_start_refused_at_its_first_load_leaves_no_trace(run_args, capsys, tmp
         raise ModelFileError("model.safetensors: tensor x cannot be read; copy or download the file again")
 
     monkeypatch.setattr(models, "load_pretrained", damaged)
-    err = refused(runner.main, argv(), capsys, tmp_path)
-    assert err == "model.safetensors: tensor x cannot be read; copy or download the file again"
-    assert not run.exists()
+    before = sha256s(tmp_path)
+    assert runner.main(argv()) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (
+        "error: model.safetensors: tensor x cannot be read; copy or download the file again"
+    )  # after the stage's progress lines (stderr)
+    assert "Traceback" not in captured.err and f"the new run directory {run} was removed" in captured.out
+    assert not run.exists() and sha256s(tmp_path) == before
 
 
 def _closed_port() -> int:
@@ -294,7 +299,7 @@ def test_redo_of_a_damaged_unfinished_stage_reruns_it(run_args, capsys, tmp_path
     assert "--redo iter_1/train: the stage was not finished; deleting its files to run it from the start" in (
         captured.out
     )
-    assert captured.err == "error: stopped at the first model load\n"
+    assert captured.err.splitlines()[-1] == "error: stopped at the first model load" and "Traceback" not in captured.err
     assert not train.exists() and (run / "manifest.json").is_file()
 
 
@@ -512,13 +517,25 @@ def test_hanging_judge_says_so_and_gives_up(outputs, capsys, tmp_path):
     assert len(lines) == 2 and 2.0 <= elapsed < 5.0
 
 
-def test_mgsm_command_checks_every_row(capsys, tmp_path):
+def test_mgsm_command_checks_every_row(capsys, tmp_path, tiny_hf):
     data = tmp_path / "mgsm"
     data.mkdir()
     (data / "mgsm_en.tsv").write_text("What is 1+1?\t2\nWhat is 2+2?\n")
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    argv = ["mgsm", "--model", model, "--data", data, "--langs", "en", "--out", tmp_path / "out"]
+    argv = ["mgsm", "--model", tiny_hf, "--data", data, "--langs", "en", "--out", tmp_path / "out"]
     err = refused(evaluate.main, argv, capsys, tmp_path)
     assert err == f"{data / 'mgsm_en.tsv'}:2: expected 'question<TAB>number', got 'What is 2+2?'"
+
+
+def test_every_model_of_a_command_is_checked_before_work(capsys, tmp_path, tiny_hf, outputs):
+    """The dpo command's --reference and head-to-head's --judge-model with remote code: refused before any
+    model loads, as the policy is."""
+    remote = _model_copy(tiny_hf, tmp_path / "remote")
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text(json.dumps(GOOD) + "\n")
+    argv = ["--model", tiny_hf, "--reference", remote, "--pairs", pair_file, "--out", tmp_path / "out", "--quiet"]
+    err = refused(cli.main, argv, capsys, tmp_path)
+    assert err.startswith(f"--reference: {remote / 'config.json'} has auto_map (AutoModel): this model needs Python")
+    err = refused(evaluate.main, [*outputs, "--judge-model", remote, "--out", tmp_path / "h2h"], capsys, tmp_path)
+    assert err.startswith(f"--judge-model: {remote / 'config.json'} has auto_map (AutoModel): this model needs")

@@ -199,6 +199,7 @@ def test_alpaca_outputs_command_end_to_end(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.setattr(evaluate, "_load", lambda path: tiny_random_model())
     monkeypatch.setattr(evaluate, "_check_model", lambda spec, flag: None)
+    monkeypatch.setattr(evaluate, "_check_model_files", lambda spec, flag: None)
     argv = [
         "alpaca-outputs",
         "--model",

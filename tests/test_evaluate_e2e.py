@@ -52,6 +52,7 @@ def test_mgsm_evaluate_model(model, tmp_path):
 def test_mgsm_cli(model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "_load", lambda path: model)  # the CLI loads by path; use the tiny model
     monkeypatch.setattr(evaluate, "_check_model", lambda spec, flag: None)
+    monkeypatch.setattr(evaluate, "_check_model_files", lambda spec, flag: None)
     rc = evaluate.main(
         [
             "mgsm",

@@ -450,10 +450,20 @@ def _check_model(spec: str, flag: str) -> None:
         raise ModelNotFoundError(f"{flag}: {e}") from None
 
 
+def _check_model_files(spec: str, flag: str) -> None:
+    """What loading `spec` would refuse that can be found without reading the weights (remote code,
+    truncated safetensors, tokenizer files: lidr_jax.pipeline.models.check_model_files); after the other
+    arguments' checks, before the first model loads."""
+    from lidr_jax.pipeline.models import check_model_files  # (the pipeline imports this module)
+
+    check_model_files(spec, flag)
+
+
 def _load_checked(args, cfg: EvalConfig):
     """--model, loaded once its path and every data file of `cfg` have passed their checks."""
     _check_model(args.model, "--model")
     check_data(cfg)
+    _check_model_files(args.model, "--model")
     return _load(args.model)
 
 
@@ -566,6 +576,10 @@ def _head_to_head_command(args, out: Path) -> None:
             max_retry_time_s=args.judge_timeout,
         )
         judge.check()  # an unreachable judge fails in seconds, before any generation
+    models = [(f"--model-{i}", m) for i, (_, m) in enumerate(plan, start=1)] + [("--judge-model", args.judge_model)]
+    for flag, spec in models:
+        if spec:
+            _check_model_files(spec, flag)  # what loading would refuse, before any generation
     dirs = []
     for i, (given, model) in enumerate(plan, start=1):
         if model:

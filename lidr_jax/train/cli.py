@@ -190,6 +190,11 @@ def check_inputs(args, cfg: DPORunConfig) -> list:
     sources = [model_path(args.model)] + ([model_path(args.reference)] if args.reference else [])
     check_out(args.out)
     check_destination(Path(args.out) / "model", sources=sources, replace=True)
+    from lidr_jax.pipeline.models import check_model_files  # the pipeline's check, as its models get
+
+    for flag, spec in (("--model", args.model), ("--reference", args.reference)):
+        if spec:
+            check_model_files(spec, flag)  # remote code, truncated weights, tokenizer files: before any work
     return pairs
 
 
