@@ -1,8 +1,13 @@
 """`python -m lidr_jax.dpo`: DPO-train a model on a preference-pair file."""
 
+import os
 import sys
 
-from lidr_jax.train.cli import main
+# torch is not a dependency (the product never imports it): transformers' "PyTorch was not found" advice at
+# import is noise on a user's terminal. Set for the command only, before anything imports transformers.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from lidr_jax.train.cli import main  # noqa: E402 (after the environment above)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import pytest
@@ -381,7 +382,8 @@ def test_files_follow_the_umask(tiny_model, tmp_path, umask):
 def test_model_card_of_a_plain_export(tiny_model, tmp_path):
     card = (export_hf(tiny_model, tmp_path / "hf", dtype="float32") / MODEL_CARD).read_text()
     assert card.startswith('---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- "lidr_jax"\n---\n')
-    assert f"| Base model | `{tiny_model.source}` |" in card
+    assert f"| Base model | `{'/'.join(Path(tiny_model.source).parts[-3:])}` |" in card  # no absolute path
+    assert str(tmp_path.parent) not in card and str(Path(tiny_model.source).parent) not in card
     assert "| Method | not recorded (the export was given no card information) |" in card
     n = sum(int(p.size) for p in jax.tree.leaves(tiny_model.params))
     assert f"| Architecture | llama, 2 layers, hidden size 64, {n:,} parameters |" in card
@@ -423,20 +425,20 @@ def test_model_card_of_a_run_export(tiny_llama_dir, tmp_path, capsys):
         "language": ["en", "fr", "ru"],
         "tags": ["lidr_jax", "dpo"],
     }
-    assert f"| Base model | `{tiny_llama_dir}` |" in card
+    assert f"| Base model | `{'/'.join(tiny_llama_dir.parts[-3:])}` |" in card and str(tmp_path) not in card
     assert "| Method | LIDR (Language Imbalance Driven Rewarding): iterative DPO" in card
     assert "| Iteration | 1 |" in card and "| Languages | en, fr, ru |" in card
-    assert "| Training data | 150 preference pairs |" in card and f"| Run directory | `{run.path}` |" in card
-    assert f"Exported by lidr_jax from the run `{run.path}`, iteration 1." in card
+    assert "| Training data | 150 preference pairs |" in card and f"| Run | `{run.path.name}` |" in card
+    assert f"Exported by lidr_jax from the run `{run.path.name}`, iteration 1." in card
     table = card[card.index("## Per-language numbers of iteration 1") :].split("\n\n")[1].splitlines()
     assert table == [
         "| language | pairs | failed translations en->X | failed translations X->en | candidates | kept | dropped "
         "| generate answers | generate mean tokens | held-out in-language share | held-out mean tokens "
         "| mgsm_accuracy |",
         "|---" * 12 + "|",
-        "| en | 70 | - | - | - | - | - | 40 | 120.5 | 1 | - | - |",
+        "| en | 70 | - | - | - | - | - | 40 | 120.5 | 1.000 | - | - |",  # one format per column
         "| fr | 42 | 3 | 1 | 45 | 42 | 3 | - | - | 0.875 | 51.5 | 0.125 |",
-        "| ru | 38 | 0 | 2 | - | - | - | 40 | - | 0.75 | - | - |",
+        "| ru | 38 | 0 | 2 | - | - | - | 40 | - | 0.750 | - | - |",
     ]
     # Iteration 0 is the starting model: no method, no training data.
     assert export_run.main([str(run.path), "--iteration", "0", "--out", str(tmp_path / "base")]) == 0
@@ -466,3 +468,34 @@ def test_the_command_itself_refuses_quickly(tiny_llama_dir, tmp_path):
     assert target.read_bytes() == b"someone's weights"
     # Imports only (measured 2.2-2.6 s with `time python -m lidr_jax.export DIR --out FILE`).
     assert seconds < 30
+
+
+def test_model_card_names_the_embedded_checkpoint_and_its_quantization():
+    from lidr_jax.formats.export import held_out_card, model_card
+    from lidr_jax.formats.load import embedded_model_path
+
+    held = held_out_card(
+        {
+            "in_language": {"es": 0.875},
+            "in_language_low": {"es": 0.625},
+            "in_language_high": {"es": 1.0},
+            "ref_loglik": {"es": -2.1316},
+            "ref_loglik_low": {"es": -2.4},
+            "ref_loglik_high": {"es": -1.9},
+            "n": {"es": 8.0},
+        }
+    )
+    card = model_card(
+        {"base_model": "smollm2-135m-instruct", "iteration": 1, "held_out": held, "run": "/home/u/runs/default"},
+        config=SimpleNamespace(model_type="llama", num_hidden_layers=30, hidden_size=576),
+        source=f"smollm2-135m-instruct ({embedded_model_path('smollm2-135m-instruct')})",
+        dtype="float32",
+        num_params=134515008,
+    )
+    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card.split("---\n")[1]
+    assert "| Base model | `HuggingFaceTB/SmolLM2-135M-Instruct` |" in card
+    assert "| Base weights | GGUF Q4_1 (4-bit), dequantized to float32 by lidr_jax |" in card
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "/home/u" not in card and "site-packages" not in card
+    assert "| Run | `default` |" in card
+    assert "| language | prompts | in-language share | ref. log-lik / token |" in card
+    assert "| es | 8 | 0.88 [0.62, 1.00] | -2.132 [-2.400, -1.900] |" in card

@@ -266,7 +266,7 @@ def test_kill_and_resume_matches_uninterrupted_run(scripted_model_dir, prompt_di
     assert (killed / "iter_1" / "train" / "checkpoints").exists()
     res = run_cli(base_args(scripted_model_dir, prompt_dir, killed))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming from the checkpoint at step 2" in res.stdout
+    assert "resuming from the checkpoint at step 2" in res.stderr
     for rel in ("pairs/pairs.jsonl", "generate/generations.jsonl", "translate/translations.jsonl"):
         assert (clean / "iter_1" / rel).read_text() == (killed / "iter_1" / rel).read_text(), rel
     a, b = policy_params(clean), policy_params(killed)
@@ -293,7 +293,7 @@ def test_bad_inputs_fail_before_any_model_work(prompt_dir, tmp_path, setting, me
     res = run_cli(args)
     assert res.returncode == 2, res.stderr
     assert message in res.stderr
-    assert "loading" not in res.stdout
+    assert "loading" not in res.stderr
 
 
 def test_misaligned_and_malformed_prompt_files(prompt_dir, tmp_path):
@@ -321,7 +321,7 @@ def test_lidr_with_another_model_as_translator(scripted_model_dir, prompt_dir, t
     res = run_cli(args)
     assert res.returncode == 0, res.stderr[-3000:]
     it = run_dir / "iter_1"
-    assert f"loading the translator {scripted_model_dir}" in res.stdout
+    assert f"loading the translator {scripted_model_dir}" in res.stderr
     translations = read_jsonl(it / "translate" / "translations.jsonl")
     assert translations and all(t["translation"] == TRANSLATED for t in translations)
     name = f"model:{scripted_model_dir}"
@@ -349,16 +349,16 @@ def test_missing_outputs_rerun_and_redo_a_stage(scripted_model_dir, prompt_dir, 
     (it / "pairs" / "pairs.jsonl").unlink()
     res = run_cli(args)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"[iteration 1] pairs: recorded as done but {it / 'pairs' / 'pairs.jsonl'} is gone" in res.stdout
+    assert f"[iteration 1] pairs: recorded as done but {it / 'pairs' / 'pairs.jsonl'} is gone" in res.stderr
     assert (it / "pairs" / "pairs.jsonl").read_text() == pairs
-    assert "[iteration 1] train\n" not in res.stdout and "[iteration 1] generate\n" not in res.stdout
+    assert "[iteration 1] train\n" not in res.stderr and "[iteration 1] generate\n" not in res.stderr
 
     # --redo: the stage and the ones after it run again, from scratch, and nothing else is recorded.
     res = run_cli(args + ["--redo", "iter_1/train"])
     assert res.returncode == 0, res.stderr[-3000:]
     for stage in ("train", "export", "check"):
-        assert f"[iteration 1] {stage}\n" in res.stdout
-    assert "[iteration 1] pairs\n" not in res.stdout and "resuming from the checkpoint" not in res.stdout
+        assert f"[iteration 1] {stage}\n" in res.stderr
+    assert "[iteration 1] pairs\n" not in res.stderr and "resuming from the checkpoint" not in res.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config_changes"] == []
     assert [r["stages"] for r in manifest["redone"]] == [["iter_1/train", "iter_1/export", "iter_1/check"]]
@@ -417,7 +417,7 @@ def test_lidr_with_an_endpoint_as_translator(scripted_model_dir, prompt_dir, tmp
         (it / "translate" / "translations.jsonl").unlink()
         res = run_cli(args)
         assert res.returncode == 0, res.stderr[-3000:]
-        assert "translate" in res.stdout and (it / "translate" / "translations.jsonl").exists()
+        assert "translate" in res.stderr and (it / "translate" / "translations.jsonl").exists()
         assert len(srv.requests) == 3
     finally:
         next(servers, None)

@@ -41,7 +41,6 @@ def test_real_wandb_offline_one_run_two_axes(tmp_path):
         os.environ,
         PYTHONPATH=str(REPO_ROOT),
         JAX_PLATFORMS="cpu",
-        WANDB_SILENT="true",
         WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
         WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
     )
@@ -49,6 +48,7 @@ def test_real_wandb_offline_one_run_two_axes(tmp_path):
         [sys.executable, "-c", SCRIPT, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "wandb:" not in res.stderr, res.stderr[-3000:]  # W&B's own lines only with --verbose
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["summary"] == {
         "stages/pairs/stats/table/es/kept": 5,  # iteration 2's stage, logged after training's 3 steps: kept

@@ -34,6 +34,7 @@ import shutil
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import jax
@@ -51,7 +52,7 @@ ExportDtype = Literal[EXPORT_DTYPES]  # the settings' type: a Literal of a tuple
 EXPORT_MARK = "lidr_jax_export.json"  # written last: its presence says lidr_jax wrote the directory
 MODEL_CARD = "README.md"
 CONVERSION = "none: a format conversion by lidr_jax, no training"
-CARD_KEYS = ("base_model", "method", "iteration", "languages", "training_pairs", "per_language", "run")
+CARD_KEYS = ("base_model", "method", "iteration", "languages", "training_pairs", "per_language", "held_out", "run")
 _UNITS = {
     "": 1,
     "B": 1,
@@ -213,38 +214,151 @@ def _hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
+# The embedded models' hub ids (their GGUF files are quantizations of these checkpoints).
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def _gguf_quantization(file: Path) -> str | None:
+    """The GGUF file type of `file` ("Q4_1", "F16", ...) from its metadata, or None when unreadable."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(file)).fields.get("general.file_type")
+        return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_") if field else None
+    except Exception:  # a card never fails over a detail: the row is left out
+        return None
+
+
+def _shown_path(path: str) -> str:
+    """A path as a card shows it: relative paths as given, absolute ones by their last three parts (a card
+    travels to other machines, where this machine's folders mean nothing)."""
+    p = Path(path)
+    return path if not p.is_absolute() else "/".join(p.parts[-3:])
+
+
+def describe_base(base: str) -> dict[str, str]:
+    """What a card says about the model a checkpoint came from: `name` (shown), `hub_id` (when known:
+    an embedded model's checkpoint, a hub id itself, a directory whose config.json or card names one)
+    and `weights` (how its weights were stored: a GGUF file's quantization)."""
+    base = base.split(" (")[0]  # "smollm2-135m-instruct (/path/file.gguf)": the name
+    out: dict[str, str] = {"name": base}
+    file: Path | None = None
+    if base in EMBEDDED_HUB_IDS:
+        from lidr_jax.formats.load import EMBEDDED_MODELS, embedded_model_path
+
+        out["hub_id"] = EMBEDDED_HUB_IDS[base]
+        out["name"] = (
+            f"{base} (the embedded {EMBEDDED_MODELS[base][2]}, from the PyPI package {EMBEDDED_MODELS[base][0]})"
+        )
+        try:
+            file = embedded_model_path(base)
+        except FileNotFoundError:
+            file = None
+    elif _hub_id(base):
+        out["hub_id"] = base
+    else:
+        path = Path(base).expanduser()
+        out["name"] = _shown_path(base)
+        if path.suffix == ".gguf":
+            file = path
+        elif path.is_dir():
+            hub = _hub_id_of_dir(path)
+            if hub:
+                out["hub_id"] = hub
+    if file is not None and file.is_file():
+        quant = _gguf_quantization(file)
+        if quant:
+            out["weights"] = (
+                f"GGUF {quant} ({'4-bit' if quant.startswith('Q4') else quant}), dequantized to float32 by lidr_jax"
+            )
+    return out
+
+
+def _hub_id_of_dir(path: Path) -> str | None:
+    """A hub id a model directory names: an earlier lidr_jax export's card `base_model`, else config.json's
+    `_name_or_path` when it is one."""
+    try:
+        card = (path / MODEL_CARD).read_text(encoding="utf-8")
+        m = re.search(r'^base_model: "([^"]+)"$', card, re.M)
+        if m:
+            return m.group(1)
+        name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+        return name if isinstance(name, str) and _hub_id(name) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _column(values: list[Any]) -> list[str]:
+    """One table column with one format: counts as integers, other numbers with the same decimals."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if numbers and all(isinstance(v, int) for v in numbers):
+        return [_fmt(v) for v in values]
+    decimals = 3 if all(abs(v) < 10 for v in numbers) else 1
+    return ["-" if v not in numbers else f"{v:.{decimals}f}" for v in values]
+
+
+def held_out_card(held_out: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """The card's `held_out` entry from a check stage's recorded `held_out` numbers ({measure: {lang: v}},
+    with `_low` / `_high` bounds): {lang: {measure name: [value, low, high]}} for the measures with an interval."""
+    names = {
+        "in_language": "in-language share",
+        "change": "change since the start",
+        "ref_loglik": "ref. log-lik / token",
+    }
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, name in names.items():
+        for lang, v in (held_out.get(key) or {}).items():
+            lo, hi = (held_out.get(f"{key}_low") or {}).get(lang), (held_out.get(f"{key}_high") or {}).get(lang)
+            if v is not None and lo is not None and hi is not None:
+                out.setdefault(lang, {})[name] = [float(v), float(lo), float(hi)]
+        for lang, n in (held_out.get("n") or {}).items():
+            if lang in out:
+                out[lang]["prompts"] = [float(n)]
+    return out
+
+
 def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: str, dtype: str, num_params: int) -> str:
     """README.md of an export: YAML metadata the hub reads, then what the model is and how it was made.
 
     `card` (all keys optional, `CARD_KEYS`): base_model, method, iteration, languages, training_pairs
-    (preference pairs of the iteration), per_language ({language: {column: number}}), run (the run
-    directory). Without them the card names `source` as the base model and says the method was not recorded.
+    (preference pairs of the iteration), per_language ({language: {column: number}}), held_out
+    (`held_out_card`: measures with their 95% interval), run (the run directory). Without them the card
+    names `source` as the base model and says the method was not recorded. The card holds no absolute
+    path of this machine, and depends only on `card` and the checkpoint, so every export of one
+    checkpoint writes the same card.
     """
     card = dict(card or {})
     unknown = sorted(set(card) - set(CARD_KEYS))
     if unknown:
         raise ValueError(f"model card keys {unknown} are not known; the card takes {', '.join(CARD_KEYS)}")
-    base = str(card.get("base_model") or source)
+    base = describe_base(str(card.get("base_model") or source))
     method = card.get("method") or "not recorded (the export was given no card information)"
     languages = [str(lang) for lang in card.get("languages") or []]
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     front += _yaml_list("language", languages)
-    if _hub_id(base):
-        front.append(f"base_model: {json.dumps(base)}")
+    if base.get("hub_id"):
+        front.append(f"base_model: {json.dumps(base['hub_id'])}")
     trained = bool(card.get("iteration"))  # iteration 0 is a run's starting model
     front += _yaml_list("tags", ["lidr_jax", *(["dpo"] if trained else [])])
     front.append("---")
     iteration = card.get("iteration")
-    title = f"{Path(base).name} (lidr_jax" + (f", iteration {iteration})" if iteration is not None else " export)")
-    rows = [("Base model", f"`{base}`"), ("Method", method)]
+    title_name = base.get("hub_id", "").split("/")[-1] or Path(base["name"].split(" (")[0]).name
+    title = f"{title_name} (lidr_jax" + (f", iteration {iteration})" if iteration is not None else " export)")
+    rows = [("Base model", f"`{base['hub_id']}`" if base.get("hub_id") else f"`{base['name']}`")]
+    if base.get("hub_id") and base["name"] != base["hub_id"]:
+        rows.append(("Loaded from", base["name"]))
+    if base.get("weights"):
+        rows.append(("Base weights", base["weights"]))
+    rows.append(("Method", method))
     if iteration is not None:
         rows.append(("Iteration", _fmt(iteration)))
     if languages:
         rows.append(("Languages", ", ".join(languages)))
     if card.get("training_pairs") is not None:
         rows.append(("Training data", f"{_fmt(card['training_pairs'])} preference pairs"))
-    if card.get("run"):
-        rows.append(("Run directory", f"`{card['run']}`"))
+    run = Path(str(card["run"])).name if card.get("run") else None
+    if run:
+        rows.append(("Run", f"`{run}`"))
     rows.append(
         (
             "Architecture",
@@ -253,19 +367,42 @@ def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: s
         )
     )
     rows.append(("Weights", f"{dtype} safetensors"))
-    origin = f"`{source}`"
-    if card.get("run"):  # a run's model has its base's source; the run says where it came from
-        origin = f"the run `{card['run']}`" + (f", iteration {iteration}" if iteration is not None else "")
+    origin = f"`{_shown_path(source.split(' (')[0])}`"
+    if run:  # a run's model has its base's source; the run says where it came from
+        origin = f"the run `{run}`" + (f", iteration {iteration}" if iteration is not None else "")
     body = [f"# {title}", "", f"Exported by lidr_jax from {origin}.", "", "| | |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
+    held: Mapping[str, Mapping[str, list]] = card.get("held_out") or {}
+    if held:
+        measures = list(dict.fromkeys(m for numbers in held.values() for m in numbers if m != "prompts"))
+        body += ["", "## Held-out measurement" + (f" after iteration {iteration}" if iteration else ""), ""]
+        body += [
+            "On prompts never trained on, per language, with 95% bootstrap intervals over prompts "
+            "(lidr_jax/eval/heldout.py).",
+            "",
+        ]
+        body += ["| language | prompts | " + " | ".join(measures) + " |", "|---" * (len(measures) + 2) + "|"]
+        for lang, numbers in held.items():
+            cells = []
+            for m in measures:
+                if m not in numbers:
+                    cells.append("-")
+                    continue
+                v, lo, hi = numbers[m]
+                d, sign = (3, "") if "log-lik" in m else (2, "+" if "change" in m else "")
+                cells.append(f"{v:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]")
+            n = numbers.get("prompts", [None])[0]
+            body.append(f"| {lang} | {'-' if n is None else int(n)} | " + " | ".join(cells) + " |")
     per_language: Mapping[str, Mapping[str, Any]] = card.get("per_language") or {}
     if per_language:
         columns = list(dict.fromkeys(c for numbers in per_language.values() for c in numbers))
         where = f" of iteration {iteration}" if iteration is not None else ""
         body += ["", f"## Per-language numbers{where}", ""]
         body += ["| language | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for lang, numbers in per_language.items():
-            body.append(f"| {lang} | " + " | ".join(_fmt(numbers.get(c)) for c in columns) + " |")
+        langs = list(per_language)
+        cells = {c: _column([per_language[lang].get(c) for lang in langs]) for c in columns}
+        for i, lang in enumerate(langs):
+            body.append(f"| {lang} | " + " | ".join(cells[c][i] for c in columns) + " |")
     body += [
         "",
         "## Use",
@@ -280,6 +417,29 @@ def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: s
         "The chat template and every end-of-turn id are in the tokenizer and generation config files.",
     ]
     return "\n".join(front + [""] + body) + "\n"
+
+
+def refresh_card(out_dir: str | os.PathLike, card: Mapping[str, Any]) -> bool:
+    """Write the model card of an existing lidr_jax export again with `card` (e.g. once its iteration's
+    held-out check is done, so the run's own export says what a later re-export says). Returns whether
+    there was an export to refresh."""
+    from lidr_jax.files import as_path, read_json
+
+    out_dir = as_path(out_dir)
+    if not (out_dir / EXPORT_MARK).exists() or not (out_dir / "config.json").exists():
+        return False
+    mark, hf = read_json(out_dir / EXPORT_MARK), read_json(out_dir / "config.json")
+    if "num_params" not in mark:
+        return False
+    shape = SimpleNamespace(  # what the card's Architecture row reads
+        model_type=hf.get("model_type", "llama"),
+        num_hidden_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+    )
+    text = model_card(card, config=shape, source=mark["source"], dtype=mark["dtype"], num_params=mark["num_params"])
+    if (out_dir / MODEL_CARD).read_text(encoding="utf-8") != text:
+        atomic_write_text(out_dir / MODEL_CARD, text)
+    return True
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -405,6 +565,7 @@ def export_hf(
         atomic_write_text(tmp / MODEL_CARD, text)
         files = sorted(p.name for p in tmp.iterdir())
         mark = {"written_by": "lidr_jax", "source": source, "dtype": dtype, "weights": written, "files": files}
+        mark["num_params"] = num_params  # refresh_card rewrites the card from the files alone
         atomic_write_json(tmp / EXPORT_MARK, mark)  # last: a directory with the mark is complete
         # Checked again just before the swap: a file put there while the weights were written is not lost.
         check_destination(out_dir, sources=sources, replace=replace)

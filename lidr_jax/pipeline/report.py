@@ -7,16 +7,17 @@ at any time (`python -c "from lidr_jax.pipeline.report import ..."`) and always 
 from __future__ import annotations
 
 import io
-import json
 import math
 import tempfile
 from pathlib import Path
 
 from lidr_jax.eval.heldout import measure_table
-from lidr_jax.eval.plots import _pyplot, plot_metrics
+from lidr_jax.eval.plots import MARKERS, _pyplot, plot_metrics
 from lidr_jax.files import AnyPath, as_path, atomic_write_bytes, atomic_write_text, read_jsonl
+from lidr_jax.formats.export import refresh_card
 from lidr_jax.methods.filters import format_table
 from lidr_jax.pipeline.config import RunConfig
+from lidr_jax.pipeline.export_run import card_info
 from lidr_jax.pipeline.run_dir import RunDir
 
 
@@ -60,47 +61,118 @@ def _save_figure(plt, fig, png: AnyPath, dpi: int) -> AnyPath:
     return atomic_write_bytes(png, buffer.getvalue())
 
 
+TRAINING_PANELS = (  # metrics.jsonl key, title, y axis label
+    ("loss", "training loss (DPO + NLL)", "loss"),
+    ("rewards/accuracies", "reward accuracy", "share of pairs with chosen > rejected"),
+    ("rewards/margins", "reward margin", "chosen - rejected implicit reward"),
+    ("nll_loss", "NLL of the chosen answers", "nats per token"),
+)
+
+
 def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
+    """One panel per training measure, one marker style per iteration, x = optimizer step of the iteration.
+    A step that held fewer pairs than the iteration's full steps (the last, partial batch) is drawn
+    hollow and labelled with its pair count: its value rests on fewer pairs."""
+    from matplotlib.ticker import MaxNLocator
+
     series = {k: _metrics_rows(run, k) for k in range(1, cfg.iterations + 1)}
-    if not any(series.values()):
+    series = {k: rows for k, rows in series.items() if rows}
+    if not series:
         return None
     plt = _pyplot()
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3))
-    for ax, key in zip(axes, keys):
-        for k, rows in series.items():
-            if rows:
-                ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=f"iter {k}")
-        ax.set_title(key)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4.3 * len(TRAINING_PANELS), 3.6))
+    partial = False
+    for ax, (key, title, ylabel) in zip(axes, TRAINING_PANELS):
+        for n, (k, rows) in enumerate(series.items()):
+            full = max(r.get("pairs", 0) for r in rows)
+            steps = [r["step"] for r in rows]
+            values = [r.get(key, math.nan) for r in rows]
+            color, marker = f"C{n}", MARKERS[n % len(MARKERS)]
+            ax.plot(steps, values, color=color, linewidth=1, alpha=0.6)
+            small = [r.get("pairs", full) < full for r in rows]
+            ax.plot(
+                [s for s, m in zip(steps, small) if not m],
+                [v for v, m in zip(values, small) if not m],
+                linestyle="none",
+                marker=marker,
+                color=color,
+                label=f"iteration {k}",
+            )
+            for s, v, r, m in zip(steps, values, rows, small):
+                if m:
+                    partial = True
+                    ax.plot([s], [v], linestyle="none", marker=marker, markerfacecolor="white", color=color)
+                    ax.annotate(
+                        f"{r['pairs']} pair{'s' if r['pairs'] != 1 else ''}",
+                        (s, v),
+                        fontsize=7,
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        color=color,
+                    )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step of the iteration", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
+    if partial:
+        fig.text(
+            0.5,
+            0.01,
+            "hollow markers: steps with fewer pairs than the iteration's other steps (values rest on fewer pairs)",
+            ha="center",
+            fontsize=8,
+            color="dimgray",
+        )
+    fig.tight_layout(rect=(0, 0.04, 1, 0.9))
     return _save_figure(plt, fig, png, dpi=110)
 
 
 def _plot_pairs(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
+    """Pairs kept per language and failed self-translations per language, per iteration; every bar is
+    labelled with its value, and "n/a" marks what does not apply (the dominant language is not translated)."""
+    from matplotlib.ticker import MaxNLocator
+
     per_iter = {k: _out(run, k, "pairs").get("stats", {}) for k in range(1, cfg.iterations + 1)}
     per_iter = {k: s for k, s in per_iter.items() if s}
     if not per_iter:
         return None
+    translated = any(_out(run, k, "translate") for k in per_iter)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2 if translated else 1, figsize=(11 if translated else 6, 3.8), squeeze=False)
+    axes = axes[0]
     langs = list(cfg.languages)
     width = 0.8 / len(per_iter)
     for n, (k, stats) in enumerate(per_iter.items()):
+        xs = [i + (n - (len(per_iter) - 1) / 2) * width for i in range(len(langs))]
         counts = [stats.get("pairs_per_language", {}).get(lang, 0) for lang in langs]
-        axes[0].bar([i + n * width for i in range(len(langs))], counts, width, label=f"iter {k}")
-        rates = []
+        bars = axes[0].bar(xs, counts, width, label=f"iteration {k}", color=f"C{n}")
+        axes[0].bar_label(bars, fontsize=7)
+        if not translated:
+            continue
+        rates, labels = [], []
         for lang in langs:
             f, t = _translation_failures(cfg, run, k, lang)
             rates.append(f / t if t else 0.0)
-        axes[1].bar([i + n * width for i in range(len(langs))], rates, width, label=f"iter {k}")
-    for ax, title in zip(axes, ("pairs per language", "translation failure rate (both directions)")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(langs))], langs)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+            labels.append(f"{f}/{t}" if t else "n/a")
+        bars = axes[1].bar(xs, rates, width, label=f"iteration {k}", color=f"C{n}")
+        axes[1].bar_label(bars, labels, fontsize=7)
+    titles = [("preference pairs kept", "pairs")]
+    if translated:
+        titles.append(("self-translations that failed (both directions)", "share failed (labels: failed/total)"))
+    for ax, (title, ylabel) in zip(axes, titles):
+        ax.set_xticks(range(len(langs)), langs)
+        ax.set_xlabel("language", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.15)
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    if translated:
+        axes[1].set_ylim(0, 1.1)
     fig.tight_layout()
     return _save_figure(plt, fig, png, dpi=110)
 
@@ -161,8 +233,51 @@ def _table_md(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _sig(value, digits: int = 4) -> str:
+    """A number with `digits` significant digits ("-" when missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def training_lines(cfg: RunConfig, run: RunDir) -> list[str]:
+    """The Training section's table: per iteration, steps and pairs trained, and each measure at the first
+    and the last step (4 significant digits)."""
+    rows = [["iteration", "steps", "pairs trained", *(f"{title}: first -> last" for _, title, _ in TRAINING_PANELS)]]
+    for k in range(1, cfg.iterations + 1):
+        stats = _out(run, k, "train").get("stats")
+        if not stats:
+            continue
+        first, last = stats.get("first") or {}, stats.get("last") or {}
+        steps = _metrics_rows(run, k)
+        trained = sum(r.get("pairs", 0) for r in steps) or None
+        row = [str(k), str(steps[-1]["step"]) if steps else "-", "-" if trained is None else str(trained)]
+        row += [f"{_sig(first.get(key))} -> {_sig(last.get(key))}" for key, _, _ in TRAINING_PANELS]
+        rows.append(row)
+    if len(rows) == 1:
+        return []
+    return [
+        "Per iteration: optimizer steps, pairs trained (over all epochs), and each measure of training.png at the "
+        "first and the last step (the loss is DPO's plus the weighted NLL of the chosen answers).",
+        "",
+        _table_md(rows),
+        "",
+    ]
+
+
+def refresh_cards(cfg: RunConfig, run: RunDir) -> None:
+    """Each iteration's export is written before its held-out check; once the check is done, its model
+    card is written again with the check's numbers, so it says what a later `python -m lidr_jax.export`
+    of the same checkpoint says."""
+    for k in range(1, cfg.iterations + 1):
+        hf = _out(run, k, "export").get("hf")
+        if hf and run.is_done(k, "check"):
+            refresh_card(hf, card_info(run, k))
+
+
 def write_report(cfg: RunConfig, run: RunDir) -> AnyPath:
-    """Write RUN_DIR/report.md and its plots; returns the report's path."""
+    """Write RUN_DIR/report.md and its plots (and refresh the exports' model cards); returns the report's path."""
+    refresh_cards(cfg, run)
     plots = []
     for name, fn in (("training.png", _plot_training), ("pairs.png", _plot_pairs)):
         try:
@@ -174,9 +289,8 @@ def write_report(cfg: RunConfig, run: RunDir) -> AnyPath:
     history = _held_out_history(cfg, run)
     if history:
         try:
-            plotted = [{m: v for m, v in h.items() if not m.endswith(("_low", "_high", "/n"))} for h in history]
             with tempfile.TemporaryDirectory() as tmp:  # plot_metrics writes a local file; the run may not be local
-                png = plot_metrics(plotted, Path(tmp) / "evaluation.png")
+                png = plot_metrics(history, Path(tmp) / "evaluation.png")
                 atomic_write_bytes(run.path / "evaluation.png", png.read_bytes())
             plots.append("evaluation.png")
         except ImportError:
@@ -207,13 +321,8 @@ def write_report(cfg: RunConfig, run: RunDir) -> AnyPath:
         "## Training",
         "",
     ]
+    lines += training_lines(cfg, run)
     for k in range(1, cfg.iterations + 1):
-        stats = _out(run, k, "train").get("stats")
-        if stats:
-            lines.append(
-                f"- iteration {k}: first step {json.dumps(stats.get('first'))}, last step "
-                f"{json.dumps(stats.get('last'))}"
-            )
         disk = _out(run, k, "export").get("disk")
         if disk:
             lines.append(

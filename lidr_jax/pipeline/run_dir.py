@@ -277,8 +277,9 @@ class RunDir:
             raise RunConfigMismatchError(
                 f"{self.path} was created with a different configuration; differing keys:\n  "
                 + "\n  ".join(diffs)
-                + "\nResuming would mix artifacts of two configurations. Use a new run directory, or pass "
-                "allow_config_change=True (iterate: --allow-config-change) to resume with the new values."
+                + "\nResuming would mix artifacts of two configurations. Use a new run directory (--run-dir), or "
+                "rerun with --allow-config-change (Python: allow_config_change=True) to go on with the new values "
+                "(stages already done are kept)."
             )
         self._manifest["config_changes"].append({"at": _now(), "changes": diffs})
         if config is not None:

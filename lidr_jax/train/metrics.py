@@ -123,6 +123,8 @@ class MetricsSink:
                 mode=self.config.wandb_mode,
                 dir=str(Path(near).parent) if local else None,
                 config=dict(run_config or {}),
+                # W&B's own lines (sync hints, run pages) only when the command was given --verbose
+                settings=wandb.Settings(silent=os.environ.get("LIDR_JAX_VERBOSE") != "1"),
             )
             self._owns_wandb = True
         if self._wandb_prefix is not None:
