@@ -117,6 +117,8 @@ class MetricsSink:
         if self._wandb is None:
             # W&B keeps its files on local disk (it syncs them itself): beside ours when ours are local
             local = near is not None and is_local(near)
+            if local:
+                Path(near).parent.mkdir(parents=True, exist_ok=True)  # W&B warns of a dir that does not exist
             self._wandb = wandb.init(
                 project=self.config.wandb_project,
                 name=run_name,
