@@ -9,8 +9,12 @@ Each reward strategy is a chain of stages, a list of `(name, stage)` in `CHAINS`
 of the iteration (lidr_jax.pipeline.iteration) whose artifacts live in `RUN_DIR/iter_K/<name>/` and
 whose completion is recorded in `RUN_DIR/manifest.json`. Rerunning the same command skips finished
 stages (rerunning one whose recorded files are gone) and resumes an unfinished one from its last chunk
-or checkpoint. Everything that can be checked without a model (settings, prompt files, model paths,
-evaluation data, the run directory) is checked before the run directory is created or written.
+or checkpoint. Everything that can be checked without a model (settings, prompt files, every model's
+files, an endpoint translator's key and host, every row of the evaluation data, the run directory) is
+checked before the run directory is created or written. A run directory is new, empty, or an earlier
+run (its manifest.json); a folder holding anything else is refused, naming a file in it. A start refused
+before any stage finished (a model that fails only when it loads) removes the run directory it created,
+so the corrected command starts afresh.
 
 Errors a user can fix (`INPUT_ERRORS`) end the command with a one-line message on stderr and exit
 code 2; any other error is a bug and shows its traceback.

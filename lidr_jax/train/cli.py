@@ -14,8 +14,12 @@ Writes into DIR: `model/` (a Hugging Face directory of the trained policy, bfloa
 reused by a rerun on the same pairs and settings) and `dpo_config.json` (the settings used).
 
 Before any model loads or anything is written, every input is checked (`check_inputs`): the pair file
-(a bad record is one line naming file and line), the model and reference paths, and DIR (a folder;
-DIR/model new or an earlier export of this command). Pairs whose chosen answer is empty or equals the
+(a bad record is one line naming file and line), the model and reference (their files as the pipeline
+checks its models: remote code, truncated safetensors, tokenizer files), and DIR: new, empty, or an
+earlier run of this command (recognised by its dpo_config.json), never a folder of anything else, and
+DIR/model new or an earlier export of this command. Settings that are not finite numbers (a learning
+rate of inf) are refused, and weights that end training non-finite are not exported (one line, exit
+code 2). Pairs whose chosen answer is empty or equals the
 rejected one (after stripping whitespace) teach DPO no preference: they are counted in a one-line
 warning naming their lines and left out, as the pipeline's pair filters do (`drop_degenerate_pairs:
 false` trains on them, as TRL does silently). Bad input exits with code 2 and one `error:` line.
