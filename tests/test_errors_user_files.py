@@ -539,3 +539,16 @@ def test_every_model_of_a_command_is_checked_before_work(capsys, tmp_path, tiny_
     assert err.startswith(f"--reference: {remote / 'config.json'} has auto_map (AutoModel): this model needs Python")
     err = refused(evaluate.main, [*outputs, "--judge-model", remote, "--out", tmp_path / "h2h"], capsys, tmp_path)
     assert err.startswith(f"--judge-model: {remote / 'config.json'} has auto_map (AutoModel): this model needs")
+
+
+def test_what_a_kill_leaves_is_not_foreign(tmp_path):
+    """A manifest (or dpo_config.json) whose write a kill cut before its rename leaves only our temp file:
+    the folder is still taken as new."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".manifest.json.k1ll3d.tmp").write_text("{")
+    assert RunDir(run, {"seed": 0}, seed=0).created
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".dpo_config.json.k1ll3d.tmp").write_text("{")
+    cli.check_out(str(out))

@@ -474,7 +474,8 @@ def _check_not_foreign(path: AnyPath) -> None:
     else's (a run is recognised by its manifest), and nothing of theirs is overwritten or mixed in."""
     if not path.is_dir():
         return
-    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".write-check"))
+    ours = (".write-check", f".{MANIFEST}.")  # a write probe, a manifest a kill cut before its rename
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(ours))
     if entries:
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
         raise RunDirError(

@@ -220,7 +220,7 @@ def check_out(path: str) -> None:
     if not parent.is_dir():
         raise SettingsError(f"--out {out} cannot be created: {parent} is a file; pass a folder path under a folder")
     if out.is_dir() and not (out / RUN_MARK).is_file():
-        entries = sorted(p.name for p in out.iterdir())
+        entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(f".{RUN_MARK}."))  # cut by a kill
         if entries:
             more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
             raise SettingsError(
