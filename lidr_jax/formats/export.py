@@ -419,6 +419,13 @@ def model_card(card: Mapping[str, Any] | None, *, config: ModelConfig, source: s
     return "\n".join(front + [""] + body) + "\n"
 
 
+def _header_params(file) -> int:
+    """Parameters in a safetensors file, from its JSON header (no tensor is read)."""
+    with file.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(int(np.prod(t["shape"])) for name, t in header.items() if name != "__metadata__")
+
+
 def refresh_card(out_dir: str | os.PathLike, card: Mapping[str, Any]) -> bool:
     """Write the model card of an existing lidr_jax export again with `card` (e.g. once its iteration's
     held-out check is done, so the run's own export says what a later re-export says). Returns whether
@@ -429,8 +436,8 @@ def refresh_card(out_dir: str | os.PathLike, card: Mapping[str, Any]) -> bool:
     if not (out_dir / EXPORT_MARK).exists() or not (out_dir / "config.json").exists():
         return False
     mark, hf = read_json(out_dir / EXPORT_MARK), read_json(out_dir / "config.json")
-    if "num_params" not in mark:
-        return False
+    if "num_params" not in mark:  # an export written before the mark held it: count from the safetensors headers
+        mark["num_params"] = sum(_header_params(out_dir / name) for name in mark.get("weights", []))
     shape = SimpleNamespace(  # what the card's Architecture row reads
         model_type=hf.get("model_type", "llama"),
         num_hidden_layers=hf["num_hidden_layers"],

@@ -88,12 +88,11 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
             steps = [r["step"] for r in rows]
             values = [r.get(key, math.nan) for r in rows]
             color, marker = f"C{n}", MARKERS[n % len(MARKERS)]
-            ax.plot(steps, values, color=color, linewidth=1, alpha=0.6)
             small = [r.get("pairs", full) < full for r in rows]
-            ax.plot(
+            ax.plot(  # the full steps joined; a partial step stands apart (a line to it would read as a trend)
                 [s for s, m in zip(steps, small) if not m],
                 [v for v, m in zip(values, small) if not m],
-                linestyle="none",
+                linewidth=1,
                 marker=marker,
                 color=color,
                 label=f"iteration {k}",
@@ -114,6 +113,7 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
         ax.set_xlabel("optimizer step of the iteration", fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(x=0.1, y=0.15)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
