@@ -77,7 +77,8 @@ def generate_resumable(
             run.append_jsonl(partial, finished)
             for c in finished:
                 done[c["chunk"]] = c["rows"]
-                print(f"  {desc}: chunk {len(done)}/{len(chunks)} done")
+                if len(chunks) > 1:  # one chunk: its progress bar's last line is the stage's one final line
+                    print(f"  {desc}: chunk {len(done)}/{len(chunks)} done")
                 crash_point(f"{desc}:{c['chunk'] + 1}")
     rows = [row for i in range(len(chunks)) for row in done[i]]
     run.write_jsonl(out, rows)
