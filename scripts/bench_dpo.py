@@ -12,12 +12,14 @@ the English answer, rejected = the French translation, tokenized once with the e
 template (lidr_jax.train.pairs.encode_pairs, answers capped at 1,024 tokens) and handed as the same token
 ids to both sides. One epoch, 4 pairs per optimizer step on both sides in the same (seeded) order, reference
 log-probs precomputed by lidr_jax (packed as training packs; not timed) and given to both.
-lidr_jax packs each step's pairs into rows of up to `row_tokens` (default: the largest step's tokens rounded
-up to 256, so every step is one row) with `pack_shapes: step` (each step's row as long as its pairs, rounded
-up to 256: one compilation per distinct length, compiled before the epoch and reported apart), xla
-attention over the packed row's block pairs only (lidr_jax.train.packing.block_attention) and no remat
-where the largest step's residuals fit the memory free when the run starts (`--real-remat auto`: 3.75 MB
-per token, 22 GB for `--real 64`'s largest step of 5,888 tokens; else remat "dots"). TRL runs its
+lidr_jax chooses its packing and recomputation as its trainer does with `dpo.row_tokens: auto` and
+`dpo.compute.remat: auto` (lidr_jax.train.autotune: rows, micro-batches per step and remat policy from the
+compiled train step's memory_analysis() against MemAvailable less 2 GiB; `--row-tokens` / `--real-remat`
+fix either), `pack_shapes: step` (each step's rows as long as its pairs, rounded up to 256: one
+compilation per distinct shape, compiled before the epoch and reported apart, as is the time of the
+choice), xla attention over the packed rows' block pairs only (lidr_jax.train.packing.block_attention).
+`--profile N`: where the largest step of N real pairs spends its time, per XLA op (forward, backward,
+recomputation; GEMMs by einsum, block attention's other ops), under jax.profiler. TRL runs its
 DPOTrainer with max_length None (no truncation) and sdpa attention; `padding_free` is disabled in TRL
 1.16 (it warns and pads), so its knob for this data is the batch size:
 `trl:B` in `--order` is B pairs per micro-batch x 4/B gradient-accumulation steps (B=1 pads only each
@@ -236,20 +238,6 @@ def side_trl(out: Path, steps: int, warmup: int):
 REAL_DATA = REPO.parent / "shared" / "data" / "llama3_m0" / "en_to_fr_translations.jsonl"
 REAL_BATCH = 4
 REAL_BUCKET = 256  # lidr_jax: a step's row length is rounded up to a multiple of this (one compilation each)
-# --real-remat auto: without remat the packed step keeps 3.75 MB of residuals per token (jax's
-# saved_residuals: 22 GB at 5,888 tokens, 13 GB at 4,352), with 30% for XLA's temporaries, next to
-# 2.2 GB of float32 weights, gradients and AdamW state; remat "dots" when that exceeds the free memory
-REAL_RESIDUAL_BYTES_PER_TOKEN = int(1.3 * 3.75e6)
-REAL_STATE_BYTES = int(2.2e9)
-
-
-def _available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (Linux), or 0 where it cannot be read."""
-    try:
-        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return 0
-    return int(line.split()[1]) * 1024
 
 
 def real_pairs(n: int):
@@ -321,6 +309,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
 
     from lidr_jax.formats.load import load_pretrained
     from lidr_jax.model.scoring import ScoringConfig
+    from lidr_jax.train import autotune
     from lidr_jax.train.dpo import DPOConfig
     from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
 
@@ -332,16 +321,20 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         learning_rate=1e-6,
         warmup=0,
         schedule="constant",
-        row_tokens=row_tokens or d["row_tokens"],
+        row_tokens=row_tokens or "auto",
         pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
         bucket_multiple=REAL_BUCKET,
-        compute=ScoringConfig(remat="none" if remat == "auto" else remat),
+        compute=ScoringConfig(remat=remat),
     )
     steps = [np.asarray(s) for s in d["steps"]]
-    if remat == "auto":  # no remat where the largest step's residuals fit the memory free now, else dots
-        longest = max(int(enc.lengths()[s].sum()) for s in steps)
-        need = REAL_STATE_BYTES + REAL_RESIDUAL_BYTES_PER_TOKEN * longest
-        cfg = cfg.replace(compute=cfg.compute.replace(remat="none" if need <= _available_bytes() else "dots"))
+    choice, choose_s = None, 0.0
+    if autotune.is_auto(cfg):  # as the trainer does: packing and remat from the compiled step's memory
+        t = time.perf_counter()
+        cfg, kept, _, choice = autotune.choose(model.config, model.params, enc, cfg, ref=ref)
+        choose_s = time.perf_counter() - t
+        print(choice.describe(), file=sys.stderr, flush=True)
+        if choice.dropped:
+            raise SystemExit(f"{choice.dropped} pairs do not fit this machine's memory: the sides would differ")
     opt = make_optimizer(cfg, len(steps))
     step_fn = make_train_step(model.config, cfg, opt, lr_schedule(cfg, len(steps)))
     state = init_state(model.params, opt)
@@ -371,10 +364,14 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         "pairs_per_s": len(enc) / epoch_s,
         "padding_share": 1 - real / slots,
         "tokens_per_s": real / epoch_s,
-        "step_shapes": sorted({tuple(b["tokens"].shape[1:]) for b in batches}),
+        "step_shapes": sorted({tuple(b["tokens"].shape) for b in batches}),  # (micro-batches, rows, tokens)
         "step_s": times,
         "row_tokens": cfg.row_tokens,
         "remat": cfg.compute.remat,
+        "grad_accum": cfg.grad_accum,
+        "choose_s": choose_s,
+        "choice_peak_mb": choice.chosen.peak / 2**20 if choice else None,
+        "choice_budget_mb": choice.budget / 2**20 if choice else None,
         "peak_mb": _peak_mb(),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
     }
@@ -481,9 +478,14 @@ def real_main(args):
     print(f"{'run':12s}{'epoch s':>10s}{'pairs/s':>10s}{'padding':>10s}{'tokens/s':>10s}{'peak MB':>10s}  notes")
     for side, r in runs:
         if side == "jax":
-            shapes = ", ".join(f"{a}x{b}" for a, b in r["step_shapes"])
+            shapes = ", ".join("x".join(map(str, shape)) for shape in r["step_shapes"])
             note = f"compile {r['compile_s']:.1f} s ({r['compilations']} shapes: {shapes}; not in epoch)"
-            note += f", remat {r['remat']}"
+            note += f", remat {r['remat']}, {r['grad_accum']} micro-batch(es) per step"
+            if r["choice_peak_mb"] is not None:
+                note += (
+                    f" (auto: compiled peak {r['choice_peak_mb']:.0f} MB of a {r['choice_budget_mb']:.0f} MB budget, "
+                    f"chosen in {r['choose_s']:.1f} s)"
+                )
         else:
             note = f"trl {r['trl']}, batch {r['batch']}, torch threads {r['torch_threads']}, attention {r['attn']}"
         name = "lidr_jax" if side == "jax" else f"TRL {side[4:]}x{REAL_BATCH // int(side[4:])}"
@@ -501,9 +503,160 @@ def real_main(args):
         )
         print(f"ratio lidr_jax / TRL's best pairs/s (medians): {med['jax'] / med[best]:.2f}x")
         with_compile = float(
-            np.median([prep["pairs"] / (r["epoch_s"] + r["compile_s"]) for s, r in runs if s == "jax"])
+            np.median([prep["pairs"] / (r["epoch_s"] + r["compile_s"] + r["choose_s"]) for s, r in runs if s == "jax"])
         )
-        print(f"with lidr_jax's compilations counted in its epoch: {with_compile / med[best]:.2f}x")
+        print(f"with lidr_jax's compilations and its auto choice counted in its epoch: {with_compile / med[best]:.2f}x")
+
+
+def op_labels(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Each instruction of a compiled HLO text -> (phase, what): phase `recompute` (remat's recomputed
+    forward, under `rematted_computation`), `backward` (under `transpose(`) or `forward`; what: a dot's
+    einsum (inside a fusion: the fused computation's dot), `attention <op>` for block attention's other
+    ops, else the op's name (`copy` / `transpose` with no source op: a layout change XLA inserted)."""
+    import re
+
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
+
+    def table(title):  # the module's stack-frame tables: id -> its line's text
+        m = re.search(rf"^{title}\n(.*?)\n\n", hlo_text, re.S | re.M)
+        return dict(line.split(" ", 1) for line in m.group(1).splitlines()) if m else {}
+
+    files, functions, locations, frames = (
+        table(t) for t in ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+    )
+
+    def source(frame: str) -> str:  # an op XLA made without an op name: the Python line it came from
+        loc = re.search(r"file_location_id=(\d+)", frames.get(frame, ""))
+        loc = locations.get(loc.group(1), "") if loc else ""
+        ids = dict(re.findall(r"(\w+)=(\d+)", loc))
+        if not ids:
+            return "?"
+        file = files.get(ids.get("file_name_id"), "?").strip('"').rpartition("/")[2]
+        return f"{functions.get(ids.get('function_name_id'), '?').strip(chr(34))} {file}:{ids.get('line')}"
+
+    labels = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(", line)
+        if not m:
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        text = bodies.get(called.group(1), line) if called else line
+        names = re.findall(r'op_name="([^"]+)"', text)
+        dots = [n for n in names if n.endswith("dot_general")]
+        if not names:
+            frame = re.findall(r"stack_frame_id=(\d+)", text)
+            kind = "dot " if re.search(r"\bdot\(", text) else ""
+            labels[m.group(1)] = ("unnamed", f"{m.group(2)} {kind}at {source(frame[-1]) if frame else '?'}")
+            continue
+        name = (dots or names)[0]
+        phase = "recompute" if "rematted_computation" in name else "backward" if "transpose(" in name else "forward"
+        parts = name.split("/")
+        what = parts[-2] if dots else parts[-1]
+        if not dots and "block_attention" in name:
+            what = "attention " + what
+        labels[m.group(1)] = (phase, what)
+    return labels
+
+
+def profile_main(args):
+    """`--profile N`: the largest step of N real pairs, once compiled, once warm, once under jax.profiler;
+    its op times summed by (phase, what) (`op_labels`)."""
+    import glob
+    import gzip
+    from collections import Counter
+
+    import jax
+
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.model.scoring import ScoringConfig
+    from lidr_jax.train import autotune
+    from lidr_jax.train.dpo import DPOConfig
+    from lidr_jax.train.pairs import encode_pairs
+    from lidr_jax.train.trainer import (
+        init_state,
+        lr_schedule,
+        make_optimizer,
+        make_train_step,
+        step_batch,
+        step_indices,
+        steps_per_epoch,
+    )
+
+    model = load_pretrained("smollm2-135m-instruct")
+    n = args.profile
+    enc = encode_pairs(real_pairs(n), model.tokenizer, 1 << 20, 1024)
+    cfg = DPOConfig(
+        batch_size=REAL_BATCH,
+        nll_weight=0.0,
+        learning_rate=1e-6,
+        warmup=0,
+        schedule="constant",
+        row_tokens=args.row_tokens or "auto",
+        pack_shapes="step",
+        bucket_multiple=REAL_BUCKET,
+        compute=ScoringConfig(remat=args.real_remat),
+    )
+    if autotune.is_auto(cfg):
+        cfg, _, _, choice = autotune.choose(model.config, model.params, enc, cfg)
+        print(choice.describe(), flush=True)
+    steps = [step_indices(k, n, cfg) for k in range(steps_per_epoch(n, cfg))]
+    largest = max(range(len(steps)), key=lambda k: int(enc.lengths()[steps[k]].sum()))
+    idx = steps[largest if args.profile_step < 0 else args.profile_step]
+    zeros = np.zeros(n, np.float32)
+    batch = step_batch(enc, {"chosen": zeros, "rejected": zeros}, idx, cfg, 0)
+    opt = make_optimizer(cfg, 10)
+    state = init_state(model.params, opt)
+    t = time.perf_counter()
+    compiled = make_train_step(model.config, cfg, opt, lr_schedule(cfg, 10)).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    times = []
+    for k in range(2):
+        t = time.perf_counter()
+        if k:
+            folder = tempfile.mkdtemp()
+            jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        state, m = compiled(state, batch)
+        float(m["loss"])
+        if k:
+            jax.profiler.stop_trace()
+        times.append(time.perf_counter() - t)
+    (path,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    labels = op_labels(compiled.as_text())
+    spent, phases = Counter(), Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in labels:
+            phase, what = labels[e["name"]]
+            spent[(phase, what)] += e["dur"] / 1e6
+            phases[phase] += e["dur"] / 1e6
+    total = sum(spent.values())
+    tokens = int(batch["attention_mask"].sum())
+    print(
+        f"step {list(map(int, idx))} of {n} pairs: micro-batches x rows x tokens {batch['tokens'].shape}, "
+        f"{tokens} real tokens, "
+        f"remat {cfg.compute.remat}; compile {compile_s:.1f} s; step {times[0]:.1f} s warm, {times[1]:.1f} s traced; "
+        f"{total:.1f} s in XLA ops"
+    )
+    print("by phase: " + ", ".join(f"{ph} {sec:.1f} s ({sec / total:.0%})" for ph, sec in phases.most_common()))
+
+    def kind(what: str) -> str:
+        if "," in what and "->" in what:
+            return "head GEMM" if "DV" in what else "attention GEMM" if what.startswith("BM") else "projection GEMM"
+        if what.startswith("attention "):
+            return "attention, other"
+        if what in ("copy", "transpose"):
+            return "layout copy/transpose"
+        return "other"
+
+    kinds = Counter()
+    for (_, what), sec in spent.items():
+        kinds[kind(what)] += sec
+    print("by kind: " + ", ".join(f"{k} {sec:.1f} s ({sec / total:.0%})" for k, sec in kinds.most_common()))
+    print("| phase | op | s | share |")
+    print("|---|---|---|---|")
+    for (phase, what), sec in spent.most_common(args.profile_top):
+        print(f"| {phase} | {what} | {sec:.2f} | {sec / total:.1%} |")
 
 
 def kernel_side(side: str, T: int, reps: int = 2) -> dict:
@@ -684,16 +837,21 @@ def main():
     p.add_argument("--remat", default="dots", help="--gpu: remat policy")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--real", type=int, default=0, help="real-length mode: N pairs from ../shared/data/llama3_m0")
-    p.add_argument("--row-tokens", type=int, default=0, help="--real: lidr_jax row length (0: longest pair, to 128)")
+    p.add_argument("--row-tokens", type=int, default=0, help="--real: lidr_jax row length (0: auto, from memory)")
     p.add_argument(
         "--order",
         default="jax,trl:1,trl:4,jax,trl:4,trl:1",
         help="--real: the runs in order; trl:B = TRL with B pairs per micro-batch x 4/B accumulation steps",
     )
     p.add_argument(
-        "--real-remat", default="auto", help="--real: lidr_jax's remat (auto: none if its residuals fit free memory)"
+        "--real-remat",
+        default="auto",
+        help="--real: lidr_jax's remat (auto: chosen from memory, lidr_jax.train.autotune)",
     )
     p.add_argument("--kernel", type=int, default=0, help="T: one forward+backward of the decoder, torch vs JAX")
+    p.add_argument("--profile", type=int, default=0, help="N: per-op profile of the largest step of N real pairs")
+    p.add_argument("--profile-top", type=int, default=25, help="--profile: rows of the per-op table")
+    p.add_argument("--profile-step", type=int, default=-1, help="--profile: this step instead of the largest")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -712,6 +870,8 @@ def main():
             result = lambda: real_side_trl(out, int(args.side.rpartition(":")[2]))  # noqa: E731
         result = result()
         print("RESULT " + json.dumps(result or {}))
+    elif args.profile:
+        profile_main(args)
     elif args.kernel:
         kernel_main(args)
     elif args.gpu:
