@@ -5,8 +5,9 @@ Candidates. A packing is (micro-batches per optimizer step A, a divisor of the s
 tokens, the largest step's tokens over A but at least the longest pair, rounded up to 128): A = 1 packs
 a step into as few rows as its pairs allow, larger A splits it into micro-batches that each hold less.
 Each packing is paired with each recomputation policy of the layer scan, least recomputation first:
-none, names (lidr_jax.model.llama.REMAT_POLICIES: keeps q, k, v, the attention output and the MLP's two
-input products), dots, full. A setting given explicitly (row_tokens a number, remat a policy) is kept.
+none, names (lidr_jax.model.llama.REMAT_POLICIES: keeps q, k, v, the attention output, the residual
+stream and the MLP's two input products), dots, full; none and names also keep the vocabulary head's
+logits (one log-softmax chunk). A setting given explicitly (row_tokens a number, remat a policy) is kept.
 
 Cost. Every candidate's train step (lidr_jax.train.trainer.make_train_step) is lowered at the largest
 micro-batch shape of the run's steps; its cost is XLA's FLOP count of that program per token slot (XLA
@@ -137,14 +138,14 @@ def _steps(enc: EncodedPairs, cfg: DPOConfig) -> list[np.ndarray]:
 
 
 def concrete(cfg: DPOConfig, row_tokens: int, grad_accum: int, remat: str) -> DPOConfig:
-    """`cfg` with a packing and a policy in place of auto (the step's pairs unchanged)."""
+    """`cfg` with a packing and a policy in place of auto (the step's pairs unchanged). Under remat auto
+    the policies that keep the products (none, names) keep the vocabulary head's logits too (one
+    log-softmax chunk: `logprob_chunk` 0, nothing recomputed); the others keep `cfg`'s chunk."""
     per_step = cfg.batch_size * cfg.grad_accum
-    return cfg.replace(
-        row_tokens=row_tokens,
-        batch_size=per_step // grad_accum,
-        grad_accum=grad_accum,
-        compute=cfg.compute.replace(remat=remat),
-    )
+    compute = cfg.compute.replace(remat=remat)
+    if cfg.compute.remat == AUTO and remat in ("none", "names"):
+        compute = compute.replace(logprob_chunk=0)
+    return cfg.replace(row_tokens=row_tokens, batch_size=per_step // grad_accum, grad_accum=grad_accum, compute=compute)
 
 
 def packings(enc: EncodedPairs, cfg: DPOConfig, cap: int | None = None) -> list[tuple[int, int]]:
