@@ -326,6 +326,11 @@ def block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int, seen=None):
     follows the row's segments, positions of tokens and attention mask (`block_pairs`'s rule; `seen`:
     `block_seen` of the batch, made here when not given). Scores and softmax in float32; output
     [B, T, N, H]. A query that sees nothing (padding) gets zeros."""
+    with jax.named_scope("block_attention"):  # its ops named so in profiles (scripts/bench_dpo.py --profile)
+        return _block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block, seen)
+
+
+def _block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int, seen):
     B, T, N, H = q_BTNH.shape
     K = k_BKTH.shape[1]
     G, C, nb = N // K, block, T // block
