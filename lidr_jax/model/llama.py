@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lidr_jax.model.attention import fused_attention
 from lidr_jax.model.config import ModelConfig
@@ -187,7 +188,9 @@ def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
     v = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wv"])
     if config.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    # named for remat policies (REMAT_POLICIES["names"]); a name is an identity outside jax.checkpoint
+    q, k = checkpoint_name(apply_rope(q, *rope), "attn_q"), checkpoint_name(apply_rope(k, *rope), "attn_k")
+    v = checkpoint_name(v, "attn_v")
     keys, v_BKSH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # keys [B, K, T, H] here
     if kv is not None:
         kv = (_write(kv[0], k.transpose(0, 2, 3, 1), end_B, axis=3), _write(kv[1], v_BKSH, end_B, axis=2))
@@ -200,6 +203,7 @@ def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
     else:
         k_BKSH = keys if layout == "BKSH" else keys.transpose(0, 1, 3, 2)
         out_BTNH = fused_attention(impl, q, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT)
+    out_BTNH = checkpoint_name(out_BTNH, "attn_out")
     B, T, N, H = out_BTNH.shape
     # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
     return jnp.einsum("BTE,ED->BTD", out_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1)), kv
@@ -207,8 +211,9 @@ def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
 
 def mlp(h_BTD, w):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
-    gate_BTF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h_BTD, w["w_gate"]))
-    return jnp.einsum("BTF,FD->BTD", gate_BTF * jnp.einsum("BTD,DF->BTF", h_BTD, w["w_up"]), w["w_down"])
+    gate_BTF = jax.nn.silu(checkpoint_name(jnp.einsum("BTD,DF->BTF", h_BTD, w["w_gate"]), "mlp_gate"))
+    up_BTF = checkpoint_name(jnp.einsum("BTD,DF->BTF", h_BTD, w["w_up"]), "mlp_up")
+    return jnp.einsum("BTF,FD->BTD", gate_BTF * up_BTF, w["w_down"])
 
 
 def block(x_BTD, w, rope, kv, view, config: ModelConfig):
@@ -217,7 +222,7 @@ def block(x_BTD, w, rope, kv, view, config: ModelConfig):
     w = jax.tree.map(lambda a: a.astype(config.dtype), w)
     eps = config.rms_norm_eps
     attn_BTD, kv = self_attention(rms_norm(x_BTD, w["attn_norm"], eps), w, rope, kv, view, config)
-    x_BTD = x_BTD + attn_BTD
+    x_BTD = checkpoint_name(x_BTD + attn_BTD, "resid_mid")
     x_BTD = x_BTD + mlp(rms_norm(x_BTD, w["mlp_norm"], eps), w)
     return constrain(x_BTD, _ACT), kv
 
@@ -240,6 +245,12 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # between none and dots: keep q, k (after rotary), v, the attention output, the residual stream
+    # between attention and MLP and the MLP's two input products; the backward pass recomputes the norms
+    # and the attention's scores and probabilities, the largest activations ([T, keys] per head)
+    "names": jax.checkpoint_policies.save_only_these_names(
+        "attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "mlp_gate", "mlp_up"
+    ),
 }
 
 
