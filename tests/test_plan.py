@@ -280,3 +280,13 @@ def test_fit_check_at_load_uses_the_compiled_step_on_cpu(tmp_path):
     assert "(the compiled step: " in message and message.endswith(
         "but each has 0.00 GiB: use more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full"
     )
+
+
+def test_a_gpu_node_is_planned_analytically(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert main(["--topology", "h100-8", *_settings(tiny_dir, "auto"), "--json", str(out)]) == 0
+    (node,) = json.loads(out.read_text())["topologies"]
+    assert (node["topology"], node["chips"], node["hbm_per_chip"]) == ("8 x H100", 8, 80 * 10**9)
+    (row,) = node["programs"]
+    assert (row["program"], row["source"], row["attention"], row["fits"]) == ("train", "analytic", "cudnn", True)
+    assert "8 x H100 (analytic): train needs " in capsys.readouterr().out

@@ -25,6 +25,7 @@ and the compiler's numbers, and what to change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -169,6 +170,41 @@ def analyse(program: Program, config: ModelConfig, topo: Topology, with_cost: bo
     return row
 
 
+GPUS = {"h100": 80, "h200": 141, "a100": 80}  # GB of HBM per GPU (the 80 GB / 141 GB parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPUNode:
+    name: str
+    gpus: int
+    hbm_bytes: int
+
+
+def gpu_node(name: str) -> GPUNode | None:
+    """`h100-8` (8 x H100 80GB), `h200-8`, `a100-8`: a GPU node, planned analytically (no GPU compiler here)."""
+    m = re.fullmatch(r"(h100|h200|a100)-(\d+)", name.strip().lower())
+    return GPUNode(f"{m.group(2)} x {m.group(1).upper()}", int(m.group(2)), GPUS[m.group(1)] * 10**9) if m else None
+
+
+def plan_gpu(run, config: ModelConfig, node: GPUNode, log=print) -> dict:
+    """The DPO step's analytic memory plan (lidr_jax.train.memory: shapes, saved residuals) on a node of
+    GPUs, every GPU on fsdp: no compiler for a GPU answers on a machine without one. Attention as `auto`
+    resolves it on a GPU (cuDNN in bfloat16)."""
+    with compiling_for("gpu"):
+        impl = run.dpo.compute.attention_impl(shared_prompt=run.dpo.share_prompt or not run.dpo.row_tokens)
+    plan = plan_memory(config, run.dpo, (1, node.gpus, 1), fused_attention=impl != "xla")
+    row = {
+        "program": "train",
+        "note": "analytic (no GPU compiler on this machine)",
+        "memory": {"peak": plan.total},
+        "fits": plan.total <= node.hbm_bytes,
+        "source": "analytic",
+        "attention": impl,
+    }
+    log(f"{node.name} (analytic): train needs {plan.describe()}; {'fits' if row['fits'] else 'DOES NOT FIT'}")
+    return {"topology": node.name, "chips": node.gpus, "hbm_per_chip": node.hbm_bytes, "programs": [row]}
+
+
 def plan_topology(run, config: ModelConfig, topo: Topology, with_cost: bool = True, log=print) -> dict:
     devs = devices(topo)
     try:
@@ -232,6 +268,11 @@ def refusal(report: dict) -> str | None:
                 return (
                     f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {advice(row['program'])}"
                 )
+            if not row["fits"] and row.get("source") == "analytic":
+                return (
+                    f"{row['program']} does not fit {topo['topology']} (analytic plan): it needs "
+                    f"{row['memory']['peak'] / GiB:.2f} GiB per GPU, a GPU has {topo['hbm_per_chip'] / GiB:.2f} GiB"
+                )
             if not row["fits"]:
                 m = row["memory"]
                 return (
@@ -255,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="a TPU topology as JAX names it (v5e:2x4, v5p:2x2x1) or a slice name (v5e-8, v5litepod-16, v5p-8, "
-        "v4-32, v6e-8); repeat for several",
+        "v4-32, v6e-8); or a GPU node, planned analytically (h100-8, h200-8, a100-8); repeat for several",
     )
     p.add_argument("--json", help="write the report here as JSON too")
     p.add_argument("--no-cost", action="store_true", help="skip the cost estimate (memory and collectives only)")
@@ -266,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        topologies = [parse(name) for name in args.topology]
+        topologies = [gpu_node(name) or parse(name) for name in args.topology]
         run = load_run_config(args.config, args.set)
         config = model_architecture(run.model, run.dtype)
     except (TopologyError, SettingsError, PlanInputError, ValueError, OSError) as e:
@@ -275,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": args.config or "default", "model": run.model, "topologies": []}
     try:
         for topo in topologies:
-            report["topologies"].append(plan_topology(run, config, topo, not args.no_cost))
+            if isinstance(topo, GPUNode):
+                report["topologies"].append(plan_gpu(run, config, topo))
+            else:
+                report["topologies"].append(plan_topology(run, config, topo, not args.no_cost))
     except (DoesNotFitOrCompile, TopologyError) as e:
         if args.traceback:
             raise
