@@ -211,3 +211,31 @@ PEERS_THAT_DO_NOT_INSTALL = {
 def test_peer_trainer_recipe(package):
     pytest.importorskip(package, reason=PEERS_THAT_DO_NOT_INSTALL[package])
     pytest.fail(f"{package} is installed now: mark its recipe in docs/trainers.md as an example and test it")
+
+
+NO_TORCH = """
+import importlib.util
+real = importlib.util.find_spec  # as on a machine without torch (torch is not a product dependency)
+importlib.util.find_spec = lambda n, *a, **k: None if n == "torch" or n.startswith("torch.") else real(n, *a, **k)
+{command_import}
+import transformers
+"""
+
+
+def test_commands_do_not_print_transformers_pytorch_advice():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    advice = "PyTorch was not found"
+    runs = {
+        imported: subprocess.run(
+            [sys.executable, "-c", NO_TORCH.format(command_import=imported)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for imported in ("", "import lidr_jax.iterate")
+    }
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-2000:] for r in runs.values()]
+    assert advice in runs[""].stderr  # what a bare `import transformers` says without torch
+    assert advice not in runs["import lidr_jax.iterate"].stderr, runs["import lidr_jax.iterate"].stderr
