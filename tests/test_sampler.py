@@ -104,7 +104,7 @@ def test_decode_layers_chosen_explicitly(tiny_model):
         for layout in ("stacked", "unstacked")
     }
     assert outs["stacked"] == outs["unstacked"]
-    with pytest.raises(ValueError, match="layer_layout must be auto, stacked or unstacked"):
+    with pytest.raises(ValueError, match=r"layer_layout must be one of \[.auto., .stacked., .unstacked.\], got .rows."):
         SamplingConfig(layer_layout="rows")
     with pytest.raises(ValueError, match="remat applies to the layer scan"):
         forward(m.params, np.zeros((1, 4), np.int32), m.config, cache={"end_B": 0}, remat="full")

@@ -153,7 +153,11 @@ class RunConfig:
     generation: SamplingConfig = setting(
         SamplingConfig(max_new_tokens=2400, repetition_penalty=1.1),
         "the decoding of every stage (LIDR's answers; the other stages' defaults)",
-        derived={"seed": _SEED_NOTE, "n": "one answer per prompt; ICR's answers per prompt are icr.samples"},
+        derived={
+            "seed": _SEED_NOTE,
+            "n": "one answer per prompt; ICR's answers per prompt are icr.samples",
+            "long_prompts": "the stages skip a prompt over the limit and count it (prompt_cut); none is cut",
+        },
     )
     pair_filters: PairFilterConfig = setting(PairFilterConfig(), "quality filters of both strategies' pairs")
     lidr: LIDRConfig = setting(LIDRConfig(), "LIDR's settings (reward: lidr)")
@@ -210,15 +214,18 @@ class RunConfig:
 
     def sampling(self, stage: str, k: int) -> SamplingConfig:
         """The decoding stage `stage` of iteration `k` runs with: `generation`, except the stage's group,
-        with the seed derived from the run's (ICR's samples: one seed per iteration, `icr.samples` each)."""
+        with the seed derived from the run's (ICR's samples: one seed per iteration, `icr.samples` each).
+        A prompt over the stage's limit is skipped and counted, never cut (`long_prompts="skip"`)."""
         if stage == "generate":
-            return dataclasses.replace(self.generation, seed=self.seed)
+            return dataclasses.replace(self.generation, seed=self.seed, long_prompts="skip")
         if stage == "sample":
-            return self.icr.sampling.over(self.generation, n=self.icr.samples, seed=self.seed * 1000 + k)
+            return self.icr.sampling.over(
+                self.generation, n=self.icr.samples, seed=self.seed * 1000 + k, long_prompts="skip"
+            )
         group = {"translate": self.lidr.translation, "translate_answers": self.icr.translation}.get(stage)
         if group is None and stage != "check":
             raise ValueError(f"unknown stage {stage!r}; one of {list(_STAGES)}")
-        return (group or self.check.sampling).over(self.generation, seed=self.seed)
+        return (group or self.check.sampling).over(self.generation, seed=self.seed, long_prompts="skip")
 
     def lidr_pairs(self, k: int) -> LIDRPairConfig:
         """LIDR's pair settings of iteration `k`: the run's dominant language, seed = the run's + k."""
