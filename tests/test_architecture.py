@@ -29,7 +29,7 @@ LAYERS = [
     {"methods"},
     {"eval"},
     {"pipeline"},
-    {"__init__", "iterate", "dpo", "export", "evaluate", "pairs"},  # entry modules and the public surface
+    {"__init__", "iterate", "dpo", "export", "evaluate", "pairs", "plan"},  # entry modules and the public surface
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -205,7 +205,9 @@ def plan_gpu(run, config: ModelConfig, node: GPUNode, log=print) -> dict:
     return {"topology": node.name, "chips": node.gpus, "hbm_per_chip": node.hbm_bytes, "programs": [row]}
 
 
-def plan_topology(run, config: ModelConfig, topo: Topology, with_cost: bool = True, log=print) -> dict:
+def plan_topology(
+    run, config: ModelConfig, topo: Topology, with_cost: bool = True, log=print, only: tuple[str, ...] = ()
+) -> dict:
     devs = devices(topo)
     try:
         with compiling_for("tpu"):
@@ -216,6 +218,8 @@ def plan_topology(run, config: ModelConfig, topo: Topology, with_cost: bool = Tr
     log(f"  decoding on each host: {layout.why} (data={layout.data}, tensor={layout.tensor})")
     rows = []
     for program in programs:
+        if only and program.name not in only and program.name.split(":")[0] not in only:
+            continue
         row = analyse(program, config, topo, with_cost)
         log("  " + format_row(row))
         rows.append(row)
@@ -283,12 +287,14 @@ def refusal(report: dict) -> str | None:
     return None
 
 
+ABOUT = (
+    "Compile every program of a run for TPU topologies (no TPU, weights or network needed) and report memory "
+    "per chip, collectives, the compiler's cost estimate and compile time."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lidr_jax.plan",
-        description="Compile every program of a run for TPU topologies (no TPU, weights or network needed) "
-        "and report memory per chip, collectives, the compiler's cost estimate and compile time.",
-    )
+    p = argparse.ArgumentParser(prog="python -m lidr_jax.plan", description=ABOUT)
     p.add_argument("--config", help="the run's YAML config (default: the packaged default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.add_argument(
@@ -300,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="write the report here as JSON too")
     p.add_argument("--no-cost", action="store_true", help="skip the cost estimate (memory and collectives only)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="compile only these programs, comma-separated: train, reference, prefill, decode (every stage), "
+        "prefill:STAGE, decode:STAGE, icr_score",
+    )
     p.add_argument("--traceback", action="store_true", help="show a compile error's traceback")
     return p
 
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(topo, GPUNode):
                 report["topologies"].append(plan_gpu(run, config, topo))
             else:
-                report["topologies"].append(plan_topology(run, config, topo, not args.no_cost))
+                only = tuple(name for name in args.only.split(",") if name)
+                report["topologies"].append(plan_topology(run, config, topo, not args.no_cost, only=only))
     except (DoesNotFitOrCompile, TopologyError) as e:
         if args.traceback:
             raise
