@@ -14,7 +14,7 @@ ids to both sides. One epoch, 4 pairs per optimizer step on both sides in the sa
 log-probs precomputed by lidr_jax (packed as training packs; not timed) and given to both.
 lidr_jax chooses its packing and recomputation as its trainer does with `dpo.row_tokens: auto` and
 `dpo.compute.remat: auto` (lidr_jax.train.autotune: rows, micro-batches per step and remat policy from the
-compiled train step's memory_analysis() against MemAvailable less 2 GiB; `--row-tokens` / `--real-remat`
+compiled train step's memory_analysis() against MemAvailable less 4 GiB; `--row-tokens` / `--real-remat`
 fix either), `pack_shapes: step` (each step's rows as long as its pairs, rounded up to 256: one
 compilation per distinct shape, compiled before the epoch and reported apart, as is the time of the
 choice), xla attention over the packed rows' block pairs only (lidr_jax.train.packing.block_attention).
@@ -322,6 +322,7 @@ def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
         warmup=0,
         schedule="constant",
         row_tokens=row_tokens or "auto",
+        memory_margin_gib=4.0,  # this machine is shared: others' processes may grow while the epoch runs
         pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
         bucket_multiple=REAL_BUCKET,
         compute=ScoringConfig(remat=remat),
