@@ -425,26 +425,12 @@ def step_profile(args):
     config, params = model.config, model.params
     layers = decode_layers(params, "auto")
     V, steps = config.vocab_size, 8
-    sp = dict(
-        temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), penalty=np.float32(1.1), seed=np.uint32(0)
-    )
+    sp = engine.SamplingValues.of(temperature=0, top_k=0, top_p=1, penalty=1.1, seed=0)
     eos = np.asarray([V], np.int32)  # an id no row samples: every slot stays live
 
     def setup(B, S, W):
-        cache = init_cache(config, B, S)
-        cache["end_B"] = jnp.full((B,), W // 4, jnp.int32)
-        zeros = lambda shape, dtype=jnp.float32: jnp.zeros(shape, dtype)  # noqa: E731
-        state = dict(
-            logits_BV=zeros((B, V)),
-            seen_BV=zeros((B, V), bool),
-            tokens_BR=zeros((B, S), jnp.int32),
-            logprobs_BR=zeros((B, S)),
-            count_B=zeros((B,), jnp.int32),
-            done_B=zeros((B,), bool),
-            pid_B=zeros((B,), jnp.uint32),
-            sid_B=zeros((B,), jnp.int32),
-            budget_B=jnp.full((B,), S, jnp.int32),
-        )
+        cache = init_cache(config, B, S).with_lengths(jnp.full((B,), W // 4, jnp.int32))
+        state = engine.Slots.empty(B, V, S).replace(done_B=np.zeros((B,), bool), budget_B=np.full((B,), S, np.int32))
         compiled = engine._decode_jit.lower(
             params, layers, state, cache, sp, eos, np.int32(0), np.bool_(False), config=config, kv_len=W
         ).compile()

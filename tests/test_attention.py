@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lidr_jax.model import attention as attn
-from lidr_jax.model.llama import forward, init_cache
+from lidr_jax.model.llama import forward_cached, init_cache
 from lidr_jax.train.packing import first_fit, packed_batch, packed_logprobs, pair_tokens, plan_packing
 from lidr_jax.train.pairs import EncodedPairs
 from tests.dpo_helpers import numpy_init, tiny_config
@@ -113,8 +113,8 @@ def test_jax_nn_path_equals_xla_with_a_cache(model):
     outs = {}
     for impl in ("xla", "jax_nn"):
         cache = init_cache(config, 2, 16)
-        logits0, cache = forward(params, prompt, config, cache=cache, attention_mask_BT=mask, attention=impl)
-        logits1, cache = forward(params, step, config, cache=cache, attention=impl)
+        logits0, cache = forward_cached(params, prompt, config, cache, attention_mask_BT=mask, attention=impl)
+        logits1, cache = forward_cached(params, step, config, cache, attention=impl)
         outs[impl] = (np.asarray(logits0)[mask], np.asarray(logits1))
     for a, b in zip(outs["jax_nn"], outs["xla"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lidr_jax.model.llama import forward, unstack_layers
+from lidr_jax.model.llama import forward, forward_cached, init_cache, unstack_layers
 from lidr_jax.sampling.engine import OUTPUT_BUCKETS, PREFILL_BUCKETS, prefill_logits, step_logits
 from lidr_jax.sampling.sampler import (
     GenerationStats,
@@ -66,7 +66,7 @@ def test_cached_decode_equals_full_forward(tiny_model, layout):
     fed_BS = np.asarray([[(7 * t + 11 * r + 5) % 150 for t in range(steps)] for r in range(len(prompts))], np.int32)
     prefill = jax.jit(prefill_logits, static_argnames=("config", "max_new"))
     logits_BV, cache = prefill(params, layers, tokens_BT, mask_BT, config=m.config, max_new=32)
-    assert len(cache["k"]) == m.config.num_hidden_layers and cache["end_B"].tolist() == list(map(len, prompts))
+    assert len(cache.k) == m.config.num_hidden_layers and cache.end_B.tolist() == list(map(len, prompts))
     cached = [np.asarray(logits_BV)]
     step = jax.jit(step_logits, static_argnames="config")
     for t in range(steps):
@@ -74,7 +74,7 @@ def test_cached_decode_equals_full_forward(tiny_model, layout):
         cached.append(np.asarray(logits_BV))
     chunk_BC = fed_BS[:, :3][:, ::-1].copy()  # three more tokens at once, attending to cache and each other
     positions_BC = np.asarray([[len(p) + steps + c for c in range(3)] for p in prompts], np.int32)
-    chunk_BCV, _ = jax.jit(forward, static_argnames="config")(
+    chunk_BCV, _ = jax.jit(forward_cached, static_argnames="config")(
         params, chunk_BC, config=m.config, positions_BT=positions_BC, cache=cache, layers=layers
     )
     # The uncached reference: each full sequence right-padded into one batch (causal attention makes
@@ -107,7 +107,7 @@ def test_decode_layers_chosen_explicitly(tiny_model):
     with pytest.raises(ValueError, match=r"layer_layout must be one of \[.auto., .stacked., .unstacked.\], got .rows."):
         SamplingConfig(layer_layout="rows")
     with pytest.raises(ValueError, match="remat applies to the layer scan"):
-        forward(m.params, np.zeros((1, 4), np.int32), m.config, cache={"end_B": 0}, remat="full")
+        forward_cached(m.params, np.zeros((1, 4), np.int32), m.config, init_cache(m.config, 1, 8), remat="full")
 
 
 def test_generate_logprobs_match_full_forward(tiny_model):
@@ -396,9 +396,9 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     whole, whole_cache = prefill(m.params, layers, tokens_BT, mask_BT, config=m.config, max_new=4, chunk=T)
     chunked, chunked_cache = prefill(m.params, layers, tokens_BT, mask_BT, config=m.config, max_new=4, chunk=16)
     np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
-    assert chunked_cache["end_B"].tolist() == whole_cache["end_B"].tolist() == list(map(len, prompts))
+    assert chunked_cache.end_B.tolist() == whole_cache.end_B.tolist() == list(map(len, prompts))
     for name in ("k", "v"):
-        for a, b in zip(chunked_cache[name], whole_cache[name], strict=True):
+        for a, b in zip(getattr(chunked_cache, name), getattr(whole_cache, name), strict=True):
             assert a.shape == b.shape
             for r, p in enumerate(prompts):  # the filled slots; the others hold padding
                 slots = (Ellipsis, slice(0, len(p))) if name == "k" else (slice(None), slice(0, len(p)))

@@ -17,7 +17,7 @@ weights are stacked on a leading layer axis.
   per-layer dict: on XLA:CPU slicing a stacked weight copies it at every decode step, because a
   slice is not fused into a library GEMM (lidr_jax.sampling chooses the layout; BENCHMARKS.md).
 
-The cache protocol (one, for every layer): a list of L per-layer buffers k [B, K, H, S] (keys
+The cache protocol (one, for every layer; `KVCache`): a list of L per-layer buffers k [B, K, H, S] (keys
 transposed) and v [B, K, S, H], and `end_B`, the slots each row has filled. A call writes its T new
 keys/values of row b at slots end_B[b] .. end_B[b] + T - 1 (in place when the cache is donated), then
 attends over the buffer: query t of row b sees slot s iff s <= end_B[b] + t. A row's real tokens must
@@ -25,12 +25,18 @@ therefore come first (right padding); `end_B` then grows by the row's real token
 overwrites its padding. Writing before reading matters on XLA:CPU: attending to the old buffer and then
 updating it made XLA copy every layer's cache at every step. Keys are stored transposed because the
 decode step's score dot q [G, H] x k [H, S] then runs as a plain GEMM on XLA:CPU; over k [S, H] it ran
-at half the speed (BENCHMARKS.md, "Decode step profile").
+at half the speed (BENCHMARKS.md, "Decode step profile"). A `fresh` cache (static: part of the
+pytree's structure, so a jitted function compiles apart for it) has no row filled: a call then writes
+from slot 0 and attends to its own tokens only (XLA would otherwise constant-fold the all-masked scores:
+16 s of compile time for a SmolLM2 prefill at B=32).
+
+`forward` gives logits; `forward_cached` gives logits and the updated cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -44,7 +50,6 @@ from lidr_jax.model.segments import MASKED, segment_sees
 from lidr_jax.parallel.sharding import constrain
 
 Params = dict[str, Any]
-Cache = dict[str, Any]
 
 _ACT = ("batch", "seq", "act_embed")
 _K = ("batch", "kv_heads", "head_dim", "seq")  # a layer's key buffer (keys transposed)
@@ -116,8 +121,34 @@ def unstack_layers(params: Params) -> list[Params]:
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])]
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-    """An empty KV cache of `max_len` slots per row (the protocol of the module docstring).
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "end_B"], meta_fields=["fresh"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A KV cache (the protocol of the module docstring), a pytree: L per-layer key buffers k [B, K, H, S]
+    (keys transposed), value buffers v [B, K, S, H], and end_B int32 [B], the slots each row has filled.
+    `fresh` (static) marks a cache no row has written to yet (end_B all 0): a call writes from slot 0
+    and attends to its own tokens only. Every call returns a cache that is not fresh."""
+
+    k: list
+    v: list
+    end_B: Any
+    fresh: bool = False
+
+    @property
+    def slots(self) -> int:
+        """S, the cache slots per row."""
+        return self.v[0].shape[2]
+
+    def with_lengths(self, end_B) -> KVCache:
+        """The same buffers with rows filled to `end_B` (a cache in use, not fresh)."""
+        return KVCache(self.k, self.v, end_B, fresh=False)
+
+    def replace(self, **changes) -> KVCache:
+        return dataclasses.replace(self, **changes)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """An empty, fresh KV cache of `max_len` slots per row (the protocol of the module docstring).
 
     Heads before slots: attention contracts with (B, K) as batch dimensions, so these layouts feed the
     matmuls without a transpose of the cache: scores over k [H, S], outputs over v [S, H]."""
@@ -126,10 +157,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str | None 
     def empty(shape, axes):
         return [constrain(jnp.zeros(shape, dtype), axes) for _ in range(config.num_hidden_layers)]
 
-    # `end_B` a Python 0, not an array: a jitted prefill then knows the cache is empty and attends to
-    # its own tokens only (XLA would otherwise constant-fold the all-masked scores: 16 s of compile
-    # time for a SmolLM2 prefill at B=32). Returned caches carry an int32 [B] array.
-    return {"k": empty((B, K, H, S), _K), "v": empty((B, K, S, H), _V), "end_B": 0}
+    return KVCache(empty((B, K, H, S), _K), empty((B, K, S, H), _V), jnp.zeros((B,), jnp.int32), fresh=True)
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -170,19 +198,32 @@ def attention(q_BTNH, k, v_BKSH, allowed_BTS, config: ModelConfig, keys: str = "
 
 
 def _write(buf, new, end_B, axis: int):
-    """Row b's new entries into slots end_B[b].. of the slot `axis` (a Python 0: every row from slot 0)."""
+    """Row b's new entries into slots end_B[b].. of the slot `axis` (None: every row from slot 0)."""
     new = new.astype(buf.dtype)
-    if isinstance(end_B, int):
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, end_B, axis=axis)
+    if end_B is None:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, 0, axis=axis)
     return jax.vmap(lambda b, n, e: jax.lax.dynamic_update_slice_in_dim(b, n, e, axis=axis - 1))(buf, new, end_B)
 
 
-def self_attention(h_BTD, w, rope, kv, view, config: ModelConfig):
+@dataclasses.dataclass(frozen=True)
+class AttentionView:
+    """Which key slots each query of a call sees, worked out once per call for every layer (`_view`)."""
+
+    allowed_BTS: Any  # bool [B, T, S]: query t of row b sees key slot s
+    end_B: Any  # int32 [B]: where a cache's rows write their new keys (None: from slot 0, or no cache)
+    read_cache: bool  # attend to the cache's first kv_len slots (else to the call's own T keys)
+    kv_len: int
+    impl: Any  # a resolved lidr_jax.model.attention implementation (xla: `attention` below), or a callable
+    segments_BT: Any  # packed segments (lidr_jax.model.segments) or None
+    mask_BT: Any  # bool [B, T]: real tokens
+
+
+def self_attention(h_BTD, w, rope, kv, view: AttentionView, config: ModelConfig):
     """Attention of a normed input: the output [B, T, D] and the layer's updated cache buffers (k, v)
-    (None without a cache). `view` = (allowed_BTS, end_B, read_cache, kv_len, impl, segments_BT, mask_BT),
-    made once per call: with `read_cache` the new keys are written first and the first kv_len slots
-    attended; `impl` a resolved lidr_jax.model.attention implementation (xla: `attention` below)."""
-    allowed_BTS, end_B, read_cache, kv_len, impl, segments_BT, mask_BT = view
+    (None without a cache). With `view.read_cache` the new keys are written first and the first kv_len
+    slots attended."""
+    end_B, read_cache, kv_len, impl = view.end_B, view.read_cache, view.kv_len, view.impl
+    allowed_BTS, segments_BT, mask_BT = view.allowed_BTS, view.segments_BT, view.mask_BT
     q = jnp.einsum("BTD,DNH->BTNH", h_BTD, w["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wk"])
     v = jnp.einsum("BTD,DKH->BTKH", h_BTD, w["wv"])
@@ -227,7 +268,7 @@ def block(x_BTD, w, rope, kv, view, config: ModelConfig):
     return constrain(x_BTD, _ACT), kv
 
 
-def _view(mask_BT, segments_BT, cache, kv_len):
+def _view(mask_BT, segments_BT, cache: KVCache | None, kv_len: int, impl) -> AttentionView:
     """Which key slots each query sees, worked out once per call for every layer (see `self_attention`)."""
     B, T = mask_BT.shape
     # Without a cache (or with a fresh one) the keys are this call's T tokens: token i sees real token
@@ -235,10 +276,11 @@ def _view(mask_BT, segments_BT, cache, kv_len):
     allowed_BTT = mask_BT[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
     if segments_BT is not None:  # packed rows (lidr_jax.model.segments)
         allowed_BTT &= segment_sees(segments_BT[:, :, None], segments_BT[:, None, :])
-    if cache is None or isinstance(cache["end_B"], int):
-        return allowed_BTT, 0, False, T
-    last_BT = cache["end_B"][:, None] + jnp.arange(T)[None]  # the slot of each query's own token
-    return jnp.arange(kv_len)[None, None, :] <= last_BT[:, :, None], cache["end_B"], True, kv_len
+    if cache is None or cache.fresh:
+        return AttentionView(allowed_BTT, None, False, T, impl, segments_BT, mask_BT)
+    last_BT = cache.end_B[:, None] + jnp.arange(T)[None]  # the slot of each query's own token
+    allowed_BTS = jnp.arange(kv_len)[None, None, :] <= last_BT[:, :, None]
+    return AttentionView(allowed_BTS, cache.end_B, True, kv_len, impl, segments_BT, mask_BT)
 
 
 REMAT_POLICIES = {
@@ -262,7 +304,7 @@ def hidden_states(
     positions_BT=None,
     attention_mask_BT=None,
     segments_BT=None,
-    cache: Cache | None = None,
+    cache: KVCache | None = None,
     layers: list[Params] | None = None,
     kv_len: int | None = None,
     remat: str = "none",
@@ -290,14 +332,13 @@ def hidden_states(
     if segments_BT is not None and (positions_BT is None or cache is not None):
         raise ValueError("packed segments need explicit positions and no KV cache (they are for scoring passes)")
     if positions_BT is None:
-        start_B1 = 0 if cache is None or isinstance(cache["end_B"], int) else cache["end_B"][:, None]
+        start_B1 = 0 if cache is None or cache.fresh else cache.end_B[:, None]
         positions_BT = start_B1 + jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     if cache is not None and remat != "none":
         raise ValueError("remat applies to the layer scan of training passes, not to cached generation")
     x_BTD = constrain(params["embed"].astype(config.dtype)[tokens_BT], _ACT)
     rope = rope_tables(positions_BT, config)
-    view = _view(mask_BT, segments_BT, cache, kv_len or (cache["v"][0].shape[2] if cache else T))
-    view = (*view, attention, segments_BT, mask_BT)
+    view = _view(mask_BT, segments_BT, cache, kv_len or (cache.slots if cache is not None else T), attention)
     if cache is None:
 
         def body(x_BTD, w):
@@ -309,11 +350,12 @@ def hidden_states(
         new_cache = None
     else:
         ks, vs = [], []
-        for w, k, v in zip(layers or unstack_layers(params), cache["k"], cache["v"], strict=True):
+        for w, k, v in zip(layers or unstack_layers(params), cache.k, cache.v, strict=True):
             x_BTD, (k, v) = block(x_BTD, w, rope, (k, v), view, config)
             ks.append(k)
             vs.append(v)
-        new_cache = {"k": ks, "v": vs, "end_B": (cache["end_B"] + jnp.sum(mask_BT, axis=1)).astype(jnp.int32)}
+        end_B = (cache.end_B + jnp.sum(mask_BT, axis=1)).astype(jnp.int32)
+        new_cache = KVCache(ks, vs, end_B, fresh=False)
     return rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps), new_cache
 
 
@@ -325,9 +367,17 @@ def unembed(params: Params, h_BTD, config: ModelConfig):
     return jnp.einsum("...D,DV->...V", h_BTD, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, tokens_BT, config: ModelConfig, *, cache: Cache | None = None, **kwargs):
-    """Logits [B, T, V] in float32. With a `cache`, returns `(logits, updated_cache)`. Keyword
-    arguments as `hidden_states` (positions_BT, attention_mask_BT, segments_BT, layers, kv_len, remat)."""
+def forward(params: Params, tokens_BT, config: ModelConfig, **kwargs):
+    """Logits [B, T, V] in float32 (no cache: `forward_cached`). Keyword arguments as `hidden_states`
+    (positions_BT, attention_mask_BT, segments_BT, remat, attention)."""
+    if "cache" in kwargs:
+        raise TypeError("forward takes no cache; forward_cached returns the logits and the updated cache")
+    h_BTD, _ = hidden_states(params, tokens_BT, config, **kwargs)
+    return unembed(params, h_BTD, config)
+
+
+def forward_cached(params: Params, tokens_BT, config: ModelConfig, cache: KVCache, **kwargs):
+    """(logits [B, T, V] float32, the updated cache) of a call over a KV cache (module docstring). Keyword
+    arguments as `hidden_states` (positions_BT, attention_mask_BT, layers, kv_len, attention)."""
     h_BTD, new_cache = hidden_states(params, tokens_BT, config, cache=cache, **kwargs)
-    logits = unembed(params, h_BTD, config)
-    return logits if cache is None else (logits, new_cache)
+    return unembed(params, h_BTD, config), new_cache

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.llama import unstack_layers
-from lidr_jax.sampling.engine import EngineStats, Request
+from lidr_jax.sampling.engine import EngineStats, Request, SamplingValues
 from lidr_jax.sampling.engine import run as run_engine
 from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
@@ -233,13 +233,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         )
     stats.clipped_budgets += clipped
     stats.rows += len(ids) * s.n
-    sp = dict(
-        temperature=np.float32(s.temperature),
-        top_k=np.int32(s.top_k),
-        top_p=np.float32(s.top_p),
-        penalty=np.float32(s.repetition_penalty),
-        seed=np.uint32(s.seed & 0xFFFFFFFF),
-    )
+    sp = SamplingValues.of(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.seed)
     requests = [Request(p, s.n, b, _prompt_hash(p)) for p, b in zip(ids, budgets)]
     slots = min(s.batch_size, bucket(len(ids) * s.n, minimum=1, knee=s.batch_size, step=s.batch_size))
     engine = EngineStats()
