@@ -386,6 +386,9 @@ def from_dict(cls, data: dict[str, Any], prefix: str = "", base: Any = None, hid
     for name in sorted(set(data) & set(hidden or {})):
         raise SettingsError(f"'{prefix}{name}' is not a setting: {hidden[name]}")
     unknown = sorted(set(data) - set(fields))
+    moved = [k for k in unknown if k in getattr(cls, "MOVED_SETTINGS", {})]
+    if moved:
+        raise SettingsError(f"'{prefix}{moved[0]}' is now '{prefix}{cls.MOVED_SETTINGS[moved[0]]}'")
     if unknown:
         raise SettingsError(
             f"unknown setting '{prefix}{unknown[0]}'; known settings here: {', '.join(prefix + f for f in fields)}"

@@ -28,6 +28,15 @@ LOSS_TYPES = typing.get_args(LossType)
 class DPOConfig:
     """Every DPO training setting (frozen; `python -m lidr_jax.dpo --set key=value` sets any field)."""
 
+    # Keys of earlier versions, refused by the loader with their new name (lidr_jax.settings.from_dict).
+    MOVED_SETTINGS = {
+        "attention": "compute.attention",
+        "remat": "compute.remat",
+        "compute_dtype": "compute.compute_dtype",
+        "logprob_chunk": "compute.logprob_chunk",
+        "reference_batch_size": "compute.batch_size",
+    }
+
     beta: float = setting(0.1, "strength of the KL anchor to the reference (β in every loss)", gt=0)
     loss_type: LossType = setting("sigmoid", "sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge")
     label_smoothing: float = setting(
