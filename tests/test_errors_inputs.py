@@ -156,7 +156,9 @@ def test_out_model_folder_of_the_users_is_refused_before_training(dpo, capsys, t
     (out / "model" / "weights.bin").write_text("the user's")
     assert cli.main(["--model", str(model), "--pairs", str(pairs), "--out", str(out)]) == 2
     err = one_line(capsys)
-    assert f"--out {out} is not empty and not an earlier run of this command (no dpo_config.json): it holds model" in err
+    assert (
+        f"--out {out} is not empty and not an earlier run of this command (no dpo_config.json): it holds model" in err
+    )
     (out / "dpo_config.json").write_text("{}")
     assert cli.main(["--model", str(model), "--pairs", str(pairs), "--out", str(out)]) == 2
     err = one_line(capsys)
