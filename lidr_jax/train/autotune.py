@@ -6,8 +6,8 @@ tokens, the largest step's tokens over A but at least the longest pair, rounded 
 a step into as few rows as its pairs allow, larger A splits it into micro-batches that each hold less.
 Each packing is paired with each recomputation policy of the layer scan, least recomputation first:
 none, names (lidr_jax.model.llama.REMAT_POLICIES: keeps q, k, v, the attention output, the residual
-stream and the MLP's two input products), dots, full; none and names also keep the vocabulary head's
-logits (one log-softmax chunk). A setting given explicitly (row_tokens a number, remat a policy) is kept.
+stream and the MLP's two input products), dots, full. A setting given explicitly (row_tokens a number,
+remat a policy) is kept.
 
 Cost. Every candidate's train step (lidr_jax.train.trainer.make_train_step) is lowered at the largest
 micro-batch shape of the run's steps; its cost is XLA's FLOP count of that program per token slot (XLA
@@ -138,13 +138,10 @@ def _steps(enc: EncodedPairs, cfg: DPOConfig) -> list[np.ndarray]:
 
 
 def concrete(cfg: DPOConfig, row_tokens: int, grad_accum: int, remat: str) -> DPOConfig:
-    """`cfg` with a packing and a policy in place of auto (the step's pairs unchanged). Under remat auto
-    the policies that keep the products (none, names) keep the vocabulary head's logits too (one
-    log-softmax chunk: `logprob_chunk` 0, nothing recomputed); the others keep `cfg`'s chunk."""
+    """`cfg` with a packing and a policy in place of auto (the step's pairs unchanged). The log-softmax
+    chunk stays `cfg`'s: XLA counts a loop body once, so FLOP counts of different chunkings do not compare."""
     per_step = cfg.batch_size * cfg.grad_accum
     compute = cfg.compute.replace(remat=remat)
-    if cfg.compute.remat == AUTO and remat in ("none", "names"):
-        compute = compute.replace(logprob_chunk=0)
     return cfg.replace(row_tokens=row_tokens, batch_size=per_step // grad_accum, grad_accum=grad_accum, compute=compute)
 
 
