@@ -135,7 +135,7 @@ def icr_score(it: Iteration) -> dict:
         "scored": len(items),
         "not_scored": len(answers) - len(items),
         "max_score_tokens": limit,
-        "truncated_answers": enc.truncated_responses,
+        "truncated_answers": enc.truncated_answers,
         "translation_prompt_too_long": too_long,
     }
     run.write_json(d / "stats.json", stats)
