@@ -161,14 +161,14 @@ def _settings(model: Path, attention: str, row_tokens: int = 512) -> list[str]:
 def test_plan_compiles_every_program_single_and_multi_host(tiny_dir, tmp_path):
     """splash on a single-host v5e and on a 4-host v5e:4x4; the JSON schema."""
     out = tmp_path / "plan.json"
-    assert main(["--topology", "v5e:2x2", "--no-cost", *_settings(tiny_dir, "splash"), "--json", str(out)]) == 0
+    only = "train,reference,prefill:generate,decode:generate"
+    args = ["--topology", "v5e:2x2", "--no-cost", "--only", only, *_settings(tiny_dir, "splash")]
+    assert main([*args, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     (topo,) = report["topologies"]
     assert (topo["topology"], topo["slice"], topo["chips"], topo["hosts"]) == ("v5e:2x2", "v5e-4", 4, 1)
     assert topo["decode_layout"]["data"] == 4 and topo["decode_layout"]["tensor"] == 1
-    names = [row["program"] for row in topo["programs"]]
-    stages = ["prefill:generate", "decode:generate", "prefill:translate", "decode:translate"]
-    assert names == ["train", "reference", *stages]
+    assert [row["program"] for row in topo["programs"]] == only.split(",")
     for row in topo["programs"]:
         assert row["fits"] is True and "cost" not in row
         assert set(row["memory"]) == {"arguments", "outputs", "temporaries", "aliased", "code", "peak"}
@@ -186,7 +186,7 @@ def test_plan_compiles_every_program_single_and_multi_host(tiny_dir, tmp_path):
     assert topo["programs"][0]["collectives"]["all-gather"]["count"] > 0  # training gathers its fsdp weights
 
     multi = tmp_path / "multi.json"
-    only = "train,reference,prefill:generate,decode:generate"
+    only = "train,decode:generate"
     args = ["--topology", "v5e:4x4", "--no-cost", "--only", only, *_settings(tiny_dir, "splash"), "--json", str(multi)]
     assert main(args) == 0
     (topo,) = json.loads(multi.read_text())["topologies"]
@@ -194,6 +194,34 @@ def test_plan_compiles_every_program_single_and_multi_host(tiny_dir, tmp_path):
     assert topo["decode_layout"]["data"] == 4  # one host's 4 chips decode, each with the whole weights
     assert [row["program"] for row in topo["programs"]] == only.split(",")
     assert all(row["fits"] for row in topo["programs"])
+
+
+@needs_libtpu
+def test_every_program_of_a_run(tiny_dir):
+    """The programs of a LIDR and an ICR run (built, not compiled): one prefill and decode per stage."""
+    from lidr_jax.model.attention import compiling_for
+    from lidr_jax.pipeline import plan_programs
+    from lidr_jax.pipeline.config import load_run_config
+
+    topo = parse("v5e:2x2")
+    devices = plan_programs_devices(topo)
+    for reward, want in (
+        ("lidr", ["prefill:generate", "decode:generate", "prefill:translate", "decode:translate"]),
+        ("icr", ["prefill:sample", "decode:sample", "icr_score"]),
+    ):
+        sets = [s for s in _settings(tiny_dir, "splash") if s != "--set"] + [f"reward={reward}"]
+        sets += [f"icr.reference_model={tiny_dir}"] if reward == "icr" else []
+        run = load_run_config(None, sets)
+        config = plan_programs.model_architecture(run.model, run.dtype)
+        with compiling_for("tpu"):
+            programs, _, _ = plan_programs.run_programs(run, config, devices, topo.chip.hbm_bytes)
+        assert [p.name for p in programs] == ["train", "reference", *want]
+
+
+def plan_programs_devices(topo):
+    from lidr_jax.parallel.topology import devices
+
+    return devices(topo)
 
 
 @needs_libtpu
@@ -213,11 +241,10 @@ def test_the_cost_estimate_of_the_train_and_decode_steps(tiny_dir, tmp_path):
 @needs_libtpu
 def test_xla_attention_compiles_for_v5p(tiny_dir, tmp_path):
     out = tmp_path / "plan.json"
-    only = "train,reference,prefill:generate,decode:generate"
-    args = ["--topology", "v5p:2x2x1", "--no-cost", "--only", only, *_settings(tiny_dir, "xla")]
+    args = ["--topology", "v5p:2x2x1", "--no-cost", "--only", "train,reference", *_settings(tiny_dir, "xla")]
     assert main([*args, "--json", str(out)]) == 0
     (topo,) = json.loads(out.read_text())["topologies"]
-    assert [row["fits"] for row in topo["programs"]] == [True] * 4
+    assert [row["fits"] for row in topo["programs"]] == [True] * 2
 
 
 @needs_libtpu
@@ -239,7 +266,7 @@ def test_splash_temporaries_grow_linearly_with_the_row(tmp_path):
         with compiling_for("tpu"):
             programs, _, _ = plan_programs.run_programs(run, config, plan.devices(topo), topo.chip.hbm_bytes)
         temps[row_tokens] = plan.analyse(programs[0], config, topo, with_cost=False)["memory"]["temporaries"]
-    assert 1.5 < temps[2048] / temps[1024] < 2.6, temps
+    assert 1.2 < temps[2048] / temps[1024] < 2.6, temps  # [T, T] scores alone would be 64 MB at 2,048 tokens
 
 
 @needs_libtpu

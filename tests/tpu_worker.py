@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-import jax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `tests.` and `lidr_jax`
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def splash_on_mesh() -> dict:
