@@ -45,7 +45,7 @@ from lidr_jax.eval.alpaca import (
 from lidr_jax.eval.judge import EndpointJudge, LocalJudge, head_to_head
 from lidr_jax.eval.mgsm import MGSM_LANGUAGES, mgsm_file, mgsm_messages, read_mgsm, score_mgsm
 from lidr_jax.files import as_path, atomic_write_json, atomic_write_text, read_json, read_utf8
-from lidr_jax.formats.load import ModelNotFoundError, load_pretrained, model_path
+from lidr_jax.formats.load import ModelNotFoundError, check_model_files, load_pretrained, model_path
 from lidr_jax.methods.langid import off_target_rate
 from lidr_jax.sampling import sampler
 from lidr_jax.settings import check_settings, setting
@@ -452,10 +452,8 @@ def _check_model(spec: str, flag: str) -> None:
 
 def _check_model_files(spec: str, flag: str) -> None:
     """What loading `spec` would refuse that can be found without reading the weights (remote code,
-    truncated safetensors, tokenizer files: lidr_jax.pipeline.models.check_model_files); after the other
+    truncated safetensors, tokenizer files: lidr_jax.formats.load.check_model_files); after the other
     arguments' checks, before the first model loads."""
-    from lidr_jax.pipeline.models import check_model_files  # (the pipeline imports this module)
-
     check_model_files(spec, flag)
 
 

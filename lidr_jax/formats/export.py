@@ -37,12 +37,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+import gguf
 import jax
 import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
-from lidr_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lidr_jax.files import as_path, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from lidr_jax.formats.hf_table import hf_from_params, hf_names
+from lidr_jax.formats.load import EMBEDDED_MODELS, embedded_model_path
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.parallel.sharding import to_host
@@ -221,8 +223,6 @@ EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruc
 def _gguf_quantization(file: Path) -> str | None:
     """The GGUF file type of `file` ("Q4_1", "F16", ...) from its metadata, or None when unreadable."""
     try:
-        import gguf
-
         field = gguf.GGUFReader(str(file)).fields.get("general.file_type")
         return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_") if field else None
     except Exception:  # a card never fails over a detail: the row is left out
@@ -244,8 +244,6 @@ def describe_base(base: str) -> dict[str, str]:
     out: dict[str, str] = {"name": base}
     file: Path | None = None
     if base in EMBEDDED_HUB_IDS:
-        from lidr_jax.formats.load import EMBEDDED_MODELS, embedded_model_path
-
         out["hub_id"] = EMBEDDED_HUB_IDS[base]
         out["name"] = (
             f"{base} (the embedded {EMBEDDED_MODELS[base][2]}, from the PyPI package {EMBEDDED_MODELS[base][0]})"
@@ -430,8 +428,6 @@ def refresh_card(out_dir: str | os.PathLike, card: Mapping[str, Any]) -> bool:
     """Write the model card of an existing lidr_jax export again with `card` (e.g. once its iteration's
     held-out check is done, so the run's own export says what a later re-export says). Returns whether
     there was an export to refresh."""
-    from lidr_jax.files import as_path, read_json
-
     out_dir = as_path(out_dir)
     if not (out_dir / EXPORT_MARK).exists() or not (out_dir / "config.json").exists():
         return False

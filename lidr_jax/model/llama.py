@@ -346,7 +346,7 @@ def hidden_states(
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"], unroll=not config.scan_layers)
         new_cache = None
     else:
         ks, vs = [], []

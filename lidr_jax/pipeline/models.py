@@ -14,20 +14,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from lidr_jax.files import as_path
-from lidr_jax.formats.load import (
-    LOAD_ERRORS,
-    Model,
-    _check_utf8,
-    _generation_config,
-    _open_safetensors,
-    _read_hf_config,
-    _refuse_remote_code,
-    _safetensors_files,
-    _tokenizer_files,
-    load_pretrained,
-    model_path,
-    read_json,
-)
+from lidr_jax.formats.load import Model, load_pretrained
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import param_specs
 from lidr_jax.parallel import sharding
@@ -74,31 +61,3 @@ class RunModels:
             return self.from_checkpoint(spec)
         m = load_pretrained(spec)
         return self.placed(m, m.params, m.config)
-
-
-def check_model_files(spec: str, setting: str) -> None:
-    """What loading `spec` would refuse, found before anything is created: the path (as `load_pretrained`
-    resolves it) and, for a Hugging Face directory, config.json (supported architecture, no remote code),
-    generation_config.json, every safetensors file's header (a truncated file fails here) and the tokenizer
-    files (no remote code, UTF-8); the weights themselves are not read. A params checkpoint of a run
-    (`model_config` inside) is this run's own and is not checked. Errors are `LOAD_ERRORS`, the message
-    starting with `setting` (e.g. "icr.reference_model")."""
-    try:
-        if (as_path(spec) / "model_config").exists():
-            return
-        path = model_path(spec)
-        if not path.is_dir():
-            return  # a .gguf file: its header is read when it loads
-        _read_hf_config(path, {"param_dtype": "float32", "dtype": "float32"})
-        _generation_config(path)
-        for file in _safetensors_files(path):
-            _open_safetensors(file)
-        for file in _tokenizer_files(path):
-            if file.suffix == ".json" and file.name != "tokenizer.json":
-                settings = read_json(file)
-                if isinstance(settings, dict):
-                    _refuse_remote_code(file, settings)
-            elif file.suffix in (".json", ".jinja", ".txt"):
-                _check_utf8(file)
-    except LOAD_ERRORS as e:
-        raise type(e)(f"{setting}: {e}") from None

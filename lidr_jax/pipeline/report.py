@@ -73,7 +73,7 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
     """One panel per training measure, one marker style per iteration, x = optimizer step of the iteration.
     A step that held fewer pairs than the iteration's full steps (the last, partial batch) is drawn
     hollow and labelled with its pair count: its value rests on fewer pairs."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional dependency (the 'plots' extra), as eval/plots.py
 
     series = {k: _metrics_rows(run, k) for k in range(1, cfg.iterations + 1)}
     series = {k: rows for k, rows in series.items() if rows}
@@ -133,7 +133,7 @@ def _plot_training(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
 def _plot_pairs(cfg: RunConfig, run: RunDir, png: AnyPath) -> AnyPath | None:
     """Pairs kept per language and failed self-translations per language, per iteration; every bar is
     labelled with its value, and "n/a" marks what does not apply (the dominant language is not translated)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional dependency (the 'plots' extra), as eval/plots.py
 
     per_iter = {k: _out(run, k, "pairs").get("stats", {}) for k in range(1, cfg.iterations + 1)}
     per_iter = {k: s for k, s in per_iter.items() if s}

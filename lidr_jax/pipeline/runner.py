@@ -37,7 +37,7 @@ import yaml
 
 from lidr_jax.endpoint import EndpointRequestError, EndpointUnreachableError, check_reachable
 from lidr_jax.files import as_path, plain
-from lidr_jax.formats.load import LOAD_ERRORS
+from lidr_jax.formats.load import LOAD_ERRORS, check_model_files
 from lidr_jax.methods.languages import UnknownLanguageError
 from lidr_jax.methods.prompt_sets import (
     PromptSet,
@@ -55,7 +55,7 @@ from lidr_jax.pipeline.config import DEFAULT_CONFIG, RunConfig, check_model, che
 from lidr_jax.pipeline.icr_stages import icr_pairs, icr_sample, icr_score
 from lidr_jax.pipeline.iteration import Iteration, Stage, start_model
 from lidr_jax.pipeline.lidr_stages import lidr_generate, lidr_pairs, lidr_translate
-from lidr_jax.pipeline.models import RunModels, check_model_files
+from lidr_jax.pipeline.models import RunModels
 from lidr_jax.pipeline.pair_output import NoPairsError
 from lidr_jax.pipeline.plan import check_fits_at_load
 from lidr_jax.pipeline.report import print_summary, write_report

@@ -44,7 +44,7 @@ import jax
 
 from lidr_jax.files import atomic_write_json, plain
 from lidr_jax.formats.export import EXPORT_DTYPES, ExportDtype, ExportError, check_destination, export_hf
-from lidr_jax.formats.load import LOAD_ERRORS, load_pretrained, model_path
+from lidr_jax.formats.load import LOAD_ERRORS, check_model_files, load_pretrained, model_path
 from lidr_jax.model.llama import param_specs
 from lidr_jax.parallel import sharding
 from lidr_jax.parallel.multihost import maybe_initialize_distributed
@@ -194,8 +194,6 @@ def check_inputs(args, cfg: DPORunConfig) -> list:
     sources = [model_path(args.model)] + ([model_path(args.reference)] if args.reference else [])
     check_out(args.out)
     check_destination(Path(args.out) / "model", sources=sources, replace=True)
-    from lidr_jax.pipeline.models import check_model_files  # the pipeline's check, as its models get
-
     for flag, spec in (("--model", args.model), ("--reference", args.reference)):
         if spec:
             check_model_files(spec, flag)  # remote code, truncated weights, tokenizer files: before any work
