@@ -488,7 +488,7 @@ def test_judge_password_is_masked(outputs, capsys, tmp_path):
         tmp_path / "o",
     ]
     err = refused(evaluate.main, argv, capsys, tmp_path)
-    assert err.startswith(f"judge endpoint http://u:***@127.0.0.1:{port}/v1/chat/completions cannot be reached (")
+    assert err.startswith(f"judge endpoint: http://u:***@127.0.0.1:{port}/v1/chat/completions cannot be reached (")
     assert "secret" not in err
 
 

@@ -177,7 +177,7 @@ def test_endpoint_unreachable_and_missing_key(monkeypatch):
     monkeypatch.delenv("MY_JUDGE_KEY")
     with pytest.raises(JudgeRequestError, match="variable MY_JUDGE_KEY for .* is not set"):
         judge.complete_one(judge_messages("x", "a", "b"))
-    with pytest.raises(JudgeRequestError, match="the judge API key variable MY_JUDGE_KEY is not set"):
+    with pytest.raises(JudgeRequestError, match="judge endpoint: the API key variable MY_JUDGE_KEY for .* is not set"):
         judge.check()
 
 

@@ -52,7 +52,7 @@ ANNOTATOR_HELP = (
 
 # alpaca_eval reads "<|im_start|>role ... <|im_end|>" blocks of a template as chat messages and fills
 # {instruction}, {output_1}, {output_2}; it shows the two outputs in a random order itself.
-ANNOTATOR_PROMPT = """<|im_start|>system
+_COMPARE = """<|im_start|>system
 You compare two answers an AI assistant gave to the same instruction and say which one a careful
 human reader would prefer.
 <|im_end|>
@@ -71,33 +71,16 @@ however good its content. Neither the order of the answers nor their length deci
 ## Output (b)
 {{output_2}}
 
-Reply with exactly one line, "Output (a)" or "Output (b)", and nothing else.
-<|im_end|>
 """
-
-
-WEIGHTED_PROMPT = """<|im_start|>system
-You compare two answers an AI assistant gave to the same instruction and say which one a careful
-human reader would prefer.
-<|im_end|>
-<|im_start|>user
-The instruction is written in {language}. Prefer the answer that follows the instruction more \
-helpfully, correctly and completely. An answer must be written in {language} unless the instruction \
-itself asks for another language; an answer in another language is worse than one in {language}, \
-however good its content. Neither the order of the answers nor their length decides.
-
-## Instruction
-{{instruction}}
-
-## Output (a)
-{{output_1}}
-
-## Output (b)
-{{output_2}}
-
-Answer with a single lowercase letter and nothing else: a if Output (a) is better, b if Output (b) is better.
-<|im_end|>
-"""
+# plain: the judge names the better output; weighted: one letter, whose log-probabilities alpaca_eval reads
+ANNOTATOR_PROMPT = (
+    _COMPARE + 'Reply with exactly one line, "Output (a)" or "Output (b)", and nothing else.\n<|im_end|>\n'
+)
+WEIGHTED_PROMPT = (
+    _COMPARE
+    + "Answer with a single lowercase letter and nothing else: a if Output (a) is better, b if Output (b) is better."
+    + "\n<|im_end|>\n"
+)
 
 
 def annotator_name(lang: str, kind: str = "weighted") -> str:
@@ -145,44 +128,29 @@ def annotator_config(lang: str, judge_model: str, kind: str = "weighted") -> tup
     name = annotator_name(lang, kind)
     # JSON strings are valid YAML scalars: no YAML writer needed, and every character survives.
     q = json.dumps
-    if kind == "weighted":
-        prompt = WEIGHTED_PROMPT.format(language=language_name(lang))
-        yaml = (
-            f"# {WEIGHTED_PROMPT_VERSION}: written by lidr_jax.eval.alpaca for {language_name(lang)} ({lang})\n"
-            f"{name}:\n"
-            f"  prompt_template: {q(name + '/prompt.txt')}\n"
-            f'  fn_completions: "openai_completions"\n'
-            f"  completions_kwargs:\n"
-            f"    model_name: {q(judge_model)}\n"
-            f"    max_tokens: 1\n"
-            f"    temperature: 1\n"  # the answer is read from the log-probs, not sampled: no effect
-            f"    logprobs: true\n"
-            f"    top_logprobs: 5\n"
-            f'  fn_completion_parser: "logprob_parser"\n'
-            f"  completion_parser_kwargs:\n"
-            f"    numerator_token: {q(TOKEN_A)}\n"
-            f"    denominator_tokens: [{q(TOKEN_A)}, {q(TOKEN_B)}]\n"
-            f"    is_binarize: false\n"
-            f'  completion_key: "completions_all"\n'
-            f"  batch_size: 1\n"
+    weighted = kind == "weighted"
+    prompt = (WEIGHTED_PROMPT if weighted else ANNOTATOR_PROMPT).format(language=language_name(lang))
+    if weighted:  # the answer is read from the log-probs of one token, not sampled: temperature has no effect
+        decoding = "    max_tokens: 1\n    temperature: 1\n    logprobs: true\n    top_logprobs: 5\n"
+        parser = (
+            '  fn_completion_parser: "logprob_parser"\n  completion_parser_kwargs:\n'
+            f"    numerator_token: {q(TOKEN_A)}\n    denominator_tokens: [{q(TOKEN_A)}, {q(TOKEN_B)}]\n"
+            '    is_binarize: false\n  completion_key: "completions_all"\n'
         )
-        return yaml, prompt
-    prompt = ANNOTATOR_PROMPT.format(language=language_name(lang))
+    else:
+        decoding = "    max_tokens: 10\n    temperature: 0\n"
+        parser = (
+            '  fn_completion_parser: "regex_parser"\n  completion_parser_kwargs:\n    outputs_to_match:\n'
+            f"      1: {q(VERDICT_A)}\n      2: {q(VERDICT_B)}\n"
+        )
+    version = WEIGHTED_PROMPT_VERSION if weighted else PROMPT_VERSION
     yaml = (
-        f"# {PROMPT_VERSION}: written by lidr_jax.eval.alpaca for {language_name(lang)} ({lang})\n"
+        f"# {version}: written by lidr_jax.eval.alpaca for {language_name(lang)} ({lang})\n"
         f"{name}:\n"
         f"  prompt_template: {q(name + '/prompt.txt')}\n"
-        f'  fn_completions: "openai_completions"\n'
-        f"  completions_kwargs:\n"
-        f"    model_name: {q(judge_model)}\n"
-        f"    max_tokens: 10\n"
-        f"    temperature: 0\n"
-        f'  fn_completion_parser: "regex_parser"\n'
-        f"  completion_parser_kwargs:\n"
-        f"    outputs_to_match:\n"
-        f"      1: {q(VERDICT_A)}\n"
-        f"      2: {q(VERDICT_B)}\n"
-        f"  batch_size: 1\n"
+        '  fn_completions: "openai_completions"\n'
+        "  completions_kwargs:\n"
+        f"    model_name: {q(judge_model)}\n" + decoding + parser + "  batch_size: 1\n"
     )
     return yaml, prompt
 

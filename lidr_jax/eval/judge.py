@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import threading
-import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -31,6 +29,7 @@ from lidr_jax.endpoint import (
     EndpointConfig,
     EndpointRequestError,
     EndpointUnreachableError,
+    check_reachable,
 )
 from lidr_jax.sampling.sampler import SamplingConfig, generate
 
@@ -181,21 +180,7 @@ class EndpointJudge:
     def check(self, timeout_s: float = 10.0) -> None:
         """Fail fast, before any generation or judging: the endpoint's host must accept a connection
         (a TCP connect, so nothing is billed) and the API key variable must be set."""
-        name = self.client.config.api_key_env
-        if name and not os.environ.get(name):
-            raise EndpointRequestError(
-                f"the judge API key variable {name} is not set; export it, or give an empty variable name for an "
-                "endpoint that needs no key"
-            )
-        parts = urllib.parse.urlsplit(self.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-        except OSError as e:
-            raise EndpointUnreachableError(
-                f"judge endpoint {self.url} cannot be reached ({e}); check the URL and that the server is "
-                "running (nothing was generated or judged)"
-            ) from None
+        check_reachable(self.client.config, "judge endpoint", timeout_s)
 
     def complete_one(self, messages: Sequence[Message]) -> str:
         return self.client.complete(messages, **self.params)

@@ -37,6 +37,7 @@ class DPOConfig:
         "reference_batch_size": "compute.batch_size",
     }
 
+    # the loss
     beta: float = setting(0.1, "strength of the KL anchor to the reference (β in every loss)", gt=0)
     loss_type: LossType = setting("sigmoid", "sigmoid (DPO, cDPO with label_smoothing) | robust | ipo | hinge")
     label_smoothing: float = setting(
@@ -46,19 +47,23 @@ class DPOConfig:
         True, "ipo on length-averaged log-probs (TRL, LLaMA-Factory); false: summed (the IPO paper)"
     )
     nll_weight: float = setting(1.0, "λ of the length-averaged NLL on chosen (LLaMA-Factory `pref_ftx`)", ge=0)
+    # the optimizer and its schedule
     learning_rate: float = setting(5e-7, "AdamW's peak learning rate, after warmup", ge=0)
     warmup: float = setting(0.1, "< 1: fraction of the optimizer steps; >= 1: a number of steps", ge=0)
     schedule: Literal["cosine", "linear", "constant"] = setting(
         "cosine", "decay after warmup (cosine and linear end at 0)"
     )
+    # batching
     epochs: int = setting(1, "passes over the pairs", ge=1)
     batch_size: int = setting(4, "pairs per micro-batch (one packed row per pair)", ge=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)", ge=1)
+    # the update
     max_grad_norm: float = setting(1.0, "global-norm clipping; 0 disables it", ge=0)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", ge=0)
     adam_b1: float = setting(0.9, "AdamW's first-moment decay")
     adam_b2: float = setting(0.999, "AdamW's second-moment decay")
     adam_eps: float = setting(1e-8, "AdamW's epsilon")
+    # lengths and rows
     max_prompt_len: int = setting(512, "longer prompts keep their last tokens (counted)", ge=1)
     max_response_len: int = setting(1024, "longer responses keep their first tokens (counted)", ge=1)
     bucket_multiple: int = setting(0, "0: powers of two to 256, then multiples of 128; n: multiples of n", ge=0)
