@@ -8,10 +8,10 @@ import pytest
 from dpo_helpers import tiny_tokenizer
 
 from lidr_jax.formats.tokenizer import ChatTokenizer
+from lidr_jax.model.scoring import bucket_length
 from lidr_jax.train.pairs import (
     PairFormatError,
     PreferencePair,
-    bucket_length,
     encode_pairs,
     pair_batch,
     read_pairs,
