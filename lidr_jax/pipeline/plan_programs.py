@@ -250,17 +250,11 @@ def _cache_spec(config: ModelConfig, B: int, S: int, shardings, mesh: Mesh, rule
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings, is_leaf=_is_array_like
     )
     end = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding((B,), 0, mesh, rules))
-    return _with_lengths(leaves, end)
+    return leaves.with_lengths(end)  # a cache in use: the decode step reads and extends its rows
 
 
 def _is_array_like(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def _with_lengths(cache, end):
-    if isinstance(cache, dict):
-        return {**cache, "end_B": end}
-    return cache.with_lengths(end)  # a typed cache (lidr_jax.model) marks itself as in use
 
 
 def run_programs(run: RunConfig, config: ModelConfig, devices: list, device_bytes: int | None):
