@@ -66,16 +66,14 @@ def test_plan_needs_a_config_json(tmp_path, capsys):
 def test_decode_layout_replicates_what_fits_and_splits_heads_otherwise():
     eight_b = 16 * GiB  # Llama-3-8B in bfloat16
     v5p = decode_layout(eight_b, 95 * GiB, 4, (32, 8))
-    assert (v5p.shape, v5p.why) == (
-        (4, 1, 1),
-        "weights replicated on every device (they fit in half of one), slots split",
-    )
+    assert v5p.shape == (4, 1, 1)
+    assert v5p.why == "weights replicated on every device (they fit in a quarter of one), slots split"
     v5e = decode_layout(eight_b, 16 * GiB, 4, (32, 8))
-    assert v5e.shape == (2, 1, 2)  # 8 GiB of weights per chip: the fewest ways within half a chip
-    assert v5e.why == "heads and MLP split 2 ways (tensor), slots over the rest"
-    assert decode_layout(eight_b, 16 * GiB, 8, (32, 8)).shape == (4, 1, 2)
-    assert decode_layout(20 * GiB, 16 * GiB, 8, (32, 8)).shape == (2, 1, 4)
-    with pytest.raises(ValueError, match=r"do not fit half of 4 devices of 16.0 GiB split by heads \(32, 8\)"):
+    assert v5e.shape == (1, 1, 4)  # 4 GiB of weights per chip: the fewest ways within a quarter of a chip
+    assert v5e.why == "heads and MLP split 4 ways (tensor), slots over the rest"
+    assert decode_layout(eight_b, 16 * GiB, 8, (32, 8)).shape == (2, 1, 4)
+    assert decode_layout(20 * GiB, 16 * GiB, 8, (32, 8)).shape == (1, 1, 8)
+    with pytest.raises(ValueError, match=r"do not fit a quarter of 4 devices of 16.0 GiB split by heads \(32, 8\)"):
         decode_layout(140 * GiB, 16 * GiB, 4, (32, 8))
 
 

@@ -172,19 +172,21 @@ def decode_layout(weight_bytes: int, device_bytes: int | None, devices: int, hea
     """The layout of decoding on `devices` devices of `device_bytes` each for weights of `weight_bytes`.
 
     A decode step reads every weight once; weights split on the model width (fsdp) would be gathered at
-    every step. So: when the weights take at most half a device (the rest for the KV cache and
-    activations), every device holds a whole copy and the slots are split; else the heads and the MLP
-    are split over the fewest devices (`tensor`, dividing both head counts `heads` = (query, key/value))
-    that bring the weights under half a device, and the slots over the rest. Unknown memory (CPU) counts
-    as enough."""
-    if device_bytes is None or weight_bytes <= device_bytes // 2:
-        why = "weights replicated on every device (they fit in half of one), slots split"
+    every step. So: when the weights take at most a quarter of a device (the rest for the KV cache, which
+    grows with the slots, and the step's temporaries), every device holds a whole copy and the slots are
+    split; else the heads and the MLP are split over the fewest devices (`tensor`, dividing both head
+    counts `heads` = (query, key/value)) that bring the weights under a quarter of a device, and the slots
+    over the rest. (Half a device was too little on a v5e chip: the plan's decode step of Llama-3-8B at
+    64 slots did not fit with the weights split 2 ways, BENCHMARKS.md.) Unknown memory (CPU) counts as
+    enough."""
+    if device_bytes is None or weight_bytes <= device_bytes // 4:
+        why = "weights replicated on every device (they fit in a quarter of one), slots split"
         return DecodeLayout(devices, 1, why)
     for t in range(2, devices + 1):
-        if devices % t == 0 and heads[0] % t == 0 and heads[1] % t == 0 and weight_bytes / t <= device_bytes / 2:
+        if devices % t == 0 and heads[0] % t == 0 and heads[1] % t == 0 and weight_bytes / t <= device_bytes / 4:
             return DecodeLayout(devices // t, t, f"heads and MLP split {t} ways (tensor), slots over the rest")
     raise ValueError(
-        f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit half of {devices} devices of "
+        f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit a quarter of {devices} devices of "
         f"{device_bytes / 2**30:.1f} GiB split by heads {heads}: generate on more devices per host or in bfloat16"
     )
 
