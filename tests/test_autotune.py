@@ -96,7 +96,9 @@ def test_too_small_a_budget_refuses_before_training(model, monkeypatch, tmp_path
     assert f"more than the budget {size(floor + 1)} (a test budget)" in str(e.value)
     monkeypatch.setattr(autotune, "memory_budget", lambda cfg: budget)
     path = tmp_path / "metrics.jsonl"
-    with pytest.raises(DoesNotFitError, match="least memory of 1 packings"):
+    with pytest.raises(DoesNotFitError, match="least memory of 1 packings"):  # before training starts
+        autotune.choose_if_auto(config, params, enc, FULL1, ref=_ref(len(enc)))
+    with pytest.raises(ValueError, match=r"auto are chosen before training: lidr_jax.train.autotune.choose_if_auto"):
         train(params, config, enc, _ref(len(enc)), FULL1, metrics_path=path, progress=False)
     assert not path.exists()  # no step ran
 
@@ -127,10 +129,11 @@ def test_a_pair_longer_than_any_row_that_fits_is_dropped_and_counted(model, caps
     np.testing.assert_array_equal(ref["chosen"], _ref(4)["chosen"][:3])
     assert (new.row_tokens, new.grad_accum, new.compute.remat) == (128, 1, "full")
     assert [(c.row_tokens, c.peak > budget[0]) for c in choice.tried[:2]] == [(384, True), (256, False)]
-    # train() drops it the same way and says so once; the run's metrics hold the choice on the first step
+    # as the trainer's callers do: the same drop, said once; the run's metrics hold the choice on the first step
     monkeypatch.setattr(autotune, "memory_budget", lambda c: budget)
     path = tmp_path / "metrics.jsonl"
-    train(params, config, enc, _ref(4), FULL1.replace(warmup=0), metrics_path=path, progress=False)
+    cfg, kept, ref, choice = autotune.choose_if_auto(config, params, enc, FULL1.replace(warmup=0), ref=_ref(4))
+    train(params, config, kept, ref, cfg, metrics_path=path, progress=False, choice=choice)
     assert capsys.readouterr().out.count("auto packing and remat:") == 1
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(lines) == 3 and lines[0]["autotune/dropped_pairs"] == 1 and lines[0]["autotune/row_tokens"] == 128

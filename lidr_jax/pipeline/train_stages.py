@@ -27,7 +27,7 @@ from lidr_jax.pipeline.export_run import card_info
 from lidr_jax.pipeline.iteration import Iteration
 from lidr_jax.pipeline.resumable import crash_point
 from lidr_jax.pipeline.run_dir import RunDir
-from lidr_jax.train import trainer
+from lidr_jax.train import autotune, trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer, save_params
 from lidr_jax.train.cli import first_nonfinite
 from lidr_jax.train.memory import check_training_fits
@@ -100,7 +100,7 @@ def train_stage(it: Iteration) -> dict:
             wandb_prefix=f"iter_{k}/train",
         )
         try:
-            state = trainer.train_checkpointed(
+            state = autotune.train_checkpointed(
                 model, enc, ref, dpo, ckpt, state=state, sink=sink, after_save=lambda step: crash_point(f"train:{step}")
             )
         except trainer.NonFiniteLossError as e:

@@ -33,10 +33,22 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lidr_jax.train import trainer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.memory import DoesNotFitError, device_memory, size
 from lidr_jax.train.packing import BLOCK, pair_tokens
 from lidr_jax.train.pairs import EncodedPairs
+from lidr_jax.train.trainer import (
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    make_train_step,
+    pack_plan,
+    step_batch,
+    step_indices,
+    step_pack_plan,
+    steps_per_epoch,
+)
 
 POLICIES = ("none", "names", "dots", "full")  # least recomputation (and most memory) first
 AUTO = "auto"
@@ -132,7 +144,6 @@ def _divisors(n: int) -> list[int]:
 
 
 def _steps(enc: EncodedPairs, cfg: DPOConfig) -> list[np.ndarray]:
-    from lidr_jax.train.trainer import step_indices, steps_per_epoch
 
     return [step_indices(k, len(enc), cfg) for k in range(steps_per_epoch(len(enc), cfg))]
 
@@ -163,7 +174,6 @@ def packings(enc: EncodedPairs, cfg: DPOConfig, cap: int | None = None) -> list[
 
 def _largest_batch(enc: EncodedPairs, cfg: DPOConfig, pad_id: int):
     """(the largest step's stacked micro-batches, rows, T, the epoch's token slots) under `cfg`."""
-    from lidr_jax.train.trainer import pack_plan, step_pack_plan
 
     plan = pack_plan(enc, cfg) if cfg.pack_shapes == "run" else None
     best, slots = None, 0
@@ -174,14 +184,12 @@ def _largest_batch(enc: EncodedPairs, cfg: DPOConfig, pad_id: int):
         if best is None or n > best[0]:
             best = (n, idx, p)
     _, idx, p = best
-    from lidr_jax.train.trainer import step_batch
 
     ref = {"chosen": np.zeros(len(enc), np.float32), "rejected": np.zeros(len(enc), np.float32)}
     return step_batch(enc, ref, idx, cfg, pad_id, plan=plan), p.rows, p.row_tokens, slots
 
 
 def _abstract_state(params_abstract, cfg: DPOConfig):
-    from lidr_jax.train.trainer import init_state, make_optimizer
 
     optimizer = make_optimizer(cfg, 100)
     return jax.eval_shape(lambda p: init_state(p, optimizer), params_abstract)
@@ -212,8 +220,6 @@ class _Program:
 
     def lowered(self):
         if self._lowered is None:
-            from lidr_jax.train.trainer import lr_schedule, make_optimizer, make_train_step
-
             model_config, params_abstract, cfg, batch = self.args
             step = make_train_step(model_config, cfg, make_optimizer(cfg, 100), lr_schedule(cfg, 100))
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
@@ -338,7 +344,20 @@ def _refuse(tried: list[Candidate], limit: int, source: str):
     )
 
 
-def reference_row_tokens(enc: EncodedPairs, idx, cfg: DPOConfig) -> int:
-    """Rows of the reference pass under `row_tokens: auto`: one row for the batch's pairs (no backward
-    pass, so only one layer's activations are live)."""
-    return int(pair_tokens(enc, cfg.share_prompt)[np.asarray(idx)].sum())
+def choose_if_auto(model_config, params, enc: EncodedPairs, cfg: DPOConfig, *, ref, pad_id: int = 0):
+    """(cfg, pairs, reference log-probs, choice) to train with: `choose`'s, printed once, when
+    `row_tokens` or `compute.remat` is auto; else the inputs as they are and no choice."""
+    if cfg.row_tokens != "auto" and cfg.compute.remat != "auto":
+        return cfg, enc, ref, None
+    cfg, enc, ref, choice = choose(model_config, params, enc, cfg, ref=ref, pad_id=pad_id)
+    print(choice.describe(), flush=True)
+    return cfg, enc, ref, choice
+
+
+def train_checkpointed(model, enc: EncodedPairs, ref, cfg: DPOConfig, ckpt, *, state, **kwargs):
+    """lidr_jax.train.trainer.train_checkpointed with `row_tokens` / `compute.remat` auto chosen first
+    (`choose_if_auto`, from the weights being trained): the pipeline's train stage and the DPO command."""
+    weights = model.params if state is None else state.params
+    pad_id = model.tokenizer.pad_token_id
+    cfg, enc, ref, choice = choose_if_auto(model.config, weights, enc, cfg, ref=ref, pad_id=pad_id)
+    return trainer.train_checkpointed(model, enc, ref, cfg, ckpt, state=state, choice=choice, **kwargs)

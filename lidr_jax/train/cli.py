@@ -59,7 +59,7 @@ from lidr_jax.settings import (
     load_yaml,
     setting,
 )
-from lidr_jax.train import trainer
+from lidr_jax.train import autotune, trainer
 from lidr_jax.train.checkpoint import TrainCheckpointer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink, truncate_metrics
@@ -297,7 +297,7 @@ def run(args) -> int:
                 purge_step=start + 1,  # TensorBoard hides what a killed attempt logged past the checkpoint
             )
             try:
-                state = trainer.train_checkpointed(
+                state = autotune.train_checkpointed(
                     model,
                     enc,
                     ref,

@@ -38,7 +38,7 @@ from lidr_jax.parallel.multihost import put_process_rows
 from lidr_jax.parallel.sharding import place, train_state_shardings
 from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
-from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, plan_packing, step_plan
+from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, pair_tokens, plan_packing, step_plan
 from lidr_jax.train.pairs import EncodedPairs, epoch_order, pair_batch
 
 
@@ -85,10 +85,10 @@ def reference_logprobs(params, model_config, enc: EncodedPairs, cfg: DPOConfig, 
         return {"chosen": chosen, "rejected": rejected}
     config = compute.model_config(model_config)
     impl = compute.attention_impl(shared_prompt=cfg.share_prompt)
-    from lidr_jax.train import autotune  # (it imports this module)
 
     def make_batch(idx):
-        row = cfg.row_tokens if cfg.row_tokens != "auto" else autotune.reference_row_tokens(enc, idx, cfg)
+        # row_tokens auto: one row for the batch's pairs (no backward pass: one layer's activations live)
+        row = cfg.row_tokens if cfg.row_tokens != "auto" else int(pair_tokens(enc, cfg.share_prompt)[idx].sum())
         plan = step_plan(enc, idx, row, 1, cfg.share_prompt, impl == "xla", cfg.bucket_multiple)
         batch = {k: v[0] for k, v in packed_step_batch(enc, None, idx, 1, 0, plan).items()}
         return batch, batch.pop("pair").reshape(-1)
@@ -308,6 +308,7 @@ def train(
     sink: MetricsSink | None = None,
     pad_id: int = 0,
     progress: bool = True,
+    choice=None,
 ) -> TrainState:
     """Train the policy `params` with DPO on the encoded pairs and their reference log-probs.
 
@@ -316,16 +317,15 @@ def train(
     next step, so finish writing before returning). Every step's metrics go to `sink` (the caller
     opens and closes it), or, without a sink, are appended to `metrics_path` (JSONL), one line per step.
     Raises `NonFiniteLossError` (holding the last good state) on NaN/inf; that step is logged first.
+    `choice`: the auto choice that made `cfg` concrete (lidr_jax.train.autotune), written with the first
+    step's metrics.
     """
     if len(ref["chosen"]) != len(enc):
         raise ValueError(f"{len(ref['chosen'])} reference log-probs for {len(enc)} pairs")
-    choice = None
-    if cfg.row_tokens == "auto" or cfg.compute.remat == "auto":  # chosen once from memory (lidr_jax.train.autotune)
-        from lidr_jax.train import autotune  # (it imports this module)
-
-        weights = params if state is None else state.params
-        cfg, enc, ref, choice = autotune.choose(model_config, weights, enc, cfg, ref=ref, pad_id=pad_id)
-        print(choice.describe(), flush=True)
+    if cfg.row_tokens == "auto" or cfg.compute.remat == "auto":
+        raise ValueError(
+            "dpo.row_tokens / dpo.compute.remat auto are chosen before training: lidr_jax.train.autotune.choose_if_auto"
+        )
     num_steps = total_steps(len(enc), cfg)
     optimizer = make_optimizer(cfg, num_steps)
     schedule = lr_schedule(cfg, num_steps)
@@ -406,6 +406,7 @@ def train_checkpointed(
     sink: MetricsSink,
     after_save: Callable[[int], None] = lambda step: None,
     progress: bool = True,
+    choice=None,
 ) -> TrainState:
     """`train` a loaded model with Orbax checkpoints: `ckpt` (a `TrainCheckpointer`) saves every
     `ckpt.every` steps, `after_save(step)` runs once a save is on disk, and the final state is saved
@@ -430,6 +431,7 @@ def train_checkpointed(
             sink=sink,
             pad_id=model.tokenizer.pad_token_id,
             progress=progress,
+            choice=choice,
         )
     ckpt.save(int(state.step), state, data_position={"step": int(state.step)}, force=True)
     return state
