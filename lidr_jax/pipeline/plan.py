@@ -372,6 +372,8 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
     MemAvailable) when the analytic plan needs more than a quarter of it (a small run does not pay for
     the compile). Raises DoesNotFitError with the compiler's numbers; returns the compiled memory figures,
     or None when nothing was compiled."""
+    if run.dpo.row_tokens == "auto" or run.dpo.compute.remat == "auto":
+        return None  # chosen from the compiled step's memory when training starts, and refused there
     analytic = check_model_fits(run.model, run.dpo, mesh)
     device = next(iter(mesh.devices.flat))
     if not isinstance(device, jax.Device):

@@ -112,8 +112,20 @@ def _host_batch(batch: dict, axis: int, mesh: Mesh, rules) -> dict:
     }
 
 
+def planned_dpo(dpo):
+    """The DPO settings the plan compiles: `row_tokens: auto` and `compute.remat: auto` are chosen from the
+    device's memory when training starts (lidr_jax.train.autotune); the plan compiles the unpacked rows at
+    the config's limits with full remat, the choice that needs least memory per pair."""
+    if dpo.row_tokens == "auto":
+        dpo = dataclasses.replace(dpo, row_tokens=0)
+    if dpo.compute.remat == "auto":
+        dpo = dataclasses.replace(dpo, compute=dataclasses.replace(dpo.compute, remat="full"))
+    return dpo
+
+
 def train_programs(run: RunConfig, mesh: Mesh, rules) -> list[Program]:
-    dpo = run.dpo
+    dpo = planned_dpo(run.dpo)
+    run = dataclasses.replace(run, dpo=dpo)
     enc = _train_pairs(run)
     zeros = {"chosen": np.zeros(len(enc), np.float32), "rejected": np.zeros(len(enc), np.float32)}
     batch = step_batch(enc, zeros, np.arange(len(enc)), dpo, pad_id=0)
@@ -172,11 +184,11 @@ def icr_score_program(run: RunConfig, mesh: Mesh, rules) -> Program:
     """ICR's scoring forward: `score_batch_size` rows of a prompt at its limit and a whole answer."""
     sampling = run.sampling("sample", 1)
     answer = sampling.max_new_tokens + 1
-    compute = dataclasses.replace(run.dpo.compute, batch_size=run.icr.score_batch_size)
+    compute = dataclasses.replace(planned_dpo(run.dpo).compute, batch_size=run.icr.score_batch_size)
     prompt = max(1, run.dpo.max_prompt_len)
     enc = _limit_pairs(compute.batch_size, prompt, answer)
     zeros = {"chosen": np.zeros(len(enc), np.float32), "rejected": np.zeros(len(enc), np.float32)}
-    plain = dataclasses.replace(run.dpo, row_tokens=0, batch_size=compute.batch_size, grad_accum=1)
+    plain = dataclasses.replace(planned_dpo(run.dpo), row_tokens=0, batch_size=compute.batch_size, grad_accum=1)
     micro = {k: v[0] for k, v in step_batch(enc, zeros, np.arange(len(enc)), plain, 0).items()}
     micro = {k: v for k, v in micro.items() if k not in ("ref_chosen", "ref_rejected")}
 

@@ -71,7 +71,9 @@ def train_stage(it: Iteration) -> dict:
     enc = _encoded(cfg, run, k, model)
     ref = trainer.load_reference(run.outputs(k, "reference")["reference"], enc)
     dpo = cfg.dpo_for(k)
-    if sharding.active():  # refuse before training, with the numbers, what the devices cannot hold
+    # refuse before training, with the numbers, what the devices cannot hold (auto rows and remat are chosen
+    # from the compiled step's memory instead, and refused there: lidr_jax.train.autotune)
+    if sharding.active() and not autotune.is_auto(dpo):
         rows = trainer.pack_plan(enc, dpo).rows if dpo.row_tokens else None
         check_training_fits(model.config, dpo, sharding.active().mesh, rows)
     num_steps = trainer.total_steps(len(enc), dpo)

@@ -112,7 +112,7 @@ class Slots:
     logprobs_BR: Any  # float32: their log-probs
     count_B: Any  # int32: new tokens so far (the row's own step)
     done_B: Any  # bool: the row ended (or the slot is free)
-    pid_B: Any  # uint32: the prompt's hash (random keys)
+    hash_B: Any  # uint32: the prompt's hash (random keys)
     sid_B: Any  # int32: the sample index (random keys)
     budget_B: Any  # int32: new tokens allowed
 
@@ -144,17 +144,17 @@ class Prefill:
 @_pytree
 class Assignment:
     """One insert of prefilled rows into slots, M = B entries: row src_M[m] into slot slots_M[m] (B: no
-    assignment, dropped) as sample sid_M[m] of prompt hash pid_M[m], with budget_M[m] new tokens."""
+    assignment, dropped) as sample sid_M[m] of prompt hash hash_M[m], with budget_M[m] new tokens."""
 
     slots_M: Any
     src_M: Any
-    pid_M: Any
+    hash_M: Any
     sid_M: Any
     budget_M: Any
 
     @classmethod
     def of(cls, B: int, entries: list[tuple[int, int, int, int, int]]) -> Assignment:
-        """From (slot, prefilled row, pid, sid, budget) entries (host arrays)."""
+        """From (slot, prefilled row, prompt hash, sid, budget) entries (host arrays)."""
         a = cls(
             np.full((B,), B, np.int32),
             np.zeros((B,), np.int32),
@@ -162,8 +162,8 @@ class Assignment:
             np.zeros((B,), np.int32),
             np.zeros((B,), np.int32),
         )
-        for m, (slot, src, pid, sid, budget) in enumerate(entries):
-            a.slots_M[m], a.src_M[m], a.pid_M[m], a.sid_M[m], a.budget_M[m] = slot, src, pid, sid, budget
+        for m, (slot, src, prompt_hash, sid, budget) in enumerate(entries):
+            a.slots_M[m], a.src_M[m], a.hash_M[m], a.sid_M[m], a.budget_M[m] = slot, src, prompt_hash, sid, budget
         return a
 
 
@@ -257,7 +257,7 @@ def _insert(state: Slots, cache: KVCache, new: Prefill, a: Assignment) -> tuple[
         seen_BV=put(state.seen_BV, new.seen_PV),
         count_B=state.count_B.at[a.slots_M].set(jnp.zeros_like(a.src_M), mode="drop"),
         done_B=state.done_B.at[a.slots_M].set(a.budget_M <= 0, mode="drop"),
-        pid_B=state.pid_B.at[a.slots_M].set(a.pid_M, mode="drop"),
+        hash_B=state.hash_B.at[a.slots_M].set(a.hash_M, mode="drop"),
         sid_B=state.sid_B.at[a.slots_M].set(a.sid_M, mode="drop"),
         budget_B=state.budget_B.at[a.slots_M].set(a.budget_M, mode="drop"),
     )
@@ -267,7 +267,7 @@ def _insert(state: Slots, cache: KVCache, new: Prefill, a: Assignment) -> tuple[
 def _sample_step(state: Slots, sp: SamplingValues, eos_E):
     """Pick each live row's next token (at the row's own step count_B) and record it."""
     logits_BV, count_B = state.logits_BV, state.count_B
-    keys_B = row_keys(sp.seed, state.pid_B, state.sid_B, count_B)
+    keys_B = row_keys(sp.seed, state.hash_B, state.sid_B, count_B)
     penalized_BV = jax.lax.cond(
         sp.penalty != 1.0,
         lambda x: apply_repetition_penalty(x, state.seen_BV, sp.penalty),
@@ -393,7 +393,7 @@ class Request:
     ids: list[int]
     n: int
     budget: int
-    pid: int  # the prompt's hash (random keys)
+    prompt_hash: int  # the prompt's hash (random keys)
 
 
 @dataclasses.dataclass
@@ -515,7 +515,9 @@ class Device:
         (P a power of two, T bucketed) and inserted in one call. Returns the state, the cache and the
         prefilled rows."""
         B, requests = len(state.done_B), self.requests
-        entries = [(b, refill.prompts.index(i), requests[i].pid, j, requests[i].budget) for b, (i, j) in refill.placed]
+        entries = [
+            (b, refill.prompts.index(i), requests[i].prompt_hash, j, requests[i].budget) for b, (i, j) in refill.placed
+        ]
         assignment = Assignment.of(B, entries)
         if refill.reuse:
             args = (state, cache, kept.new, assignment)
