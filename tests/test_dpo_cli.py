@@ -87,7 +87,6 @@ def test_alpaca_file_gives_the_same_pairs(trl_run, model_dir, tmp_path):
     out.mkdir()
     (out / "reference_logps.npz").write_bytes((trl_out / "reference_logps.npz").read_bytes())
     (out / "dpo_config.json").write_bytes((trl_out / "dpo_config.json").read_bytes())  # a folder of this command's
-    (out / "dpo_config.json").write_bytes((trl_out / "dpo_config.json").read_bytes())  # a folder of this command's
     assert main(["--model", str(model_dir), "--pairs", str(pairs), "--out", str(out), *SETTINGS]) == 0
     a = [json.loads(x) for x in (trl_out / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
