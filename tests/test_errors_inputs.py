@@ -312,7 +312,10 @@ def test_non_utf8_prompt_file_is_named(job, capsys):
             "lidr.translator.kind must be one of ['policy', 'model', 'endpoint'], got 'google'",
         ),
         ("dpo.loss_type=kto", "dpo.loss_type must be one of ['sigmoid', 'robust', 'ipo', 'hinge'], got 'kto'"),
-        ("dpo.compute.remat=some", "dpo.compute.remat must be one of ['none', 'full', 'dots'], got 'some'"),
+        (
+            "dpo.compute.remat=some",
+            "dpo.compute.remat must be one of ['none', 'full', 'dots', 'names', 'auto'], got 'some'",
+        ),
         ("dpo.schedule=step", "dpo.schedule must be one of ['cosine', 'linear', 'constant'], got 'step'"),
         ("evaluation.benchmarks=[mgsm,gsm]", "evaluation.benchmarks[1] must be one of ['mgsm', 'alpaca'], got 'gsm'"),
         (

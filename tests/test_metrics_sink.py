@@ -58,7 +58,7 @@ def test_wandb_only_when_asked_and_installed(tmp_path, monkeypatch, capsys):
         def finish(self):
             calls.append(("finish",))
 
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run(), Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     with MetricsSink(MetricsConfig(), jsonl_path=tmp_path / "b.jsonl") as sink:  # installed, not asked for
         sink.log({"loss": 1.0}, step=1)
