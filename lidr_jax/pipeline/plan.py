@@ -375,7 +375,8 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
     if run.dpo.row_tokens == "auto" or run.dpo.compute.remat == "auto":
         return None  # chosen from the compiled step's memory when training starts, and refused there
     analytic = check_model_fits(run.model, run.dpo, mesh)
-    device = next(iter(mesh.devices.flat))
+    # one of this process's devices: only those report their memory (every device of a mesh is alike)
+    device = next(d for d in mesh.devices.flat if getattr(d, "process_index", 0) == jax.process_index())
     if not isinstance(device, jax.Device):
         return None  # a mesh description without devices (tests of the analytic check)
     limit = device_memory(device)
