@@ -90,7 +90,7 @@ def test_sinks_share_one_wandb_run_each_with_its_own_axis(tmp_path, monkeypatch)
         fake.run = Run()
         return fake.run
 
-    fake = types.SimpleNamespace(run=None, init=init)
+    fake = types.SimpleNamespace(run=None, init=init, Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = MetricsConfig(report_to=("wandb",), wandb_project="p")
     run = RunDir(tmp_path / "run", config={"a": 1}, metrics=cfg)
