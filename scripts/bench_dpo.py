@@ -304,29 +304,37 @@ def _real_data(out: Path):
     return d, enc, ref
 
 
-def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
-    import jax
-
-    from lidr_jax.formats.load import load_pretrained
+def real_dpo_config(row_tokens: int, remat: str, **extra):
+    """The real-length comparison's DPO settings on lidr_jax's side: plain DPO (no NLL), constant learning
+    rate, rows of each step's own length (`pack_shapes: step`, bucketed), `row_tokens` 0 = auto."""
     from lidr_jax.model.scoring import ScoringConfig
-    from lidr_jax.train import autotune
     from lidr_jax.train.dpo import DPOConfig
-    from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
 
-    d, enc, ref = _real_data(out)
-    model = load_pretrained(out / "hf")
-    cfg = DPOConfig(
+    return DPOConfig(
         batch_size=REAL_BATCH,
         nll_weight=0.0,
         learning_rate=1e-6,
         warmup=0,
         schedule="constant",
         row_tokens=row_tokens or "auto",
-        memory_margin_gib=4.0,  # this machine is shared: others' processes may grow while the epoch runs
-        pack_shapes="step",  # each step's pairs in rows as long as the step needs (bucketed), not the run's longest
+        pack_shapes="step",
         bucket_multiple=REAL_BUCKET,
         compute=ScoringConfig(remat=remat),
+        **extra,
     )
+
+
+def real_side_jax(out: Path, row_tokens: int, remat: str = "auto"):
+    import jax
+
+    from lidr_jax.formats.load import load_pretrained
+    from lidr_jax.train import autotune
+    from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
+
+    d, enc, ref = _real_data(out)
+    model = load_pretrained(out / "hf")
+    # this machine is shared: others' processes may grow while the epoch runs
+    cfg = real_dpo_config(row_tokens, remat, memory_margin_gib=4.0)
     steps = [np.asarray(s) for s in d["steps"]]
     choice, choose_s = None, 0.0
     if autotune.is_auto(cfg):  # as the trainer does: packing and remat from the compiled step's memory
@@ -569,9 +577,7 @@ def profile_main(args):
     import jax
 
     from lidr_jax.formats.load import load_pretrained
-    from lidr_jax.model.scoring import ScoringConfig
     from lidr_jax.train import autotune
-    from lidr_jax.train.dpo import DPOConfig
     from lidr_jax.train.pairs import encode_pairs
     from lidr_jax.train.trainer import (
         init_state,
@@ -586,17 +592,7 @@ def profile_main(args):
     model = load_pretrained("smollm2-135m-instruct")
     n = args.profile
     enc = encode_pairs(real_pairs(n), model.tokenizer, 1 << 20, 1024)
-    cfg = DPOConfig(
-        batch_size=REAL_BATCH,
-        nll_weight=0.0,
-        learning_rate=1e-6,
-        warmup=0,
-        schedule="constant",
-        row_tokens=args.row_tokens or "auto",
-        pack_shapes="step",
-        bucket_multiple=REAL_BUCKET,
-        compute=ScoringConfig(remat=args.real_remat),
-    )
+    cfg = real_dpo_config(args.row_tokens, args.real_remat)
     if autotune.is_auto(cfg):
         cfg, _, _, choice = autotune.choose(model.config, model.params, enc, cfg)
         print(choice.describe(), flush=True)
