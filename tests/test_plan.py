@@ -19,6 +19,7 @@ import pytest
 
 from lidr_jax.parallel.sharding import decode_layout
 from lidr_jax.parallel.topology import TopologyError, parse
+from lidr_jax.parallel.topology import devices as topology_devices
 from lidr_jax.pipeline.plan import collectives, main, refusal
 
 GiB = 2**30
@@ -202,7 +203,7 @@ def test_every_program_of_a_run(tiny_dir):
     from lidr_jax.pipeline.config import load_run_config
 
     topo = parse("v5e:2x2")
-    devices = plan_programs_devices(topo)
+    devices = topology_devices(topo)
     for reward, want in (
         ("lidr", ["prefill:generate", "decode:generate", "prefill:translate", "decode:translate"]),
         ("icr", ["prefill:sample", "decode:sample", "icr_score"]),
@@ -214,12 +215,6 @@ def test_every_program_of_a_run(tiny_dir):
         with compiling_for("tpu"):
             programs, _, _ = plan_programs.run_programs(run, config, devices, topo.chip.hbm_bytes)
         assert [p.name for p in programs] == ["train", "reference", *want]
-
-
-def plan_programs_devices(topo):
-    from lidr_jax.parallel.topology import devices
-
-    return devices(topo)
 
 
 @needs_libtpu
