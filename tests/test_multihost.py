@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import REPO_ROOT
 from test_iterate import base_args, prompt_dir, scripted_model_dir  # noqa: F401 (fixtures)
 
@@ -132,10 +131,6 @@ def _stages(run: Path) -> dict:
     }
 
 
-@pytest.mark.skip(
-    reason="regression of session 7, not yet fixed: process 1 finishes the whole run (exit 0) while process 0 "
-    "waits in mark_done(iter 1 export)'s broadcast: one collective more or fewer on one side; see the session note"
-)
 def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_path):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "two"
     args = base_args(scripted_model_dir, prompt_dir, tmp_path)[2:]  # without its --run-dir
@@ -163,6 +158,44 @@ def test_two_processes_match_one_process(scripted_model_dir, prompt_dir, tmp_pat
         np.testing.assert_allclose(x["rejected"], y["rejected"], atol=1e-4)
         assert str(x["fingerprint"]) == str(y["fingerprint"])
     _assert_close(_stages(two), _stages(one), 1e-5, "manifest")
+
+
+OUT_OF_STEP = """
+import sys
+import jax
+from lidr_jax.parallel import multihost
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+print("min", multihost.agree_min(10 + jax.process_index()), flush=True)
+try:
+    if jax.process_index() == 1:
+        multihost.broadcast("one more")  # a path process 0 does not take
+    multihost.broadcast("next")
+except multihost.OutOfStepError as e:
+    print("ERROR", e, flush=True)
+"""
+
+
+def test_processes_out_of_step_fail_at_the_next_collective():
+    """A process that takes a broadcast the other does not is caught there, on both sides, with where each
+    process is (not paired with the wrong call); `agree_min` gives every process the least host figure."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OUT_OF_STEP, coordinator, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for out in outs:
+        assert "min 10\n" in out
+        assert (
+            "ERROR the processes are out of step: process 0 at <string>:10 <module>; process 1 at <string>:9 "
+            "<module>; one process took a path the others did not\n"
+        ) in out
 
 
 def test_non_writer_run_dir_writes_nothing(tmp_path):

@@ -15,7 +15,10 @@ The rules, stated once:
   `RunDir.mark_done` waits for everyone, so no process reads a stage's files before they exist.
   Orbax checkpoints are written collectively by every process (Orbax coordinates them itself).
 - Collectives (`gather_objects`, `broadcast`, `barrier`, `to_host`) must be called by every process
-  at the same point of the program.
+  at the same point of the program. `gather_objects` sends where it was called from, so processes on
+  different paths fail there, each naming where every process is, instead of pairing the wrong calls.
+- A choice made from what one host sees (its free RAM) is agreed first (`agree_min`), so every
+  process compiles and runs the same program.
 With one process every helper here is the plain single-process operation.
 """
 
@@ -25,7 +28,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -121,12 +126,39 @@ def process_shard(items: Sequence, index: int | None = None, count: int | None =
     return list(items[start:end])
 
 
+class OutOfStepError(RuntimeError):
+    """The processes of a run reached different collectives: one took a path the others did not."""
+
+
+_SITE_BYTES = 120
+
+
+def _call_site() -> str:
+    """Where the collective was called from: the first frame outside this module ("run_dir.py:343 mark_done")."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+
+
 def gather_objects(items: Sequence) -> list:
     """Every process's JSON-serialisable `items`, concatenated in process order, on every process."""
     if jax.process_count() == 1:
         return list(items)
     blob = np.frombuffer(json.dumps(list(items)).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
+    # each process says where it is: a process on another path fails here, on every side, naming both
+    site = _call_site().encode()[:_SITE_BYTES]
+    head = np.zeros(8 + _SITE_BYTES, np.uint8)
+    head[:8] = np.frombuffer(np.int64(blob.size).tobytes(), np.uint8)
+    head[8 : 8 + len(site)] = np.frombuffer(site, np.uint8)
+    heads = multihost_utils.process_allgather(head).reshape(-1, 8 + _SITE_BYTES)
+    sites = [bytes(h[8:]).rstrip(b"\0").decode(errors="replace") for h in heads]
+    if len(set(sites)) > 1:
+        where = "; ".join(f"process {i} at {s}" for i, s in enumerate(sites))
+        raise OutOfStepError(f"the processes are out of step: {where}; one process took a path the others did not")
+    sizes = heads[:, :8].copy().view(np.int64).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: blob.size] = blob
     every = multihost_utils.process_allgather(padded)
@@ -141,6 +173,15 @@ def broadcast(obj: Any) -> Any:
     if jax.process_count() == 1:
         return obj
     return gather_objects([obj] if jax.process_index() == 0 else [])[0]
+
+
+def agree_min(value: int | None) -> int | None:
+    """The least of every process's `value` (None where any process has none): a figure each host
+    measures for itself (free RAM) made one, so every process makes the same choice from it."""
+    if jax.process_count() == 1:
+        return value
+    values = gather_objects([value])
+    return None if any(v is None for v in values) else min(values)
 
 
 def barrier(name: str) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 from lidr_jax.model.attention import compiling_for
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params
+from lidr_jax.parallel.multihost import agree_min
 from lidr_jax.parallel.sharding import describe_mesh, device_memory, parse_rules, use_mesh
 from lidr_jax.parallel.topology import Topology, TopologyError, devices, parse
 from lidr_jax.pipeline.config import load_run_config
@@ -381,7 +382,7 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
         return None  # a mesh description without devices (tests of the analytic check)
     limit = device_memory(device)
     if limit is None and device.platform == "cpu":
-        ram = ram if ram is not None else available_ram()
+        ram = ram if ram is not None else agree_min(available_ram())  # one choice for every process
         shape = tuple(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor"))
         config = model_architecture(run.model, run.dtype)
         needed = analytic.total if analytic else plan_memory(config, run.dpo, shape).total

@@ -163,9 +163,15 @@ def export_stage(it: Iteration) -> dict:
             it.run.on_writer(upload_tree, Path(tmp) / "hf", d / "hf")
         out = d / "hf"
     checkpoints = it.run.stage_dir(it.k, "train", create=False) / "checkpoints"
-    deleted = 0
-    if not it.cfg.keep_train_checkpoints and checkpoints.exists():
-        deleted = tree_bytes(checkpoints)
-        it.run.on_writer(remove_tree, checkpoints)
-    disk = {"iteration_bytes": tree_bytes(it.run.iter_dir(it.k)), "deleted_checkpoint_bytes": deleted}
+    # the writer alone deletes and counts: another process would walk the writer's files as they change
+    disk = it.run.on_writer(_clean_and_count, it.run.iter_dir(it.k), checkpoints, it.cfg.keep_train_checkpoints)
     return {"hf": str(out), "disk": disk}
+
+
+def _clean_and_count(iteration: AnyPath, checkpoints: AnyPath, keep: bool) -> dict:
+    """The training checkpoints deleted unless `keep`; the bytes the iteration's directory holds after."""
+    deleted = 0
+    if not keep and checkpoints.exists():
+        deleted = tree_bytes(checkpoints)
+        remove_tree(checkpoints)
+    return {"iteration_bytes": tree_bytes(iteration), "deleted_checkpoint_bytes": deleted}

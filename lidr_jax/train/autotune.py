@@ -17,7 +17,8 @@ optimizer) times the token slots of the epoch, padding included. Deterministic f
 Memory. Candidates are compiled in order of cost and the first whose compiled peak fits the budget is
 taken: `memory_analysis()` of the compiled step, arguments + outputs − donated (aliased) + temporaries.
 Budget: the device's memory limit (lidr_jax.train.memory.device_memory), or on CPU MemAvailable of
-/proc/meminfo when the choice is made, less `dpo.memory_margin_gib`. The weights already loaded count
+/proc/meminfo when the choice is made (on several hosts the least of them, so every process compiles the
+same step), less `dpo.memory_margin_gib`. The weights already loaded count
 again among the arguments, so on CPU the check errs on the safe side by their size.
 
 Pairs longer than any row that fits (rows of the longest pair do not fit even one per micro-batch with
@@ -33,6 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lidr_jax.parallel.multihost import agree_min
 from lidr_jax.train import trainer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.memory import DoesNotFitError, device_memory, size
@@ -129,7 +131,8 @@ def memory_budget(cfg: DPOConfig, device=None) -> tuple[int, str]:
     device = device or jax.local_devices()[0]
     limit, source = device_memory(device), f"{getattr(device, 'device_kind', device.platform)} memory limit"
     if limit is None and device.platform == "cpu":
-        limit, source = mem_available(), "RAM available now"
+        # every process must choose the same program: the least any host has (one host: its own)
+        limit, source = agree_min(mem_available()), "RAM available now"
     if limit is None:
         raise ValueError(
             "dpo.row_tokens / dpo.compute.remat auto choose from the device's memory, but this device reports "
