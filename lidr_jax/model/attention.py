@@ -11,9 +11,11 @@
   needs each segment group to hold one answer: packed rows with `dpo.share_prompt: false` (the prompt
   written once per answer, lidr_jax.train.packing). It has no KV-cache path here.
 
-`resolve` turns a setting into the implementation a pass uses: `auto` picks cudnn on GPU (bfloat16
-compute), splash on TPU (rows without a shared prompt, no cache), else xla, and says once (a warning)
-when it falls back from a fused kernel; an explicit choice that cannot run raises with the reason.
+`resolve` turns a setting into the name of the implementation a pass uses: `auto` picks cudnn on GPU
+(bfloat16 compute), splash on TPU (rows without a shared prompt, no cache), else xla, and says once (a
+warning) when it falls back from a fused kernel; an explicit choice that cannot run raises with the
+reason. `Attention` is what a forward pass runs: such a name, or a caller's own function (packed rows'
+block attention).
 
 Two spellings exist for tests only, so the code of the fused paths runs on CPU: `jax_nn` (the cudnn path
 with jax.nn.dot_product_attention's own XLA backend) and `splash_interpret` (splash in Pallas's
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -164,18 +168,38 @@ def splash_segment_ids(segments_BT, mask_BT):
     return jnp.where(mask_BT, segment_group(segments_BT), -1)
 
 
-def fused_attention(impl: str, q_BTNH, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT):
-    """A fused implementation's output [B, T, N, H] (`resolve`d name): cudnn/jax_nn use `allowed_BTS`;
-    splash uses the segment ids and the causal order instead (without segments: one per row)."""
-    if callable(impl):  # a caller's own attention over q, k, v (lidr_jax.train.packing.block_attention)
-        return impl(q_BTNH, k_BKSH, v_BKSH)
-    if impl in ("cudnn", "jax_nn"):
-        return dot_product_attention(
-            q_BTNH, k_BKSH, v_BKSH, allowed_BTS, implementation="cudnn" if impl == "cudnn" else "xla"
-        )
-    if impl in ("splash", "splash_interpret"):
-        seg = jnp.zeros(mask_BT.shape, jnp.int32) if segments_BT is None else segments_BT
-        return splash_attention(
-            q_BTNH, k_BKSH, v_BKSH, splash_segment_ids(seg, mask_BT), interpret=impl == "splash_interpret"
-        )
-    raise ValueError(f"no fused attention {impl!r}")
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """The attention every layer of a forward pass runs, as one type: `name`, an implementation
+    `resolve` gives (xla, cudnn, splash, or a test-only spelling), or `own`, a caller's function of
+    q [B, T, N, H], k [B, K, S, H] and v [B, K, S, H] giving [B, T, N, H] (packed rows' block attention,
+    lidr_jax.train.packing), run instead of any name's. Hashable: forward passes take it as a static."""
+
+    name: str = "xla"
+    own: Callable | None = None
+
+    @classmethod
+    def of(cls, attention: Attention | str) -> Attention:
+        """`attention` as an Attention (a resolved name as a string is accepted at the API's edge)."""
+        return attention if isinstance(attention, Attention) else cls(attention)
+
+    @property
+    def masked_einsums(self) -> bool:
+        """Whether this is lidr_jax.model.llama.attention: einsums with every score materialised, any mask."""
+        return self.own is None and self.name == "xla"
+
+    def __call__(self, q_BTNH, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT):
+        """The output [B, T, N, H] of a fused or own implementation: cudnn/jax_nn use `allowed_BTS`;
+        splash uses the segment ids and the causal order instead (without segments: one per row)."""
+        if self.own is not None:
+            return self.own(q_BTNH, k_BKSH, v_BKSH)
+        if self.name in ("cudnn", "jax_nn"):
+            return dot_product_attention(
+                q_BTNH, k_BKSH, v_BKSH, allowed_BTS, implementation="cudnn" if self.name == "cudnn" else "xla"
+            )
+        if self.name in ("splash", "splash_interpret"):
+            seg = jnp.zeros(mask_BT.shape, jnp.int32) if segments_BT is None else segments_BT
+            return splash_attention(
+                q_BTNH, k_BKSH, v_BKSH, splash_segment_ids(seg, mask_BT), interpret=self.name == "splash_interpret"
+            )
+        raise ValueError(f"no fused attention {self.name!r}")

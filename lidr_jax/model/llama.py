@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lidr_jax.model.attention import fused_attention
+from lidr_jax.model.attention import Attention
 from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.segments import MASKED, segment_sees
 from lidr_jax.parallel.sharding import constrain
@@ -213,7 +213,7 @@ class AttentionView:
     end_B: Any  # int32 [B]: where a cache's rows write their new keys (None: from slot 0, or no cache)
     read_cache: bool  # attend to the cache's first kv_len slots (else to the call's own T keys)
     kv_len: int
-    impl: Any  # a resolved lidr_jax.model.attention implementation (xla: `attention` below), or a callable
+    impl: Attention  # what the layers run (masked einsums: `attention` below)
     segments_BT: Any  # packed segments (lidr_jax.model.segments) or None
     mask_BT: Any  # bool [B, T]: real tokens
 
@@ -239,11 +239,11 @@ def self_attention(h_BTD, w, rope, kv, view: AttentionView, config: ModelConfig)
     if read_cache:  # a slice short of the whole buffer is a copy on XLA:CPU (the engine windows per chunk)
         keys, v_BKSH, layout = kv[0][..., :kv_len], kv[1][:, :, :kv_len], "BKHS"
         keys, v_BKSH = keys.astype(h_BTD.dtype), v_BKSH.astype(h_BTD.dtype)
-    if impl == "xla":
+    if impl.masked_einsums:
         out_BTNH = attention(q, keys, v_BKSH, allowed_BTS, config, keys=layout)
     else:
         k_BKSH = keys if layout == "BKSH" else keys.transpose(0, 1, 3, 2)
-        out_BTNH = fused_attention(impl, q, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT)
+        out_BTNH = impl(q, k_BKSH, v_BKSH, allowed_BTS, segments_BT, mask_BT)
     out_BTNH = checkpoint_name(out_BTNH, "attn_out")
     B, T, N, H = out_BTNH.shape
     # As one [N*H] contraction: with "BTNH,NHD" XLA:CPU copied wo to [H, N, D] at every call.
@@ -268,7 +268,7 @@ def block(x_BTD, w, rope, kv, view, config: ModelConfig):
     return constrain(x_BTD, _ACT), kv
 
 
-def _view(mask_BT, segments_BT, cache: KVCache | None, kv_len: int, impl) -> AttentionView:
+def _view(mask_BT, segments_BT, cache: KVCache | None, kv_len: int, impl: Attention) -> AttentionView:
     """Which key slots each query sees, worked out once per call for every layer (see `self_attention`)."""
     B, T = mask_BT.shape
     # Without a cache (or with a fresh one) the keys are this call's T tokens: token i sees real token
@@ -308,7 +308,7 @@ def hidden_states(
     layers: list[Params] | None = None,
     kv_len: int | None = None,
     remat: str = "none",
-    attention: str = "xla",
+    attention: Attention | str = "xla",
 ):
     """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (None without one).
 
@@ -325,7 +325,7 @@ def hidden_states(
     dicts, `unstack_layers`) or else on slices of `params["layers"]`; `kv_len` (static, default all
     slots) limits attention to the first kv_len slots, which must hold every row's tokens.
 
-    `attention`: an implementation resolved by lidr_jax.model.attention.resolve (xla, cudnn, splash).
+    `attention`: a lidr_jax.model.attention.Attention, or the name of one `resolve` gave (xla, cudnn, splash).
     """
     B, T = tokens_BT.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
@@ -338,7 +338,8 @@ def hidden_states(
         raise ValueError("remat applies to the layer scan of training passes, not to cached generation")
     x_BTD = constrain(params["embed"].astype(config.dtype)[tokens_BT], _ACT)
     rope = rope_tables(positions_BT, config)
-    view = _view(mask_BT, segments_BT, cache, kv_len or (cache.slots if cache is not None else T), attention)
+    kv_len = kv_len or (cache.slots if cache is not None else T)
+    view = _view(mask_BT, segments_BT, cache, kv_len, Attention.of(attention))
     if cache is None:
 
         def body(x_BTD, w):

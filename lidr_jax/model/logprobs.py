@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lidr_jax.model.attention import Attention
 from lidr_jax.model.llama import hidden_states, unembed
 
 
@@ -47,7 +48,7 @@ def target_logprobs(params, h_BTD, targets_BE, config, *, index_BE=None, chunk: 
     return jnp.moveaxis(per_chunk, 0, 1).reshape(B, n * chunk)[:, :E]
 
 
-def entry_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+def entry_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: Attention | str = "xla"):
     """log p of every scored entry [B, E] of a batch of segmented rows (tokens, positions, segments,
     attention_mask [B, T]; targets, logit_index [B, E]): lidr_jax.model.scoring.answer_batch's and
     lidr_jax.train.packing's."""
@@ -64,7 +65,7 @@ def entry_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "non
     return target_logprobs(params, h_BTD, batch["targets"], config, index_BE=batch["logit_index"], chunk=chunk)
 
 
-def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+def pair_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: Attention | str = "xla"):
     """Summed log-probs of each row's two answers (lidr_jax.model.scoring.answer_batch: one row per prompt,
     the prompt run once; a preference pair's chosen and rejected answers): (logp_chosen [B], logp_rejected
     [B], count_chosen [B]), float32. `attention`: a resolved lidr_jax.model.attention implementation."""

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lidr_jax.model.attention import Attention
 from lidr_jax.model.logprobs import entry_logprobs
 from lidr_jax.model.segments import MASKED, prefix_segment, segment_sees
 from lidr_jax.shapes import bucket
@@ -372,20 +373,24 @@ def _block_attention(q_BTNH, k_BKTH, v_BKTH, batch, block: int, seen):
     return o.transpose(0, 1, 4, 2, 3, 5).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-def packed_logprobs(params, batch, config, *, chunk: int = 256, remat: str = "none", attention: str = "xla"):
+def packed_logprobs(
+    params, batch, config, *, chunk: int = 256, remat: str = "none", attention: Attention | str = "xla"
+):
     """Per-pair summed answer log-probs of packed rows: (logp_chosen, logp_rejected, count_chosen,
     count_rejected), each [R * P] float32 (slot j of row b at b * P + j). `attention`: a resolved
     lidr_jax.model.attention implementation (splash only for rows packed without share_prompt); xla over
     a batch with block tables runs `block_attention`."""
-    if attention == "xla" and "block_q" in batch:  # packed rows' own attention (blocks as the plan's)
+    if (
+        Attention.of(attention).masked_einsums and "block_q" in batch
+    ):  # packed rows' own attention (blocks as the plan's)
         block = attention_block(batch["tokens"].shape[1])
 
         seen = block_seen(batch, batch["tokens"].shape[1], block)  # once, outside the layer scan
 
-        def blocks(q, k, v):  # lidr_jax.model.attention.fused_attention calls a callable implementation
+        def blocks(q, k, v):
             return block_attention(q, k, v, batch, block, seen)
 
-        attention = blocks
+        attention = Attention("blocks", own=blocks)
 
     tok_BE = entry_logprobs(params, batch, config, chunk=chunk, remat=remat, attention=attention)
     in_slot_BEP = batch["entry_slot"][..., None] == jnp.arange(batch["weight"].shape[-1])
