@@ -1,8 +1,9 @@
 """Quality filters on preference pairs, one settings group for LIDR and ICR, every drop counted.
 
 Why: a small model's self-translation often copies the English text, so a German pair's "chosen"
-answer is English and DPO trains the model to answer German prompts in English (measured on the
-default run before these filters: 29-47% of target pairs had a chosen answer in the pair's language).
+answer is English and DPO trains the model to answer German prompts in English (on the default run
+before these filters, most target pairs' chosen answers were not in the pair's language: BENCHMARKS.md,
+"Language identification").
 The papers add no filter; `PairFilterConfig(language=False, empty=False, identical=False)` reproduces
 them.
 

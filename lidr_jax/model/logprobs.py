@@ -32,7 +32,7 @@ def target_logprobs(params, h_BTD, targets_BE, config, *, index_BE=None, chunk: 
     def chunk_logp(args):
         h_BCD, tgt_BC = args
         logits = unembed(params, h_BCD, config)  # float32
-        # log p = logit − logsumexp: 15% faster on CPU than gathering from a full log_softmax.
+        # log p = logit − logsumexp, faster on CPU than gathering from a full log_softmax (BENCHMARKS.md, DPO)
         return jnp.take_along_axis(logits, tgt_BC[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
     if chunk <= 0 or chunk >= E:
