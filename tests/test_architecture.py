@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lidr_jax"
 LAYERS = [
     {"files"},
     {"settings"},  # every settings class declares its fields with settings.setting, the endpoint's too
-    {"shapes", "endpoint"},
+    {"shapes", "endpoint", "progress"},
     {"parallel"},
     {"model"},
     {"formats"},

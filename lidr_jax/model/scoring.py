@@ -22,13 +22,13 @@ from typing import Literal
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from lidr_jax.model.attention import IMPLEMENTATIONS, resolve
 from lidr_jax.model.llama import REMAT_POLICIES
 from lidr_jax.model.logprobs import pair_logprobs
 from lidr_jax.parallel.multihost import put_process_rows
 from lidr_jax.parallel.sharding import to_host
+from lidr_jax.progress import progress as progress_bar
 from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
 
@@ -232,7 +232,7 @@ def scoring_pass(
     N = len(lengths)
     order = np.argsort(lengths, kind="stable")
     first, second = np.zeros(N, np.float32), np.zeros(N, np.float32)
-    bar = tqdm(total=N, desc=desc, unit="item", disable=not progress)
+    bar = progress_bar(N, desc, "item", enabled=progress)
     for start in range(0, N, batch_size):
         idx = order[start : start + batch_size]
         batch, item = make_batch(idx)

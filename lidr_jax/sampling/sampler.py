@@ -51,10 +51,10 @@ from typing import Literal
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.llama import unstack_layers
+from lidr_jax.progress import progress as progress_bar
 from lidr_jax.sampling.engine import EngineStats, Request, SamplingValues
 from lidr_jax.sampling.engine import run as run_engine
 from lidr_jax.settings import check_settings, setting
@@ -81,7 +81,7 @@ class SamplingConfig:
     decode_chunk: int = setting(
         64, "decode steps between host checks (stop strings, refills, progress bar) at most", ge=1
     )
-    progress: bool = setting(True, "tqdm progress bar with generated tokens/s")
+    progress: bool = setting(True, "progress on stderr with generated tokens/s (a bar on a terminal, lines in a log)")
     layer_layout: Literal["auto", "stacked", "unstacked"] = setting(
         "auto", "the layer weights decoding reads (module doc)"
     )
@@ -237,7 +237,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
     requests = [Request(p, s.n, b, _prompt_hash(p)) for p, b in zip(ids, budgets)]
     slots = min(s.batch_size, bucket(len(ids) * s.n, minimum=1, knee=s.batch_size, step=s.batch_size))
     engine = EngineStats()
-    bar = tqdm(total=len(ids) * s.n, unit="seq", desc="generate", disable=not s.progress)
+    bar = progress_bar(len(ids) * s.n, "generate", "seq", enabled=s.progress)
     start, generated = time.perf_counter(), 0
 
     def progress(new_tokens: int, finished: int):

@@ -5,8 +5,8 @@ Phases of a run (each a plain function, no trainer class):
    beside the pairs (`save_reference` / `load_reference`), so training holds only the policy.
 2. `make_optimizer`: AdamW after global-norm clipping, warmup then cosine/linear decay.
 3. `make_train_step`: one jitted step over `grad_accum` micro-batches (a `lax.scan`), state donated.
-4. `train`: plain Python loop with a tqdm bar; metrics every step to a `MetricsSink` (JSONL, and live
-   TensorBoard / W&B scalars: lidr_jax.train.metrics).
+4. `train`: plain Python loop with a progress bar (lidr_jax.progress); metrics every step to a
+   `MetricsSink` (JSONL, and live TensorBoard / W&B scalars: lidr_jax.train.metrics).
 
 Several processes (lidr_jax.parallel.multihost): every process builds the same host batch (same pairs, same
 (seed, step) order) and hands the global mesh only the rows its own devices hold (`put_process_rows`).
@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.model.scoring import AnswerRows, batch_logprobs, bucket_length, score_answers, scoring_pass
 from lidr_jax.parallel.multihost import put_process_rows
 from lidr_jax.parallel.sharding import place, train_state_shardings
+from lidr_jax.progress import progress as progress_bar
 from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
 from lidr_jax.train.packing import PackPlan, packed_logprobs, packed_step_batch, pair_tokens, plan_packing, step_plan
@@ -342,7 +342,7 @@ def train(
     own_sink = sink is None and metrics_path is not None
     if own_sink:
         sink = MetricsSink(MetricsConfig(report_to=()), jsonl_path=metrics_path)
-    bar = tqdm(total=num_steps, initial=start, desc="DPO", unit="step", disable=not progress)
+    bar = progress_bar(num_steps, "DPO", "step", initial=start, enabled=progress)
     try:
         for k in range(start, num_steps):
             idx = step_indices(k, len(enc), cfg)
