@@ -4,13 +4,18 @@ subprocess so the real `wandb` module never meets test_metrics_stages' stand-in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO_ROOT
+
+from lidr_jax.pipeline import runner
+from lidr_jax.train import cli
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,19 +41,23 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_real_wandb_offline_one_run_two_axes(tmp_path):
+@pytest.mark.parametrize("verbose", [False, True])
+def test_real_wandb_offline_one_run_two_axes(tmp_path, verbose):
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k != "LIDR_JAX_VERBOSE"},
         PYTHONPATH=str(REPO_ROOT),
         JAX_PLATFORMS="cpu",
         WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
         WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
     )
+    if verbose:
+        env["LIDR_JAX_VERBOSE"] = "1"  # what --verbose sets (test_verbose_flag_shows_wandb_lines)
     res = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "wandb:" not in res.stderr, res.stderr[-3000:]  # W&B's own lines only with --verbose
+    # W&B's own lines (its offline-sync hint) only with --verbose
+    assert ("wandb:" in res.stderr) is verbose, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["summary"] == {
         "stages/pairs/stats/table/es/kept": 5,  # iteration 2's stage, logged after training's 3 steps: kept
@@ -60,3 +69,22 @@ def test_real_wandb_offline_one_run_two_axes(tmp_path):
     assert out["finished"]  # the stage sink started the W&B run and finished it
     (offline_run,) = (tmp_path / "run" / "tensorboard" / "wandb").glob("offline-run-*")  # beside our own files
     assert list(offline_run.glob("run-*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "main, args",
+    [
+        (runner.main, ["--set", "no_such_setting=1"]),
+        (cli.main, ["--model", "m", "--pairs", "none.jsonl", "--out", "o"]),
+    ],
+    ids=["iterate", "dpo"],
+)
+def test_verbose_flag_shows_wandb_lines(main, args, monkeypatch, capsys, tmp_path):
+    """Both commands' --verbose sets LIDR_JAX_VERBOSE (read by lidr_jax.train.metrics) before any work;
+    here the command then stops at its first refusal."""
+    monkeypatch.delenv("LIDR_JAX_VERBOSE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with contextlib.suppress(SystemExit):
+        assert main(["--verbose", *args]) != 0
+    assert "error" in capsys.readouterr().err
+    assert os.environ.get("LIDR_JAX_VERBOSE") == "1"
