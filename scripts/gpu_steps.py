@@ -34,6 +34,7 @@ from lidr_jax.model.attention import compiling_for  # noqa: E402
 from lidr_jax.parallel.sharding import device_memory, use_mesh  # noqa: E402
 from lidr_jax.pipeline import plan, plan_programs  # noqa: E402
 from lidr_jax.pipeline.config import load_run_config  # noqa: E402
+from lidr_jax.train.memory import compiled_memory  # noqa: E402
 
 GPUS = {  # device_kind substring: (peak bfloat16 FLOP/s dense, HBM bytes/s)
     "H100": (989e12, 3.35e12),
@@ -75,8 +76,7 @@ def timed(program, config, steps: int, platform: str):
             args[0] = out[0]  # the donated state
         elif program.kind == "decode":
             args[2] = out[1]  # the donated cache
-    mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    peak = compiled_memory(compiled)["peak"]
     return statistics.median(times[1:]), compile_s, peak, abstract
 
 

@@ -44,7 +44,7 @@ from lidr_jax.parallel.topology import Topology, TopologyError, devices, parse
 from lidr_jax.pipeline.config import load_run_config
 from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs, train_programs
 from lidr_jax.settings import SettingsError
-from lidr_jax.train.memory import DoesNotFitError, check_model_fits, plan_memory
+from lidr_jax.train.memory import DoesNotFitError, check_model_fits, compiled_memory, plan_memory
 
 GiB = 2**30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -133,15 +133,7 @@ def analyse(program: Program, config: ModelConfig, topo: Topology, with_cost: bo
             "compile_seconds": round(time.perf_counter() - start, 1),
         }
     seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    memory = {
-        "arguments": int(mem.argument_size_in_bytes),
-        "outputs": int(mem.output_size_in_bytes),
-        "temporaries": int(mem.temp_size_in_bytes),
-        "aliased": int(mem.alias_size_in_bytes),
-        "code": int(mem.generated_code_size_in_bytes),
-    }
-    memory["peak"] = memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
+    memory = compiled_memory(compiled)
     row = {
         "program": program.name,
         "note": program.note,
@@ -402,12 +394,12 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
         if "RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first:
             raise DoesNotFitError(f"DPO training does not fit {where}: {first} Use {advice('train')}") from None
         raise
-    mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    mem = compiled_memory(compiled)
+    peak = mem["peak"]
     if peak > limit:
         raise DoesNotFitError(
             f"DPO training needs {peak / GiB:.2f} GiB per device on {where} (the compiled step: "
-            f"{mem.temp_size_in_bytes / GiB:.2f} GiB temporaries, {mem.argument_size_in_bytes / GiB:.2f} GiB "
+            f"{mem['temporaries'] / GiB:.2f} GiB temporaries, {mem['arguments'] / GiB:.2f} GiB "
             f"arguments), but each has {limit / GiB:.2f} GiB: use {advice('train')}"
         )
     return {"peak": int(peak), "limit": int(limit)}

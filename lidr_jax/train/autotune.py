@@ -37,7 +37,7 @@ import numpy as np
 from lidr_jax.parallel.multihost import agree_min
 from lidr_jax.train import trainer
 from lidr_jax.train.dpo import DPOConfig
-from lidr_jax.train.memory import DoesNotFitError, device_memory, size
+from lidr_jax.train.memory import DoesNotFitError, compiled_memory, device_memory, size
 from lidr_jax.train.packing import BLOCK, pair_tokens
 from lidr_jax.train.pairs import EncodedPairs
 from lidr_jax.train.trainer import (
@@ -245,8 +245,7 @@ class _Program:
 
 def compiled_peak(lowered) -> int:
     """Peak bytes of a lowered program once compiled: arguments + outputs − aliased + temporaries."""
-    m = lowered.compile().memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return compiled_memory(lowered.compile())["peak"]
 
 
 def _candidates(model_config, params_abstract, enc, cfg, pad_id, cap=None) -> list[tuple[Candidate, object]]:

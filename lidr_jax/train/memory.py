@@ -78,6 +78,23 @@ class MemoryPlan:
         )
 
 
+def compiled_memory(compiled) -> dict[str, int]:
+    """A compiled program's memory per device, from the compiler (`memory_analysis()`, on every backend):
+    arguments, outputs, temporaries, aliased (donated inputs reused as outputs), code, and their peak
+    arguments + outputs + temporaries − aliased. The one reading of it: the load-time fit check, the
+    plan and `dpo.row_tokens: auto` all use it."""
+    m = compiled.memory_analysis()
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+    }
+    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
+
+
 def abstract_mesh(shape: tuple[int, int, int]) -> AbstractMesh:
     return AbstractMesh(tuple(shape), ("data", "fsdp", "tensor"))
 
