@@ -8,7 +8,7 @@ import pytest
 from dpo_helpers import tiny_model
 
 from lidr_jax.model.llama import KVCache, forward, forward_cached, init_cache
-from lidr_jax.sampling.engine import EngineStats, Request, Scheduler, Slots, _Executables
+from lidr_jax.sampling.engine import EngineStats, Request, Scheduler, Slots, _Executables, prefill_rows
 
 
 def test_fresh_is_part_of_the_cache_structure_not_a_value():
@@ -81,3 +81,16 @@ def test_scheduler_places_refills_keeps_prefills_compacts_and_finishes():
     assert sched.slot_row == [(0, 1), (2, 0)] and sched.reported_B.tolist() == [1, 1]
     new, finished = sched.finish(_slots([1, 1], [2, 1], [[4, 4], [3, 0]]), out)
     assert (new, finished) == (1, 2) and not sched.busy() and len(out) == 6
+
+
+def test_prefill_rows_bound_a_refill_by_its_tokens():
+    """A refill prefills at most the largest power of two of prompts whose bucketed length fits the budget
+    (the paper configs' 5,792-token prompts: 4 at a time, not a refill of all 256 slots)."""
+    assert [prefill_rows(100), prefill_rows(5792), prefill_rows(40000), prefill_rows(100, 256)] == [256, 4, 1, 2]
+    requests = [Request([1] * 100, 1, 5, 1), Request([1] * 90, 1, 5, 2), Request([1] * 80, 2, 5, 3)]
+    sched = Scheduler.start(requests, 4, prefill_tokens=256)  # rows of 128 tokens: two prompts per refill
+    first = sched.next_refill()
+    assert first.prompts == [0, 1] and [b for b, _ in first.placed] == [0, 1]
+    sched.refilled(first, "rows of prompts 0, 1")
+    second = sched.next_refill()  # two slots still free: prompt 2's two samples
+    assert second.prompts == [2] and second.placed == [(2, (2, 0)), (3, (2, 1))]

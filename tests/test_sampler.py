@@ -148,6 +148,17 @@ def test_greedy_matches_transformers(tiny_model, model_dir, torch_model, penalty
         assert res.token_ids == out[0, ids.shape[1] :].tolist()
 
 
+def test_a_prefill_token_budget_splits_refills_and_changes_no_output(tiny_model):
+    """`prefill_tokens` bounds each refill's prompts x bucketed length (one prompt at least): more refills,
+    the same samples (a row's draws do not depend on its batch)."""
+    sampling = dataclasses.replace(SAMPLED, n=2, batch_size=8)
+    wide, narrow = GenerationStats(), GenerationStats()
+    free = generate(tiny_model, CHATS, sampling, stats=wide)
+    bounded = generate(tiny_model, CHATS, dataclasses.replace(sampling, prefill_tokens=32), stats=narrow)
+    assert [[x.token_ids for x in r] for r in bounded] == [[x.token_ids for x in r] for r in free]
+    assert wide.batches < narrow.batches == len(CHATS)  # a budget under one bucket: one prompt per refill
+
+
 @pytest.mark.parametrize("sampling", [GREEDY, dataclasses.replace(SAMPLED, n=2)], ids=["greedy", "sampled"])
 def test_batch_invariance_and_seed_determinism(tiny_model, sampling):
     together = generate(tiny_model, CHATS, sampling)

@@ -8,8 +8,9 @@ Shapes are the config's limits, as the fit check assumes before any pair exists:
   `batch_size` rows: without packing each row a prompt of `max_prompt_len` and two answers of
   `max_response_len`; with `row_tokens`, one pair filling each packed row. The run mesh (`mesh` group).
 - reference: the reference log-prob pass over one micro-batch of the same rows.
-- prefill:STAGE and decode:STAGE for each generation stage of the method: the engine's prefill of
-  `batch_size` prompts at the stage's prompt limit (context - max_new_tokens unless set), and one
+- prefill:STAGE and decode:STAGE for each generation stage of the method: the engine's largest prefill,
+  as many prompts at the stage's prompt limit (context - max_new_tokens unless set) as `batch_size`
+  and `prefill_tokens` allow (lidr_jax.sampling.engine.prefill_rows), and one
   decode step of `batch_size` slots over a cache of prompt limit + max_new_tokens slots, on the
   decoding layout of one host (lidr_jax.parallel.sharding.decode_layout).
 - icr_score: ICR's scoring forward (`icr.score_batch_size` rows of prompt + answer) on the run mesh.
@@ -42,7 +43,7 @@ from lidr_jax.parallel.sharding import (
     use_mesh,
 )
 from lidr_jax.pipeline.config import RunConfig
-from lidr_jax.sampling.engine import prefill_logits, step_logits
+from lidr_jax.sampling.engine import prefill_logits, prefill_rows, step_logits
 from lidr_jax.train.packing import packed_logprobs
 from lidr_jax.train.pairs import EncodedPairs
 from lidr_jax.train.trainer import init_state, lr_schedule, make_optimizer, make_train_step, step_batch
@@ -228,13 +229,15 @@ def generation_programs(run: RunConfig, config: ModelConfig, mesh: Mesh, rules) 
         prompt = s.max_prompt_tokens or max(1, context - s.max_new_tokens)
         S = min(context, prompt + s.max_new_tokens)
 
-        def prefill(cfg: ModelConfig, B=B, prompt=prompt, new=s.max_new_tokens):
+        P = min(B, prefill_rows(prompt, s.prefill_tokens))  # the most prompts one refill prefills
+
+        def prefill(cfg: ModelConfig, P=P, prompt=prompt, new=s.max_new_tokens):
             def fn(p, tokens, mask):
                 return prefill_logits(p, None, tokens, mask, cfg, new)
 
-            rows = batch_sharding((B, prompt), 0, mesh, rules)
-            tokens = jax.ShapeDtypeStruct((B, prompt), jnp.int32, sharding=rows)
-            mask = jax.ShapeDtypeStruct((B, prompt), jnp.bool_, sharding=rows)
+            rows = batch_sharding((P, prompt), 0, mesh, rules)
+            tokens = jax.ShapeDtypeStruct((P, prompt), jnp.int32, sharding=rows)
+            mask = jax.ShapeDtypeStruct((P, prompt), jnp.bool_, sharding=rows)
             return jax.jit(fn), (_params(cfg, mesh, rules), tokens, mask)
 
         def decode(cfg: ModelConfig, B=B, S=S):
@@ -248,8 +251,8 @@ def generation_programs(run: RunConfig, config: ModelConfig, mesh: Mesh, rules) 
             tokens = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding((B,), 0, mesh, rules))
             return jax.jit(fn, donate_argnums=2), (_params(cfg, mesh, rules), tokens, cache)
 
-        note = f"{B} prompts of {prompt} tokens" if prompt else ""
-        programs.append(Program(f"prefill:{stage}", mesh, rules, prefill, "prefill", B * prompt, note))
+        note = f"{P} prompts of {prompt} tokens" if prompt else ""
+        programs.append(Program(f"prefill:{stage}", mesh, rules, prefill, "prefill", P * prompt, note))
         programs.append(Program(f"decode:{stage}", mesh, rules, decode, "decode", B, f"{B} slots of {S} cache slots"))
     return programs
 

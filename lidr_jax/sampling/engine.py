@@ -9,7 +9,10 @@ ends early when a row ends and prompts wait, so a slot idles for at most one ste
 Shapes, all fixed per engine (B slots, S cache slots per row), so a refill never recompiles:
 - refill: P prompts (a power of two up to B) of T tokens (`PREFILL_BUCKETS`) prefilled and their rows
   copied into up to B slots, one executable per (P, T); prompts over `PREFILL_CHUNK` tokens are
-  prefilled that many tokens at a time (`prefill_logits`);
+  prefilled that many tokens at a time (`prefill_logits`). P x T stays within `prefill_tokens`
+  (`prefill_rows`; at least one prompt per refill), so the prefilled rows' cache ([P, T] on top of the slots' own)
+  is bounded by the budget, not by the slot count times the longest prompt: free slots then take
+  several refills;
 - decode: the B slots, attending to the first W slots only: W is the longest live row plus the chunk,
   bucketed by `WINDOW_BUCKETS`, when that is at most S / 2 (the chunk then runs on a copy of those W
   slots, written back at its end: `_window`), else S (no copy); a chunk stops before a row outgrows
@@ -58,6 +61,19 @@ PREFILL_BUCKETS = dict(minimum=32, knee=128, step=64)  # prompt lengths: 32, 64,
 WINDOW_BUCKETS = dict(minimum=128, knee=128, step=128)  # attended cache slots in a decode chunk
 OUTPUT_BUCKETS = dict(minimum=32, knee=256, step=256)  # new tokens per row (the output buffer R)
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (`prefill_logits`)
+PREFILL_TOKENS = 32768  # default bound on P x T of one refill (`prefill_rows`)
+
+
+def prefill_rows(longest: int, budget: int = PREFILL_TOKENS) -> int:
+    """The most prompts one refill prefills when its longest has `longest` tokens: the largest power of
+    two P whose P rows of the bucketed length T fit `budget` tokens (P x T <= budget), at least 1."""
+    T = bucket(longest, **PREFILL_BUCKETS)
+    P = 1
+    while budget >= 2 * P * T:
+        P *= 2
+    return P
+
+
 MAX_EXECUTABLES = 64  # compiled executables kept (least recently used dropped; JAX keeps its own caches)
 
 
@@ -426,12 +442,13 @@ class Scheduler:
     slot_row: list[tuple[int, int] | None]  # the sample each slot holds (None: free)
     reported_B: np.ndarray  # tokens of each slot's row already passed to on_progress
     kept: Prefilled | None = None
+    prefill_tokens: int = PREFILL_TOKENS  # bound on a refill's P x T (`prefill_rows`)
 
     @classmethod
-    def start(cls, requests: list[Request], slots: int) -> Scheduler:
+    def start(cls, requests: list[Request], slots: int, prefill_tokens: int = PREFILL_TOKENS) -> Scheduler:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
         waiting = [(i, j) for i in order for j in range(requests[i].n)]
-        return cls(requests, waiting, [None] * slots, np.zeros((slots,), np.int64))
+        return cls(requests, waiting, [None] * slots, np.zeros((slots,), np.int64), prefill_tokens=prefill_tokens)
 
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slot_row)
@@ -452,7 +469,13 @@ class Scheduler:
         kept = self.kept
         reuse = kept is not None and self.waiting[0][0] in kept.prompts
         take: list[tuple[int, int]] = []
+        # new prompts: at most as many as `prefill_rows` allows (the first waiting is the longest)
+        most = prefill_rows(len(self.requests[self.waiting[0][0]].ids), self.prefill_tokens)
+        prompts: set[int] = set()
         while self.waiting and len(take) < len(free) and (not reuse or self.waiting[0][0] in kept.prompts):
+            if not reuse and self.waiting[0][0] not in prompts and len(prompts) == most:
+                break
+            prompts.add(self.waiting[0][0])
             take.append(self.waiting.pop(0))
         prompts = kept.prompts if reuse else list(dict.fromkeys(i for i, _ in take))  # each prompt once, in order
         for b, row in zip(free, take):
@@ -589,6 +612,7 @@ def run(
     stats: EngineStats,
     stop_check: Callable[[list[int]], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
 ):
     """Generate every sample of every request. Returns {(request index, sample): (token ids, logprobs)}.
 
@@ -598,7 +622,7 @@ def run(
     S = bucket(max(len(r.ids) for r in requests), **PREFILL_BUCKETS) + R
     device = Device(params, layers, config, requests, np.asarray(eos, np.int32), pad_id, stats)
     state, cache = device.start(slots, S, R)
-    sched = Scheduler.start(requests, slots)
+    sched = Scheduler.start(requests, slots, prefill_tokens)
     out: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
     while sched.busy():
         while (refill := sched.next_refill()) is not None:

@@ -55,7 +55,7 @@ import numpy as np
 from lidr_jax.formats.tokenizer import end_of_sequence_ids
 from lidr_jax.model.llama import unstack_layers
 from lidr_jax.progress import progress as progress_bar
-from lidr_jax.sampling.engine import EngineStats, Request, SamplingValues
+from lidr_jax.sampling.engine import PREFILL_TOKENS, EngineStats, Request, SamplingValues
 from lidr_jax.sampling.engine import run as run_engine
 from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
@@ -78,6 +78,11 @@ class SamplingConfig:
         None, "null: context - max_new_tokens; a longer prompt is refused (module doc)", ge=1
     )
     long_prompts: Literal["error", "skip"] = setting("error", "a prompt over the limit: raise, or skip it (module doc)")
+    prefill_tokens: int = setting(
+        PREFILL_TOKENS,
+        "a refill prefills at most this many prompt tokens (prompts x bucketed length; one prompt at least)",
+        ge=1,
+    )
     decode_chunk: int = setting(
         64, "decode steps between host checks (stop strings, refills, progress bar) at most", ge=1
     )
@@ -268,6 +273,7 @@ def generate(model, prompts, sampling: SamplingConfig = SamplingConfig(), *, pre
         stats=engine,
         stop_check=stop_check if s.stop else None,
         on_progress=progress,
+        prefill_tokens=s.prefill_tokens,
     )
     bar.close()
     stats.run_seconds += time.perf_counter() - start - engine.compile_seconds
