@@ -97,9 +97,12 @@ def main(argv=None) -> int:
     shape = getattr(shapes, args.shape)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        arch = dict(shape, architectures=["LlamaForCausalLM"], model_type="llama", eos_token_id=2)
-        (Path(tmp) / "config.json").write_text(json.dumps(arch))
-        for attention in args.attention.split(","):
+        shapes.write_config_dir(shape, tmp)
+        attentions = args.attention.split(",")
+        if platform != "gpu" and "cudnn" in attentions:  # the dry run on a CPU: the same code, xla only
+            print("cudnn: skipped, no NVIDIA GPU here")
+            attentions.remove("cudnn")
+        for attention in attentions:
             sets = [
                 f"model={tmp}",
                 "dtype=bfloat16",

@@ -1,5 +1,13 @@
 """Architectures the benchmarks and the memory plan instantiate with random weights: the values of
-each model's Hugging Face config.json, spelled once. Each is a dict of `ModelConfig` fields."""
+each model's Hugging Face config.json, spelled once. Each is a dict of `ModelConfig` fields.
+
+`python -m scripts.model_shapes LLAMA_3_8B DIR` writes DIR/config.json (no weights): what
+`python -m lidr_jax.plan --set model=DIR` needs to compile a run's programs at that model's shapes.
+"""
+
+import json
+import sys
+from pathlib import Path
 
 LLAMA_3_2_1B = dict(
     vocab_size=128256,
@@ -19,6 +27,18 @@ LLAMA_3_8B = dict(
     intermediate_size=14336,
     num_hidden_layers=32,
     num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+LLAMA_3_70B = dict(
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
     num_key_value_heads=8,
     head_dim=128,
     max_position_embeddings=8192,
@@ -50,3 +70,17 @@ TINY = dict(  # the same code paths in seconds (a dry run of a GPU script on thi
     rope_theta=500000.0,
     tie_word_embeddings=False,
 )
+
+
+def write_config_dir(shape: dict, directory) -> Path:
+    """`directory`/config.json for `shape`, as a Llama checkpoint's (no weights); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = dict(shape, architectures=["LlamaForCausalLM"], model_type="llama", eos_token_id=2)
+    (directory / "config.json").write_text(json.dumps(arch, indent=1) + "\n")
+    return directory
+
+
+if __name__ == "__main__":
+    name, out = sys.argv[1:3]
+    print(write_config_dir(globals()[name], out))

@@ -1,0 +1,101 @@
+"""What the decode step reads, op by op: compiles a run's `decode:STAGE` program for a TPU topology with
+the layers unrolled (1 and 2 layers, as `python -m lidr_jax.plan` estimates cost), and lists the
+optimized HLO's largest instructions by the bytes they touch (output + operands), with the compiler's
+bytes accessed and time beside the bytes a chip must read (its weights and cache shards).
+
+    python -m scripts.decode_hlo --config configs/lidr_llama3_8b.yaml --set model=DIR \
+        --set generation.batch_size=64 --set generation.max_prompt_tokens=1696 --topology v5p-8
+
+A second layer's instructions minus the first's are one layer's; the rest (embedding, final norm,
+vocabulary head, sampling) is the step's fixed part. Needs libtpu (the `tpu` extra), no TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import numpy as np
+
+from lidr_jax.parallel.topology import skip_absent_tpu
+
+skip_absent_tpu()
+
+from lidr_jax.model.attention import compiling_for  # noqa: E402
+from lidr_jax.parallel.topology import devices, parse  # noqa: E402
+from lidr_jax.pipeline import plan  # noqa: E402
+from lidr_jax.pipeline.config import load_run_config  # noqa: E402
+from lidr_jax.pipeline.plan_programs import model_architecture, run_programs  # noqa: E402
+
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
+SHAPE = re.compile(r"\b(pred|s8|u8|bf16|f16|s16|f32|s32|u32|f64|s64)\[([0-9,]*)\]")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) (\w[\w\-]*)\((.*)$")
+
+
+def shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in SHAPE.findall(text):
+        total += BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def entry_instructions(hlo: str) -> list[tuple[str, str, int, int]]:
+    """(name, opcode, output bytes, operand bytes) of each instruction of the ENTRY computation."""
+    out, inside = [], False
+    for line in hlo.splitlines():
+        if line.startswith("ENTRY "):
+            inside = True
+            continue
+        if inside and line.startswith("}"):
+            break
+        m = INSTRUCTION.match(line) if inside else None
+        if m:
+            name, result, op, rest = m.groups()
+            operands = rest.split("), ")[0] if "), " in rest else rest
+            out.append((name, op, shape_bytes(result), shape_bytes(operands)))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--topology", default="v5p-8")
+    p.add_argument("--stage", default="generate")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args(argv)
+    run = load_run_config(args.config, args.set)
+    config = model_architecture(run.model, run.dtype)
+    topo = parse(args.topology)
+    with compiling_for("tpu"):
+        programs, layout, _ = run_programs(run, config, devices(topo), topo.chip.hbm_bytes)
+    (program,) = [q for q in programs if q.name == f"decode:{args.stage}"]
+    print(f"{topo.name}: {program.note}; decoding layout data={layout.data} tensor={layout.tensor} ({layout.why})")
+    rows = {}
+    for layers in (1, 2):
+        compiled, call_args = plan._compile(program, config.replace(num_hidden_layers=layers, scan_layers=False))
+        cost = plan._cost(compiled)
+        must = plan._shard_bytes(call_args[0]) + plan._shard_bytes(call_args[2])
+        rows[layers] = (cost, must, entry_instructions(compiled.as_text()))
+        print(
+            f"\n{layers} layer(s): compiler bytes accessed {cost['bytes accessed'] / 1e9:.3f} GB, "
+            f"est {cost['optimal_seconds'] * 1e3:.3f} ms; must read (weights + cache shard) {must / 1e9:.3f} GB "
+            f"= {must / topo.chip.hbm_bandwidth * 1e3:.3f} ms at {topo.chip.hbm_bandwidth / 1e12:.2f} TB/s"
+        )
+        ranked = sorted(rows[layers][2], key=lambda r: -(r[2] + r[3]))[: args.top]
+        print(f"  {'instruction':<40} {'opcode':<22} {'out MB':>10} {'operands MB':>12}")
+        for name, op, out_b, in_b in ranked:
+            print(f"  {name[:40]:<40} {op[:22]:<22} {out_b / 1e6:>10.1f} {in_b / 1e6:>12.1f}")
+    (c1, m1, _), (c2, m2, _) = rows[1], rows[2]
+    per_layer = c2["bytes accessed"] - c1["bytes accessed"]
+    fixed = c1["bytes accessed"] - per_layer
+    print(
+        f"\nper layer: compiler {per_layer / 1e9:.3f} GB accessed against {(m2 - m1) / 1e9:.3f} GB that must be read "
+        f"({per_layer / max(m2 - m1, 1):.2f}x); fixed part {fixed / 1e9:.3f} GB against {(m1 - (m2 - m1)) / 1e9:.3f} GB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
