@@ -1,8 +1,9 @@
 # Two commands on a fresh machine (see README):
 #   make run    set up .venv and run the main job (lidr_jax/pipeline/default.yaml, the embedded SmolLM2)
 #   make test   set up .venv with the test extras (and libtpu, to compile for TPU on this CPU), check lint
-#               and format (ruff), run the test suite
+#               and format (ruff), run the test suite (PYTEST_WORKERS processes, whole files each)
 PYTHON ?= python3
+PYTEST_WORKERS ?= 2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -31,7 +32,7 @@ run: $(VENV)/.base
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check lidr_jax tests scripts
 	$(VENV)/bin/ruff format --check lidr_jax tests scripts
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

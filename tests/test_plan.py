@@ -265,12 +265,13 @@ def test_splash_temporaries_grow_linearly_with_the_row(tmp_path):
 @needs_libtpu
 def test_a_program_that_does_not_fit_is_refused_with_the_compilers_numbers(tiny_dir, capsys):
     sets = _settings(tiny_dir, "splash") + ["--set", "generation.batch_size=65536"]
+    sets += ["--set", "generation.prefill_tokens=1000000000"]  # every slot's prompt prefilled at once
     assert main(["--topology", "v5e:2x2", "--no-cost", "--only", "prefill:generate", *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     # the compiler refuses it itself: its own line, with its numbers
     assert err.startswith("error: prefill:generate does not fit v5e:2x2: RESOURCE_EXHAUSTED: Ran out of memory")
     assert "exceeds available HBM (15.75G)" in err
-    assert err.endswith("Use fewer slots (the stage's batch_size) or a shorter max_new_tokens")
+    assert err.endswith("Use a smaller generation.prefill_tokens (prompt tokens one refill prefills) or fewer slots")
 
 
 def test_splash_under_a_cpu_mesh_equals_xla():

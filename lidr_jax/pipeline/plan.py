@@ -254,6 +254,7 @@ def advice(program: str) -> str:
         "train": "more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full",
         "reference": "a smaller dpo.compute.batch_size",
         "icr_score": "a smaller icr.score_batch_size",
+        "prefill": "a smaller generation.prefill_tokens (prompt tokens one refill prefills) or fewer slots",
     }.get(program.split(":")[0], "fewer slots (the stage's batch_size) or a shorter max_new_tokens")
 
 
