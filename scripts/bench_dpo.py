@@ -25,7 +25,9 @@ DPOTrainer with max_length None (no truncation) and sdpa attention; `padding_fre
 `trl:B` in `--order` is B pairs per micro-batch x 4/B gradient-accumulation steps (B=1 pads only each
 pair's chosen against its rejected; B=4 pads 8 sequences to the longest). The runs alternate in the order
 of `--order` (default jax,trl:1,trl:4,jax,trl:4,trl:1), each in its own process; the ratio is lidr_jax's
-median pairs/s over the best TRL setting's median.
+median pairs/s over the best TRL setting's median. A run may name its malloc: `jax@4k`, `trl:1@hp`; by
+default lidr_jax runs with glibc asking for huge pages, as its commands do (lidr_jax.parallel.huge_pages),
+and TRL without, as a plain `python` runs it.
 `--real 64` is the issue's full mode (about an hour per run on a shared 2-core machine).
 
 Bench-only dependency: TRL (`pip install trl`, tested with trl 1.16, transformers 5, torch 2.13 CPU).
@@ -464,11 +466,14 @@ def real_main(args):
         _subprocess("export", out, args)
         prep = _subprocess("real-prepare", out, args)
         runs = []
-        for side in args.order.split(","):
-            result = _subprocess("real-" + side, out, args, keep_going=True)
+        for run in args.order.split(","):  # side[@hp|@4k]: lidr_jax defaults to hp (as its commands), TRL to 4k
+            side, _, pages = run.partition("@")
+            pages = pages or ("hp" if side == "jax" else "4k")
+            result = _subprocess("real-" + side, out, args, keep_going=True, env=_malloc_environment(pages))
             if result is not None:
-                runs.append((side, result))
-                print(f"{side}: {json.dumps(result)}", flush=True)  # each run as it ends
+                result["pages"] = pages
+                runs.append((f"{side}@{pages}", result))
+                print(f"{side}@{pages}: {json.dumps(result)}", flush=True)  # each run as it ends
     print(
         f"DPO, one epoch of {prep['pairs']} real-length pairs (llama3_m0: instruction / English answer / French "
         f"translation), SmolLM2-135M-Instruct float32, {REAL_BATCH} pairs per optimizer step on both sides, "
@@ -486,7 +491,7 @@ def real_main(args):
     )
     print(f"{'run':12s}{'epoch s':>10s}{'pairs/s':>10s}{'padding':>10s}{'tokens/s':>10s}{'peak MB':>10s}  notes")
     for side, r in runs:
-        if side == "jax":
+        if side.startswith("jax"):
             shapes = ", ".join("x".join(map(str, shape)) for shape in r["step_shapes"])
             note = f"compile {r['compile_s']:.1f} s ({r['compilations']} shapes: {shapes}; not in epoch)"
             note += f", remat {r['remat']}, {r['grad_accum']} micro-batch(es) per step"
@@ -497,24 +502,32 @@ def real_main(args):
                 )
         else:
             note = f"trl {r['trl']}, batch {r['batch']}, torch threads {r['torch_threads']}, attention {r['attn']}"
-        name = "lidr_jax" if side == "jax" else f"TRL {side[4:]}x{REAL_BATCH // int(side[4:])}"
+        kind, _, pages = side.partition("@")
+        name = "lidr_jax" if kind == "jax" else f"TRL {kind[4:]}x{REAL_BATCH // int(kind[4:])}"
+        name += f" {pages}"
+        note += ", malloc: " + ("huge pages (glibc.malloc.hugetlb=1)" if pages == "hp" else "4 KiB pages")
         print(
             f"{name:12s}{r['epoch_s']:10.1f}{r['pairs_per_s']:10.4f}{r['padding_share']:10.1%}"
             f"{r['tokens_per_s']:10.1f}{r['peak_mb']:10.0f}  {note}"
         )
     med = {side: float(np.median([r["pairs_per_s"] for s, r in runs if s == side])) for side, _ in runs}
-    trl_sides = [side for side in med if side != "jax"]
-    if "jax" in med and trl_sides:
+    trl_sides = [side for side in med if not side.startswith("jax")]
+    for jax_side in [side for side in med if side.startswith("jax")]:
+        if not trl_sides:
+            break
         best = max(trl_sides, key=med.get)
+        batch = best[4:].partition("@")[0]
         print(
-            f"TRL's best setting on this data: per_device_train_batch_size {best[4:]}, gradient_accumulation_steps "
-            f"{REAL_BATCH // int(best[4:])} ({med[best]:.4f} pairs/s, median of its runs)"
+            f"TRL's best setting on this data: {best} (per_device_train_batch_size {batch}, "
+            f"gradient_accumulation_steps {REAL_BATCH // int(batch)}; {med[best]:.4f} pairs/s, median of its runs)"
         )
-        print(f"ratio lidr_jax / TRL's best pairs/s (medians): {med['jax'] / med[best]:.2f}x")
+        print(f"ratio {jax_side} / TRL's best pairs/s (medians): {med[jax_side] / med[best]:.2f}x")
         with_compile = float(
-            np.median([prep["pairs"] / (r["epoch_s"] + r["compile_s"] + r["choose_s"]) for s, r in runs if s == "jax"])
+            np.median(
+                [prep["pairs"] / (r["epoch_s"] + r["compile_s"] + r["choose_s"]) for s, r in runs if s == jax_side]
+            )
         )
-        print(f"with lidr_jax's compilations and its auto choice counted in its epoch: {with_compile / med[best]:.2f}x")
+        print(f"{jax_side} with its compilations and auto choice counted in its epoch: {with_compile / med[best]:.2f}x")
 
 
 def op_labels(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -568,10 +581,12 @@ def op_labels(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def profile_main(args):
-    """`--profile N`: the largest step of N real pairs, once compiled, once warm, once under jax.profiler;
-    its op times summed by (phase, what) (`op_labels`)."""
+    """`--profile N`: the largest step of N real pairs, once compiled, `--profile-runs` - 1 times warm, once
+    under jax.profiler; its op times summed by (phase, what) (`op_labels`). Each run's wall, user and kernel
+    (sys) seconds and minor page faults are printed: first-touched host memory shows there."""
     import glob
     import gzip
+    import resource
     from collections import Counter
 
     import jax
@@ -607,16 +622,26 @@ def profile_main(args):
     compiled = make_train_step(model.config, cfg, opt, lr_schedule(cfg, 10)).lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     times = []
-    for k in range(2):
-        t = time.perf_counter()
-        if k:
+    runs = max(2, args.profile_runs)
+    for k in range(runs):
+        traced = k == runs - 1
+        t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        if traced:
             folder = tempfile.mkdtemp()
             jax.profiler.start_trace(folder, create_perfetto_trace=True)
         state, m = compiled(state, batch)
         float(m["loss"])
-        if k:
+        if traced:
             jax.profiler.stop_trace()
         times.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        print(
+            f"run {k + 1}{' (traced)' if traced else ''}: {times[-1]:.1f} s, "
+            f"user {after.ru_utime - before.ru_utime:.1f} s, "
+            f"sys {after.ru_stime - before.ru_stime:.1f} s, minor page faults "
+            f"{(after.ru_minflt - before.ru_minflt) / 1e6:.2f} M",
+            flush=True,
+        )
     (path,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -632,7 +657,7 @@ def profile_main(args):
     print(
         f"step {list(map(int, idx))} of {n} pairs: micro-batches x rows x tokens {batch['tokens'].shape}, "
         f"{tokens} real tokens, "
-        f"remat {cfg.compute.remat}; compile {compile_s:.1f} s; step {times[0]:.1f} s warm, {times[1]:.1f} s traced; "
+        f"remat {cfg.compute.remat}; compile {compile_s:.1f} s; step {times[-2]:.1f} s warm, {times[-1]:.1f} s traced; "
         f"{total:.1f} s in XLA ops"
     )
     print("by phase: " + ", ".join(f"{ph} {sec:.1f} s ({sec / total:.0%})" for ph, sec in phases.most_common()))
@@ -718,7 +743,18 @@ def kernel_main(args):
         )
 
 
-def _subprocess(side: str, out: Path, args, keep_going: bool = False) -> dict | None:
+def _malloc_environment(pages: str) -> dict[str, str]:
+    """The side's environment: `hp` glibc asked for huge pages as lidr_jax's commands do
+    (lidr_jax.parallel.huge_pages, where it applies), `4k` without, as a plain `python` runs."""
+    from lidr_jax.parallel.huge_pages import TUNABLE, glibc_version, huge_pages_environment, thp_mode
+
+    base = {k: v for k, v in os.environ.items() if not (k == "GLIBC_TUNABLES" and TUNABLE in v)}
+    if pages == "4k":
+        return base
+    return huge_pages_environment(base, thp_mode(), glibc_version()) or base
+
+
+def _subprocess(side: str, out: Path, args, keep_going: bool = False, env=None) -> dict | None:
     cmd = [
         sys.executable,
         __file__,
@@ -739,7 +775,7 @@ def _subprocess(side: str, out: Path, args, keep_going: bool = False) -> dict | 
         "--kernel",
         str(args.kernel),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         message = f"{side} side failed (exit code {proc.returncode}; -9: killed, e.g. out of memory)"
@@ -849,6 +885,7 @@ def main():
     p.add_argument("--profile", type=int, default=0, help="N: per-op profile of the largest step of N real pairs")
     p.add_argument("--profile-top", type=int, default=25, help="--profile: rows of the per-op table")
     p.add_argument("--profile-step", type=int, default=-1, help="--profile: this step instead of the largest")
+    p.add_argument("--profile-runs", type=int, default=2, help="--profile: runs of the step (the last traced)")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()

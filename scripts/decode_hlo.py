@@ -57,6 +57,16 @@ def entry_instructions(hlo: str) -> list[tuple[str, str, int, int]]:
     return out
 
 
+WEIGHT_COPY = re.compile(r"^\s*%?([\w.\-]+) = (\S+) copy\(.*op_name=\"p\[\\'layers\\'\]\[\\'(\w+)\\'\]\"")
+
+
+def weight_copies(hlo: str) -> list[tuple[str, int]]:
+    """(weight name, bytes) of each copy of a stacked layer weight in the ENTRY computation: a relayout
+    the step pays on every call (the parameter's layout is not the one its dot wants), read and written."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    return [(m.group(3), shape_bytes(m.group(2))) for m in map(WEIGHT_COPY.match, entry.splitlines()) if m]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None)
@@ -83,6 +93,13 @@ def main(argv=None) -> int:
             f"est {cost['optimal_seconds'] * 1e3:.3f} ms; must read (weights + cache shard) {must / 1e9:.3f} GB "
             f"= {must / topo.chip.hbm_bandwidth * 1e3:.3f} ms at {topo.chip.hbm_bandwidth / 1e12:.2f} TB/s"
         )
+        copies = weight_copies(compiled.as_text())
+        if copies:
+            print(
+                "  weight relayout copies on every step: "
+                + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in copies)
+                + f"; {2 * sum(size for _, size in copies) / 1e9:.3f} GB read and written"
+            )
         ranked = sorted(rows[layers][2], key=lambda r: -(r[2] + r[3]))[: args.top]
         print(f"  {'instruction':<40} {'opcode':<22} {'out MB':>10} {'operands MB':>12}")
         for name, op, out_b, in_b in ranked:
