@@ -10,8 +10,8 @@ from lidr_jax.pipeline.config import load_run_config
 
 
 class Result:
-    def __init__(self, text):
-        self.text = text
+    def __init__(self, text, finish_reason="stop"):
+        self.text, self.finish_reason = text, finish_reason
 
 
 def test_mgsm_lidr_preset_decoding_and_system_prompt(tmp_path):
@@ -53,3 +53,16 @@ def test_lidr_paper_config_sets_the_preset():
         "lidr",
         2048,
     )
+
+
+def test_mgsm_counts_a_question_too_long_for_the_context(tmp_path):
+    """A problem whose prompt does not fit is not answered (never cut): scored wrong, kept in n, counted."""
+    (tmp_path / "mgsm_en.tsv").write_text("Half of 10?\t5\nA very long question?\t7\n")
+
+    def fake_generate(model, chats, sampling):
+        return [Result("The answer is 5."), Result("", "prompt_too_long")]
+
+    cfg = EvalConfig(mgsm_dir=str(tmp_path), mgsm_languages=("en",), progress=False)
+    out = run_mgsm(None, cfg, generate_fn=fake_generate)["en"]
+    assert (out["n"], out["accuracy"], out["prompt_too_long"]) == (2, 0.5, 1)
+    assert [r["prompt_too_long"] for r in out["records"]] == [False, True]

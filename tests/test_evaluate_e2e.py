@@ -36,8 +36,9 @@ def test_mgsm_evaluate_model(model, tmp_path):
         progress=False,
     )
     metrics = evaluate_model(model, cfg, tmp_path)
-    assert set(metrics) == {"mgsm_accuracy", "mgsm_off_target"}
-    for values in metrics.values():
+    assert set(metrics) == {"mgsm_accuracy", "mgsm_off_target", "mgsm_prompt_too_long"}
+    assert metrics["mgsm_prompt_too_long"] == dict.fromkeys(LANGS, 0)  # short questions: every one answered
+    for values in (metrics["mgsm_accuracy"], metrics["mgsm_off_target"]):
         assert set(values) == set(LANGS)
         assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values.values())
     for lang in LANGS:

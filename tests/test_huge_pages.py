@@ -58,6 +58,12 @@ def test_the_restart_runs_the_same_command_with_the_tunable(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # after the restart: no second one
     restart_with_huge_pages(execv=lambda *a: calls.append(a))
     assert len(calls) == 1
+    monkeypatch.delenv("GLIBC_TUNABLES")
+
+    def refused(*a):
+        raise PermissionError(13, "Permission denied")
+
+    restart_with_huge_pages(execv=refused)  # the command goes on without huge pages
 
 
 @pytest.mark.skipif(

@@ -155,9 +155,11 @@ def run_mgsm(model, cfg: EvalConfig, generate_fn=None) -> dict[str, dict]:
     sampling = _sampling(DECODING[cfg.mgsm_decoding], cfg.mgsm_max_new_tokens, cfg.batch_size, cfg.seed, cfg.progress)
     results = generate(model, chats, sampling)  # every language in one call: fuller batches
     outputs = {lang: [] for lang in items}
+    too_long = {lang: [] for lang in items}  # finish reason "prompt_too_long": not answered, counted
     for lang, r in zip(owners, results):
         outputs[lang].append(r.text)
-    return {lang: score_mgsm(items[lang], outputs[lang], lang) for lang in items}
+        too_long[lang].append(r.finish_reason == "prompt_too_long")
+    return {lang: score_mgsm(items[lang], outputs[lang], lang, too_long[lang]) for lang in items}
 
 
 def _sampler_generate():
@@ -283,7 +285,8 @@ def evaluate_model(
 ) -> dict[str, dict[str, float]]:
     """Run the benchmarks of `eval_config` on `model`; write everything under `out_dir`.
 
-    Returns {metric: {lang: value}} with metrics mgsm_accuracy, mgsm_off_target (MGSM) and
+    Returns {metric: {lang: value}} with metrics mgsm_accuracy, mgsm_off_target, mgsm_prompt_too_long
+    (MGSM: problems whose prompt did not fit the context, scored wrong) and
     alpaca_off_target, alpaca_truncated (X-AlpacaEval outputs); also written to OUT/metrics.json.
     `generate_fn` replaces `sampler.generate` and `write(path, obj)` writes each JSON file (the
     pipeline passes data-parallel generation and its run directory's writer).
@@ -296,6 +299,7 @@ def evaluate_model(
             write(out_dir / "mgsm" / f"{lang}.json", s)
         metrics["mgsm_accuracy"] = {lang: s["accuracy"] for lang, s in scores.items()}
         metrics["mgsm_off_target"] = {lang: s["off_target_rate"] for lang, s in scores.items()}
+        metrics["mgsm_prompt_too_long"] = {lang: s["prompt_too_long"] for lang, s in scores.items()}
     if "alpaca" in eval_config.benchmarks:
         summary = run_alpaca_outputs(model, eval_config, out_dir / "alpaca", generate_fn, write)
         metrics["alpaca_off_target"] = {lang: s["off_target_rate"] for lang, s in summary.items()}
@@ -510,7 +514,10 @@ def run_command(args) -> int:
             seed=args.seed,
         )
         metrics = evaluate_model(_load_checked(args, cfg), cfg, out)
-        print(format_table({"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}))
+        table = {"accuracy": metrics["mgsm_accuracy"], "off_target": metrics["mgsm_off_target"]}
+        if any(metrics["mgsm_prompt_too_long"].values()):  # never cut: said where it happened
+            table["prompt_too_long"] = metrics["mgsm_prompt_too_long"]
+        print(format_table(table))
     elif args.command == "alpaca-outputs":
         cfg = _alpaca_config(
             args,

@@ -215,16 +215,21 @@ def is_correct(prediction: float | None, answer: float) -> bool:
     return prediction is not None and abs(prediction - answer) < 1e-6 * max(1.0, abs(answer))
 
 
-def score_mgsm(items: Sequence[MgsmItem], outputs: Sequence[str], lang: str) -> dict:
+def score_mgsm(
+    items: Sequence[MgsmItem], outputs: Sequence[str], lang: str, too_long: Sequence[bool] | None = None
+) -> dict:
     """Accuracy and off-target rate of `outputs` (one model answer per item, same order) in `lang`.
 
-    Returns {"accuracy", "off_target_rate", "n", "records": [{question, answer, output, prediction,
-    correct, detected_language}]}. An answer with no letters at all counts as off-target.
+    Returns {"accuracy", "off_target_rate", "n", "prompt_too_long", "records": [{question, answer, output,
+    prediction, correct, detected_language, prompt_too_long}]}. An answer with no letters at all counts
+    as off-target. `too_long[i]`: item i's prompt did not fit the context after the answer budget, so it
+    was not answered (never cut); it stays in `n` and is scored wrong, and `prompt_too_long` counts it.
     """
     if len(items) != len(outputs):
         raise ValueError(f"{len(items)} MGSM items but {len(outputs)} outputs for {lang}")
+    too_long = list(too_long) if too_long is not None else [False] * len(items)
     records = []
-    for item, out in zip(items, outputs):
+    for item, out, skipped in zip(items, outputs, too_long):
         pred = extract_number(out)
         detected = detect_language(out)
         records.append(
@@ -235,6 +240,7 @@ def score_mgsm(items: Sequence[MgsmItem], outputs: Sequence[str], lang: str) -> 
                 prediction=pred,
                 correct=is_correct(pred, item.answer),
                 detected_language=detected,
+                prompt_too_long=bool(skipped),
             )
         )
     n = len(records)
@@ -242,5 +248,6 @@ def score_mgsm(items: Sequence[MgsmItem], outputs: Sequence[str], lang: str) -> 
         accuracy=sum(r["correct"] for r in records) / n if n else 0.0,
         off_target_rate=sum(r["detected_language"] != lang for r in records) / n if n else 0.0,
         n=n,
+        prompt_too_long=sum(too_long),
         records=records,
     )

@@ -28,7 +28,7 @@ MEASURES = {
     "alpaca_truncated": ("X-AlpacaEval answers cut at the token limit", "share of answers"),
 }
 SHARES = ("in_language", "mgsm_accuracy", "mgsm_off_target", "alpaca_off_target", "alpaca_truncated")  # 0..1 axes
-NOT_PLOTTED = ("n", "mean_chars")  # sample sizes (in the report's table) and a second length measure
+NOT_PLOTTED = ("n", "mean_chars", "mgsm_prompt_too_long")  # counts (in the report's table), a second length measure
 
 
 def _pyplot():

@@ -72,4 +72,7 @@ def restart_with_huge_pages(execv=os.execve) -> None:
     if environ is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        execv(sys.executable, sys.orig_argv, environ)
+        try:
+            execv(sys.executable, sys.orig_argv, environ)
+        except OSError:  # the interpreter cannot be started again (e.g. a user who may not exec it): go on as is
+            return
