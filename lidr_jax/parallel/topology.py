@@ -125,6 +125,18 @@ def devices(topology: Topology) -> list:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name, **extra).devices)
 
 
+def host_devices(topology: Topology, slice_devices: list) -> list:
+    """Devices to compile one host's own programs for (generation decodes on each host alone): those of
+    a single-host topology shaped like the first host's chips. Compiled over a host's devices taken from a
+    multi-host topology, libtpu refuses collectives among them ("Unexpected device_id 4 in replica
+    group"), as their ids are not 0..n-1."""
+    first = [d for d in slice_devices if d.process_index == slice_devices[0].process_index]
+    if len(first) == len(slice_devices):
+        return slice_devices
+    span = [max(c) - min(c) + 1 for c in zip(*(d.coords for d in first))][: topology.chip.dims]
+    return devices(parse(f"{topology.chip.generation}:{'x'.join(map(str, span))}"))
+
+
 def skip_absent_tpu(environ=os.environ) -> None:
     """With libtpu installed (the `tpu` extra, which `plan` needs) on a machine without a TPU, JAX probes
     for one when it starts: seconds of waiting and libtpu's errors on stderr, for every command. Unless

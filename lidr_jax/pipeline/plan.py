@@ -40,7 +40,7 @@ from lidr_jax.model.config import ModelConfig
 from lidr_jax.model.llama import abstract_params
 from lidr_jax.parallel.multihost import agree_min
 from lidr_jax.parallel.sharding import describe_mesh, device_memory, parse_rules, use_mesh
-from lidr_jax.parallel.topology import Topology, TopologyError, devices, parse
+from lidr_jax.parallel.topology import Topology, TopologyError, devices, host_devices, parse
 from lidr_jax.pipeline.config import load_run_config
 from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs, train_programs
 from lidr_jax.settings import SettingsError
@@ -204,7 +204,7 @@ def plan_topology(
     devs = devices(topo)
     try:
         with compiling_for("tpu"):
-            programs, layout, mesh = run_programs(run, config, devs, topo.chip.hbm_bytes)
+            programs, layout, mesh = run_programs(run, config, devs, topo.chip.hbm_bytes, host_devices(topo, devs))
     except ValueError as e:
         raise DoesNotFitOrCompile(f"{topo.name}: {e}") from None
     log(f"{topo.name} ({topo.slice_name}, {topo.chips} chips, {topo.hosts} host(s)): run mesh {describe_mesh(mesh)}")

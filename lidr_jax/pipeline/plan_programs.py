@@ -272,12 +272,14 @@ def _is_array_like(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def run_programs(run: RunConfig, config: ModelConfig, devices: list, device_bytes: int | None):
-    """Every program of a run of `run` on `devices` (module docstring), and the decoding layout."""
+def run_programs(run: RunConfig, config: ModelConfig, devices: list, device_bytes: int | None, host=None):
+    """Every program of a run of `run` on `devices` (module docstring), and the decoding layout.
+    `host`: the devices to compile a host's generation on (lidr_jax.parallel.topology.host_devices;
+    default: the first host's of `devices`)."""
     rules = parse_rules(run.mesh.rules)
     mesh = make_mesh(run.mesh, devices)
     programs = train_programs(run, mesh, rules)
-    gen_mesh, layout = decode_mesh(run, config, devices, device_bytes)
+    gen_mesh, layout = decode_mesh(run, config, host or devices, device_bytes)
     programs += generation_programs(run, config, gen_mesh, rules)
     if run.reward == "icr":
         programs.append(icr_score_program(run, mesh, rules))
