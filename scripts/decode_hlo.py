@@ -57,14 +57,14 @@ def entry_instructions(hlo: str) -> list[tuple[str, str, int, int]]:
     return out
 
 
-WEIGHT_COPY = re.compile(r"^\s*%?([\w.\-]+) = (\S+) copy\(.*op_name=\"p\[\\'layers\\'\]\[\\'(\w+)\\'\]\"")
+WEIGHT_COPY = re.compile(r"^\s*%?[\w.\-]+ = (\S+) copy\(.*op_name=\"p\[\\'layers\\'\]\[\\'(\w+)\\'\]\"")
 
 
 def weight_copies(hlo: str) -> list[tuple[str, int]]:
     """(weight name, bytes) of each copy of a stacked layer weight in the ENTRY computation: a relayout
     the step pays on every call (the parameter's layout is not the one its dot wants), read and written."""
     entry = hlo[hlo.index("\nENTRY ") :]
-    return [(m.group(3), shape_bytes(m.group(2))) for m in map(WEIGHT_COPY.match, entry.splitlines()) if m]
+    return [(m.group(2), shape_bytes(m.group(1))) for m in map(WEIGHT_COPY.match, entry.splitlines()) if m]
 
 
 def main(argv=None) -> int:

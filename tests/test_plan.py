@@ -326,10 +326,8 @@ def test_a_hosts_generation_with_split_heads_compiles_on_a_multi_host_slice(tmp_
     """One host of a v5e:4x4 holds devices 0, 1, 4, 5; libtpu refuses collectives among all four
     ("Unexpected device_id 4 in replica group"), so a host's generation is compiled on a one-host
     topology shaped like it, here with the heads split over its four chips (collectives in the prefill)."""
-    import jax
-    import numpy as np
-
     from lidr_jax.model.attention import compiling_for
+    from lidr_jax.parallel.sharding import tree_nbytes
     from lidr_jax.parallel.topology import host_devices
     from lidr_jax.pipeline import plan, plan_programs
     from lidr_jax.pipeline.config import load_run_config
@@ -344,9 +342,7 @@ def test_a_hosts_generation_with_split_heads_compiles_on_a_multi_host_slice(tmp_
     (model / "config.json").write_text(json.dumps({**config_json, "num_key_value_heads": 4}))  # 4 ways possible
     run = load_run_config(None, [s for s in _settings(model, "xla") if s != "--set"])
     config = plan_programs.model_architecture(run.model, run.dtype)
-    weights = sum(
-        int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(plan_programs.abstract_params(config))
-    )
+    weights = tree_nbytes(plan_programs.abstract_params(config))
     with compiling_for("tpu"):  # chips as large as the weights: a quarter fits once the heads split 4 ways
         programs, layout, _ = plan_programs.run_programs(run, config, devices, weights, host)
     assert (layout.data, layout.tensor) == (1, 4)

@@ -2,14 +2,14 @@
 
 XLA:CPU takes each program's buffers from malloc, and glibc serves every block over 32 MB with a fresh
 mmap that it returns on free. A DPO step at real lengths allocates GBs of such blocks per step, so every
-step first-touches them again in 4 KiB pages: 5.7 million page faults and ~21 s of kernel time in a
-~65 s step (BENCHMARKS.md, "DPO", the page-fault measurement). Where the kernel gives huge pages only
-on request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, the common default), glibc
->= 2.35 asks for them when started with the tunable `glibc.malloc.hugetlb=1`: faults fall 100-fold.
+step first-touches them again in 4 KiB pages (the page faults and kernel time measured: BENCHMARKS.md,
+"DPO", "Host memory: page faults"). Where the kernel gives huge pages only on request
+(`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, the common default), glibc >= 2.35 asks
+for them when started with the tunable `glibc.malloc.hugetlb=1`.
 
-glibc reads its tunables once, when the process starts, so the commands (`python -m lidr_jax.iterate`,
-`dpo`, `evaluate`, `export`) start themselves again with the tunable added, once, before any import
-of JAX (`restart_with_huge_pages`). Nothing changes where the kernel already uses huge pages for all
+glibc reads its tunables once, when the process starts, so the commands that run XLA's large programs
+(`python -m lidr_jax.iterate`, `dpo`, `evaluate`) start themselves again with the tunable added, once,
+before any import of JAX (`restart_with_huge_pages`). Nothing changes where the kernel already uses huge pages for all
 memory (`always`), refuses them (`never`), the C library is not glibc >= 2.35, the user set the
 tunable themselves, or `LIDR_JAX_HUGE_PAGES=0`.
 """

@@ -51,6 +51,7 @@ from lidr_jax.parallel.sharding import (
     place,
     put_batch,
     to_host,
+    tree_nbytes,
     use_mesh,
 )
 from lidr_jax.settings import SettingsError
@@ -299,7 +300,7 @@ def local_params(params, specs, mesh: Mesh, rules):
 def on_this_process(model, cfg: MeshConfig | None = None):
     """`model` with its params on this process's own devices (`generation_mesh`), that mesh active."""
     config = model.config
-    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    weight_bytes = tree_nbytes(model.params)
     mesh, rules = generation_mesh(cfg, (weight_bytes, (config.num_attention_heads, config.num_key_value_heads)))
     local = dataclasses.replace(model, params=local_params(model.params, model.param_specs, mesh, rules))
     with use_mesh(mesh, rules):

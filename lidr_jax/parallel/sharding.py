@@ -168,6 +168,11 @@ class DecodeLayout:
         return (self.data, 1, self.tensor)
 
 
+def tree_nbytes(tree) -> int:
+    """Bytes of every array (or abstract array) in `tree`, unsharded: what the weights of a layout weigh."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def decode_layout(weight_bytes: int, device_bytes: int | None, devices: int, heads: tuple[int, int]) -> DecodeLayout:
     """The layout of decoding on `devices` devices of `device_bytes` each for weights of `weight_bytes`.
 

@@ -40,6 +40,7 @@ from lidr_jax.parallel.sharding import (
     param_shardings,
     parse_rules,
     state_shardings,
+    tree_nbytes,
     use_mesh,
 )
 from lidr_jax.pipeline.config import RunConfig
@@ -215,7 +216,7 @@ def generation_stages(run: RunConfig) -> list[str]:
 def decode_mesh(run: RunConfig, config: ModelConfig, devices: list, device_bytes: int | None):
     """One host's devices in the decoding layout (lidr_jax.parallel.sharding.decode_layout)."""
     host = [d for d in devices if d.process_index == devices[0].process_index]
-    weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_params(config)))
+    weights = tree_nbytes(abstract_params(config))
     layout = decode_layout(weights, device_bytes, len(host), (config.num_attention_heads, config.num_key_value_heads))
     return Mesh(np.asarray(host).reshape(layout.shape), MESH_AXES), layout
 

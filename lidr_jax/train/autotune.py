@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from lidr_jax.parallel.multihost import agree_min
+from lidr_jax.parallel.sharding import tree_nbytes
 from lidr_jax.train import trainer
 from lidr_jax.train.dpo import DPOConfig
 from lidr_jax.train.memory import DoesNotFitError, compiled_memory, device_memory, size
@@ -201,7 +202,7 @@ def _abstract_state(params_abstract, cfg: DPOConfig):
 def state_bytes(params_abstract, cfg: DPOConfig) -> int:
     """Bytes of the train state (float32 weights and AdamW moments), from shapes: a floor under any
     candidate's peak, so a budget below it is refused without compiling anything."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(_abstract_state(params_abstract, cfg)))
+    return tree_nbytes(_abstract_state(params_abstract, cfg))
 
 
 class _Program:
