@@ -349,3 +349,17 @@ def test_a_hosts_generation_with_split_heads_compiles_on_a_multi_host_slice(tmp_
     prefill = next(p for p in programs if p.name == "prefill:generate")
     compiled, _ = plan._compile(prefill, config)
     assert sum(row["count"] for row in plan.collectives(compiled.as_text()).values()) > 0
+
+
+@needs_libtpu
+def test_decode_hlo_prints_the_step_with_and_without_its_cache_write(tiny_dir, capsys):
+    from scripts.decode_hlo import main as decode_hlo
+
+    sets = [s for s in _settings(tiny_dir, "splash") if s != "--set"]
+    assert decode_hlo(["--topology", "v5e:2x2", "--top", "3", *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "decoding layout data=" in out and "1 layer(s): compiler bytes accessed" in out
+    assert "2 layer(s): compiler bytes accessed" in out and "per layer: compiler" in out
+    # 8 slots on 4 chips: 2 per chip; key and value, 2 kv heads of 32 dims in bfloat16 per slot and layer
+    assert "the cache write as the cost model charges it (0.5 KB per layer)" in out
+    assert "the step, 2 layers: compiler's estimate" in out and "without the write" in out
