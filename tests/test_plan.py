@@ -363,3 +363,17 @@ def test_decode_hlo_prints_the_step_with_and_without_its_cache_write(tiny_dir, c
     # 8 slots on 4 chips: 2 per chip; key and value, 2 kv heads of 32 dims in bfloat16 per slot and layer
     assert "the cache write as the cost model charges it (0.5 KB per layer)" in out
     assert "the step, 2 layers: compiler's estimate" in out and "without the write" in out
+
+
+@needs_libtpu
+def test_a_hosts_generation_is_compiled_once_for_slices_of_the_same_hosts(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["--topology", "v5e-16", "--topology", "v5e-32", "--no-cost", "--only", "decode:generate"]
+    assert main([*args, *_settings(tiny_dir, "splash"), "--json", str(out)]) == 0
+    small, large = json.loads(out.read_text())["topologies"]
+    ((first,), (again,)) = small["programs"], large["programs"]
+    assert "same_as" not in first and again["same_as"] == "v5e:4x4" and again["memory"] == first["memory"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2].strip().startswith("decode:generate") and printed[-2].endswith(
+        "; the program compiled for v5e:4x4"
+    )

@@ -18,6 +18,9 @@ it from abstract arrays (no weights, no data). Per program the report gives:
   the estimated time and the chip's HBM bandwidth);
 - the compile time.
 
+A program that several topologies share (a host's generation compiles on a one-host topology: the
+same program on v5e-16, v5e-32 and v5e-256) is compiled once per command and reported for each.
+
 A program that does not fit or does not compile exits 2 with one line naming the program, the topology
 and the compiler's numbers, and what to change.
 """
@@ -198,9 +201,26 @@ def plan_gpu(run, config: ModelConfig, node: GPUNode, log=print) -> dict:
     return {"topology": node.name, "chips": node.gpus, "hbm_per_chip": node.hbm_bytes, "programs": [row]}
 
 
+def program_key(program: Program) -> tuple:
+    """What makes two programs one: the same name and shapes on the same devices (a host's generation
+    compiles on a one-host topology, the same for every slice of that chip and host shape)."""
+    devs = tuple((d.device_kind, d.id, tuple(getattr(d, "coords", ()))) for d in program.mesh.devices.flat)
+    return program.name, program.note, program.tokens, program.mesh.devices.shape, devs
+
+
 def plan_topology(
-    run, config: ModelConfig, topo: Topology, with_cost: bool = True, log=print, only: tuple[str, ...] = ()
+    run,
+    config: ModelConfig,
+    topo: Topology,
+    with_cost: bool = True,
+    log=print,
+    only: tuple[str, ...] = (),
+    done: dict | None = None,
 ) -> dict:
+    """The report of one topology. `done` (program_key -> (topology, row)), shared across the topologies
+    of one command: a program compiled already (a host's generation on v5e-16 and v5e-32) is reported
+    again, not compiled again."""
+    done = {} if done is None else done
     devs = devices(topo)
     try:
         with compiling_for("tpu"):
@@ -213,7 +233,13 @@ def plan_topology(
     for program in programs:
         if only and program.name not in only and program.name.split(":")[0] not in only:
             continue
-        row = analyse(program, config, topo, with_cost)
+        key = program_key(program)
+        if key in done and (not with_cost or "cost" in done[key][1] or "compiler" in done[key][1]):
+            where, row = done[key]
+            row = {**row, "same_as": where}
+        else:
+            row = analyse(program, config, topo, with_cost)
+            done[key] = (topo.name, row)
         log("  " + format_row(row))
         rows.append(row)
     return {
@@ -244,7 +270,9 @@ def format_row(row: dict) -> str:
         parts.append(f"est MFU {row['estimated_mfu']:.0%}")
     if "decode" in row:
         parts.append(f"est HBM roofline {row['decode']['estimated_roofline_fraction']:.0%}")
-    parts.append(f"compile {row['compile_seconds']:.0f} s")
+    parts.append(
+        f"the program compiled for {row['same_as']}" if "same_as" in row else f"compile {row['compile_seconds']:.0f} s"
+    )
     return "; ".join(parts)
 
 
@@ -320,13 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = {"config": args.config or "default", "model": run.model, "topologies": []}
+    done: dict = {}  # programs compiled so far, shared by the topologies
     try:
         for topo in topologies:
             if isinstance(topo, GPUNode):
                 report["topologies"].append(plan_gpu(run, config, topo))
             else:
                 only = tuple(name for name in args.only.split(",") if name)
-                report["topologies"].append(plan_topology(run, config, topo, not args.no_cost, only=only))
+                report["topologies"].append(plan_topology(run, config, topo, not args.no_cost, only=only, done=done))
     except (DoesNotFitOrCompile, TopologyError) as e:
         if args.traceback:
             raise
