@@ -228,6 +228,7 @@ def test_the_cost_estimate_of_the_train_and_decode_steps(tiny_dir, tmp_path):
         assert row["cost"]["flops"] > 0 and row["cost"]["bytes accessed"] > 0 and row["cost"]["optimal_seconds"] > 0
         assert row["cost"]["source"] == "compiler, layers unrolled at 1 and 2, extrapolated"
     assert 0 < train["estimated_mfu"] <= 1
+    assert train["analytic_peak"] > 0 and "analytic_peak" not in decode  # the analytic plan beside the compiler's
     assert decode["decode"]["bytes_per_chip"] > 0 and 0 < decode["decode"]["estimated_roofline_fraction"] <= 1
 
 
@@ -319,6 +320,13 @@ def test_a_gpu_node_is_planned_analytically(tiny_dir, tmp_path, capsys):
     (row,) = node["programs"]
     assert (row["program"], row["source"], row["attention"], row["fits"]) == ("train", "analytic", "cudnn", True)
     assert "8 x H100 (analytic): train needs " in capsys.readouterr().out
+    from scripts.plan_table import table
+
+    peak = f"{row['memory']['peak'] / 2**30:.2f}"
+    assert table([json.loads(out.read_text())]).splitlines()[2] == (
+        "| default | 8 x H100 | train | analytic (no GPU compiler on this machine) | yes |  "
+        f"| {peak} |  |  |  | analytic |"
+    )
 
 
 @needs_libtpu

@@ -45,7 +45,14 @@ from lidr_jax.parallel.multihost import agree_min
 from lidr_jax.parallel.sharding import describe_mesh, device_memory, parse_rules, use_mesh
 from lidr_jax.parallel.topology import Topology, TopologyError, devices, host_devices, parse
 from lidr_jax.pipeline.config import load_run_config
-from lidr_jax.pipeline.plan_programs import PlanInputError, Program, model_architecture, run_programs, train_programs
+from lidr_jax.pipeline.plan_programs import (
+    PlanInputError,
+    Program,
+    model_architecture,
+    planned_dpo,
+    run_programs,
+    train_programs,
+)
 from lidr_jax.settings import SettingsError
 from lidr_jax.train.memory import DoesNotFitError, check_model_fits, compiled_memory, plan_memory
 
@@ -201,6 +208,16 @@ def plan_gpu(run, config: ModelConfig, node: GPUNode, log=print) -> dict:
     return {"topology": node.name, "chips": node.gpus, "hbm_per_chip": node.hbm_bytes, "programs": [row]}
 
 
+def analytic_train_peak(run, config: ModelConfig, mesh) -> int:
+    """The analytic memory plan's bytes per chip for the run's DPO step on `mesh` (lidr_jax.train.memory),
+    reported beside the compiler's: where no compiler answers (a GPU), that figure is all there is."""
+    dpo = planned_dpo(run.dpo)
+    with compiling_for("tpu"):
+        impl = dpo.compute.attention_impl(shared_prompt=dpo.share_prompt or not dpo.row_tokens)
+    shape = tuple(mesh.shape[axis] for axis in ("data", "fsdp", "tensor"))
+    return plan_memory(config, dpo, shape, fused_attention=impl != "xla").total
+
+
 def program_key(program: Program) -> tuple:
     """What makes two programs one: the same name and shapes on the same devices (a host's generation
     compiles on a one-host topology, the same for every slice of that chip and host shape)."""
@@ -239,6 +256,8 @@ def plan_topology(
             row = {**row, "same_as": where}
         else:
             row = analyse(program, config, topo, with_cost)
+            if program.name == "train" and "memory" in row:
+                row["analytic_peak"] = analytic_train_peak(run, config, program.mesh)
             done[key] = (topo.name, row)
         log("  " + format_row(row))
         rows.append(row)
@@ -263,6 +282,8 @@ def format_row(row: dict) -> str:
         f"temp {m['temporaries'] / GiB:.2f} GiB",
         coll,
     ]
+    if "analytic_peak" in row:
+        parts.append(f"analytic plan {row['analytic_peak'] / GiB:.2f} GiB")
     if "cost" in row:
         est = row["cost"]["optimal_seconds"]
         parts.append("est time unknown" if est is None else f"est {est * 1e3:.1f} ms")

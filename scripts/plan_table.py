@@ -1,0 +1,99 @@
+"""The reports of `python -m lidr_jax.plan --json FILE` as one Markdown table (docs/scaling.md's tables):
+
+    python scripts/plan_table.py plan_lidr.json plan_icr.json > table.md
+
+One row per program and topology: whether it fits, the compiler's peak per chip, the analytic plan's
+figure where it differs from the compiler's by more than 10% (train rows), the collectives, the
+compiler's estimated time and its MFU or HBM-roofline estimate, and the compile time (or the topology
+whose identical program was compiled, for a host's generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+GiB = 2**30
+SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}
+SHORT["collective-permute"] = "CP"
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def row_cells(config: str, topology: dict, row: dict) -> list[str]:
+    where = f"{topology.get('slice') or topology['topology']}"
+    if "compiler" in row:  # refused by the compiler for memory
+        return [config, where, row["program"], row.get("note", ""), "**no**", row["compiler"], "", "", "", "", ""]
+    peak = row["memory"]["peak"]
+    analytic = row.get("analytic_peak")
+    off = analytic is not None and abs(analytic - peak) > 0.1 * peak
+    coll = ", ".join(f"{v['count']} {SHORT.get(k, k)}" for k, v in row.get("collectives", {}).items() if v["count"])
+    estimate = ""
+    if "estimated_mfu" in row:
+        estimate = f"MFU {row['estimated_mfu']:.0%}"
+    elif "decode" in row:
+        estimate = f"{row['decode']['estimated_roofline_fraction']:.0%} of HBM roofline"
+    est = _time(row["cost"]["optimal_seconds"]) if "cost" in row else "-"
+    compiled = f"as {row['same_as']}" if "same_as" in row else f"{row['compile_seconds']:.0f}"
+    return [
+        config,
+        where,
+        row["program"],
+        row.get("note", ""),
+        "yes" if row["fits"] else "**no**",
+        f"{peak / GiB:.2f}",
+        f"{analytic / GiB:.2f}" if off else "",
+        coll or "none",
+        est,
+        estimate,
+        compiled,
+    ]
+
+
+HEADER = [
+    "config",
+    "topology",
+    "program",
+    "shapes",
+    "fits",
+    "peak GiB/chip",
+    "analytic GiB (>10% off)",
+    "collectives",
+    "est. time",
+    "estimate",
+    "compile s",
+]
+
+
+def table(reports: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for report in reports:
+        config = Path(report["config"]).stem
+        for topology in report["topologies"]:
+            for row in topology["programs"]:
+                if row.get("source") == "analytic":  # a GPU node: the analytic plan only
+                    cells = [config, topology["topology"], row["program"], row.get("note", "")]
+                    cells += ["yes" if row["fits"] else "**no**", "", f"{row['memory']['peak'] / GiB:.2f}", "", "", ""]
+                    cells += ["analytic"]
+                else:
+                    cells = row_cells(config, topology, row)
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("reports", nargs="+", help="JSON reports of python -m lidr_jax.plan --json")
+    args = p.parse_args(argv)
+    print(table([json.loads(Path(f).read_text()) for f in args.reports]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
