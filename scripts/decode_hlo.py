@@ -40,6 +40,7 @@ from lidr_jax.pipeline.plan_programs import model_architecture, run_programs  # 
 
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
 SHAPE = re.compile(r"\b(pred|s8|u8|bf16|f16|s16|f32|s32|u32|f64|s64)\[([0-9,]*)\]")
+OPERAND = re.compile(r"%([\w.\-]+)")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) (\w[\w\-]*)\((.*)$")
 
 
@@ -52,7 +53,7 @@ def shape_bytes(text: str) -> int:
 
 def entry_instructions(hlo: str) -> list[tuple[str, str, int, int]]:
     """(name, opcode, output bytes, operand bytes) of each instruction of the ENTRY computation."""
-    out, inside = [], False
+    out, inside, sizes = [], False, {}
     for line in hlo.splitlines():
         if line.startswith("ENTRY "):
             inside = True
@@ -63,7 +64,11 @@ def entry_instructions(hlo: str) -> list[tuple[str, str, int, int]]:
         if m:
             name, result, op, rest = m.groups()
             operands = rest.split("), ")[0] if "), " in rest else rest
-            out.append((name, op, shape_bytes(result), shape_bytes(operands)))
+            size = shape_bytes(result)
+            # operands are printed by name: their bytes are their defining instruction's result
+            inputs = sum(sizes.get(ref, 0) for ref in OPERAND.findall(operands)) + shape_bytes(operands)
+            sizes[name] = size
+            out.append((name, op, size, inputs))
     return out
 
 
