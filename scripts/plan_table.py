@@ -28,8 +28,9 @@ def _time(seconds: float | None) -> str:
 
 def row_cells(config: str, topology: dict, row: dict) -> list[str]:
     where = f"{topology.get('slice') or topology['topology']}"
-    if "compiler" in row:  # refused by the compiler for memory
-        return [config, where, row["program"], row.get("note", ""), "**no**", row["compiler"], "", "", "", "", ""]
+    if "compiler" in row or "reason" in row:  # refused by the compiler for memory, or no decoding layout
+        why = row.get("compiler") or row["reason"]
+        return [config, where, row["program"], row.get("note", ""), "**no**", why, "", "", "", "", ""]
     peak = row["memory"]["peak"]
     analytic = row.get("analytic_peak")
     off = analytic is not None and abs(analytic - peak) > 0.1 * peak

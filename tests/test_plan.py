@@ -74,8 +74,18 @@ def test_decode_layout_replicates_what_fits_and_splits_heads_otherwise():
     assert v5e.why == "heads and MLP split 4 ways (tensor), slots over the rest"
     assert decode_layout(eight_b, 16 * GiB, 8, (32, 8)).shape == (2, 1, 4)
     assert decode_layout(20 * GiB, 16 * GiB, 8, (32, 8)).shape == (1, 1, 8)
-    with pytest.raises(ValueError, match=r"do not fit a quarter of 4 devices of 16.0 GiB split by heads \(32, 8\)"):
-        decode_layout(140 * GiB, 16 * GiB, 4, (32, 8))
+    seventy_b = decode_layout(131 * GiB, 95 * GiB, 4, (64, 8))  # Llama-3-70B on a v5p host: no quarter
+    assert seventy_b.shape == (1, 1, 4)
+    assert (
+        seventy_b.why == "heads and MLP split 4 ways (tensor), the most this host allows: weights take 34% of a device"
+    )
+    with pytest.raises(ValueError) as refused:
+        decode_layout(131 * GiB, 16 * GiB, 4, (64, 8))
+    assert str(refused.value) == (
+        "generation runs on each host alone, and the weights (131.0 GiB) take more than half of each of its 4 "
+        "devices of 16.0 GiB even split 4 ways by heads (64, 8): use hosts with more memory per device, or a "
+        "smaller model"
+    )
 
 
 def test_collectives_are_counted_with_their_bytes():
@@ -385,3 +395,27 @@ def test_a_hosts_generation_is_compiled_once_for_slices_of_the_same_hosts(tiny_d
     assert printed[-2].strip().startswith("decode:generate") and printed[-2].endswith(
         "; the program compiled for v5e:4x4"
     )
+
+
+@needs_libtpu
+def test_a_model_no_host_can_decode_is_reported_and_the_rest_still_planned(tmp_path, capsys):
+    """Llama-3-70B's shapes on v5e-16: no host of 4 chips of 16 GiB can hold its 131 GiB of bfloat16
+    weights to generate; the plan says so as a row (no compile) and exits 2 with one line."""
+    big = _arch_dir(tmp_path, 8192)
+    config = json.loads((big / "config.json").read_text())
+    config.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+    config.update(num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    (big / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "plan.json"
+    args = ["--topology", "v5e-16", "--no-cost", "--only", "decode", *_settings(big, "splash"), "--json", str(out)]
+    assert main(args) == 2
+    (row,) = json.loads(out.read_text())["topologies"][0]["programs"]
+    reason = (
+        "generation runs on each host alone, and the weights (131.4 GiB) take more than half of each of its 4 "
+        "devices of 16.0 GiB even split 4 ways by heads (64, 8): use hosts with more memory per device, or a "
+        "smaller model"
+    )
+    assert row == {"program": "generation", "note": "every generation stage", "fits": False, "reason": reason}
+    printed = capsys.readouterr()
+    assert f"  generation         CANNOT RUN: {reason}" in printed.out
+    assert printed.err.strip().splitlines() == [f"error: generation cannot run on v5e:4x4: {reason}"]

@@ -182,17 +182,28 @@ def decode_layout(weight_bytes: int, device_bytes: int | None, devices: int, hea
     split; else the heads and the MLP are split over the fewest devices (`tensor`, dividing both head
     counts `heads` = (query, key/value)) that bring the weights under a quarter of a device, and the slots
     over the rest. (Half a device was too little on a v5e chip: the plan's decode step of Llama-3-8B at
-    64 slots did not fit with the weights split 2 ways, BENCHMARKS.md.) Unknown memory (CPU) counts as
+    64 slots did not fit with the weights split 2 ways, BENCHMARKS.md.) When no split reaches a quarter
+    (Llama-3-70B on a v5p host), the most ways the devices and heads allow, if the weights then take at
+    most half a device: less room for the cache, so fewer slots fit. Unknown memory (CPU) counts as
     enough."""
     if device_bytes is None or weight_bytes <= device_bytes // 4:
         why = "weights replicated on every device (they fit in a quarter of one), slots split"
         return DecodeLayout(devices, 1, why)
-    for t in range(2, devices + 1):
-        if devices % t == 0 and heads[0] % t == 0 and heads[1] % t == 0 and weight_bytes / t <= device_bytes / 4:
+    ways = [t for t in range(2, devices + 1) if devices % t == 0 and heads[0] % t == 0 and heads[1] % t == 0]
+    for t in ways:
+        if weight_bytes / t <= device_bytes / 4:
             return DecodeLayout(devices // t, t, f"heads and MLP split {t} ways (tensor), slots over the rest")
+    most = ways[-1] if ways else 1
+    if weight_bytes / most <= device_bytes / 2:
+        share = weight_bytes / most / device_bytes
+        why = (
+            f"heads and MLP split {most} ways (tensor), the most this host allows: weights take {share:.0%} of a device"
+        )
+        return DecodeLayout(devices // most, most, why)
     raise ValueError(
-        f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit a quarter of {devices} devices of "
-        f"{device_bytes / 2**30:.1f} GiB split by heads {heads}: generate on more devices per host or in bfloat16"
+        f"generation runs on each host alone, and the weights ({weight_bytes / 2**30:.1f} GiB) take more than "
+        f"half of each of its {devices} devices of {device_bytes / 2**30:.1f} GiB even split {most} ways by heads "
+        f"{heads}: use hosts with more memory per device, or a smaller model"
     )
 
 

@@ -245,8 +245,13 @@ def plan_topology(
     except ValueError as e:
         raise DoesNotFitOrCompile(f"{topo.name}: {e}") from None
     log(f"{topo.name} ({topo.slice_name}, {topo.chips} chips, {topo.hosts} host(s)): run mesh {describe_mesh(mesh)}")
-    log(f"  decoding on each host: {layout.why} (data={layout.data}, tensor={layout.tensor})")
     rows = []
+    if layout.data:
+        log(f"  decoding on each host: {layout.why} (data={layout.data}, tensor={layout.tensor})")
+    elif not only or any(name.split(":")[0] in ("prefill", "decode") for name in only):
+        row = {"program": "generation", "note": "every generation stage", "fits": False, "reason": layout.why}
+        log("  " + format_row(row))
+        rows.append(row)
     for program in programs:
         if only and program.name not in only and program.name.split(":")[0] not in only:
             continue
@@ -275,6 +280,8 @@ def plan_topology(
 def format_row(row: dict) -> str:
     if "compiler" in row:
         return f"{row['program']:<18} DOES NOT FIT: {row['compiler']} (compile {row['compile_seconds']:.0f} s)"
+    if "reason" in row:
+        return f"{row['program']:<18} CANNOT RUN: {row['reason']}"
     m = row["memory"]
     coll = ", ".join(f"{v['count']} {k}" for k, v in row["collectives"].items() if v["count"]) or "no collectives"
     parts = [
@@ -311,6 +318,8 @@ def refusal(report: dict) -> str | None:
     """One line for the first program that does not fit, with the compiler's numbers and what to change."""
     for topo in report["topologies"]:
         for row in topo["programs"]:
+            if not row["fits"] and "reason" in row:
+                return f"{row['program']} cannot run on {topo['topology']}: {row['reason']}"
             if not row["fits"] and "compiler" in row:
                 return (
                     f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {advice(row['program'])}"

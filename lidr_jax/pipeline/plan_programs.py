@@ -34,6 +34,7 @@ from lidr_jax.model.llama import abstract_params, init_cache, param_specs
 from lidr_jax.model.scoring import batch_logprobs
 from lidr_jax.parallel.sharding import (
     MESH_AXES,
+    DecodeLayout,
     batch_sharding,
     decode_layout,
     make_mesh,
@@ -274,14 +275,19 @@ def _is_array_like(x) -> bool:
 
 
 def run_programs(run: RunConfig, config: ModelConfig, devices: list, device_bytes: int | None, host=None):
-    """Every program of a run of `run` on `devices` (module docstring), and the decoding layout.
+    """Every program of a run of `run` on `devices` (module docstring), and the decoding layout (with
+    `data` 0 and the reason in `why` when a host cannot hold the weights to decode: then no generation
+    programs).
     `host`: the devices to compile a host's generation on (lidr_jax.parallel.topology.host_devices;
     default: the first host's of `devices`)."""
     rules = parse_rules(run.mesh.rules)
     mesh = make_mesh(run.mesh, devices)
     programs = train_programs(run, mesh, rules)
-    gen_mesh, layout = decode_mesh(run, config, host or devices, device_bytes)
-    programs += generation_programs(run, config, gen_mesh, rules)
+    try:
+        gen_mesh, layout = decode_mesh(run, config, host or devices, device_bytes)
+        programs += generation_programs(run, config, gen_mesh, rules)
+    except ValueError as e:  # a host cannot hold the weights to decode: no generation programs, the reason kept
+        layout = DecodeLayout(0, 0, str(e))
     if run.reward == "icr":
         programs.append(icr_score_program(run, mesh, rules))
     return programs, layout, mesh
