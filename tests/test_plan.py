@@ -31,13 +31,13 @@ WORKER = Path(__file__).resolve().parent / "tpu_worker.py"
 
 def test_slice_names_map_to_topologies():
     cases = {
-        "v5e-8": ("v5e:2x4", 8, 2),
+        "v5e-8": ("v5e:2x4", 8, 1),  # one VM of 8 chips
         "v5litepod-16": ("v5e:4x4", 16, 4),
         "v5e:4x8": ("v5e:4x8", 32, 8),
         "v5p-8": ("v5p:2x2x1", 4, 1),
         "v5p:2x2x1": ("v5p:2x2x1", 4, 1),
         "v4-32": ("v4:2x2x4", 16, 4),
-        "v6e-8": ("v6e:2x4", 8, 2),
+        "v6e-8": ("v6e:2x4", 8, 1),
     }
     for name, (jax_name, chips, hosts) in cases.items():
         t = parse(name)
@@ -419,3 +419,11 @@ def test_a_model_no_host_can_decode_is_reported_and_the_rest_still_planned(tmp_p
     printed = capsys.readouterr()
     assert f"  generation         CANNOT RUN: {reason}" in printed.out
     assert printed.err.strip().splitlines() == [f"error: generation cannot run on v5e:4x4: {reason}"]
+
+
+@needs_libtpu
+def test_an_8_chip_v5e_or_v6e_slice_is_one_host():
+    """v5litepod-8 and v6e-8 are one VM of 8 chips (JAX's default layout would make two hosts of 4)."""
+    for name, hosts in (("v5e-8", {0}), ("v6e-8", {0}), ("v5e-16", {0, 1, 2, 3}), ("v5p-8", {0})):
+        devs = topology_devices(parse(name))
+        assert {d.process_index for d in devs} == hosts, name

@@ -33,13 +33,14 @@ class Chip:
     cores_in_name: int  # slice names count TensorCores (2 per chip: v4, v5p) or chips (1: v5e, v6e)
     host_chips: int  # chips per host in multi-host slices
     dims: int  # 3 for a 3-D torus (v4, v5p), else 2
+    single_host_chips: int  # the most chips a one-host slice has (v5litepod-8 and v6e-8: one VM of 8)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, 2, 4, 3),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 8.19e11, 1, 4, 2),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2.765e12, 2, 4, 3),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1.64e12, 1, 4, 2),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, 2, 4, 3, 4),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 8.19e11, 1, 4, 2, 8),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2.765e12, 2, 4, 3, 4),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1.64e12, 1, 4, 2, 8),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 
@@ -65,8 +66,9 @@ class Topology:
 
     @property
     def hosts(self) -> int:
-        """Hosts of the slice as JAX lays it out (`host_chips` chips each; v5e-8 is two hosts of four)."""
-        return max(1, self.chips // self.chip.host_chips)
+        """Hosts of the slice: one up to `single_host_chips` chips (v5litepod-8 is one VM of 8 chips), else
+        `host_chips` chips each (v5litepod-16: four hosts of four)."""
+        return 1 if self.chips <= self.chip.single_host_chips else self.chips // self.chip.host_chips
 
 
 def known_names() -> str:
@@ -122,6 +124,8 @@ def devices(topology: Topology) -> list:
 
     # v4 chips hold two TensorCores that JAX shows as one device ("megacore"), as on a real v4 VM
     extra = {"chip_config_name": "megacore"} if topology.chip.generation == "v4" else {}
+    if topology.hosts == 1 and topology.chips > topology.chip.host_chips:  # JAX would lay out 4 chips a host
+        extra["chips_per_host_bounds"] = (*topology.grid, 1)[:3]
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name, **extra).devices)
 
 
