@@ -193,3 +193,24 @@ def test_lr_schedule_warmup_then_decay():
     lin = lr_schedule(DPOConfig(learning_rate=1.0, warmup=2, schedule="linear"), 10)
     assert [float(cos(s)) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0], abs=1e-6)
     assert [float(lin(s)) for s in (1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 0.5, 0.0], abs=1e-6)
+
+
+def test_micro_batches_take_a_share_for_every_device_and_keep_the_gradients(setup):
+    """2 rows x 4 micro-batches on a mesh splitting rows 8 or 16 ways: rows the mesh cannot split would be
+    whole on every device, so the step's 8 pairs go in one micro-batch of 8 (or 16, 8 of them filler of
+    weight 0); the gradients are those of the configured split."""
+    from lidr_jax.train.trainer import micro_batch_rows
+
+    config, params, _, enc = setup
+    rng = np.random.default_rng(1)
+    ref = {k: -rng.uniform(5, 30, len(enc)).astype(np.float32) for k in ("chosen", "rejected")}
+    cfg = DPOConfig(batch_size=2, grad_accum=4, compute=ScoringConfig(logprob_chunk=16))
+    assert [micro_batch_rows(cfg, n) for n in (1, 2, 3, 8, 16)] == [(2, 4), (2, 4), (3, 3), (8, 1), (16, 1)]
+    grads = {}
+    for split, shape in ((1, (4, 2, 96)), (8, (1, 8, 96)), (16, (1, 16, 96)), (3, (3, 3, 96))):
+        batch = step_batch(enc, ref, np.arange(8), cfg, pad_id=0, length=96, split=split)
+        assert batch["tokens"].shape == shape
+        assert batch["weight"].sum() == 8 and set(np.unique(batch["weight"])) <= {0.0, 1.0}
+        grads[split] = _flat(jax.jit(lambda p, x: accumulated_grads(p, x, config, cfg)[0])(params, batch))
+    for split in (8, 16, 3):
+        np.testing.assert_allclose(grads[split], grads[1], rtol=0, atol=1e-5 * np.abs(grads[1]).max())

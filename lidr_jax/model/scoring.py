@@ -27,7 +27,7 @@ from lidr_jax.model.attention import IMPLEMENTATIONS, resolve
 from lidr_jax.model.llama import REMAT_POLICIES
 from lidr_jax.model.logprobs import pair_logprobs
 from lidr_jax.parallel.multihost import put_process_rows
-from lidr_jax.parallel.sharding import to_host
+from lidr_jax.parallel.sharding import batch_split, rows_for, to_host
 from lidr_jax.progress import progress as progress_bar
 from lidr_jax.settings import check_settings, setting
 from lidr_jax.shapes import bucket
@@ -256,11 +256,12 @@ def score_answers(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob of every answer after its prompt under `params`: (first [N], second [N]) float32,
     `second` the log-probs of `rows.second_ids` (a preference pair's rejected answers: the prompt is run
-    once for both) or zeros without them. Rows in the `answer_batch` layout, `cfg.batch_size` per forward,
+    once for both) or zeros without them. Rows in the `answer_batch` layout, `cfg.batch_size` per forward
+    (rounded up to a multiple of the ways an active mesh splits rows, so every device gets a share),
     sorted by length, lengths bucketed by `bucket_multiple` (one compilation per bucket)."""
     config = cfg.model_config(model_config)
     shared = rows.second_ids is not None
-    B = cfg.batch_size
+    B = rows_for(cfg.batch_size, batch_split())
 
     def make_batch(idx):
         batch = answer_batch(rows, idx, pad_id=0, batch_size=B, bucket_multiple=bucket_multiple)

@@ -351,6 +351,22 @@ def batch_sharding(shape, axis: int = 0, mesh: Mesh | None = None, rules: Rules 
     return sharding_for(axes, shape, mesh, rules)
 
 
+def batch_split(mesh: Mesh | None = None, rules: Rules | None = None) -> int:
+    """How many ways the "batch" rule splits rows on `mesh` (default: the active mesh; 1 without one).
+    A batch of fewer rows, or of a count it does not divide, is not split that many ways (the
+    divisibility fallback): every device then computes rows it would otherwise share."""
+    ctx = _ACTIVE.get()
+    if mesh is None and ctx is None:
+        return 1
+    mesh, rules = mesh or ctx.mesh, rules or ctx.rules
+    return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+
+
+def rows_for(rows: int, split: int) -> int:
+    """`rows` rounded up to a multiple of `split` (a batch every row-splitting device gets a share of)."""
+    return split * -(-rows // split)
+
+
 def put_batch(tree, axis: int = 0):
     """Host arrays of a batch onto the active mesh, rows split (each device gets only its rows; in a
     multi-process run every process passes the same full batch). Unchanged without an active mesh."""

@@ -36,10 +36,12 @@ from lidr_jax.parallel.sharding import (
     MESH_AXES,
     DecodeLayout,
     batch_sharding,
+    batch_split,
     decode_layout,
     make_mesh,
     param_shardings,
     parse_rules,
+    rows_for,
     state_shardings,
     tree_nbytes,
     use_mesh,
@@ -131,8 +133,9 @@ def train_programs(run: RunConfig, mesh: Mesh, rules) -> list[Program]:
     run = dataclasses.replace(run, dpo=dpo)
     enc = _train_pairs(run)
     zeros = {"chosen": np.zeros(len(enc), np.float32), "rejected": np.zeros(len(enc), np.float32)}
-    batch = step_batch(enc, zeros, np.arange(len(enc)), dpo, pad_id=0)
+    batch = step_batch(enc, zeros, np.arange(len(enc)), dpo, pad_id=0, split=batch_split(mesh, rules))
     tokens, row_tokens = int(np.sum(batch["attention_mask"])), int(batch["attention_mask"].shape[-1])
+    accum = int(batch["weight"].shape[0])  # micro-batches of the step on this mesh (trainer.micro_batch_rows)
 
     def train_step(micro_batches: dict, dpo_cfg):
         def build(config: ModelConfig):
@@ -174,12 +177,12 @@ def train_programs(run: RunConfig, mesh: Mesh, rules) -> list[Program]:
             train_step(batch, dpo),
             "train",
             tokens,
-            f"{dpo.grad_accum} x {micro['tokens'].shape[0]} rows of {row_tokens} tokens",
-            dpo.grad_accum,
+            f"{accum} x {micro['tokens'].shape[0]} rows of {row_tokens} tokens",
+            accum,
             train_step(first, one),
             row_tokens,
         ),
-        Program("reference", mesh, rules, reference, "forward", tokens // dpo.grad_accum, row_tokens=row_tokens),
+        Program("reference", mesh, rules, reference, "forward", tokens // accum, row_tokens=row_tokens),
     ]
 
 
@@ -187,7 +190,8 @@ def icr_score_program(run: RunConfig, mesh: Mesh, rules) -> Program:
     """ICR's scoring forward: `score_batch_size` rows of a prompt at its limit and a whole answer."""
     sampling = run.sampling("sample", 1)
     answer = sampling.max_new_tokens + 1
-    compute = dataclasses.replace(planned_dpo(run.dpo).compute, batch_size=run.icr.score_batch_size)
+    rows = rows_for(run.icr.score_batch_size, batch_split(mesh, rules))  # as score_answers rounds them
+    compute = dataclasses.replace(planned_dpo(run.dpo).compute, batch_size=rows)
     prompt = max(1, run.dpo.max_prompt_len)
     enc = _limit_pairs(compute.batch_size, prompt, answer)
     zeros = {"chosen": np.zeros(len(enc), np.float32), "rejected": np.zeros(len(enc), np.float32)}

@@ -34,7 +34,7 @@ from lidr_jax.files import as_path, atomic_write_bytes
 from lidr_jax.model.llama import param_specs
 from lidr_jax.model.scoring import AnswerRows, batch_logprobs, bucket_length, score_answers, scoring_pass
 from lidr_jax.parallel.multihost import put_process_rows
-from lidr_jax.parallel.sharding import place, train_state_shardings
+from lidr_jax.parallel.sharding import batch_split, place, rows_for, train_state_shardings
 from lidr_jax.progress import progress as progress_bar
 from lidr_jax.train.dpo import DPOConfig, dpo_terms
 from lidr_jax.train.metrics import MetricsConfig, MetricsSink
@@ -265,6 +265,20 @@ def step_pack_plan(enc: EncodedPairs, idx: np.ndarray, cfg: DPOConfig, plan: Pac
     return step_plan(enc, idx, cfg.row_tokens, cfg.grad_accum, cfg.share_prompt, blocks, cfg.bucket_multiple)
 
 
+def micro_batch_rows(cfg: DPOConfig, split: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) of unpacked rows on a mesh that splits rows `split`
+    ways. A micro-batch of `batch_size` rows when `split` divides it; else at least `split` rows (a
+    multiple of it) and fewer micro-batches, so every device gets a share: a count the mesh cannot split
+    would be whole on every device (the divisibility fallback), each computing every row (4 rows on a
+    v5e-16: 16 times the work and the activations). The step's pairs (`batch_size x grad_accum`,
+    `step_indices`) and its gradients do not change (sums divided once by the pair weight); rows past
+    them are filler of weight 0."""
+    if cfg.batch_size % split == 0:
+        return cfg.batch_size, cfg.grad_accum
+    b = rows_for(cfg.batch_size, split)
+    return b, -(-(cfg.batch_size * cfg.grad_accum) // b)
+
+
 def step_batch(
     enc: EncodedPairs,
     ref,
@@ -273,18 +287,21 @@ def step_batch(
     pad_id: int,
     length: int | None = None,
     plan: PackPlan | None = None,
+    split: int | None = None,
 ):
     """Stacked micro-batches [A, b, ...] for one optimizer step; all share one bucketed T. Micro-batches
     past the end of a short last step are filler with weight 0. With `row_tokens`, packed rows
-    [A, R, T] of the run's `plan` (default: `pack_plan`) or the step's own (`step_pack_plan`)."""
+    [A, R, T] of the run's `plan` (default: `pack_plan`) or the step's own (`step_pack_plan`).
+    `split`: the ways the mesh splits rows (default: the active mesh's, `sharding.batch_split`); see
+    `micro_batch_rows`."""
     if cfg.row_tokens:
         return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, step_pack_plan(enc, idx, cfg, plan))
-    b = cfg.batch_size
+    b, accum = micro_batch_rows(cfg, batch_split() if split is None else split)
     if length is None:
         length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
     entries = bucket_length(int(enc.answer_lengths()[idx].max()), cfg.bucket_multiple)
     micro = []
-    for j in range(cfg.grad_accum):
+    for j in range(accum):
         part = idx[j * b : (j + 1) * b]
         mb = pair_batch(enc, part if len(part) else idx[:1], pad_id, batch_size=b, length=length, entries=entries)
         if not len(part):
