@@ -318,7 +318,8 @@ def test_fit_check_at_load_uses_the_compiled_step_on_cpu(tmp_path):
     message = str(e.value)
     assert message.startswith("DPO training needs ") and "GiB per device on 1 cpu device(s)" in message
     assert "(the compiled step: " in message and message.endswith(
-        "but each has 0.00 GiB: use more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full"
+        "but each has 0.00 GiB: use more chips, a smaller dpo.batch_size, packed rows (dpo.row_tokens, and on a "
+        "TPU dpo.share_prompt: false for splash attention) or dpo.compute.remat: full"
     )
 
 

@@ -263,6 +263,8 @@ def plan_topology(
             row = analyse(program, config, topo, with_cost)
             if program.name == "train" and "memory" in row:
                 row["analytic_peak"] = analytic_train_peak(run, config, program.mesh)
+            if not row["fits"]:
+                row["advice"] = advice(program.name, planned_dpo(run.dpo))
             done[key] = (topo.name, row)
         log("  " + format_row(row))
         rows.append(row)
@@ -304,8 +306,19 @@ def format_row(row: dict) -> str:
     return "; ".join(parts)
 
 
-def advice(program: str) -> str:
-    """What to change when `program` does not fit."""
+def advice(program: str, dpo=None) -> str:
+    """What to change when `program` does not fit (for the train step, given the run's `dpo` settings as
+    the plan compiled them: only what is not already so)."""
+    if program == "train" and dpo is not None:
+        options = ["more chips"]
+        if dpo.row_tokens:
+            options.append("a smaller dpo.row_tokens")
+        else:
+            options.append("a smaller dpo.batch_size")
+            options.append("packed rows (dpo.row_tokens, and on a TPU dpo.share_prompt: false for splash attention)")
+        if dpo.compute.remat != "full":
+            options.append("dpo.compute.remat: full")
+        return ", ".join(options[:-1]) + " or " + options[-1]
     return {
         "train": "more chips, a smaller dpo.row_tokens or batch_size, or dpo.compute.remat: full",
         "reference": "a smaller dpo.compute.batch_size",
@@ -318,12 +331,11 @@ def refusal(report: dict) -> str | None:
     """One line for the first program that does not fit, with the compiler's numbers and what to change."""
     for topo in report["topologies"]:
         for row in topo["programs"]:
+            what = row.get("advice") or advice(row["program"])
             if not row["fits"] and "reason" in row:
                 return f"{row['program']} cannot run on {topo['topology']}: {row['reason']}"
             if not row["fits"] and "compiler" in row:
-                return (
-                    f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {advice(row['program'])}"
-                )
+                return f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {what}"
             if not row["fits"] and row.get("source") == "analytic":
                 return (
                     f"{row['program']} does not fit {topo['topology']} (analytic plan): it needs "
@@ -334,7 +346,7 @@ def refusal(report: dict) -> str | None:
                 return (
                     f"{row['program']} does not fit {topo['topology']}: the compiler needs {m['peak'] / GiB:.2f} GiB "
                     f"per chip ({m['temporaries'] / GiB:.2f} GiB temporaries, {m['arguments'] / GiB:.2f} GiB "
-                    f"arguments), a chip has {topo['hbm_per_chip'] / GiB:.2f} GiB: use {advice(row['program'])}"
+                    f"arguments), a chip has {topo['hbm_per_chip'] / GiB:.2f} GiB: use {what}"
                 )
     return None
 
@@ -452,7 +464,9 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "RESOURCE_EXHAUSTED" in first or "Ran out of memory" in first:
-            raise DoesNotFitError(f"DPO training does not fit {where}: {first} Use {advice('train')}") from None
+            raise DoesNotFitError(
+                f"DPO training does not fit {where}: {first} Use {advice('train', planned_dpo(run.dpo))}"
+            ) from None
         raise
     mem = compiled_memory(compiled)
     peak = mem["peak"]
@@ -460,6 +474,6 @@ def check_fits_at_load(run, mesh, ram: int | None = None) -> dict | None:
         raise DoesNotFitError(
             f"DPO training needs {peak / GiB:.2f} GiB per device on {where} (the compiled step: "
             f"{mem['temporaries'] / GiB:.2f} GiB temporaries, {mem['arguments'] / GiB:.2f} GiB "
-            f"arguments), but each has {limit / GiB:.2f} GiB: use {advice('train')}"
+            f"arguments), but each has {limit / GiB:.2f} GiB: use {advice('train', planned_dpo(run.dpo))}"
         )
     return {"peak": int(peak), "limit": int(limit)}
