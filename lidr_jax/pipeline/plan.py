@@ -281,7 +281,8 @@ def plan_topology(
 
 def format_row(row: dict) -> str:
     if "compiler" in row:
-        return f"{row['program']:<18} DOES NOT FIT: {row['compiler']} (compile {row['compile_seconds']:.0f} s)"
+        where = f"as compiled for {row['same_as']}" if "same_as" in row else f"compile {row['compile_seconds']:.0f} s"
+        return f"{row['program']:<18} DOES NOT FIT: {row['compiler']} ({where})"
     if "reason" in row:
         return f"{row['program']:<18} CANNOT RUN: {row['reason']}"
     m = row["memory"]
