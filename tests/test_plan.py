@@ -428,3 +428,17 @@ def test_an_8_chip_v5e_or_v6e_slice_is_one_host():
     for name, hosts in (("v5e-8", {0}), ("v6e-8", {0}), ("v5e-16", {0, 1, 2, 3}), ("v5p-8", {0})):
         devs = topology_devices(parse(name))
         assert {d.process_index for d in devs} == hosts, name
+
+
+@needs_libtpu
+def test_the_attention_fallback_is_said_once_as_the_plans_own_line(tiny_dir, capsys):
+    from lidr_jax.model import attention
+
+    attention._said.clear()
+    sets = [a if a != "dpo.share_prompt=false" else "dpo.share_prompt=true" for a in _settings(tiny_dir, "auto")]
+    assert main(["--topology", "v5e:2x2", "--no-cost", "--only", "train,reference", *sets]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "note: attention auto: using xla, not splash: splash segment ids cannot express a prompt shared by two "
+        "answers (set dpo.share_prompt: false)"
+    ]

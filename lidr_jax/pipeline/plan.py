@@ -33,6 +33,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -381,7 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the plan's own line (the attention fallback's reason), not Python's file:line form."""
+    print(f"note: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _note
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         topologies = [gpu_node(name) or parse(name) for name in args.topology]
