@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,13 +27,23 @@ def _time(seconds: float | None) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
 
+REFUSED = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def refused(compiler: str) -> str:
+    """The compiler's refusal, short: "temporaries 30.08 GB > HBM 15.75 GB" (its own line otherwise)."""
+    m = REFUSED.search(compiler)
+    return f"temporaries {m.group(1)} GB > HBM {m.group(2)} GB" if m else compiler
+
+
 def row_cells(config: str, topology: dict, row: dict) -> list[str]:
     where = f"{topology.get('slice') or topology['topology']}"
-    if "compiler" in row or "reason" in row:  # refused by the compiler for memory, or no decoding layout
-        why = row.get("compiler") or row["reason"]
-        return [config, where, row["program"], row.get("note", ""), "**no**", why, "", "", "", "", ""]
-    peak = row["memory"]["peak"]
     analytic = row.get("analytic_peak")
+    if "compiler" in row or "reason" in row:  # refused by the compiler for memory, or no decoding layout
+        why = row.get("reason") or refused(row["compiler"])
+        shown = f"{analytic / GiB:.2f}" if analytic is not None else ""
+        return [config, where, row["program"], row.get("note", ""), "**no**", why, shown, "", "", "", ""]
+    peak = row["memory"]["peak"]
     off = analytic is not None and abs(analytic - peak) > 0.1 * peak
     coll = ", ".join(f"{v['count']} {SHORT.get(k, k)}" for k, v in row.get("collectives", {}).items() if v["count"])
     estimate = ""

@@ -262,7 +262,7 @@ def plan_topology(
             row = {**row, "same_as": where}
         else:
             row = analyse(program, config, topo, with_cost)
-            if program.name == "train" and "memory" in row:
+            if program.name == "train":  # beside the compiler's figure, or its refusal
                 row["analytic_peak"] = analytic_train_peak(run, config, program.mesh)
             if not row["fits"]:
                 row["advice"] = advice(program.name, planned_dpo(run.dpo))

@@ -182,7 +182,16 @@ def train_programs(run: RunConfig, mesh: Mesh, rules) -> list[Program]:
             train_step(first, one),
             row_tokens,
         ),
-        Program("reference", mesh, rules, reference, "forward", tokens // accum, row_tokens=row_tokens),
+        Program(
+            "reference",
+            mesh,
+            rules,
+            reference,
+            "forward",
+            tokens // accum,
+            f"{micro['tokens'].shape[0]} rows of {row_tokens} tokens",
+            row_tokens=row_tokens,
+        ),
     ]
 
 
