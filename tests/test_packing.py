@@ -139,6 +139,14 @@ def test_packed_step_equals_one_row_per_pair(model, loss_type):
     for a, b in zip(jax.tree.leaves(pgrads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 1e-3  # gradients are not all ~0
+    # on a mesh splitting rows 4 ways, empty rows (weight 0) pad each micro-batch to 4: the same step
+    split = step_batch(enc, ref, idx, packed, 0, split=4)
+    assert split["tokens"].shape[1] == 4 and split["weight"].sum() == len(enc)
+    sgrads, smetrics = accumulated_grads(params, split, config, packed)
+    for name in metrics:
+        np.testing.assert_allclose(smetrics[name], pmetrics[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    for a, b in zip(jax.tree.leaves(sgrads), jax.tree.leaves(pgrads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_step_batch_reference_slots():

@@ -18,6 +18,7 @@ function of `step` alone (`step_indices`: epoch order is seeded by (seed, epoch)
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -294,9 +295,12 @@ def step_batch(
     [A, R, T] of the run's `plan` (default: `pack_plan`) or the step's own (`step_pack_plan`).
     `split`: the ways the mesh splits rows (default: the active mesh's, `sharding.batch_split`); see
     `micro_batch_rows`."""
-    if cfg.row_tokens:
-        return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, step_pack_plan(enc, idx, cfg, plan))
-    b, accum = micro_batch_rows(cfg, batch_split() if split is None else split)
+    split = batch_split() if split is None else split
+    if cfg.row_tokens:  # packed: rows padded (empty, weight 0) to a multiple of the split, for the same reason
+        plan = step_pack_plan(enc, idx, cfg, plan)
+        plan = plan if plan.rows % split == 0 else dataclasses.replace(plan, rows=rows_for(plan.rows, split))
+        return packed_step_batch(enc, ref, idx, cfg.grad_accum, pad_id, plan)
+    b, accum = micro_batch_rows(cfg, split)
     if length is None:
         length = bucket_length(int(enc.lengths()[idx].max()), cfg.bucket_multiple)
     entries = bucket_length(int(enc.answer_lengths()[idx].max()), cfg.bucket_multiple)
