@@ -17,8 +17,13 @@ import sys
 from pathlib import Path
 
 GiB = 2**30
-SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}
-SHORT["collective-permute"] = "CP"
+SHORT = {
+    "all-gather": "AG",
+    "reduce-scatter": "RS",
+    "all-reduce": "AR",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+}
 
 
 def _time(seconds: float | None) -> str:
@@ -37,8 +42,15 @@ def refused(compiler: str) -> str:
 
 
 def row_cells(config: str, topology: dict, row: dict) -> list[str]:
-    where = f"{topology.get('slice') or topology['topology']}"
+    where = topology.get("slice") or topology["topology"]
     analytic = row.get("analytic_peak")
+    if row.get("source") == "analytic":  # a GPU node: the analytic plan only, in the analytic column
+        fits = "yes" if row["fits"] else "**no**"
+        return (
+            [config, where, row["program"], row.get("note", ""), fits, "", f"{row['memory']['peak'] / GiB:.2f}"]
+            + [""] * 3
+            + ["analytic"]
+        )
     if "compiler" in row or "reason" in row:  # refused by the compiler for memory, or no decoding layout
         why = row.get("reason") or refused(row["compiler"])
         shown = f"{analytic / GiB:.2f}" if analytic is not None else ""
@@ -89,13 +101,7 @@ def table(reports: list[dict]) -> str:
         config = Path(report["config"]).stem
         for topology in report["topologies"]:
             for row in topology["programs"]:
-                if row.get("source") == "analytic":  # a GPU node: the analytic plan only
-                    cells = [config, topology["topology"], row["program"], row.get("note", "")]
-                    cells += ["yes" if row["fits"] else "**no**", "", f"{row['memory']['peak'] / GiB:.2f}", "", "", ""]
-                    cells += ["analytic"]
-                else:
-                    cells = row_cells(config, topology, row)
-                lines.append("| " + " | ".join(cells) + " |")
+                lines.append("| " + " | ".join(row_cells(config, topology, row)) + " |")
     return "\n".join(lines)
 
 

@@ -257,7 +257,7 @@ def plan_topology(
         if only and program.name not in only and program.name.split(":")[0] not in only:
             continue
         key = program_key(program)
-        if key in done and (not with_cost or "cost" in done[key][1] or "compiler" in done[key][1]):
+        if key in done:
             where, row = done[key]
             row = {**row, "same_as": where}
         else:
@@ -333,23 +333,24 @@ def refusal(report: dict) -> str | None:
     """One line for the first program that does not fit, with the compiler's numbers and what to change."""
     for topo in report["topologies"]:
         for row in topo["programs"]:
+            if row["fits"]:
+                continue
             what = row.get("advice") or advice(row["program"])
-            if not row["fits"] and "reason" in row:
+            if "reason" in row:
                 return f"{row['program']} cannot run on {topo['topology']}: {row['reason']}"
-            if not row["fits"] and "compiler" in row:
+            if "compiler" in row:
                 return f"{row['program']} does not fit {topo['topology']}: {row['compiler']} Use {what}"
-            if not row["fits"] and row.get("source") == "analytic":
+            if row.get("source") == "analytic":
                 return (
                     f"{row['program']} does not fit {topo['topology']} (analytic plan): it needs "
                     f"{row['memory']['peak'] / GiB:.2f} GiB per GPU, a GPU has {topo['hbm_per_chip'] / GiB:.2f} GiB"
                 )
-            if not row["fits"]:
-                m = row["memory"]
-                return (
-                    f"{row['program']} does not fit {topo['topology']}: the compiler needs {m['peak'] / GiB:.2f} GiB "
-                    f"per chip ({m['temporaries'] / GiB:.2f} GiB temporaries, {m['arguments'] / GiB:.2f} GiB "
-                    f"arguments), a chip has {topo['hbm_per_chip'] / GiB:.2f} GiB: use {what}"
-                )
+            m = row["memory"]
+            return (
+                f"{row['program']} does not fit {topo['topology']}: the compiler needs {m['peak'] / GiB:.2f} GiB "
+                f"per chip ({m['temporaries'] / GiB:.2f} GiB temporaries, {m['arguments'] / GiB:.2f} GiB "
+                f"arguments), a chip has {topo['hbm_per_chip'] / GiB:.2f} GiB: use {what}"
+            )
     return None
 
 
